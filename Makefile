@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := data/demo
+DEMO_IMAGES ?= 800
+
+.PHONY: demo test bench clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Installs the package (editable) with the test extra; re-run only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+# The whole pipeline on generated data, offline: every stage is cached, so a re-run is quick.
+demo: $(VENV)/.installed
+	$(BIN)/captioner demo-data --output $(DEMO) --images $(DEMO_IMAGES)
+	$(BIN)/captioner extract --images $(DEMO)/images --output $(DEMO)/features/vgg16-fc2.pkl --weights none
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/extract.py
+
+clean-demo:
+	rm -rf $(DEMO) models/demo

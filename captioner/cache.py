@@ -1,0 +1,355 @@
+"""Stage manifests, atomic writes and safe loading of feature files.
+
+Every stage uses one mechanism: a `Stage` names its inputs (files or folders),
+its parameters and its outputs. After a successful run it writes a manifest
+(JSON: input fingerprints, parameters, output fingerprints, the resolved config);
+the next run with the same inputs and parameters, and outputs still as written,
+is a no-op. The manifest is written last, so a run killed before the end is never
+mistaken for a finished one.
+
+Every file goes through `atomic_write`: written to a temporary name in the same
+folder, flushed to disk, then renamed over the target. A reader sees the old file
+or the new one, never a truncated one.
+
+Feature files (`load_features`) are pickles of dict image id -> float32 array,
+read with an unpickler that admits only numpy arrays, or `.npz` files with `ids`
+and `features` arrays. A pickle that tries to call anything else is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+HASH_LIMIT_BYTES = 1 << 30  # files up to 1 GiB are hashed; bigger ones go by size and mtime
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Opens a temporary file beside `path`; on success it is fsynced and renamed to `path`.
+
+    On an exception the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies an input: a file's size and content hash, a folder's file list.
+
+    A folder's fingerprint covers names, sizes and modification times of every file
+    under it (not contents: an image folder can hold gigabytes).
+    """
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        count = 0
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = child.stat()
+            digest.update(f"{child.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            count += 1
+        return {"kind": "folder", "files": count, "digest": digest.hexdigest()}
+    if path.is_file():
+        stat = path.stat()
+        if stat.st_size <= HASH_LIMIT_BYTES:
+            return {"kind": "file", "size": stat.st_size, "sha256": file_sha256(path)}
+        return {"kind": "file", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"kind": "missing"}
+
+
+def _output_fingerprint(path: Path) -> dict[str, Any]:
+    # Outputs are checked by size and mtime only: cheap, and enough to notice an edit or a deletion.
+    if path.is_dir():
+        return {"kind": "folder"}
+    if path.is_file():
+        stat = path.stat()
+        return {"kind": "file", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"kind": "missing"}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def manifest_path_for(output: str | Path) -> Path:
+    """Where a stage writing `output` keeps its manifest: inside a folder output, beside a file."""
+    output = Path(output)
+    if output.suffix == "" or output.is_dir():
+        return output / "manifest.json"
+    return output.with_name(output.name + ".manifest.json")
+
+
+class Stage:
+    """One cached stage: decides whether to run, and records what a finished run produced.
+
+    inputs: name -> path (file or folder) or list of paths; their fingerprints are compared.
+    params: everything else the result depends on (JSON-able); compared as is.
+    outputs: the files the stage writes; a missing or modified output forces a rerun.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        manifest: str | Path,
+        inputs: Mapping[str, str | Path | Sequence[str | Path]],
+        params: Mapping[str, Any],
+        outputs: Sequence[str | Path],
+    ) -> None:
+        self.name = name
+        self.manifest = Path(manifest)
+        self.inputs = {
+            key: [Path(p) for p in value] if isinstance(value, (list, tuple)) else Path(value)
+            for key, value in inputs.items()
+        }
+        self.params = _jsonable(dict(params))
+        self.outputs = [Path(p) for p in outputs]
+        self._input_fingerprints: dict[str, Any] | None = None
+
+    def input_fingerprints(self) -> dict[str, Any]:
+        if self._input_fingerprints is None:
+            self._input_fingerprints = {
+                key: [fingerprint(p) for p in value] if isinstance(value, list) else fingerprint(value)
+                for key, value in self.inputs.items()
+            }
+        return self._input_fingerprints
+
+    def previous(self) -> dict[str, Any] | None:
+        """The manifest of the last finished run, or None."""
+        try:
+            return json.loads(self.manifest.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def stale_reason(self) -> str | None:
+        """None when the last run's outputs are current; otherwise why the stage must run."""
+        previous = self.previous()
+        if previous is None:
+            return "no finished run recorded"
+        if previous.get("version") != MANIFEST_VERSION or previous.get("stage") != self.name:
+            return "manifest from another version or stage"
+        if previous.get("params") != self.params:
+            changed = sorted(
+                key
+                for key in set(self.params) | set(previous.get("params", {}))
+                if self.params.get(key) != previous.get("params", {}).get(key)
+            )
+            return f"parameters changed: {', '.join(changed)}"
+        if previous.get("inputs") != self.input_fingerprints():
+            changed = sorted(
+                key for key, value in self.input_fingerprints().items() if previous["inputs"].get(key) != value
+            )
+            return f"inputs changed: {', '.join(changed) or 'the set of inputs'}"
+        recorded = previous.get("outputs", {})
+        for path in self.outputs:
+            if recorded.get(str(path)) != _output_fingerprint(path):
+                return f"output missing or modified: {path}"
+        return None
+
+    def up_to_date(self) -> bool:
+        reason = self.stale_reason()
+        if reason is None:
+            log.info("%s: up to date (%s); nothing to do (--force reruns)", self.name, self.manifest)
+            return True
+        log.debug("%s: running: %s", self.name, reason)
+        return False
+
+    def finish(self, config: Any = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Records a finished run. Call after every output has been written."""
+        from captioner.config import to_dict  # local: config imports nothing from here, keep it that way
+
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "stage": self.name,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "params": self.params,
+            "inputs": self.input_fingerprints(),
+            "input_paths": {
+                key: [str(p) for p in value] if isinstance(value, list) else str(value)
+                for key, value in self.inputs.items()
+            },
+            "outputs": {str(path): _output_fingerprint(path) for path in self.outputs},
+            "config": to_dict(config) if config is not None and not isinstance(config, dict) else config,
+            "extra": _jsonable(dict(extra or {})),
+        }
+        atomic_write_json(self.manifest, manifest)
+        return manifest
+
+
+def read_manifest(output: str | Path) -> dict[str, Any] | None:
+    """The manifest written by the stage that produced `output`, if any."""
+    try:
+        return json.loads(manifest_path_for(output).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- feature files
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits exactly what a pickled dict of numpy arrays needs, and nothing that can run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+
+
+def _check_features(features: Any, source: Path) -> dict[str, np.ndarray]:
+    if not isinstance(features, dict):
+        raise CaptionerError(f"{source}: not a features file (expected a dict of image id -> array)")
+    checked: dict[str, np.ndarray] = {}
+    for key, value in features.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise CaptionerError(f"{source}: not a features file (entry {key!r} is not str -> array)")
+        vector = value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value
+        if vector.ndim != 1:
+            raise CaptionerError(f"{source}: features of {key!r} have shape {value.shape}, expected (D,) or (1, D)")
+        checked[key] = np.asarray(vector, dtype=np.float32)
+    return checked
+
+
+def load_features_file(path: str | Path) -> dict[str, np.ndarray]:
+    """One features file: our `.pkl`, the course's `features.pkl` ((1, D) values) or an `.npz`.
+
+    Returns dict image id -> float32 [D]. The `.npz` layout is `ids` (str [N]) and
+    `features` (any float [N, D]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"features file not found: {path}")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "ids" not in data or "features" not in data:
+                    raise CaptionerError(f"{path}: an .npz features file needs 'ids' and 'features' arrays")
+                ids, matrix = data["ids"], data["features"]
+        except (OSError, ValueError) as error:
+            raise CaptionerError(f"cannot read features file {path}: {error}") from None
+        if matrix.ndim != 2 or len(ids) != len(matrix):
+            raise CaptionerError(f"{path}: 'features' must be [N, D] with one row per id")
+        matrix = matrix.astype(np.float32)
+        return {str(i): matrix[row] for row, i in enumerate(ids)}
+    try:
+        with open(path, "rb") as handle:
+            raw = _ArraysOnlyUnpickler(io.BufferedReader(handle)).load()
+    except pickle.UnpicklingError as error:
+        raise CaptionerError(f"{path}: refused: {error}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as error:
+        raise CaptionerError(f"{path}: not a readable features file ({type(error).__name__}: {error})") from None
+    return _check_features(raw, path)
+
+
+def load_features(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """Several features files merged into one dict id -> float32 [D]; all must share D."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise CaptionerError("no features files given")
+    merged: dict[str, np.ndarray] = {}
+    width: int | None = None
+    for path in paths:
+        features = load_features_file(path)
+        for key, vector in features.items():
+            if width is None:
+                width = vector.shape[0]
+            elif vector.shape[0] != width:
+                raise CaptionerError(
+                    f"{path}: features of width {vector.shape[0]} cannot be merged with width {width}"
+                )
+            merged[key] = vector
+    return merged
+
+
+def save_features(path: str | Path, features: Mapping[str, np.ndarray]) -> None:
+    """Atomically writes dict id -> float32 [D] as a pickle (the course's format, values (D,))."""
+    plain = {str(key): np.asarray(value, dtype=np.float32) for key, value in features.items()}
+    atomic_write_bytes(path, pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def feature_provenance(paths: str | Path | Sequence[str | Path]) -> dict[str, Any]:
+    """How features were made, from the extraction manifest beside them.
+
+    Returns {"backbone", "layer", "weights", "resample", "precision"} for features
+    this project extracted, or {"backbone": None, "source": [...]} for imported
+    ones (such as an `.npz` computed elsewhere): those cannot be recomputed on a
+    new image, so `caption` refuses such a model.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found = []
+    for path in paths:
+        manifest = read_manifest(path)
+        if manifest is None or manifest.get("stage") not in {"features", "merge-features"}:
+            return {"backbone": None, "source": [str(p) for p in paths]}
+        params = manifest.get("params", {})
+        found.append({key: params.get(key) for key in ("backbone", "layer", "weights", "resample", "precision")})
+    if any(item != found[0] for item in found[1:]):
+        raise CaptionerError("features files were extracted with different settings: " + json.dumps(found))
+    return found[0]

@@ -1,0 +1,249 @@
+"""The `captioner` and `caption` commands: argument parsing and error-to-exit-code mapping only.
+
+Every stage flag is a shorthand for a config field (`--images DIR` sets
+`features.images`); any field can also be set with a dotted override
+(`--train.epochs=20`) or a JSON file (`--config FILE`). Precedence, lowest first:
+defaults, the config file, the flags, the dotted overrides.
+
+Exit codes: 0 success; 1 a stage finished but some inputs failed (e.g. `caption`
+on an unreadable file); 2 a user error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from captioner import config as config_lib
+from captioner.errors import CaptionerError
+
+log = logging.getLogger("captioner")
+
+# Flag -> config field, per subcommand. The flags are the contract in DESIGN.md.
+FLAG_FIELDS: dict[str, dict[str, str]] = {
+    "demo-data": {"output": "demo.output", "images": "demo.images", "seed": "demo.seed"},
+    "extract": {
+        "images": "features.images",
+        "output": "features.output",
+        "backbone": "features.backbone",
+        "layer": "features.layer",
+        "weights": "features.weights",
+        "shard": "features.shard",
+    },
+    "prepare": {"captions": "text.captions", "splits": "text.splits", "output": "text.output"},
+    "train": {"features": "train.features", "captions": "train.captions", "output": "train.output"},
+    "evaluate": {
+        "model": "eval.model",
+        "features": "eval.features",
+        "captions": "eval.captions",
+        "split": "eval.split",
+        "beam": "decode.beam_size",
+        "images": "eval.images",
+        "output": "eval.output",
+    },
+    "caption": {"model": "eval.model", "beam": "decode.beam_size"},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so errors stay one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CaptionerError(message)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="JSON file of config sections to start from")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="captioner", description="Image captioning pipeline (see README.md).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub = commands.add_parser("demo-data", help="generate the procedural demo data set")
+    sub.add_argument("--output", metavar="DIR")
+    sub.add_argument("--images", metavar="N")
+    sub.add_argument("--seed", metavar="S")
+
+    sub = commands.add_parser("extract", help="stage 1: image folder -> features cache")
+    sub.add_argument("--images", metavar="DIR")
+    sub.add_argument("--output", metavar="FILE.pkl")
+    sub.add_argument("--backbone", metavar="vgg16|vgg19")
+    sub.add_argument("--layer", metavar="fc2|fc1")
+    sub.add_argument("--weights", metavar="imagenet|none|PATH")
+    sub.add_argument("--shard", metavar="i/N")
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date")
+
+    sub = commands.add_parser("merge-features", help="join shard part files into one features cache")
+    sub.add_argument("parts", nargs="+", metavar="PART.pkl")
+    sub.add_argument("--output", metavar="FILE.pkl", required=True)
+
+    sub = commands.add_parser("prepare", help="stage 2: captions -> cleaned splits + tokenizer")
+    sub.add_argument("--captions", metavar="TOKEN_FILE|KARPATHY.json")
+    sub.add_argument("--splits", metavar="DIR")
+    sub.add_argument("--output", metavar="DIR")
+    sub.add_argument("--force", action="store_true")
+
+    sub = commands.add_parser("train", help="stage 3: features + captions -> model directory")
+    sub.add_argument("--features", nargs="+", metavar="FILE")
+    sub.add_argument("--captions", metavar="DIR")
+    sub.add_argument("--output", metavar="MODEL_DIR")
+    sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    sub.add_argument("--force", action="store_true", help="start over even if up to date or resumable")
+
+    sub = commands.add_parser("evaluate", help="stage 4: caption a split, BLEU/CIDEr, HTML report")
+    sub.add_argument("--model", metavar="MODEL_DIR")
+    sub.add_argument("--features", nargs="+", metavar="FILE")
+    sub.add_argument("--captions", metavar="DIR")
+    sub.add_argument("--split", metavar="dev|test")
+    sub.add_argument("--beam", metavar="K")
+    sub.add_argument("--images", metavar="DIR", help="image folder for thumbnails")
+    sub.add_argument("--output", metavar="DIR")
+    sub.add_argument("--force", action="store_true")
+
+    for sub in commands.choices.values():
+        _add_common(sub)
+    return parser
+
+
+def build_caption_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="caption", description="Caption images with a trained model.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--model", metavar="MODEL_DIR", help="default: models/flickr8k (eval.model)")
+    parser.add_argument("--beam", metavar="K")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    _add_common(parser)
+    return parser
+
+
+def resolve_config(command: str, args: argparse.Namespace, overrides: Sequence[str]) -> config_lib.Config:
+    """Defaults, then --config, then the flags, then dotted overrides."""
+    config = config_lib.load_file(args.config) if args.config else config_lib.Config()
+    for flag, key in FLAG_FIELDS.get(command, {}).items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            config_lib.set_value(config, key, value)
+    return config_lib.apply_overrides(config, list(overrides))
+
+
+def _split_overrides(extra: Sequence[str]) -> list[str]:
+    overrides = []
+    for item in extra:
+        if item.startswith("--") and "." in item.split("=", 1)[0]:
+            config_lib.parse_override(item)  # raises a one-line error for --train.epochs 20
+            overrides.append(item)
+        else:
+            raise CaptionerError(f"unrecognized argument: {item}")
+    return overrides
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _run(handler: Callable[[], int]) -> int:
+    try:
+        return handler()
+    except CaptionerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _print_summary(result: Any) -> int:
+    summary = getattr(result, "summary", None)
+    if callable(summary):
+        text = summary()
+        if text:
+            print(text)
+    return int(getattr(result, "exit_code", 0))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `captioner` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def handler() -> int:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        _setup_logging(args.verbose)
+        overrides = _split_overrides(extra)
+        config = resolve_config(args.command, args, overrides)
+        force = getattr(args, "force", False)
+
+        if args.command == "demo-data":
+            from captioner.demo import make_demo_data
+
+            return _print_summary(make_demo_data(config.demo, config=config))
+        if args.command == "extract":
+            from captioner.features import extract_stage
+
+            return _print_summary(extract_stage(config, force=force))
+        if args.command == "merge-features":
+            from captioner.features import merge_feature_parts
+
+            return _print_summary(merge_feature_parts([Path(p) for p in args.parts], Path(args.output)))
+        if args.command == "prepare":
+            from captioner.datasets import prepare_stage
+
+            return _print_summary(prepare_stage(config, force=force))
+        if args.command == "train":
+            from captioner.training import train_stage
+
+            return _print_summary(train_stage(config, force=force, resume=args.resume))
+        if args.command == "evaluate":
+            from captioner.evaluation import evaluate_stage
+
+            return _print_summary(evaluate_stage(config, force=force))
+        raise CaptionerError(f"unknown command {args.command}")  # argparse already refuses these
+
+    return _run(handler)
+
+
+def caption_main(argv: Sequence[str] | None = None) -> int:
+    """The `caption` command: prints one caption per image (or JSON lines with --json)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def handler() -> int:
+        args, extra = build_caption_parser().parse_known_args(argv)
+        _setup_logging(args.verbose, quiet=True)
+        config = resolve_config("caption", args, _split_overrides(extra))
+        from captioner.inference import caption_files
+
+        outcomes = caption_files(Path(config.eval.model), [Path(p) for p in args.images], config.decode)
+        failed = 0
+        for outcome in outcomes:
+            if outcome.error is not None:
+                failed += 1
+                print(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
+                if not args.json:
+                    continue
+            if args.json:
+                print(json.dumps(outcome.to_dict()))
+            elif len(args.images) == 1:
+                print(outcome.caption)
+            else:
+                print(f"{outcome.path}\t{outcome.caption}")
+        return 1 if failed else 0
+
+    return _run(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Every parameter of every stage, with its default and why, in one place.
+
+A `Config` holds one dataclass per concern. The command line changes fields with
+dotted overrides (`--train.epochs=20`), a JSON file (`--config FILE`) with nested
+sections, or the stage flags that are shorthands for fields (`--images DIR` is
+`--features.images=DIR`). Values are type-checked against the field's annotation;
+an unknown key or a bad value raises `ConfigError` naming it. The resolved config
+is saved beside every stage's outputs (see `captioner.cache.Stage`), and a model
+directory carries the config it was trained with, so nothing is ever rebuilt from
+today's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captioner.errors import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    """The procedural demo data set (`captioner demo-data`)."""
+
+    output: str = "data/demo"  # folder laid out like Flickr8k: images/, token file, split files
+    images: int = 800  # enough for a demo model to learn colour, shape and position in minutes
+    seed: int = 0  # the same seed gives byte-identical images and captions
+
+
+@dataclass
+class FeaturesConfig:
+    """Stage 1: image folder -> dict image id -> float32 feature vector."""
+
+    images: str = "data/flickr8k/Flicker8k_Dataset"  # Flickr8k's own folder name (sic)
+    output: str = "data/features/vgg16-fc2.pkl"  # dict id -> float32 (4096,), the course's format
+    backbone: str = "vgg16"  # vgg16 | vgg19, keras.applications with the top
+    layer: str = "fc2"  # fc2 (the classic choice) | fc1
+    weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5
+    resample: str = "nearest"  # resize filter; nearest is what keras load_img uses, so features match the course's
+    precision: str = "float32"  # float32 | bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
+    batch_size: int = 32  # images per network call; 32 saturates 2 CPU cores and fits any GPU
+    workers: int = 0  # decoding/resizing threads; 0 = one per CPU core
+    chunk_size: int = 256  # images per saved chunk: a killed run loses at most this much work
+    max_failed_fraction: float = 0.05  # fail the stage when more than this share of images cannot be read
+    shard: str = ""  # "i/N": extract only the i-th of N deterministic parts (0-based) into a part file
+
+
+@dataclass
+class TextConfig:
+    """Stage 2: token file + splits (or Karpathy JSON) -> cleaned captions and tokenizer."""
+
+    captions: str = "data/flickr8k/Flickr8k.token.txt"  # token file or Karpathy dataset_*.json
+    splits: str = "data/flickr8k"  # folder with Flickr_8k.{train,dev,test}Images.txt (token file only)
+    output: str = "data/captions"  # {train,dev,test}.json, tokenizer.json, stats.json
+    min_word_count: int = 5  # words seen fewer times in train become <unk>; see README for the Flickr8k counts
+    max_caption_length: int = 40  # words; longer captions are cut (Flickr8k's 99.9th percentile is about 35)
+
+
+@dataclass
+class ModelConfig:
+    """The merge model: image and word paths meet by addition after the LSTM."""
+
+    embedding_dim: int = 256  # word embedding size
+    units: int = 256  # LSTM units, also the size of the image projection they are added to
+    image_dropout: float = 0.5  # dropout on the image features before the projection
+    word_dropout: float = 0.5  # dropout on the word embeddings before the LSTM
+    decoder_dropout: float = 0.0  # dropout on the merged vector before the hidden layer
+
+
+@dataclass
+class TrainConfig:
+    """Stage 3: features + captions -> a self-contained model directory."""
+
+    features: list[str] = field(default_factory=lambda: ["data/features/vgg16-fc2.pkl"])  # .pkl or .npz, merged
+    captions: str = "data/captions"  # the output of `captioner prepare`
+    output: str = "models/flickr8k"  # model.keras, tokenizer.json, config.json, history.csv
+    epochs: int = 30  # an upper bound: early stopping usually ends sooner
+    batch_size: int = 64  # captions per step
+    learning_rate: float = 1e-3  # Adam
+    clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
+    patience: int = 3  # epochs without a better dev loss before stopping
+    seed: int = 0  # weights, dropout and shuffling
+    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    strategy: str = "default"  # default (one device) | mirrored | multiworker (TF_CONFIG)
+    train_split: str = "train"
+    val_split: str = "dev"
+
+
+@dataclass
+class DecodeConfig:
+    """Caption generation, shared by `caption` and `captioner evaluate`."""
+
+    beam_size: int = 3  # 1 = greedy
+    max_caption_length: int = 30  # words, without start/end
+    length_normalization: float = 0.0  # alpha in score = log_prob / length**alpha; 0 = plain log-probability
+    batch_size: int = 64  # images decoded together
+
+
+@dataclass
+class EvalConfig:
+    """Stage 4 and `caption`: which model, which split, where reports go."""
+
+    model: str = "models/flickr8k"  # model directory (also the default for `caption`)
+    features: list[str] = field(default_factory=lambda: ["data/features/vgg16-fc2.pkl"])
+    captions: str = "data/captions"
+    split: str = "test"
+    images: str = ""  # image folder for the report's thumbnails; "" = the one the features came from
+    output: str = ""  # where eval-<split>.json/.html go; "" = the model directory
+
+
+@dataclass
+class Config:
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config (or one section) as plain JSON-ready nested dicts."""
+    return dataclasses.asdict(config)
+
+
+def _parse_value(key: str, raw: Any, annotation: Any) -> Any:
+    """Converts `raw` (a string from the command line, or a JSON value) to `annotation`."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(raw, str):
+            items = [part for part in raw.split(",") if part != ""]
+        elif isinstance(raw, list):
+            items = raw
+        else:
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        return [_parse_value(key, item, item_type) for item in items]
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(raw, str) and raw.lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if annotation is int:
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+    if annotation is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    if annotation is str:
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a string, got {raw!r}")
+        return str(raw)
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")  # a bug in this module, not user error
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def set_value(config: Config, key: str, raw: Any) -> None:
+    """Sets `section.field` from a string or JSON value, checking the key and the type."""
+    section_name, dot, field_name = key.partition(".")
+    sections = _field_types(config)
+    if not dot or section_name not in sections:
+        raise ConfigError(
+            f"unknown config key {key!r} (sections: {', '.join(sections)}; keys look like train.epochs)"
+        )
+    section = getattr(config, section_name)
+    types = _field_types(section)
+    if field_name not in types:
+        raise ConfigError(f"unknown config key {key!r} (known in {section_name}: {', '.join(types)})")
+    setattr(section, field_name, _parse_value(key, raw, types[field_name]))
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """A config from nested dicts (a config file, or a saved config.json); strict about keys."""
+    config = base if base is not None else Config()
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a JSON object of sections")
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section_name!r} must be an object")
+        for field_name, value in values.items():
+            set_value(config, f"{section_name}.{field_name}", value)
+    return config
+
+
+def load_file(path: str | Path, base: Config | None = None) -> Config:
+    """Reads a JSON config file of nested sections over `base` (or the defaults)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    return from_dict(data, base)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Splits `--train.epochs=20` (or `train.epochs=20`) into key and raw value."""
+    body = text[2:] if text.startswith("--") else text
+    key, eq, value = body.partition("=")
+    if not eq or "." not in key:
+        raise ConfigError(f"bad override {text!r}: expected --section.key=value, e.g. --train.epochs=20")
+    return key, value
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Applies `--section.key=value` strings in order; later ones win."""
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(config, key, value)
+    return config

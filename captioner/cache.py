@@ -240,6 +240,10 @@ def read_manifest(output: str | Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- feature files
 
 
+class _RefusedPickle(pickle.UnpicklingError):
+    """A pickle that asks for something other than numpy arrays."""
+
+
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits exactly what a pickled dict of numpy arrays needs, and nothing that can run code."""
 
@@ -258,7 +262,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        raise _RefusedPickle(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
 
 def _check_features(features: Any, source: Path) -> dict[str, np.ndarray]:
@@ -299,9 +303,9 @@ def load_features_file(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as handle:
             raw = _ArraysOnlyUnpickler(io.BufferedReader(handle)).load()
-    except pickle.UnpicklingError as error:
+    except _RefusedPickle as error:
         raise CaptionerError(f"{path}: refused: {error}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as error:
         raise CaptionerError(f"{path}: not a readable features file ({type(error).__name__}: {error})") from None
     return _check_features(raw, path)
 

@@ -1,0 +1,78 @@
+"""Config: defaults, dotted overrides, config files, and their one-line errors."""
+
+import json
+
+import pytest
+
+from captioner import config as config_lib
+from captioner.cli import main
+from captioner.errors import ConfigError
+
+
+def test_overrides_are_typed_against_the_defaults():
+    config = config_lib.apply_overrides(
+        config_lib.Config(),
+        ["--train.epochs=20", "--train.learning_rate=3e-4", "--features.batch_size=64", "train.features=a.pkl,b.npz"],
+    )
+    assert config.train.epochs == 20 and isinstance(config.train.epochs, int)
+    assert config.train.learning_rate == pytest.approx(3e-4)
+    assert config.features.batch_size == 64
+    assert config.train.features == ["a.pkl", "b.npz"]
+
+
+def test_later_override_wins():
+    config = config_lib.apply_overrides(config_lib.Config(), ["--train.epochs=2", "--train.epochs=5"])
+    assert config.train.epochs == 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.epoch=3", "unknown config key 'train.epoch'"),
+        ("--trian.epochs=3", "unknown config key 'trian.epochs'"),
+        ("--train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+        ("--train.learning_rate=fast", "train.learning_rate: expected a number"),
+        ("--train.epochs", "bad override"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_lib.apply_overrides(config_lib.Config(), [override])
+
+
+def test_round_trip_through_dict():
+    config = config_lib.apply_overrides(config_lib.Config(), ["--model.units=128", "--decode.beam_size=5"])
+    again = config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(config))))
+    assert again == config
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": {"epochs": 7, "batch_size": 16}}))
+    config = config_lib.apply_overrides(config_lib.load_file(path), ["--train.epochs=9"])
+    assert (config.train.epochs, config.train.batch_size) == (9, 16)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config_lib.load_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config_lib.load_file(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"train": {"epochs": "many"}}))
+    with pytest.raises(ConfigError, match="train.epochs"):
+        config_lib.load_file(wrong)
+
+
+def test_cli_reports_a_bad_override_in_one_line(capsys):
+    code = main(["prepare", "--captions", "x.txt", "--text.min_word_cont=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "text.min_word_cont" in err and "Traceback" not in err
+
+
+def test_cli_rejects_stray_arguments(capsys):
+    assert main(["prepare", "--bogus"]) == 2
+    assert "unrecognized argument: --bogus" in capsys.readouterr().err

@@ -1,0 +1,293 @@
+"""The captions stage: cleaning, token/split/Karpathy parsing, bad input, caching, the CLI, real Flickr8k."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from captioner import cli
+from captioner import datasets
+from captioner.config import Config
+from captioner.errors import CaptionerError
+from captioner.tokenizer import Tokenizer
+
+# --------------------------------------------------------------------------- helpers
+
+TOKEN_LINES = [
+    "img1.jpg#0\tA dog runs on a beach .",
+    "img1.jpg#1\tA brown dog is running .",
+    "img2.jpg#0\tTwo kids in t-shirts play .",
+    "img2.jpg#1\tA girl , in a red coat , smiles !",
+    "img3.jpg#0\tA man rides a bike .",
+    "img4.jpg#0\tA woman walks a dog .",
+    "img4.jpg.1#0\tThe quirk key has no image .",
+    "img9.jpg#0\tAn image in no split .",
+]
+
+
+def write_flickr(folder: Path, lines=TOKEN_LINES, train=("img1.jpg", "img2.jpg"), dev=("img3.jpg",),
+                 test=("img4.jpg", "img5.jpg")) -> Path:
+    """A tiny Flickr8k layout; img5 is in the test split but has no caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "Flickr8k.token.txt"
+    if isinstance(lines, bytes):
+        token.write_bytes(lines)
+    else:
+        token.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, images in (("train", train), ("dev", dev), ("test", test)):
+        (folder / f"Flickr_8k.{name}Images.txt").write_text("".join(f"{i}\n" for i in images))
+    return token
+
+
+def make_config(captions: Path, splits: Path, output: Path, **text) -> Config:
+    config = Config()
+    config.text.captions, config.text.splits, config.text.output = str(captions), str(splits), str(output)
+    for key, value in text.items():
+        setattr(config.text, key, value)
+    return config
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def test_clean_caption_lowercases_strips_punctuation_and_keeps_a():
+    assert datasets.clean_caption("A child in a pink dress is climbing up a set of stairs .") == (
+        "a child in a pink dress is climbing up a set of stairs"
+    )
+    assert datasets.clean_caption("A girl , in a RED coat , smiles !") == "a girl in a red coat smiles"
+
+
+def test_clean_caption_hyphens_apostrophes_numbers():
+    assert datasets.clean_caption("A man in a t-shirt and snow-covered boots") == (
+        "a man in a t shirt and snow covered boots"
+    )
+    assert datasets.clean_caption("The man 's dog doesn't bark") == "the man s dog doesnt bark"
+    assert datasets.clean_caption("2 dogs & 3 cats in 4x4 “trucks”") == "dogs cats in trucks"
+    words, dropped = datasets.clean_words("2 dogs & 3 cats")
+    assert (words, dropped) == (["dogs", "cats"], 2)  # "&" vanishes as punctuation; 2 and 3 are dropped tokens
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_token_file_bad_lines_reported_by_number_and_skipped(tmp_path):
+    lines = (
+        b"img1.jpg#0\tA dog runs .\n"
+        b"img1.jpg#1 no tab here\n"  # line 2
+        b"img1.jpg\tno caption number\n"  # line 3
+        b"img1.jpg#x\tnot a number\n"  # line 4
+        b"img1.jpg#2\t   \n"  # line 5
+        b"img1.jpg#3\tbad \xff\xfe bytes\n"  # line 6
+        b"\n"  # blank: ignored
+        b"img1.jpg#4\t2 3 .\n"  # line 8: nothing left after cleaning
+        b"img2.jpg#0\tA cat .\r\n"  # line 9, Windows line ending
+    )
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(lines)
+    captions, bad, unusable, _ = datasets.read_token_file(path)
+    assert captions == {"img1": ["a dog runs"], "img2": ["a cat"]}
+    assert [(item["line"], item["reason"]) for item in bad] == [
+        (2, "no tab between key and caption"),
+        (3, "key is not IMAGE#N"),
+        (4, "key is not IMAGE#N"),
+        (5, "empty caption"),
+        (6, "not UTF-8 (byte 15)"),
+        (8, "no words left after cleaning"),
+    ]
+    assert "\\xff" in bad[4]["text"]
+    assert unusable == []
+
+
+def test_quirk_key_reported_not_crashing(tmp_path):
+    token = write_flickr(tmp_path)
+    captions, bad, unusable, _ = datasets.read_token_file(token)
+    assert bad == []
+    assert unusable == [{"key": "img4.jpg.1", "reason": "not an image file name", "captions": 1, "line": 7}]
+    assert "img4" in captions and len(captions["img4"]) == 1
+
+
+def test_read_flickr8k_splits(tmp_path):
+    data = datasets.read_captions(write_flickr(tmp_path), tmp_path)
+    assert data.source_format == "flickr8k"
+    assert data.splits["train"] == {
+        "img1": ["a dog runs on a beach", "a brown dog is running"],
+        "img2": ["two kids in t shirts play", "a girl in a red coat smiles"],
+    }
+    assert list(data.splits["dev"]) == ["img3"]
+    assert data.listed == {"train": 2, "dev": 1, "test": 2}
+    assert data.without_captions == {"train": [], "dev": [], "test": ["img5"]}
+    assert data.unsplit_images == 1  # img9
+
+
+def test_overlapping_splits_are_an_error(tmp_path):
+    token = write_flickr(tmp_path, dev=("img3.jpg", "img1.jpg"))
+    with pytest.raises(CaptionerError, match="img1"):
+        datasets.read_captions(token, tmp_path)
+
+
+def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path):
+    def image(name, split, *sentences, raw=False):
+        return {
+            "filename": name,
+            "split": split,
+            "sentences": [{"raw": s} if raw else {"tokens": s.split(), "raw": s} for s in sentences],
+        }
+
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": [
+        image("a.jpg", "train", "a dog runs", "a brown dog"),
+        image("b.jpg", "restval", "two cats"),
+        image("c.jpg", "val", "a man rides a bike"),
+        image("d.jpg", "test", "A Woman, walking!", raw=True),
+        image("e.jpg", "test"),  # no sentences
+        image("f.jpg", "other", "x"),
+    ]}))
+    data = datasets.read_captions(path, tmp_path / "ignored")
+    assert data.source_format == "karpathy"
+    assert data.splits == {
+        "train": {"a": ["a dog runs", "a brown dog"], "b": ["two cats"]},
+        "dev": {"c": ["a man rides a bike"]},
+        "test": {"d": ["a woman walking"]},
+    }
+    assert data.without_captions["test"] == ["e"]
+    assert [item["key"] for item in data.unusable_keys] == ["f.jpg"]
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"images": 3}', '{"images": [{"filename": "a.jpg"}]}'])
+def test_not_a_karpathy_json(tmp_path, content):
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(content)
+    with pytest.raises(CaptionerError, match="Karpathy") as info:
+        datasets.read_captions(path, tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_inputs_name_the_path(tmp_path):
+    token = write_flickr(tmp_path / "data")
+    with pytest.raises(CaptionerError, match="captions file not found.*nope.txt"):
+        datasets.prepare_stage(make_config(tmp_path / "nope.txt", tmp_path / "data", tmp_path / "out"))
+    with pytest.raises(CaptionerError, match="split folder not found.*nofolder"):
+        datasets.prepare_stage(make_config(token, tmp_path / "nofolder", tmp_path / "out"))
+    (tmp_path / "data" / "Flickr_8k.devImages.txt").unlink()
+    with pytest.raises(CaptionerError, match="split file not found.*Flickr_8k.devImages.txt"):
+        datasets.prepare_stage(make_config(token, tmp_path / "data", tmp_path / "out"))
+
+
+def test_length_percentiles():
+    assert datasets.length_percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
+    assert datasets.length_percentiles([7]) == {"p50": 7, "p90": 7, "p95": 7, "p99": 7, "max": 7}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_prepare_stage_writes_outputs_then_is_up_to_date(tmp_path, caplog):
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "caps"
+    config = make_config(token, tmp_path / "data", out, min_word_count=2, max_caption_length=5)
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets"):
+        result = datasets.prepare_stage(config)
+    assert not result.up_to_date
+    assert "img4.jpg.1" in caplog.text and "img5" in caplog.text
+
+    train = json.loads((out / "train.json").read_text())
+    assert train == {
+        "img1": ["a dog runs on a", "a brown dog is running"],  # cut to 5 words
+        "img2": ["two kids in t shirts", "a girl in a red"],
+    }
+    assert json.loads((out / "test.json").read_text()) == {"img4": ["a woman walks a dog"]}
+    tokenizer = Tokenizer.load(out / "tokenizer.json")
+    assert tokenizer.words[4:] == ["a", "dog", "in"]  # train only, count >= 2; "woman" (test) is unknown
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["train"]["truncated_captions"] == 3
+    assert stats["splits"]["train"]["length_percentiles"]["max"] == 7  # measured before truncation
+    assert stats["splits"]["test"]["images_without_captions_ids"] == ["img5"]
+    assert stats["unusable_keys"][0]["key"] == "img4.jpg.1"
+    assert stats["vocabulary"]["vocab_size"] == tokenizer.vocab_size == 7
+    assert (out / "manifest.json").is_file()
+
+    assert result.images == {"train": 2, "dev": 1, "test": 1}
+    assert result.captions == {"train": 4, "dev": 1, "test": 1}
+    assert (result.unusable_keys, result.images_without_captions, result.truncated) == (1, 1, 3)
+    summary = result.summary()
+    assert "train: 2 images, 4 captions" in summary and "1 unusable keys" in summary
+
+    before = (out / "train.json").stat().st_mtime_ns
+    again = datasets.prepare_stage(config)
+    assert again.up_to_date
+    assert again.captions == result.captions and again.vocab_size == result.vocab_size
+    assert (out / "train.json").stat().st_mtime_ns == before
+
+    config.text.min_word_count = 1
+    rerun = datasets.prepare_stage(config)
+    assert not rerun.up_to_date and rerun.vocab_size > result.vocab_size
+    assert datasets.prepare_stage(config, force=True).up_to_date is False
+
+
+def test_prepare_stage_reruns_when_a_split_file_changes(tmp_path):
+    token = write_flickr(tmp_path / "data")
+    config = make_config(token, tmp_path / "data", tmp_path / "caps", min_word_count=1)
+    datasets.prepare_stage(config)
+    (tmp_path / "data" / "Flickr_8k.devImages.txt").write_text("img3.jpg\nimg9.jpg\n")
+    result = datasets.prepare_stage(config)
+    assert not result.up_to_date and result.images["dev"] == 2
+
+
+def test_prepare_stage_with_karpathy_json(tmp_path):
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "split": "train", "sentences": [{"tokens": ["a", "dog"]}]},
+        {"filename": "b.jpg", "split": "val", "sentences": [{"tokens": ["a", "cat"]}]},
+    ]}))
+    out = tmp_path / "caps"
+    result = datasets.prepare_stage(make_config(path, tmp_path / "no-splits-needed", out, min_word_count=1))
+    assert result.images == {"train": 1, "dev": 1, "test": 0}
+    assert json.loads((out / "dev.json").read_text()) == {"b": ["a cat"]}
+
+
+def test_prepare_stage_refuses_empty_train(tmp_path):
+    token = write_flickr(tmp_path / "data", train=("nothere.jpg",))
+    with pytest.raises(CaptionerError, match="train split has no captions"):
+        datasets.prepare_stage(make_config(token, tmp_path / "data", tmp_path / "caps"))
+
+
+def test_cli_prepare_missing_token_file_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.token.txt"
+    code = cli.main(["prepare", "--captions", str(missing), "--splits", str(tmp_path), "--output",
+                     str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip().count("\n") == 0
+    assert str(missing) in captured.err and captured.err.startswith("error:")
+    assert "Traceback" not in captured.err
+
+
+def test_cli_prepare_prints_summary(tmp_path, capsys):
+    token = write_flickr(tmp_path / "data")
+    code = cli.main(["prepare", "--captions", str(token), "--splits", str(tmp_path / "data"), "--output",
+                     str(tmp_path / "out"), "--text.min_word_count=1"])
+    assert code == 0
+    assert "train: 2 images, 4 captions" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- real Flickr8k
+
+
+def test_real_flickr8k(shared_flickr8k, tmp_path):
+    config = make_config(shared_flickr8k / "Flickr8k.token.txt", shared_flickr8k, tmp_path / "caps")
+    result = datasets.prepare_stage(config)
+    assert result.images == {"train": 6000, "dev": 1000, "test": 1000}
+    assert result.captions == {"train": 30000, "dev": 5000, "test": 5000}
+    assert result.bad_lines == 0 and result.images_without_captions == 0
+    stats = json.loads((tmp_path / "caps" / "stats.json").read_text())
+    assert [(k["key"], k["captions"], k["line"]) for k in stats["unusable_keys"]] == [
+        ("2258277193_586949ec62.jpg.1", 5, 6731)
+    ]
+    assert stats["captioned_images_in_no_split"] == 91
+    tokenizer = Tokenizer.load(tmp_path / "caps" / "tokenizer.json")
+    assert tokenizer.words[4] == "a"  # the most common word survives cleaning
+    assert 2000 < tokenizer.vocab_size < 3500
+    assert stats["vocabulary"]["token_coverage"] > 0.97

@@ -56,8 +56,8 @@ class TextConfig:
     captions: str = "data/flickr8k/Flickr8k.token.txt"  # token file or Karpathy dataset_*.json
     splits: str = "data/flickr8k"  # folder with Flickr_8k.{train,dev,test}Images.txt (token file only)
     output: str = "data/captions"  # {train,dev,test}.json, tokenizer.json, stats.json
-    min_word_count: int = 5  # words seen fewer times in train become <unk>; see README for the Flickr8k counts
-    max_caption_length: int = 40  # words; longer captions are cut (Flickr8k's 99.9th percentile is about 35)
+    min_word_count: int = 5  # rarer train words become <unk>; Flickr8k: 2,529 of 7,329 words kept, 97.5% of train tokens (3: 3,463 words, 98.5%)
+    max_caption_length: int = 40  # words; longer captions are cut. Flickr8k after cleaning: p99 22, max 36, so nothing is cut
 
 
 @dataclass

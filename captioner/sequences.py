@@ -1,0 +1,466 @@
+"""Training sequences: teacher-forced batches, and the classic per-prefix generator as reference.
+
+Reads cleaned captions (dict image id -> list of caption strings, the `prepare`
+stage's `train.json`), a `Tokenizer` and image features (dict image id -> float32
+[D], or a `FeatureTable`). Writes nothing: it streams batches to `model.fit`.
+
+Teacher forcing (what training uses). One caption is one sample. For a caption
+of words w1..wn (token ids, at most `text.max_caption_length` of them):
+
+    input_ids   [start, w1, ..., wn]      then 0 (pad) to the batch's length T
+    target_ids  [w1, ..., wn, end]        then 0 (pad)
+    sample_weight  c at the n+1 real targets, 0 on pads
+
+Sequences are RIGHT-padded (cuDNN's masked LSTM needs that; the model's
+Embedding has mask_zero=True, so the LSTM never reads a pad), and each batch is
+padded only to its own longest caption (T = longest n + 1), not to a global
+maximum. A batch is the tuple Keras expects:
+
+    ((image_features float32 [B, D], input_ids int32 [B, T]),
+     target_ids int32 [B, T],
+     sample_weight float32 [B, T])
+
+How the loss ignores pads: the model's mask stops at the merge (the image
+branch carries no mask, and Keras' Add drops a mask when any input lacks one),
+so Keras does not mask the loss by itself; the sample weights do it. They are 0
+on pads and c = B*T / (number of real targets in the batch) on real targets, so
+that Keras' default loss reduction ("sum_over_batch_size": sum of weighted losses
+/ (B*T)) is exactly the mean cross-entropy per real target word -- the same
+quantity the classic per-prefix model reports per sample, whatever the padding.
+Compile with `SparseCategoricalCrossentropy(from_logits=True)` and pass metrics
+as `weighted_metrics` (plain `metrics` ignore sample weights and would count pads).
+
+Image features are stored once, as a float32 [num_images, D] matrix with one row
+index per caption; a batch gathers its B rows (never one copy per word).
+
+Order: shuffled every epoch with the permutation drawn from (seed, epoch), so a
+run resumed at epoch k sees exactly the batches an uninterrupted run would.
+`on_epoch_end` (called by Keras) advances the epoch; `set_epoch(k)` sets it.
+
+Two ways to feed Keras: the `TeacherForcingBatches` object itself (a
+`keras.utils.PyDataset`, any backend), or `batches.for_fit()`, which under the
+TensorFlow backend wraps it in a `tf.data.Dataset` with T declared variable.
+Use `for_fit()`: Keras infers a PyDataset's tensor shapes from its first two
+batches, and when those two happen to share T, a later batch of another length
+fails.
+
+The classic way (`per_prefix_arrays`, `per_prefix_batches`): every caption becomes
+n+1 samples, one per prefix [start, w1..wi], PRE-padded to a fixed length, with
+the image features copied into every sample and a one-hot [V] target. Same
+function, O(L) more work and memory; kept as the reference the tests compare
+against and the benchmark's baseline (bench/train.py).
+
+Cost: Flickr8k (30,000 train captions) is 470 batches of 64; building a batch
+takes well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+PAD_ID = 0  # the tokenizer's pad_id; padding and masking both rely on it being 0
+
+
+class _TokenizerLike(Protocol):
+    start_id: int
+    end_id: int
+    vocab_size: int
+
+    def encode(self, caption: str) -> list[int]: ...
+
+
+@dataclass
+class CaptionSet:
+    """Encoded captions: caption k belongs to image `image_ids[k]`.
+
+    caption_ids[k]: int32 [n_k] word ids without start/end (n_k <= max_caption_length).
+    """
+
+    image_ids: list[str]
+    caption_ids: list[np.ndarray]
+    start_id: int
+    end_id: int
+    vocab_size: int
+    truncated: int = 0  # captions cut to max_caption_length
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [num_captions]: words per caption (without start/end)."""
+        return np.fromiter((len(c) for c in self.caption_ids), dtype=np.int64, count=len(self.caption_ids))
+
+    @property
+    def num_targets(self) -> int:
+        """Target words over all captions: n + 1 per caption (the words and end)."""
+        return int(self.lengths.sum()) + len(self)
+
+
+def encode_captions(
+    captions: Mapping[str, Sequence[str]], tokenizer: _TokenizerLike, max_caption_length: int
+) -> CaptionSet:
+    """Encodes {image_id: [caption, ...]} in the mapping's order; captions longer than
+    `max_caption_length` words are cut (counted in `truncated`)."""
+    if max_caption_length < 1:
+        raise CaptionerError(f"text.max_caption_length must be at least 1, got {max_caption_length}")
+    image_ids: list[str] = []
+    caption_ids: list[np.ndarray] = []
+    truncated = 0
+    for image_id, texts in captions.items():
+        for text in texts:
+            ids = tokenizer.encode(text)
+            if len(ids) > max_caption_length:
+                ids = ids[:max_caption_length]
+                truncated += 1
+            image_ids.append(str(image_id))
+            caption_ids.append(np.asarray(ids, dtype=np.int32))
+    if truncated:
+        log.info("%d captions longer than %d words were cut", truncated, max_caption_length)
+    return CaptionSet(
+        image_ids=image_ids,
+        caption_ids=caption_ids,
+        start_id=int(tokenizer.start_id),
+        end_id=int(tokenizer.end_id),
+        vocab_size=int(tokenizer.vocab_size),
+        truncated=truncated,
+    )
+
+
+@dataclass
+class FeatureTable:
+    """Image features stored once: float32 [num_images, D] and image id -> row."""
+
+    matrix: np.ndarray
+    index: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, features: Mapping[str, np.ndarray], ids: Sequence[str] | None = None) -> FeatureTable:
+        """Stacks dict id -> float32 [D] into one matrix (only `ids` when given, in that order,
+        skipping ids without features)."""
+        keys = [i for i in (ids if ids is not None else features.keys()) if i in features]
+        if not keys:
+            width = next((len(v) for v in features.values()), 0)
+            return cls(np.zeros((0, width), dtype=np.float32), {})
+        matrix = np.stack([np.asarray(features[k], dtype=np.float32).reshape(-1) for k in keys])
+        return cls(matrix, {k: row for row, k in enumerate(keys)})
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+
+def _as_table(features: FeatureTable | Mapping[str, np.ndarray], ids: Sequence[str]) -> FeatureTable:
+    if isinstance(features, FeatureTable):
+        return features
+    return FeatureTable.from_dict(features, list(dict.fromkeys(ids)))
+
+
+def _rows_with_features(
+    caption_set: CaptionSet, table: FeatureTable
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(kept caption indices int64 [K], their feature rows int64 [K], sorted ids without features)."""
+    kept, rows, missing = [], [], set()
+    for k, image_id in enumerate(caption_set.image_ids):
+        row = table.index.get(image_id)
+        if row is None:
+            missing.add(image_id)
+        else:
+            kept.append(k)
+            rows.append(row)
+    return np.asarray(kept, dtype=np.int64), np.asarray(rows, dtype=np.int64), sorted(missing)
+
+
+def _report_missing(missing: list[str], skipped: int) -> None:
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        log.warning("skipped %d captions of %d images without features (%s)", skipped, len(missing), shown)
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """int64 [num_items]: the shuffled order of one epoch; depends only on (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_items)
+
+
+class TeacherForcingBatches(keras.utils.PyDataset):
+    """Right-padded teacher-forced batches of whole captions (see the module docstring).
+
+    caption_set: from `encode_captions`.
+    features: dict image id -> float32 [D], or a `FeatureTable` (used as is, not copied).
+    batch_size: captions per batch (train.batch_size); the last batch may be smaller.
+    seed, shuffle: the epoch order is `epoch_permutation(num_captions, seed, epoch)`;
+        without shuffle, the caption set's order every epoch (use for validation).
+    pad_to_multiple: rounds each batch's T up to a multiple (1 = none); useful under
+        JAX, which compiles once per distinct shape.
+    normalize_weights: sample weights B*T/real on real targets (see module docstring);
+        False gives plain 0/1 weights.
+    Other keyword arguments (workers, use_multiprocessing, max_queue_size) go to PyDataset.
+
+    Captions whose image has no features are skipped: `skipped_captions` counts them,
+    `missing_images` lists their images, and a warning names the first few.
+    """
+
+    def __init__(
+        self,
+        caption_set: CaptionSet,
+        features: FeatureTable | Mapping[str, np.ndarray],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_to_multiple: int = 1,
+        normalize_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if batch_size < 1:
+            raise CaptionerError(f"train.batch_size must be at least 1, got {batch_size}")
+        self.table = _as_table(features, caption_set.image_ids)
+        kept, rows, missing = _rows_with_features(caption_set, self.table)
+        self.skipped_captions = len(caption_set) - len(kept)
+        self.missing_images = missing
+        _report_missing(missing, self.skipped_captions)
+        if len(kept) == 0:
+            raise CaptionerError(
+                f"none of the {len(caption_set)} captions has image features "
+                f"(first missing images: {', '.join(missing[:3]) or 'none'})"
+            )
+        # Words stored flat with offsets: one array instead of 30,000 small ones.
+        captions = [caption_set.caption_ids[k] for k in kept]
+        self.lengths = np.fromiter((len(c) for c in captions), dtype=np.int64, count=len(captions))
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.words = np.concatenate(captions).astype(np.int32) if self.offsets[-1] else np.zeros(0, np.int32)
+        self.rows = rows
+        self.start_id = caption_set.start_id
+        self.end_id = caption_set.end_id
+        self.vocab_size = caption_set.vocab_size
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.pad_to_multiple = max(1, int(pad_to_multiple))
+        self.normalize_weights = normalize_weights
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ PyDataset protocol
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
+        return self.batch(index, self.epoch)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next batches those of `epoch` (0-based), e.g. when resuming at epoch k."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ batches
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_targets(self) -> int:
+        """Target words per epoch (n + 1 per caption)."""
+        return int(self.lengths.sum()) + len(self.lengths)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.table.feature_dim
+
+    def order(self, epoch: int) -> np.ndarray:
+        """int64 [num_captions]: caption positions in the order epoch `epoch` visits them."""
+        if not self.shuffle:
+            return np.arange(len(self.rows))
+        return epoch_permutation(len(self.rows), self.seed, epoch)
+
+    def batch(
+        self, index: int, epoch: int, order: np.ndarray | None = None
+    ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+        """Batch `index` of epoch `epoch`: ((features [B, D], input_ids [B, T]), targets [B, T], weights [B, T])."""
+        if order is None:
+            order = self.order(epoch)
+        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+        lengths = self.lengths[chosen]
+        width = int(lengths.max()) + 1  # start + words, or words + end
+        width = -(-width // self.pad_to_multiple) * self.pad_to_multiple
+        size = len(chosen)
+        input_ids = np.zeros((size, width), dtype=np.int32)
+        target_ids = np.zeros((size, width), dtype=np.int32)
+        input_ids[:, 0] = self.start_id
+        for b, k in enumerate(chosen):
+            n = int(lengths[b])
+            words = self.words[self.offsets[k] : self.offsets[k] + n]
+            input_ids[b, 1 : n + 1] = words
+            target_ids[b, :n] = words
+            target_ids[b, n] = self.end_id
+        real = np.arange(width)[None, :] <= lengths[:, None]  # targets 0..n are real
+        scale = size * width / real.sum() if self.normalize_weights else 1.0
+        sample_weight = np.where(real, np.float32(scale), np.float32(0.0)).astype(np.float32)
+        image_features = self.table.matrix[self.rows[chosen]]  # [B, D]: one gathered row per caption
+        return (image_features, input_ids), target_ids, sample_weight
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]]:
+        """All batches of one epoch, in order."""
+        order = self.order(epoch)
+        for index in range(len(self)):
+            yield self.batch(index, epoch, order)
+
+    def for_fit(self) -> Any:
+        """What to pass to `model.fit`: under the TensorFlow backend a `tf.data.Dataset` with
+        T declared variable (see the module docstring); otherwise this PyDataset.
+
+        The tf.data version runs epoch `self.epoch` each time it is iterated, then advances
+        it; call `set_epoch(k)` before fitting from epoch k. It does its own shuffling:
+        pass `shuffle=False` to `fit` (Keras warns that it ignores shuffle=True for tf.data).
+        """
+        if keras.backend.backend() != "tensorflow":
+            return self
+        import tensorflow as tf
+
+        def generate() -> Iterator[Any]:
+            epoch = self.epoch
+            self.epoch = epoch + 1  # advance on start: an epoch cut short still moves on
+            yield from self.epoch_batches(epoch)
+
+        signature = (
+            (
+                tf.TensorSpec((None, self.feature_dim), tf.float32),
+                tf.TensorSpec((None, None), tf.int32),
+            ),
+            tf.TensorSpec((None, None), tf.int32),
+            tf.TensorSpec((None, None), tf.float32),
+        )
+        dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        # A known length, so Keras neither guesses the epoch's end nor warns that data ran out.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
+        return dataset.prefetch(2)
+
+
+# --------------------------------------------------------------------------- the classic way
+
+
+def _prefix_block(caption: np.ndarray, start_id: int, end_id: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """All n+1 prefixes of one caption, PRE-padded: (int32 [n+1, max_length], targets int32 [n+1])."""
+    sequence = np.concatenate([[start_id], caption, [end_id]]).astype(np.int32)
+    count = len(caption) + 1
+    prefixes = np.zeros((count, max_length), dtype=np.int32)
+    for i in range(1, count + 1):
+        prefixes[i - 1, max_length - i :] = sequence[:i]
+    return prefixes, sequence[1:]
+
+
+def max_prefix_length(caption_set: CaptionSet) -> int:
+    """The longest prefix [start, w1..wn]: the classic pre-padding length (the course's max_length - 1)."""
+    return int(caption_set.lengths.max()) + 1 if len(caption_set) else 1
+
+
+def per_prefix_arrays(
+    caption_set: CaptionSet,
+    features: FeatureTable | Mapping[str, np.ndarray],
+    max_length: int | None = None,
+    one_hot: bool = True,
+) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The course's `create_sequences` for a whole caption set, fully expanded.
+
+    Returns ((image_features float32 [P, D] (a copy per prefix), prefixes int32
+    [P, max_length] PRE-padded with 0), targets) where P = sum of (n + 1) over
+    captions and targets is float32 [P, vocab_size] one-hot (one_hot=True, the
+    course's way) or int32 [P]. Captions without features are skipped (logged).
+    Memory grows as P * (vocab_size + D): gigabytes for Flickr8k; use it on small sets.
+    """
+    table = _as_table(features, caption_set.image_ids)
+    kept, rows, missing = _rows_with_features(caption_set, table)
+    _report_missing(missing, len(caption_set) - len(kept))
+    max_length = max_length or max_prefix_length(caption_set)
+    blocks = [
+        _prefix_block(
+            caption_set.caption_ids[k][: max_length - 1], caption_set.start_id, caption_set.end_id, max_length
+        )
+        for k in kept
+    ]
+    counts = np.asarray([len(b[1]) for b in blocks], dtype=np.int64)
+    prefixes = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, max_length), np.int32)
+    targets = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int32)
+    image_features = table.matrix[np.repeat(rows, counts)]
+    if one_hot:
+        return (image_features, prefixes), _one_hot(targets, caption_set.vocab_size)
+    return (image_features, prefixes), targets
+
+
+def _one_hot(targets: np.ndarray, vocab_size: int) -> np.ndarray:
+    encoded = np.zeros((len(targets), vocab_size), dtype=np.float32)
+    encoded[np.arange(len(targets)), targets] = 1.0
+    return encoded
+
+
+def per_prefix_batches(
+    caption_set: CaptionSet,
+    features: FeatureTable | Mapping[str, np.ndarray],
+    batch_size: int,
+    max_length: int | None = None,
+    one_hot: bool = True,
+    seed: int | None = None,
+    loop: bool = True,
+) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
+    """The course's `data_generator`: a Python generator of ((features [b, D], prefixes [b, L]), targets).
+
+    Expands captions lazily (one caption's prefixes at a time) into batches of exactly
+    `batch_size` prefixes (the last of a pass may be smaller), with the image row copied
+    into every prefix and one-hot float32 [b, vocab_size] targets (or int32 [b]).
+    Caption order is shuffled per pass when `seed` is given; `loop` repeats forever
+    as `fit(generator, steps_per_epoch=...)` expects.
+    """
+    table = _as_table(features, caption_set.image_ids)
+    kept, rows, missing = _rows_with_features(caption_set, table)
+    _report_missing(missing, len(caption_set) - len(kept))
+    max_length = max_length or max_prefix_length(caption_set)
+    passes = 0
+    while True:
+        order = np.arange(len(kept)) if seed is None else epoch_permutation(len(kept), seed, passes)
+        buffer_x, buffer_rows, buffer_y, buffered = [], [], [], 0
+        for position in order:
+            caption = caption_set.caption_ids[kept[position]][: max_length - 1]
+            prefixes, targets = _prefix_block(caption, caption_set.start_id, caption_set.end_id, max_length)
+            buffer_x.append(prefixes)
+            buffer_y.append(targets)
+            buffer_rows.append(np.full(len(targets), rows[position]))
+            buffered += len(targets)
+            while buffered >= batch_size:
+                x, y, r = np.concatenate(buffer_x), np.concatenate(buffer_y), np.concatenate(buffer_rows)
+                yield _classic_batch(table, r[:batch_size], x[:batch_size], y[:batch_size], caption_set, one_hot)
+                buffer_x, buffer_y, buffer_rows = [x[batch_size:]], [y[batch_size:]], [r[batch_size:]]
+                buffered -= batch_size
+        if buffered:
+            x, y, r = np.concatenate(buffer_x), np.concatenate(buffer_y), np.concatenate(buffer_rows)
+            yield _classic_batch(table, r, x, y, caption_set, one_hot)
+        passes += 1
+        if not loop:
+            return
+
+
+def _classic_batch(
+    table: FeatureTable,
+    rows: np.ndarray,
+    prefixes: np.ndarray,
+    targets: np.ndarray,
+    caption_set: CaptionSet,
+    one_hot: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    image_features = table.matrix[rows]  # one copy per prefix: the classic cost
+    return (image_features, prefixes), _one_hot(targets, caption_set.vocab_size) if one_hot else targets

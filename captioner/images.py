@@ -1,0 +1,192 @@
+"""Image loading for the VGG backbones: any Pillow format -> uint8 RGB [224, 224, 3] -> caffe input.
+
+Reads: image files Pillow can open (JPEG, PNG, GIF, BMP, WebP, TIFF, ...).
+Writes: nothing. Config used: `features.resample` (the resize filter).
+Cost: a 500x375 JPEG decodes and resizes in a few milliseconds on one core; the work
+releases the GIL, so `captioner.features` runs it in a thread pool.
+
+What `load_image` does, in order, and why:
+
+1. Checks the declared size before decoding. Images above `Image.MAX_IMAGE_PIXELS`
+   (Pillow's decompression-bomb limit, about 89 megapixels by default) are refused
+   with `ImageError` instead of being decoded: the extractor skips and reports them.
+2. JPEGs are decoded with `Image.draft()` at the smallest DCT scale (1/2, 1/4, 1/8)
+   that keeps both sides at least 224 pixels. A 40-megapixel photo then costs about
+   as much memory and time as a 5-megapixel one. Images smaller than 448 pixels on
+   either side (all of Flickr8k) are decoded at full scale, so their pixels are
+   exactly what `keras.utils.load_img` gives; bigger JPEGs differ slightly (a DCT
+   downscale before the final resize).
+3. EXIF orientation is applied (`ImageOps.exif_transpose`): a phone photo taken
+   upright is fed upright. (`load_img` ignores EXIF; for Flickr8k this changes nothing.)
+4. Any mode becomes RGB. Images with transparency (RGBA, LA, palette images with a
+   transparent colour) are composited on WHITE: the colour under a fully
+   transparent pixel is arbitrary (often black), and white is what a viewer shows.
+   Grayscale, 1-bit, 16-bit, CMYK and palette images are converted as Pillow does.
+5. Resized to 224x224 (aspect ratio not kept, like `load_img`) with the filter named
+   by `resample`, default "nearest": the default interpolation of Keras `load_img`,
+   which is how the course extracted its features, so features (and models trained
+   on them) agree.
+
+`preprocess_caffe` is VGG's "caffe" preprocessing (RGB->BGR, minus the ImageNet
+BGR mean, no scaling), the same numbers as `keras.applications.vgg16.preprocess_input`
+but returning a new array instead of modifying its input.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from captioner.errors import CaptionerError
+
+IMAGE_SIZE = (224, 224)  # (height, width) the VGG backbones take
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # caffe VGG training mean
+
+RESAMPLE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+# What Pillow raises on files that are not images, truncated or corrupt. Pillow's decoders
+# surface damage as any of these depending on the format, so all mean "unreadable image".
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+
+
+class ImageError(CaptionerError):
+    """One image that cannot be used (unreadable, truncated, not an image, too large)."""
+
+
+def resample_filter(name: str) -> Image.Resampling:
+    """The Pillow filter for a `features.resample` name; CaptionerError listing the valid ones."""
+    try:
+        return RESAMPLE_FILTERS[name]
+    except KeyError:
+        raise CaptionerError(
+            f"unknown resample filter {name!r} (features.resample: {', '.join(RESAMPLE_FILTERS)})"
+        ) from None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder` (by extension, case-insensitive), sorted by name.
+
+    Raises CaptionerError naming the folder when it is missing, not a folder, or has no images.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise CaptionerError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise CaptionerError(f"not a folder: {folder}")
+    images = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.name,
+    )
+    if not images:
+        raise CaptionerError(
+            f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return images
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited on white (see the module docstring)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit grayscale: Pillow's convert("RGB") clips at 255, which turns a 16-bit
+        # photo white. Scale to 8 bits instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0.0) > 255.0 else 255.0
+        gray = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    path: str | Path,
+    size: tuple[int, int] = IMAGE_SIZE,
+    resample: str = "nearest",
+    max_pixels: int | None = -1,
+) -> np.ndarray:
+    """One image file -> uint8 RGB [height, width, 3] (default [224, 224, 3]).
+
+    size: (height, width). resample: a `features.resample` name ("nearest" matches
+    Keras `load_img`). max_pixels: refuse images declaring more pixels than this;
+    -1 (default) means Pillow's `Image.MAX_IMAGE_PIXELS` at call time, None no limit.
+    Raises ImageError with the reason for anything unusable (zero bytes, not an image,
+    truncated, corrupt, too large).
+    """
+    path = Path(path)
+    height, width = size
+    pil_filter = resample_filter(resample)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path.name}: empty file (0 bytes)")
+        with Image.open(path) as image:
+            declared = image.size[0] * image.size[1]
+            if limit is not None and declared > limit:
+                raise ImageError(
+                    f"{path.name}: {image.size[0]}x{image.size[1]} is over the {limit}-pixel limit "
+                    "(possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+                )
+            if image.format == "JPEG":
+                # DCT-domain downscale while decoding: bounded memory and time for huge photos;
+                # a no-op below 448 px on a side (see the module docstring).
+                image.draft("RGB", (width, height))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), pil_filter)
+            pixels = np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path.name}: not an image Pillow can read") from None
+    except _DECODE_ERRORS as error:
+        reason = str(error) or type(error).__name__
+        if isinstance(error, FileNotFoundError):
+            reason = "file not found"
+        raise ImageError(f"{path.name}: {reason}") from None
+    except MemoryError:
+        raise ImageError(f"{path.name}: out of memory while decoding") from None
+    if pixels.shape != (height, width, 3):  # a decoder quirk must not reach the network
+        raise ImageError(f"{path.name}: decoded to shape {pixels.shape}, expected {(height, width, 3)}")
+    return pixels
+
+
+def preprocess_caffe(images: np.ndarray) -> np.ndarray:
+    """VGG "caffe" preprocessing: RGB->BGR, subtract the ImageNet mean, no scaling.
+
+    images: uint8 or float RGB [..., H, W, 3]. Returns a NEW float32 array of the
+    same shape (BGR, mean-subtracted); the input is never modified (unlike
+    `keras.applications.vgg16.preprocess_input`, which works in place on float arrays).
+    Same float32 arithmetic as Keras, so the results are bitwise equal.
+    """
+    images = np.asarray(images)
+    if images.shape[-1:] != (3,):
+        raise ValueError(f"expected RGB images [..., H, W, 3], got shape {images.shape}")
+    bgr = images[..., ::-1].astype(np.float32)  # astype copies: the caller's array is untouched
+    bgr -= IMAGENET_MEAN_BGR
+    return bgr
+
+
+def load_preprocessed(path: str | Path, resample: str = "nearest") -> np.ndarray:
+    """`load_image` then `preprocess_caffe`: float32 BGR [224, 224, 3], ready for VGG."""
+    return preprocess_caffe(load_image(path, resample=resample))
+

@@ -1,0 +1,490 @@
+"""captioner.features: the stage cache, resume, bad input, shards, the backbone, safe loading.
+
+Most tests run the real pipeline (thread pool, chunks, manifest) with a tiny seeded
+network so they stay fast; the VGG tests build the real VGG16/VGG19 with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner import cache
+from captioner.cli import main as cli_main
+from captioner.config import Config
+from captioner.errors import CaptionerError
+from captioner.features import (
+    build_backbone,
+    extract_stage,
+    merge_feature_parts,
+    parse_shard,
+    parts_folder_for,
+    resolve_precision,
+    shard_of,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL_SOURCE = """
+def tiny_model():
+    import keras
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.AveragePooling2D(16)(inputs)  # [B, 14, 14, 3]
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(x)
+    return keras.Model(inputs, x)
+"""
+exec(TINY_MODEL_SOURCE)  # the same definition is used by the SIGKILL subprocess below
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model()  # noqa: F821 (defined by exec above)
+    return lambda: model
+
+
+def make_images(folder: Path, count: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        rng = np.random.default_rng(i)
+        path = folder / f"img{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_config(images: Path, output: Path, **features) -> Config:
+    config = Config()
+    config.features.images = str(images)
+    config.features.output = str(output)
+    config.features.weights = "none"
+    config.features.batch_size = 4
+    config.features.chunk_size = 5
+    config.features.workers = 2
+    for key, value in features.items():
+        setattr(config.features, key, value)
+    return config
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    return cache.load_features(path)
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == np.float32 and np.array_equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def reference(tmp_path, tiny):
+    """12 images and their features from one uninterrupted run."""
+    images = tmp_path / "images"
+    make_images(images, 12)
+    result = extract_stage(make_config(images, tmp_path / "ref" / "out.pkl"), model_factory=tiny)
+    return images, load(result.output)
+
+
+# --------------------------------------------------------------------------- the stage cache
+
+
+def test_extract_writes_features_and_manifest_then_is_up_to_date(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 12)
+    output = tmp_path / "out" / "features.pkl"
+    config = make_config(images, output)
+
+    result = extract_stage(config, model_factory=tiny)
+    assert (result.extracted, result.reused, result.failed, result.images) == (12, 0, {}, 12)
+    assert result.summary().startswith(f"extracted 12 new, 0 reused, 0 failed -> {output} (16-d, vgg16 fc2")
+    features = load(output)
+    assert list(features) == [f"img{i:03d}" for i in range(12)]
+    assert all(v.shape == (16,) and v.dtype == np.float32 for v in features.values())
+    manifest = cache.read_manifest(output)
+    assert manifest["stage"] == "features"
+    assert manifest["params"] == {
+        "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest",
+        "precision": "float32", "shard": "",
+    }
+    assert manifest["extra"]["failed"] == {} and manifest["extra"]["images"] == 12
+    assert not parts_folder_for(output).exists()
+    assert cache.feature_provenance(output)["backbone"] == "vgg16"
+
+    def no_model():
+        raise AssertionError("an up-to-date stage must not build the network")
+
+    again = extract_stage(config, model_factory=no_model)
+    assert again.up_to_date and again.summary() == f"up to date: {output} (12 images)"
+    forced = extract_stage(config, force=True, model_factory=tiny)
+    assert forced.extracted == 12
+    assert_same(load(output), features)
+
+
+def test_features_do_not_depend_on_batching(reference, tmp_path, tiny):
+    images, expected = reference
+    for batch_size in (1, 5):
+        output = tmp_path / f"b{batch_size}.pkl"
+        extract_stage(make_config(images, output, batch_size=batch_size, workers=1), model_factory=tiny)
+        got = load(output)
+        assert list(got) == list(expected)
+        for key in got:  # different batch shapes may round differently, but only just
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6 * np.abs(expected[key]).max())
+
+
+def test_incremental_add_extracts_only_new_images(reference, tmp_path, tiny):
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+    extract_stage(make_config(images, output), model_factory=tiny)
+    make_images(images, 3, start=12)
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.extracted, result.reused) == (3, 12)
+    incremental = load(output)
+
+    fresh = tmp_path / "fresh.pkl"
+    extract_stage(make_config(images, fresh), model_factory=tiny)
+    assert_same(incremental, load(fresh))
+
+    # A changed file is re-extracted; a removed one leaves the output.
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(images / "img000.jpg")
+    (images / "img001.jpg").unlink()
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.extracted, result.reused, result.images) == (1, 13, 14)
+    features = load(output)
+    assert "img001" not in features and not np.array_equal(features["img000"], expected["img000"])
+
+
+def test_resume_after_a_crash_ends_identical(reference, tmp_path, tiny):
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+
+    def crash(chunks_written):
+        if chunks_written == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_stage(make_config(images, output), model_factory=tiny, after_chunk=crash)
+    parts = parts_folder_for(output)
+    assert sorted(p.name for p in parts.glob("chunk-*.npz")) == ["chunk-000000.npz", "chunk-000001.npz"]
+    assert not output.exists()
+
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.resumed, result.extracted) == (10, 2)
+    assert "10 from an interrupted run" in result.summary()
+    assert_same(load(output), expected)
+    assert not parts.exists()
+
+
+def test_corrupt_chunk_is_detected_and_redone(reference, tmp_path, tiny):
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+
+    def crash(chunks_written):
+        if chunks_written == 2:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        extract_stage(make_config(images, output), model_factory=tiny, after_chunk=crash)
+    parts = parts_folder_for(output)
+    first, second = sorted(parts.glob("chunk-*.npz"))
+    first.write_bytes(first.read_bytes()[:-100])  # truncated
+    data = bytearray(second.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    second.write_bytes(bytes(data))
+
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.resumed, result.extracted) == (0, 12)
+    assert_same(load(output), expected)
+
+
+def test_chunks_with_other_params_are_discarded(reference, tmp_path, tiny):
+    images, _ = reference
+    output = tmp_path / "out.pkl"
+
+    def crash(chunks_written):
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        extract_stage(make_config(images, output), model_factory=tiny, after_chunk=crash)
+    result = extract_stage(make_config(images, output, resample="bilinear"), model_factory=tiny)
+    assert (result.resumed, result.extracted) == (0, 12)
+
+
+def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny):
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+    script = tmp_path / "killed.py"
+    script.write_text(
+        TINY_MODEL_SOURCE
+        + textwrap.dedent(
+            f"""
+            import os, signal
+            from captioner.config import Config
+            from captioner.features import extract_stage
+
+            def die(chunks_written):
+                if chunks_written == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            config = Config()
+            config.features.images = {str(images)!r}
+            config.features.output = {str(output)!r}
+            config.features.weights = "none"
+            config.features.batch_size = 4
+            config.features.chunk_size = 5
+            config.features.workers = 2
+            extract_stage(config, model_factory=tiny_model, after_chunk=die)
+            """
+        )
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert completed.returncode == -signal.SIGKILL, completed.stderr.decode()[-2000:]
+    assert len(list(parts_folder_for(output).glob("chunk-*.npz"))) == 2
+
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.resumed, result.extracted) == (10, 2)
+    assert_same(load(output), expected)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_images_are_skipped_counted_and_listed(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 10)
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_text("not an image")
+    output = tmp_path / "out.pkl"
+
+    result = extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=tiny)
+    assert set(result.failed) == {"empty.jpg", "notes.jpg"}
+    assert "empty file" in result.failed["empty.jpg"] and "not an image" in result.failed["notes.jpg"]
+    assert ", 2 failed ->" in result.summary()
+    assert len(load(output)) == 10
+    assert cache.read_manifest(output)["extra"]["failed"] == result.failed
+
+    with pytest.raises(CaptionerError, match=r"2 of 12 images .*features.max_failed_fraction=0.05 \(first: empty.jpg"):
+        extract_stage(make_config(images, tmp_path / "strict.pkl"), model_factory=tiny)
+
+
+def test_duplicate_ids_are_reported(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 3)
+    Image.new("RGB", (20, 20), "red").save(images / "img001.png")
+    result = extract_stage(make_config(images, tmp_path / "out.pkl"), model_factory=tiny)
+    assert result.duplicates == {"img001.png": "duplicate id 'img001': kept img001.jpg"}
+    assert "1 duplicate ids left out" in result.summary()
+    assert sorted(load(result.output)) == ["img000", "img001", "img002"]
+    assert cache.read_manifest(result.output)["extra"]["duplicates"] == result.duplicates
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("backbone", "resnet50", r"unknown backbone 'resnet50' \(features.backbone: vgg16, vgg19\)"),
+        ("layer", "fc3", r"unknown layer 'fc3' \(features.layer: fc2, fc1\)"),
+        ("shard", "2/2", r"bad shard '2/2'"),
+        ("shard", "one/two", r"bad shard 'one/two'"),
+        ("weights", "/nowhere/vgg.h5", r"weights file not found: /nowhere/vgg.h5"),
+        ("precision", "float8", r"unknown precision 'float8'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, field, value, message):
+    images = tmp_path / "images"
+    make_images(images, 1)
+    with pytest.raises(CaptionerError, match=message):
+        extract_stage(make_config(images, tmp_path / "out.pkl", **{field: value}))
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(CaptionerError, match="image folder not found: .*nowhere"):
+        extract_stage(make_config(tmp_path / "nowhere", tmp_path / "out.pkl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaptionerError, match="no images in .*empty"):
+        extract_stage(make_config(tmp_path / "empty", tmp_path / "out.pkl"))
+
+
+def test_cli_extract_missing_folder_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    code = cli_main(["extract", "--images", str(missing), "--output", str(tmp_path / "o.pkl"), "--weights", "none"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("error:")
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_parse_shard_and_stable_assignment():
+    assert parse_shard("") is None and parse_shard("1/3") == (1, 3)
+    for bad in ["3", "-1/2", "1/0", "a/b", "1/2/3"]:
+        with pytest.raises(CaptionerError, match="bad shard"):
+            parse_shard(bad)
+    counts = np.bincount([shard_of(f"id{i}", 4) for i in range(400)], minlength=4)
+    assert counts.min() > 60  # roughly even
+    assert shard_of("1000268201_693b08cb0e", 4) == shard_of("1000268201_693b08cb0e", 4)
+
+
+def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
+    images, expected = reference
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part-{i}.pkl"
+        result = extract_stage(make_config(images, part, shard=f"{i}/3"), model_factory=tiny)
+        assert result.params["shard"] == f"{i}/3" and "shard" in result.summary()
+        assert cache.read_manifest(part)["params"]["shard"] == f"{i}/3"
+        parts.append(part)
+    assert sum(len(load(p)) for p in parts) == 12
+
+    merged = tmp_path / "merged.pkl"
+    result = merge_feature_parts(list(reversed(parts)), merged)
+    assert (result.parts, result.images, result.feature_dim) == (3, 12, 16)
+    assert_same(load(merged), expected)
+    manifest = cache.read_manifest(merged)
+    assert manifest["stage"] == "merge-features" and "shard" not in manifest["params"]
+    assert cache.feature_provenance(merged) == {
+        "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32",
+    }
+    assert merge_feature_parts(parts, merged).up_to_date
+
+    with pytest.raises(CaptionerError, match="missing shard parts 2/3"):
+        merge_feature_parts(parts[:2], tmp_path / "m2.pkl")
+    with pytest.raises(CaptionerError, match="are both shard 0/3"):
+        merge_feature_parts([parts[0], parts[0], parts[1], parts[2]], tmp_path / "m3.pkl")
+    other = tmp_path / "other-2.pkl"
+    extract_stage(make_config(images, other, shard="2/3", resample="bilinear"), model_factory=tiny)
+    with pytest.raises(CaptionerError, match=r"different params .*\(resample\)"):
+        merge_feature_parts([parts[0], parts[1], other], tmp_path / "m4.pkl")
+    with pytest.raises(CaptionerError, match="not a shard part"):
+        merge_feature_parts([tmp_path / "ref" / "out.pkl"], tmp_path / "m5.pkl")
+
+    # A part whose ids were tampered with (an id from another shard) is refused.
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for part in parts:
+        shutil.copy(part, tampered / part.name)
+        shutil.copy(cache.manifest_path_for(part), tampered / cache.manifest_path_for(part).name)
+    bad = tampered / "part-0.pkl"
+    data = load(bad)
+    wrong = next(key for key in expected if shard_of(key, 3) != 0)
+    data[wrong] = expected[wrong]
+    with open(bad, "wb") as handle:
+        pickle.dump(data, handle)
+    with pytest.raises(CaptionerError, match=f"{wrong}"):
+        merge_feature_parts(sorted(tampered.glob("*.pkl")), tmp_path / "m6.pkl")
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "features.pkl"
+    path.write_bytes(pickle.dumps({"img": _Evil(marker)}))
+    with pytest.raises(CaptionerError, match="refus"):
+        cache.load_features(path)
+    assert not marker.exists()
+
+
+def test_course_format_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    course = {f"id{i}": rng.random((1, 4096)).astype(np.float32) for i in range(3)}
+    path = tmp_path / "features.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump(course, handle)
+    loaded = cache.load_features(path)
+    assert list(loaded) == list(course)
+    for key, value in course.items():
+        assert loaded[key].shape == (4096,) and np.array_equal(loaded[key], value[0])
+
+
+# --------------------------------------------------------------------------- the real backbone
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return build_backbone("vgg16", "fc2", "none")
+
+
+def test_vgg_parameter_counts(vgg16, caplog):
+    classifier = 4097 * 1000  # the dropped 1000-way predictions layer
+    assert vgg16.count_params() + classifier == 138_357_544
+    assert tuple(vgg16.output.shape) == (None, 4096)
+    caplog.set_level("WARNING", logger="captioner.features")
+    vgg19 = build_backbone("vgg19", "fc1", "none")
+    assert "RANDOM weights" in caplog.text
+    assert tuple(vgg19.output.shape) == (None, 4096)
+    fc2 = 4096 * 4096 + 4096
+    assert vgg19.count_params() + fc2 + classifier == 143_667_240
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unreadable_and_incompatible_weights_files(tmp_path, tiny):
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all")
+    with pytest.raises(CaptionerError, match="cannot load weights file .*garbage.h5: not an HDF5"):
+        build_backbone("vgg16", "fc2", str(garbage))
+    small = tmp_path / "small.weights.h5"
+    tiny().save_weights(small)
+    with pytest.raises(CaptionerError, match="cannot load weights file .*small.weights.h5 into vgg16"):
+        build_backbone("vgg16", "fc2", str(small))
+
+
+def test_real_vgg16_on_shared_images_matches_the_course_way(shared_images, tmp_path, vgg16):
+    import keras
+    from keras.applications.vgg16 import preprocess_input
+
+    images = tmp_path / "images"
+    images.mkdir()
+    chosen = sorted(shared_images.glob("*.jpg"))[:2]
+    for path in chosen:
+        shutil.copy(path, images / path.name)
+    output = tmp_path / "vgg.pkl"
+    config = make_config(images, output, batch_size=2)
+    result = extract_stage(config, model_factory=lambda: vgg16)
+    assert result.summary().startswith(f"extracted 2 new, 0 reused, 0 failed -> {output} (4096-d, vgg16 fc2")
+    features = load(output)
+    assert sorted(features) == [p.stem for p in chosen]
+
+    # The course: load_img -> img_to_array -> reshape (1, 224, 224, 3) -> preprocess_input -> predict.
+    for path in chosen:
+        image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(224, 224)))
+        course = vgg16.predict(preprocess_input(image.reshape((1, 224, 224, 3))), verbose=0)[0]
+        assert features[path.stem].shape == (4096,)
+        np.testing.assert_allclose(features[path.stem], course, rtol=1e-4, atol=1e-4 * np.abs(course).max())
+
+
+def test_auto_precision_is_float32_without_a_gpu():
+    import tensorflow as tf
+
+    expected = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("bfloat16") == "bfloat16"
+
+
+def test_manifest_is_json_with_file_keys(reference, tmp_path):
+    manifest = json.loads(cache.manifest_path_for(tmp_path / "ref" / "out.pkl").read_text())
+    files = manifest["extra"]["files"]
+    assert sorted(files) == [f"img{i:03d}.jpg" for i in range(12)]
+    assert all(isinstance(v, list) and len(v) == 2 for v in files.values())

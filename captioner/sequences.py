@@ -34,7 +34,11 @@ Image features are stored once, as a float32 [num_images, D] matrix with one row
 index per caption; a batch gathers its B rows (never one copy per word).
 
 Order: shuffled every epoch with the permutation drawn from (seed, epoch), so a
-run resumed at epoch k sees exactly the batches an uninterrupted run would.
+run resumed at epoch k sees exactly the batches an uninterrupted run would. By
+default captions of similar length are grouped into the same batch (sorted within
+random windows of 32 batches, then the batches shuffled): batches stay random,
+but padding falls from about 45% of positions to about 5%, and the padded
+positions cost as much compute as real ones.
 `on_epoch_end` (called by Keras) advances the epoch; `set_epoch(k)` sets it.
 
 Two ways to feed Keras: the `TeacherForcingBatches` object itself (a
@@ -193,6 +197,28 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_items)
 
 
+def group_by_length(
+    permutation: np.ndarray, lengths: np.ndarray, batch_size: int, window_batches: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Regroups a random order so that each batch holds captions of similar length.
+
+    The permutation is cut into windows of `window_batches` batches; each window is
+    sorted by caption length and cut into batches; the full batches are shuffled
+    (the one partial batch stays last, so batch i is still positions [i*B, (i+1)*B)).
+    Batches stay random samples of the data (a new grouping every epoch) but carry
+    little padding: for Flickr8k about 5% of positions instead of about 45%.
+    """
+    window = batch_size * max(1, window_batches)
+    pieces = []
+    for start in range(0, len(permutation), window):
+        chunk = permutation[start : start + window]
+        pieces.append(chunk[np.argsort(lengths[chunk], kind="stable")])
+    grouped = np.concatenate(pieces) if pieces else permutation
+    full = len(grouped) // batch_size
+    batches = grouped[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), grouped[full * batch_size :]])
+
+
 class TeacherForcingBatches(keras.utils.PyDataset):
     """Right-padded teacher-forced batches of whole captions (see the module docstring).
 
@@ -201,6 +227,9 @@ class TeacherForcingBatches(keras.utils.PyDataset):
     batch_size: captions per batch (train.batch_size); the last batch may be smaller.
     seed, shuffle: the epoch order is `epoch_permutation(num_captions, seed, epoch)`;
         without shuffle, the caption set's order every epoch (use for validation).
+    bucket_by_length: when shuffling, groups captions of similar length into the same
+        batch (see `group_by_length`; windows of `bucket_window` batches), which cuts
+        the padded positions the model computes on from ~45% to ~5% for Flickr8k.
     pad_to_multiple: rounds each batch's T up to a multiple (1 = none); useful under
         JAX, which compiles once per distinct shape.
     normalize_weights: sample weights B*T/real on real targets (see module docstring);
@@ -218,6 +247,8 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,
+        bucket_by_length: bool = True,
+        bucket_window: int = 32,
         pad_to_multiple: int = 1,
         normalize_weights: bool = True,
         **kwargs: Any,
@@ -247,6 +278,8 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.bucket_by_length = bool(bucket_by_length)
+        self.bucket_window = int(bucket_window)
         self.pad_to_multiple = max(1, int(pad_to_multiple))
         self.normalize_weights = normalize_weights
         self.epoch = 0
@@ -284,10 +317,16 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         return self.table.feature_dim
 
     def order(self, epoch: int) -> np.ndarray:
-        """int64 [num_captions]: caption positions in the order epoch `epoch` visits them."""
+        """int64 [num_captions]: caption positions in the order epoch `epoch` visits them;
+        batch i is positions [i * batch_size, (i + 1) * batch_size)."""
         if not self.shuffle:
             return np.arange(len(self.rows))
-        return epoch_permutation(len(self.rows), self.seed, epoch)
+        permutation = epoch_permutation(len(self.rows), self.seed, epoch)
+        if not self.bucket_by_length:
+            return permutation
+        return group_by_length(
+            permutation, self.lengths, self.batch_size, self.bucket_window, np.random.default_rng([self.seed, epoch, 1])
+        )
 
     def batch(
         self, index: int, epoch: int, order: np.ndarray | None = None

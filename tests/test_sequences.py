@@ -131,9 +131,31 @@ def test_order_is_deterministic_under_a_seed_and_changes_across_epochs():
     assert any(a.shape != b.shape or (a != b).any() for a, b in zip(epoch0, epoch1))
     second.set_epoch(1)  # a run resumed at epoch 1 sees the same batches
     assert all((second[i][0][1] == epoch1[i]).all() for i in range(len(second)))
-    assert (epoch_permutation(40, 7, 1) == first.order(1)).all()
+    plain = TeacherForcingBatches(caption_set, make_features(), batch_size=8, seed=7, bucket_by_length=False)
+    assert (plain.order(1) == epoch_permutation(40, 7, 1)).all()
     unshuffled = TeacherForcingBatches(caption_set, make_features(), batch_size=8, shuffle=False)
     assert (unshuffled.order(5) == np.arange(40)).all()
+
+
+def test_length_bucketing_keeps_batches_random_but_cuts_padding():
+    rng = np.random.default_rng(0)
+    caption_set = make_set(rng.integers(1, 25, size=1000).tolist())
+    bucketed = TeacherForcingBatches(caption_set, make_features(), batch_size=16, seed=1, bucket_window=8)
+    plain = TeacherForcingBatches(caption_set, make_features(), batch_size=16, seed=1, bucket_by_length=False)
+
+    def padding(data, epoch):
+        sizes = [data.batch(i, epoch)[1].size for i in range(len(data))]
+        return 1 - data.num_targets / sum(sizes)
+
+    assert padding(plain, 0) > 0.3 and padding(bucketed, 0) < 0.1
+    for epoch in (0, 1):
+        order = bucketed.order(epoch)
+        assert sorted(order.tolist()) == list(range(1000))  # still every caption once
+        assert (order == bucketed.order(epoch)).all()  # deterministic
+    first_batches = {tuple(sorted(bucketed.order(e)[:16])) for e in range(3)}
+    assert len(first_batches) == 3  # a new grouping every epoch
+    widths = [bucketed.batch(i, 0)[1].shape[1] for i in range(len(bucketed))]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # batches shuffled, not a sort
 
 
 def test_features_are_looked_up_per_caption_not_copied_per_word():

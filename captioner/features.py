@@ -204,6 +204,9 @@ def _dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
+RANDOM_WEIGHTS_SEED = 0  # weights "none": the random backbone is the same in every process
+
+
 def build_backbone(
     backbone: str = "vgg16", layer: str = "fc2", weights: str = "imagenet", precision: str = "float32"
 ) -> Any:
@@ -237,9 +240,20 @@ def build_backbone(
                 "demos only and carry no meaning about the images",
                 backbone,
             )
+            # Seeded, so that extraction and `caption` (which rebuilds the backbone a model's
+            # features came from) get the same random network in every process.
+            keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
             base = constructor(include_top=True, weights=None)
         elif weights == "imagenet":
-            base = constructor(include_top=True, weights="imagenet")
+            try:
+                base = constructor(include_top=True, weights="imagenet")
+            except Exception as error:  # keras' get_file raises a bare Exception when the download fails
+                if "fetch failure" not in str(error) and "URL" not in str(error):
+                    raise
+                raise CaptionerError(
+                    f"cannot download the ImageNet weights of {backbone} (offline?); put the Keras weights "
+                    f"file on this machine and pass --weights PATH (see README)"
+                ) from None
         else:
             base = constructor(include_top=True, weights=None)
             try:

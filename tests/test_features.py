@@ -439,6 +439,14 @@ def test_vgg_parameter_counts(vgg16, caplog):
     assert vgg19.count_params() + fc2 + classifier == 143_667_240
 
 
+def test_random_weights_are_the_same_every_build(vgg16):
+    # `caption` rebuilds the backbone a demo model's features came from: "none" must mean one network.
+    again = build_backbone("vgg16", "fc2", "none")
+    for name in ("block1_conv1", "fc2"):
+        for mine, theirs in zip(vgg16.get_layer(name).get_weights(), again.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(mine, theirs)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_unreadable_and_incompatible_weights_files(tmp_path, tiny):
     garbage = tmp_path / "garbage.h5"

@@ -1,0 +1,334 @@
+"""Training stage: model directory, caching, exact resume, refusals, bad input, CLI errors.
+
+Tiny learnable data made here: 40 images whose random 16-d features decide the caption
+("a red circle" when feature 0 is largest, ...), a prepared captions folder written in
+the `prepare` format, and a model of a few thousand parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from captioner import cache
+from captioner import config as config_lib
+from captioner.cli import main
+from captioner.errors import CaptionerError
+from captioner.tokenizer import Tokenizer
+from captioner.training import TrainResult, _train, train_stage
+
+WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+
+
+def make_data(root: Path, images: int = 40, dim: int = 16, seed: int = 0, dev_shift: int = 0) -> tuple[Path, Path]:
+    """(features .pkl, captions folder): 32 train and 8 dev images, two captions each.
+
+    64 train and 16 dev captions of at most 6 words: with batches of 8 every batch has the
+    same shape, so Keras traces each function once (tracing the LSTM costs seconds).
+    `dev_shift` != 0 gives dev images the captions of another class, words reversed: what
+    the model learns on train soon makes the dev loss worse (for early stopping).
+    """
+    rng = np.random.default_rng(seed)
+    features: dict[str, np.ndarray] = {}
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}, "test": {}}
+    for i in range(images):
+        image_id = f"img{i:03d}"
+        vector = rng.normal(size=dim).astype(np.float32)
+        kind = i % len(WORDS)
+        vector[kind] += 4.0  # the class is readable from the features: the model can learn it
+        features[image_id] = vector
+        split = "train" if i < images * 4 // 5 else "dev"
+        colour, shape = WORDS[(kind + (dev_shift if split == "dev" else 0)) % len(WORDS)]
+        texts = [f"a {colour} {shape}", f"there is a {colour} {shape} here"]
+        if split == "dev" and dev_shift:
+            texts = [" ".join(reversed(t.split())) for t in texts]
+        splits[split][image_id] = texts
+    features_path = root / "features.pkl"
+    cache.save_features(features_path, features)
+    captions = root / "captions"
+    for split, data in splits.items():
+        cache.atomic_write_json(captions / f"{split}.json", data)
+    Tokenizer.build((c for caps in splits["train"].values() for c in caps), min_word_count=1).save(
+        captions / "tokenizer.json"
+    )
+    return features_path, captions
+
+
+def make_config(root: Path, features: Path, captions: Path, **train: object) -> config_lib.Config:
+    config = config_lib.Config()
+    config.train.features = [str(features)]
+    config.train.captions = str(captions)
+    config.train.output = str(root / "model")
+    config.train.epochs = 4
+    config.train.batch_size = 8
+    config.train.learning_rate = 0.01
+    config.train.patience = 3
+    config.model.embedding_dim = 8
+    config.model.units = 16
+    config.model.image_dropout = 0.2  # dropout on: exact resume must reproduce its masks
+    config.model.word_dropout = 0.2
+    config.model.decoder_dropout = 0.1
+    for key, value in train.items():
+        config_lib.set_value(config, f"train.{key}", value)
+    return config
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    return make_data(tmp_path)
+
+
+class Crash(Exception):
+    """Stands in for a kill in the middle of an epoch."""
+
+
+class CrashInEpoch(keras.callbacks.Callback):
+    """Raises at the second batch of the `crash_at`-th fit call (each call is one epoch)."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+        self.calls = 0
+
+    def on_train_begin(self, logs: object = None) -> None:
+        self.calls += 1
+
+    def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+        if self.calls == self.crash_at and batch == 1:
+            raise Crash()
+
+
+def weights_of(model_dir: Path) -> list[np.ndarray]:
+    return keras.models.load_model(model_dir / "model.keras", compile=False).get_weights()
+
+
+def last_weights(model_dir: Path) -> list[np.ndarray]:
+    """The weights of the last finished epoch (not the best), from the checkpoint."""
+    from captioner.model import build_model
+
+    state = json.loads((model_dir / "checkpoints" / "state.json").read_text())
+    config = config_lib.from_dict(json.loads((model_dir / "config.json").read_text())["config"])
+    model = build_model(state["feature_dim"], state["vocab_size"], config.model)
+    model.load_weights(model_dir / "checkpoints" / state["weights"], skip_mismatch=False)
+    return model.get_weights()
+
+
+# --------------------------------------------------------------------------- runs, caching, resume
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """An uninterrupted 4-epoch run, and the same run killed inside epoch 3 (a copy of its
+    output folder as the crash left it is kept for the refusal tests)."""
+    root = tmp_path_factory.mktemp("runs")
+    features, captions = make_data(root)
+    straight = make_config(root, features, captions, epochs=4, patience=0)
+    straight.train.output = str(root / "straight")
+    result = train_stage(straight)
+    crashed = make_config(root, features, captions, epochs=4, patience=0)
+    crashed.train.output = str(root / "crashed")
+    with pytest.raises(Crash):
+        _train(crashed, callbacks=[CrashInEpoch(crash_at=3)])
+    shutil.copytree(root / "crashed", root / "crashed-snapshot")
+    return {"root": root, "features": features, "captions": captions, "straight": straight, "result": result,
+            "crashed": crashed}
+
+
+def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: dict) -> None:
+    straight, result, captions = runs["straight"], runs["result"], runs["captions"]
+    output = Path(straight.train.output)
+    assert isinstance(result, TrainResult) and not result.up_to_date
+    assert result.epochs_run == 4 and result.epochs_done == 4 and result.resumed_from is None
+    for name in ("model.keras", "tokenizer.json", "config.json", "history.csv", "manifest.json"):
+        assert (output / name).is_file(), name
+    assert (output / "tokenizer.json").read_bytes() == (captions / "tokenizer.json").read_bytes()
+    info = json.loads((output / "config.json").read_text())
+    assert info["feature_dim"] == 16 and info["vocab_size"] == Tokenizer.load(captions / "tokenizer.json").vocab_size
+    assert info["config"]["train"]["epochs"] == 4 and info["config"]["model"]["units"] == 16
+    assert info["features_provenance"]["backbone"] is None  # imported features: no extraction manifest
+    rows = list(csv.DictReader(open(output / "history.csv", newline="")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert list(rows[0]) == ["epoch", "loss", "val_loss", "seconds", "lr"]
+    val = [float(r["val_loss"]) for r in rows]
+    assert val[-1] < val[0] * 0.85, val  # learnable data: the dev loss falls
+    assert float(rows[0]["lr"]) == pytest.approx(0.01) and float(rows[0]["seconds"]) > 0
+    assert result.best_val_loss == pytest.approx(min(val), abs=1e-5)
+    assert result.best_epoch == 1 + int(np.argmin(val))
+    assert "best epoch" in result.summary() and str(output) in result.summary()
+
+    # The directory alone is enough to caption: the model loads and steps.
+    from captioner.model import load_model_dir
+
+    loaded = load_model_dir(output)
+    step_model = loaded.step_model()
+    log_probs, _ = step_model.step(np.array([2, 2]), step_model.initial_state(np.zeros((2, 16), np.float32)))
+    assert log_probs.shape == (2, loaded.tokenizer.vocab_size)
+
+    # Unchanged: a no-op that says so and leaves the files alone.
+    before = (output / "model.keras").stat().st_mtime_ns
+    again = train_stage(straight)
+    assert again.up_to_date and again.epochs_run == 0 and again.best_epoch == result.best_epoch
+    assert "up to date" in again.summary()
+    assert (output / "model.keras").stat().st_mtime_ns == before
+
+
+def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) -> None:
+    crashed = runs["crashed"]
+    output = Path(crashed.train.output)
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2 and not state["finished"] and len(state["history"]) == 2
+    assert not (output / "manifest.json").exists() and not (output / "model.keras").exists()
+
+    # Without --resume the unfinished run is pointed out, not overwritten.
+    with pytest.raises(CaptionerError, match="unfinished.*--resume.*--force"):
+        train_stage(crashed)
+    resumed = train_stage(crashed, resume=True)
+    assert resumed.resumed_from == 2 and resumed.epochs_run == 2 and resumed.epochs_done == 4
+
+    a, b = Path(runs["straight"].train.output), output
+    for x, y in zip(last_weights(a), last_weights(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(weights_of(a), weights_of(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    rows_a = list(csv.DictReader(open(a / "history.csv", newline="")))
+    rows_b = list(csv.DictReader(open(b / "history.csv", newline="")))
+    assert [r["epoch"] for r in rows_b] == ["1", "2", "3", "4"]
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), abs=1e-4)
+        assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), abs=1e-4)
+    assert train_stage(crashed, resume=True).up_to_date
+
+    # A finished run goes on when train.epochs is raised (the only change a resume accepts).
+    crashed.train.epochs = 5
+    more = train_stage(crashed, resume=True)
+    assert more.resumed_from == 4 and more.epochs_run == 1 and more.epochs_done == 5
+
+
+def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp_path: Path) -> None:
+    features, captions = runs["features"], runs["captions"]
+    output = tmp_path / "model"
+    shutil.copytree(runs["root"] / "crashed-snapshot", output)  # 2 epochs done, killed in epoch 3
+    config = make_config(tmp_path, features, captions, epochs=4, patience=0)
+
+    changed = make_config(tmp_path, features, captions, epochs=4, patience=0, learning_rate=0.05, batch_size=4)
+    with pytest.raises(CaptionerError, match=r"changed since its checkpoint: train\.batch_size, train\.learning_rate"):
+        train_stage(changed, resume=True)
+
+    # Features of another width: refused with the widths, before any training.
+    wide = tmp_path / "wide.pkl"
+    cache.save_features(wide, {k: np.zeros(32, np.float32) for k in cache.load_features(features)})
+    config.train.features = [str(wide)]
+    with pytest.raises(CaptionerError, match="16-d features, train.features has 32-d"):
+        train_stage(config, resume=True)
+    # The same width but other files: refused as a changed input.
+    other = tmp_path / "other.pkl"
+    cache.save_features(other, {k: v + 1 for k, v in cache.load_features(features).items()})
+    config.train.features = [str(other)]
+    with pytest.raises(CaptionerError, match=r"inputs\.features"):
+        train_stage(config, resume=True)
+    config.train.features = [str(features)]
+
+    # A captions folder whose vocabulary is not the checkpoint's.
+    other_captions = tmp_path / "other-captions"
+    shutil.copytree(captions, other_captions)
+    Tokenizer.build(["a totally different vocabulary"], min_word_count=1).save(other_captions / "tokenizer.json")
+    config.train.captions = str(other_captions)
+    with pytest.raises(CaptionerError, match="tokenizer.json .* is not the vocabulary of its checkpoint") as error:
+        train_stage(config, resume=True)
+    assert "\n" not in str(error.value) and "--force" in str(error.value)
+    assert json.loads((output / "checkpoints" / "state.json").read_text())["epoch"] == 2  # untouched
+
+    # --force starts over with the new config (and a precision policy that must not leak).
+    changed.train.precision = "mixed_bfloat16"
+    changed.train.epochs = 1
+    result = train_stage(changed, force=True, resume=True)
+    assert result.resumed_from is None and result.epochs_done == 1 and np.isfinite(result.best_val_loss)
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert state["params"]["train.learning_rate"] == 0.05 and state["finished"]
+    assert [p.name for p in (output / "checkpoints").glob("*.weights.h5")] == ["epoch-0001.weights.h5"]
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Dev captions name another class than their features show: learning train makes dev worse.
+    features, captions = make_data(tmp_path, dev_shift=1)
+    gone = {"img000", "img001", "img002", "img003", "img032", "img033", "img034", "img035"}  # 4 train, 4 dev
+    cache.save_features(features, {k: v for k, v in cache.load_features(features).items() if k not in gone})
+    config = make_config(tmp_path, features, captions, epochs=10, patience=2, learning_rate=0.03)
+    with caplog.at_level("WARNING"):
+        result = train_stage(config)
+    output = Path(config.train.output)
+
+    assert result.skipped_captions == {"train": 8, "dev": 8}
+    assert "skipped captions without features: train 8, dev 8" in result.summary()
+    assert any("img000" in r.getMessage() and "without features" in r.getMessage() for r in caplog.records)
+
+    assert result.stopped_early and "stopped early" in result.summary()
+    assert result.epochs_done == result.best_epoch + 2 < 10
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert state["epochs_without_improvement"] == 2 and state["best_epoch"] == result.best_epoch
+    # model.keras holds the best epoch's weights, not the last epoch's.
+    from captioner.model import build_model
+
+    best = build_model(16, state["vocab_size"], config.model)
+    best.load_weights(output / "checkpoints" / state["best_weights"])
+    for saved, expected in zip(weights_of(output), best.get_weights()):
+        np.testing.assert_array_equal(saved, expected)
+    assert any(not np.array_equal(a, b) for a, b in zip(weights_of(output), last_weights(output)))
+    # Only what resume needs is kept: the last and the best epoch's files.
+    kept_files = sorted(p.name for p in (output / "checkpoints").glob("*.weights.h5"))
+    assert kept_files == sorted({state["weights"], state["best_weights"]})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_no_usable_train_captions_is_an_error(tmp_path: Path) -> None:
+    features, captions = make_data(tmp_path)
+    cache.save_features(features, {"other": np.zeros(16, np.float32)})
+    with pytest.raises(CaptionerError, match="no usable train captions"):
+        train_stage(make_config(tmp_path, features, captions, epochs=1))
+
+
+def test_missing_captions_files_are_named(tmp_path: Path) -> None:
+    features, captions = make_data(tmp_path)
+    (captions / "dev.json").unlink()
+    with pytest.raises(CaptionerError, match="lacks dev.json"):
+        train_stage(make_config(tmp_path, features, captions))
+    with pytest.raises(CaptionerError, match="captions folder not found.*nowhere"):
+        train_stage(make_config(tmp_path, features, tmp_path / "nowhere"))
+    (captions / "dev.json").write_text("[1, 2]")
+    with pytest.raises(CaptionerError, match="dev.json: not a prepared captions file"):
+        train_stage(make_config(tmp_path, features, captions))
+    with pytest.raises(CaptionerError, match="features file not found.*nope.pkl"):
+        train_stage(make_config(tmp_path, tmp_path / "nope.pkl", captions))
+
+
+def test_cli_train_with_a_missing_captions_folder_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--captions", "/nonexistent", "--output", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "/nonexistent" in err and err.startswith("error:")
+
+
+def test_bad_train_options_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features, captions = make_data(tmp_path)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(CaptionerError, match="multiworker needs the TF_CONFIG"):
+        train_stage(make_config(tmp_path, features, captions, strategy="multiworker"))
+    with pytest.raises(CaptionerError, match="train.precision"):
+        train_stage(make_config(tmp_path, features, captions, precision="half"))
+    with pytest.raises(CaptionerError, match="train.strategy"):
+        train_stage(make_config(tmp_path, features, captions, strategy="tpu"))
+    with pytest.raises(CaptionerError, match="train.batch_size"):
+        train_stage(make_config(tmp_path, features, captions, batch_size=0))

@@ -1,0 +1,71 @@
+"""Training under tf.distribute, each in fresh processes (device setup must precede TensorFlow's start).
+
+- mirrored: one process whose CPU is split into two logical devices, so MirroredStrategy
+  really runs two replicas.
+- multiworker: two local worker processes (bench/multiworker.py); 30-90 s on 2 cores, so it
+  runs only with CAPTIONER_MULTIWORKER_TEST=1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MIRRORED = textwrap.dedent(
+    """
+    import json, logging, sys
+    from pathlib import Path
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, sys.argv[2])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from test_training import make_config, make_data
+    from captioner.training import train_stage
+    root = Path(sys.argv[1])
+    features, captions = make_data(root)
+    config = make_config(root, features, captions, epochs=2, patience=0, strategy="mirrored")
+    result = train_stage(config)
+    print(json.dumps({"epochs": result.epochs_done, "best": result.best_val_loss,
+                      "devices": len(tf.config.list_logical_devices("CPU"))}))
+    """
+)
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path: Path) -> None:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-c", MIRRORED, str(tmp_path), str(ROOT / "tests")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 2 and report["epochs"] == 2 and report["best"] > 0
+    assert "MirroredStrategy with 2 replicas" in done.stderr
+    assert (tmp_path / "model" / "model.keras").is_file()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["train"]["strategy"] == "mirrored"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CAPTIONER_MULTIWORKER_TEST") != "1", reason="set CAPTIONER_MULTIWORKER_TEST=1")
+def test_two_local_workers_train_one_model(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("multiworker", ROOT / "bench" / "multiworker.py")
+    assert spec is not None and spec.loader is not None
+    multiworker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multiworker)
+    result = multiworker.run_pair(tmp_path, timeout=240)
+    for worker in result["workers"]:
+        assert worker["returncode"] == 0, worker["stderr"][-3000:]
+    chief, other = (w["stdout"] for w in result["workers"])
+    assert "written by the chief worker" in other and "written by" not in chief
+    assert (result["output"] / "model.keras").is_file() and (result["output"] / "manifest.json").is_file()

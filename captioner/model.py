@@ -326,5 +326,11 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
             f"model directory {model_dir}: the model has {vocab_size} words, config.json says "
             f"{info['vocab_size']}, tokenizer.json has {tokenizer.vocab_size}"
         )
+    feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
+    if feature_dim != info["feature_dim"]:
+        raise CaptionerError(
+            f"model directory {model_dir}: the model takes {feature_dim}-d features, "
+            f"config.json says {info['feature_dim']}"
+        )
     log.info("loaded %s (%d words, %d-d features)", model_dir, vocab_size, info["feature_dim"])
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)

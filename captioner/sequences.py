@@ -54,8 +54,9 @@ the image features copied into every sample and a one-hot [V] target. Same
 function, O(L) more work and memory; kept as the reference the tests compare
 against and the benchmark's baseline (bench/train.py).
 
-Cost: Flickr8k (30,000 train captions) is 470 batches of 64; building a batch
-takes well under a millisecond.
+Cost: Flickr8k (30,000 train captions) is 469 batches of 64; building a batch
+takes well under a millisecond; memory is the feature matrix (6,000 x 4096 x 4
+bytes = 98 MB) and the words (about 1.3 MB).
 """
 
 from __future__ import annotations

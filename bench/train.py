@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Training speed and memory, side by side: teacher forcing against the classic per-prefix generator.
+
+Same data, same model sizes, same batch size, one run, each variant in its own
+subprocess (so each has its own peak RSS):
+
+- teacher forcing (`captioner.sequences.TeacherForcingBatches`): one right-padded
+  caption per sample, batches padded to their own longest caption, loss masked
+  by sample weights, image features gathered per caption; `build_model`, sparse
+  cross-entropy from logits. Runs a whole epoch by default.
+- the classic generator (the course's way): every caption expanded into one
+  sample per prefix, pre-padded to the longest prefix, the image features copied
+  into every sample, one-hot float32 targets; `build_per_prefix_model` (softmax),
+  categorical cross-entropy; a Python generator yielding ([X1, X2], y) into
+  `model.fit`. Timed over `--classic-steps` steps and extrapolated to the epoch.
+  By default also a second classic row with batches of as many prefixes as a
+  teacher-forcing batch has target words (`--classic-matched`), to show that the
+  gap is not just per-step overhead.
+
+Data: Flickr8k-sized and synthetic. `--captions` captions (30,000 = Flickr8k's
+train split) over `--images` images (5 each), caption lengths drawn from the real
+Flickr8k length distribution (read from ../shared/flickr8k/Flickr8k.token.txt
+through the project's caption cleaning when present, otherwise the same
+histogram built in below), words drawn from a Zipf law over a `--vocab`
+(7,500) word vocabulary, random non-negative 4096-d features (like fc2 after ReLU).
+
+Measures target words per second (each caption of n words has n + 1 targets,
+the words and the end token; a classic sample is one target), the epoch time
+extrapolated from that, and the peak RSS (VmHWM) of each subprocess. Also
+computes what fully expanded classic arrays (the course's non-generator
+`create_sequences` on the whole split) would take: prefixes x (vocab one-hot +
+max_length ids + feature_dim floats) x 4 bytes.
+
+Prints a markdown table. Reads nothing but the optional token file; writes nothing.
+Usage: python bench/train.py [--captions 30000] [--steps 0 (= a whole epoch)] [--classic-steps 60]
+`--classic-steps` applies to batches of `--batch-size` prefixes; the matched classic
+row times a quarter as many (its steps are ~12x bigger).
+Cost: a few minutes on 2 CPU cores with the defaults (a whole teacher-forcing epoch);
+`--captions 2000 --images 400 --steps 20 --classic-steps 20` takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN_FILE = ROOT.parent / "shared" / "flickr8k" / "Flickr8k.token.txt"
+
+# Words per cleaned Flickr8k caption (all 40,460; punctuation and non-alphabetic tokens
+# dropped): length -> count. Used when the token file is absent.
+FLICKR8K_LENGTHS = {
+    1: 2, 2: 25, 3: 178, 4: 475, 5: 1177, 6: 2652, 7: 3419, 8: 3913, 9: 4427, 10: 4567,
+    11: 4195, 12: 3714, 13: 3082, 14: 2510, 15: 1776, 16: 1367, 17: 906, 18: 706, 19: 475,
+    20: 282, 21: 186, 22: 137, 23: 95, 24: 65, 25: 46, 26: 26, 27: 16, 28: 12, 29: 14,
+    30: 5, 31: 5, 32: 1, 33: 3, 35: 1,
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--captions", type=int, default=30000, help="training captions (Flickr8k train: 30,000)")
+    parser.add_argument("--images", type=int, default=6000, help="images (Flickr8k train: 6,000)")
+    parser.add_argument("--vocab", type=int, default=7500, help="vocabulary size")
+    parser.add_argument("--feature-dim", type=int, default=4096, help="feature width (VGG16 fc2: 4096)")
+    parser.add_argument("--batch-size", type=int, default=64, help="train.batch_size, for both")
+    parser.add_argument("--steps", type=int, default=0, help="teacher-forcing steps to time; 0 = a whole epoch")
+    parser.add_argument("--classic-steps", type=int, default=60, help="classic generator steps to time")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (tracing)")
+    parser.add_argument(
+        "--classic-matched",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the classic generator with as many prefixes per batch as teacher-forcing targets",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=["teacher", "classic"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant-batch-size", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def length_distribution() -> tuple[dict[int, int], str]:
+    """(words per caption -> count, where it came from)."""
+    if TOKEN_FILE.is_file():
+        from captioner.datasets import clean_words
+
+        counts: dict[int, int] = {}
+        with open(TOKEN_FILE, encoding="utf-8") as handle:
+            for line in handle:
+                _, tab, caption = line.partition("\t")
+                if tab:
+                    n = len(clean_words(caption)[0])
+                    if n:
+                        counts[n] = counts.get(n, 0) + 1
+        return counts, f"{TOKEN_FILE.name} (cleaned)"
+    return dict(FLICKR8K_LENGTHS), "built-in Flickr8k histogram"
+
+
+def make_data(args: argparse.Namespace):
+    """(CaptionSet, FeatureTable, length source) of the synthetic Flickr8k-sized split."""
+    from captioner.sequences import CaptionSet, FeatureTable
+
+    rng = np.random.default_rng(args.seed)
+    histogram, source = length_distribution()
+    lengths = np.array(sorted(histogram))
+    probabilities = np.array([histogram[n] for n in lengths], dtype=np.float64)
+    drawn = rng.choice(lengths, size=args.captions, p=probabilities / probabilities.sum())
+    # Zipf-like word frequencies over ids 4..vocab-1 (0-3 are pad/unk/start/end).
+    ranks = np.arange(1, args.vocab - 4 + 1, dtype=np.float64)
+    word_p = 1.0 / ranks
+    word_p /= word_p.sum()
+    words = (rng.choice(len(ranks), size=int(drawn.sum()), p=word_p) + 4).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(drawn)])
+    caption_ids = [words[offsets[k] : offsets[k + 1]] for k in range(args.captions)]
+    per_image = max(1, args.captions // args.images)
+    image_ids = [f"im{min(k // per_image, args.images - 1)}" for k in range(args.captions)]
+    caption_set = CaptionSet(image_ids, caption_ids, start_id=2, end_id=3, vocab_size=args.vocab)
+    matrix = np.abs(rng.standard_normal((args.images, args.feature_dim), dtype=np.float32))
+    table = FeatureTable(matrix, {f"im{i}": i for i in range(args.images)})
+    return caption_set, table, source
+
+
+# --------------------------------------------------------------------------- one variant (a subprocess)
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: this process's peak resident set size."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import keras
+
+    from captioner import model as model_lib
+    from captioner import sequences
+    from captioner.config import ModelConfig, TrainConfig
+
+    keras.utils.set_random_seed(args.seed)
+    caption_set, table, source = make_data(args)
+    train = TrainConfig()
+    optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm)
+    batch_end_times: list[float] = []
+    batch_end_cpu: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            batch_end_times.append(time.perf_counter())
+            batch_end_cpu.append(time.process_time())  # all threads: robust to other processes' load
+
+    batch_size = args.variant_batch_size or args.batch_size
+    whole_epoch = False
+    if args.variant == "teacher":
+        data = sequences.TeacherForcingBatches(caption_set, table, batch_size=batch_size, seed=args.seed)
+        model = model_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        steps = min(args.steps or len(data), len(data))
+        whole_epoch = steps == len(data)
+        order = data.order(0)
+        chosen = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+        words = [int(data.lengths[c].sum()) + len(c) for c in chosen]  # n + 1 targets per caption
+        padded = [data.batch(i, 0, order)[1].size for i in range(steps)]
+        epoch_targets = data.num_targets
+        fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
+    else:
+        max_length = sequences.max_prefix_length(caption_set)
+        model = model_lib.build_per_prefix_model(args.feature_dim, args.vocab, max_length, ModelConfig())
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+        # A batch of many prefixes takes seconds a step: time fewer of them.
+        steps = args.classic_steps if batch_size == args.batch_size else max(5, args.classic_steps // 4)
+        words = [batch_size] * steps  # one target per sample
+        padded = [batch_size * max_length] * steps
+        epoch_targets = caption_set.num_targets
+        fit_input = sequences.per_prefix_batches(caption_set, table, batch_size=batch_size, seed=args.seed)
+        fit_kwargs = {}
+    if steps < 2:
+        raise SystemExit("time at least 2 steps")
+
+    rss_before = peak_rss_bytes()
+    started = time.perf_counter()
+    model.fit(fit_input, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[Timer()], **fit_kwargs)
+    wall = time.perf_counter() - started
+    warmup = max(0, min(args.warmup, steps - 2))  # batches 0..warmup are left out (tracing, first calls)
+    timed_words = sum(words[warmup + 1 : steps])
+    timed_seconds = batch_end_times[steps - 1] - batch_end_times[warmup]
+    words_per_second = timed_words / timed_seconds
+    words_per_cpu_second = timed_words / (batch_end_cpu[steps - 1] - batch_end_cpu[warmup])
+    return {
+        "variant": args.variant,
+        "batch_size": batch_size,
+        "steps": steps,
+        "timed_steps": steps - 1 - warmup,
+        "words_per_step": float(np.mean(words)),
+        "padding_fraction": 1.0 - sum(words) / sum(padded),
+        "words_per_second": words_per_second,
+        "words_per_cpu_second": words_per_cpu_second,
+        "epoch_targets": epoch_targets,
+        "epoch_seconds_extrapolated": epoch_targets / words_per_second,
+        "fit_wall_seconds": wall,
+        "whole_epoch": whole_epoch,
+        "peak_rss_before_fit": rss_before,
+        "peak_rss": peak_rss_bytes(),
+        "length_source": source,
+        "mean_words": float(caption_set.lengths.mean()),
+        "max_prefix_length": sequences.max_prefix_length(caption_set),
+    }
+
+
+# --------------------------------------------------------------------------- the side-by-side run
+
+
+def run_subprocess(argv: list[str], extra: list[str]) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, *extra]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-4000:])
+        raise SystemExit(f"variant {' '.join(extra)} failed (exit {completed.returncode})")
+    for line in completed.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise SystemExit(f"variant {' '.join(extra)} printed no result")
+
+
+def expanded_classic_bytes(prefixes: int, vocab: int, max_length: int, feature_dim: int) -> int:
+    """The course's whole-split arrays: one-hot float32 targets, int32 prefixes, float32 features."""
+    return prefixes * (vocab + max_length + feature_dim) * 4
+
+
+def format_table(results: list[dict], args: argparse.Namespace) -> str:
+    classic = next(r for r in results if r["variant"] == "classic")
+    base, base_cpu = classic["words_per_second"], classic["words_per_cpu_second"]
+    lines = [
+        "| variant | batch | steps timed | target words / step | padding | words/s | epoch (extrapolated) "
+        "| peak RSS | words/s vs classic | words per CPU-s | per CPU-s vs classic |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"teacher": "teacher forcing (right-padded, masked)", "classic": "classic per-prefix generator, one-hot"}
+    for r in results:
+        unit = "captions" if r["variant"] == "teacher" else "prefixes"
+        epoch = f"{r['epoch_seconds_extrapolated']:,.0f} s"
+        if r["whole_epoch"]:
+            epoch += f" (whole epoch run: {r['fit_wall_seconds']:.0f} s)"
+        rss = f"{r['peak_rss'] / 1e9:.2f} GB" + (" (whole epoch)" if r["whole_epoch"] else f" ({r['steps']} steps)")
+        lines.append(
+            f"| {names[r['variant']]} | {r['batch_size']} {unit} | {r['timed_steps']} | {r['words_per_step']:.0f} "
+            f"| {r['padding_fraction']:.0%} | {r['words_per_second']:,.0f} | {epoch} | {rss} "
+            f"| {r['words_per_second'] / base:.2f}x | {r['words_per_cpu_second']:,.0f} "
+            f"| {r['words_per_cpu_second'] / base_cpu:.2f}x |"
+        )
+    first = results[0]
+    teacher = next(r for r in results if r["variant"] == "teacher")
+    speedups = ", ".join(
+        f"{teacher['words_per_second'] / r['words_per_second']:.1f}x the classic generator with batches of "
+        f"{r['batch_size']} prefixes"
+        for r in results
+        if r["variant"] == "classic"
+    )
+    expanded = expanded_classic_bytes(first["epoch_targets"], args.vocab, first["max_prefix_length"], args.feature_dim)
+    lines += [
+        "",
+        f"Data: {args.captions:,} synthetic captions over {args.images:,} images, lengths from "
+        f"{first['length_source']} (mean {first['mean_words']:.1f} words, "
+        f"longest prefix {first['max_prefix_length']}), "
+        f"{args.vocab:,}-word vocabulary, {args.feature_dim}-d features; "
+        f"{first['epoch_targets']:,} target words per epoch.",
+        f"Teacher forcing: {speedups}, in target words per second.",
+        f"Fully expanded classic arrays for this split ({first['epoch_targets']:,} prefixes x "
+        f"({args.vocab:,} one-hot + {first['max_prefix_length']} ids + {args.feature_dim} features) x 4 bytes): "
+        f"{expanded / 1e9:.1f} GB.",
+        "Peak RSS is VmHWM of each variant's own process (TensorFlow itself takes about 1 GB). "
+        "Words per CPU-second divide by the process's CPU time (all threads), which other processes' "
+        "load disturbs less than wall time; on a quiet machine the two ratios agree.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.variant:
+        sys.path.insert(0, str(ROOT))
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+    results = [run_subprocess(argv, ["--variant", "teacher"])]
+    print(f"teacher forcing: {results[0]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
+    classic_sizes = [args.batch_size]
+    if args.classic_matched:
+        classic_sizes.append(int(round(results[0]["words_per_step"])))
+    for size in classic_sizes:
+        results.append(run_subprocess(argv, ["--variant", "classic", "--variant-batch-size", str(size)]))
+        print(f"classic, batch {size}: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
+    print(format_table(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

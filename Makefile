@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := data/demo
 DEMO_IMAGES ?= 800
+DEMO_TRAIN ?= --train.epochs=30 --train.patience=5
 
 .PHONY: demo test bench clean-demo
 
@@ -23,6 +24,9 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/captioner demo-data --output $(DEMO) --images $(DEMO_IMAGES)
 	$(BIN)/captioner extract --images $(DEMO)/images --output $(DEMO)/features/vgg16-fc2.pkl --weights none
+	$(BIN)/captioner prepare --captions $(DEMO)/Flickr8k.token.txt --splits $(DEMO) --output $(DEMO)/captions
+	$(BIN)/captioner train --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --output models/demo $(DEMO_TRAIN)
+	$(BIN)/captioner evaluate --model models/demo --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --split test --beam 3
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/extract.py

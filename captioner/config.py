@@ -82,7 +82,7 @@ class TrainConfig:
     batch_size: int = 64  # captions per step
     learning_rate: float = 1e-3  # Adam
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
-    patience: int = 3  # epochs without a better dev loss before stopping
+    patience: int = 3  # epochs without a better dev loss before stopping; 0 turns early stopping off
     seed: int = 0  # weights, dropout and shuffling
     precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
     strategy: str = "default"  # default (one device) | mirrored | multiworker (TF_CONFIG)

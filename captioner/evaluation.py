@@ -1,0 +1,448 @@
+"""Stage 4: caption every image of a split and score the captions against all references.
+
+Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json),
+the prepared split `<eval.captions>/<eval.split>.json` ({image id: [reference
+caption, ...]}), and image features (`eval.features`: .pkl/.npz files, dict id ->
+float32 [D], D the model's feature width). Thumbnails come from `eval.images`, or
+when that is empty from the image folder recorded in the features manifest; with no
+folder known (imported `.npz` features) the report shows placeholders.
+
+Writes, into `eval.output` (default: the model directory), atomically:
+- `eval-<split>.json`: corpus metrics (BLEU-1..4 with uniform weights and CIDEr-D,
+  special tokens never scored), decode settings, model dir, counts, the ids without
+  features, and per image: id, caption, log_prob, references, sentence BLEU-4
+  (smoothed, method 1) and CIDEr-D.
+- `eval-<split>.html`: one self-contained page (thumbnails as base64 JPEG data
+  URIs, no external assets): the metric table, the best and worst 10 images by
+  CIDEr-D, and every image (thumbnails for the first 500).
+- `eval-<split>.json.manifest.json`: the stage manifest. The same model files,
+  split file, features files and decode settings do not rerun; `--force` does.
+
+Config used: eval.*, decode.* (beam_size, max_caption_length, length_normalization;
+batch_size only changes speed). Cost: for the 1,000 Flickr8k test images, about
+10-20 s of beam-3 decoding on 2 CPU cores plus a few seconds for the thumbnails;
+the HTML is about 3 MB.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner import cache
+from captioner.config import Config, to_dict
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1  # bump when the report's content changes, so cached reports are rebuilt
+THUMBNAIL_SIZE = 160  # pixels on the longer side: small enough for 500 of them in one page
+MAX_THUMBNAILS = 500  # thumbnails in the all-images section; keeps the page at a few MB
+EXAMPLES_SHOWN = 10  # best and worst examples by CIDEr-D
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D"}
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_stage` did: metrics, counts, where the reports are, a few examples."""
+
+    split: str
+    model_dir: Path
+    json_path: Path
+    html_path: Path
+    metrics: dict[str, float]
+    scored: int
+    split_images: int
+    missing_features: int
+    beam_size: int
+    examples: list[dict[str, Any]] = field(default_factory=list)  # id, caption, references, cider, label
+    up_to_date: bool = False
+
+    def summary(self) -> str:
+        state = " (up to date; --force reruns)" if self.up_to_date else ""
+        lines = [f"evaluate: {self.model_dir} on the {self.split} split{state}"]
+        if self.missing_features:
+            lines.append(
+                f"{self.missing_features} of {self.split_images} images have no features and were not scored"
+            )
+        lines += ["", "| metric | score |", "| --- | --- |"]
+        lines += [f"| {name} | {self.metrics.get(key, float('nan')):.3f} |" for key, name in METRIC_NAMES.items()]
+        lines += [f"| images | {self.scored} |", f"| beam | {self.beam_size} |", ""]
+        for example in self.examples:
+            lines.append(f"{example['id']} ({example['label']}, CIDEr-D {example['cider']:.2f})")
+            lines.append(f"  generated: {example['caption'] or '(empty caption)'}")
+            lines.extend(f"  reference: {ref}" for ref in example["references"])
+        lines.append(f"report: {self.html_path}")
+        lines.append(f"results: {self.json_path}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_split(captions_dir: Path, split: str) -> tuple[Path, dict[str, list[str]]]:
+    """The prepared split file and its {image id: [reference, ...]}; CaptionerError if unusable."""
+    path = captions_dir / f"{split}.json"
+    if not path.is_file():
+        raise CaptionerError(f"split file not found: {path} (run `captioner prepare`, or check --captions/--split)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CaptionerError(f"cannot read split file {path}: {error}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(refs, list) and all(isinstance(r, str) for r in refs) for refs in data.values()
+    ):
+        raise CaptionerError(f"{path}: expected a JSON object of image id -> list of captions")
+    references = {str(key): refs for key, refs in data.items() if refs}
+    if not references:
+        raise CaptionerError(f"split {split!r} in {path} has no images with captions")
+    return path, references
+
+
+def thumbnail_folder(config: Config) -> Path | None:
+    """eval.images, else the image folder recorded in the features manifests, else None."""
+    if config.eval.images:
+        folder = Path(config.eval.images)
+        if not folder.is_dir():
+            raise CaptionerError(f"image folder not found: {folder} (--images)")
+        return folder
+    pending = [Path(p) for p in config.eval.features]
+    seen: set[Path] = set()
+    while pending:  # merged features point at their parts, whose manifests name the folder
+        path = pending.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        manifest = cache.read_manifest(path) or {}
+        inputs = manifest.get("input_paths") or {}
+        images = inputs.get("images")
+        if isinstance(images, str) and Path(images).is_dir():
+            return Path(images)
+        parts = inputs.get("parts")
+        if isinstance(parts, list):
+            pending.extend(Path(p) for p in parts)
+    return None
+
+
+def _index_images(folder: Path, ids: Sequence[str]) -> dict[str, Path]:
+    """image id -> file in `folder` (id + any image suffix), for the ids that have one."""
+    wanted = set(ids)
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.stem in wanted and path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in found:
+            found[path.stem] = path
+    return found
+
+
+def thumbnail_data_uri(path: Path, size: int = THUMBNAIL_SIZE) -> str | None:
+    """A small JPEG of the image as a `data:` URI, or None (logged) when it cannot be read."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, fast and small in memory
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        log.warning("no thumbnail for %s: %s", path, error)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def sentence_bleu4(references: list[list[str]], hypothesis: list[str]) -> float:
+    """Sentence-level BLEU-4 (uniform weights, smoothing method 1) of tokenised text."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not hypothesis:
+        return 0.0
+    return float(
+        sentence_bleu(references, hypothesis, weights=(0.25, 0.25, 0.25, 0.25),
+                      smoothing_function=SmoothingFunction().method1)
+    )
+
+
+def score_captions(
+    references: dict[str, list[str]], hypotheses: dict[str, str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Corpus metrics {bleu1..bleu4, cider} and per-image {id: {bleu4, cider}}.
+
+    references: id -> reference captions; hypotheses: id -> generated caption, same ids.
+    """
+    from captioner import metrics as metrics_lib
+
+    scores = metrics_lib.score({image_id: references[image_id] for image_id in hypotheses}, hypotheses)
+    corpus = {key: float(scores[key]) for key in METRIC_NAMES}
+    per_image = {}
+    for image_id, hypothesis in hypotheses.items():
+        tokens = [metrics_lib.scoring_tokens(ref) for ref in references[image_id]]
+        per_image[image_id] = {
+            "bleu4": sentence_bleu4(tokens, metrics_lib.scoring_tokens(hypothesis)),
+            "cider": float(scores["per_image_cider"][image_id]),
+        }
+    return corpus, per_image
+
+
+def _pick_examples(images: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """The best, median and worst image by CIDEr-D (ties by id), for the summary."""
+    ranked = sorted(images, key=lambda item: (-item["cider"], item["id"]))
+    if not ranked:
+        return []
+    positions = sorted({round(k * (len(ranked) - 1) / max(1, count - 1)) for k in range(count)})
+    labels = {0: "best", len(ranked) - 1: "worst"}
+    return [
+        {
+            "id": ranked[p]["id"],
+            "caption": ranked[p]["caption"],
+            "references": ranked[p]["references"],
+            "cider": ranked[p]["cider"],
+            "label": labels.get(p, "median"),
+        }
+        for p in positions
+    ]
+
+
+# --------------------------------------------------------------------------- the HTML report
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img, .noimg { width: 160px; }
+.noimg { height: 60px; background: #eee; color: #888; display: flex; align-items: center;
+         justify-content: center; font-size: 12px; }
+.gen { font-weight: bold; }
+ul { margin: 0; padding-left: 1.2em; }
+"""
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _image_rows(entries: list[dict[str, Any]], thumbnails: dict[str, str | None], show_thumbs: int) -> str:
+    rows = []
+    for index, item in enumerate(entries):
+        uri = thumbnails.get(item["id"]) if index < show_thumbs else None
+        picture = (
+            f'<img src="{uri}" alt="{_esc(item["id"])}">' if uri else '<div class="noimg">no thumbnail</div>'
+        )
+        refs = "".join(f"<li>{_esc(ref)}</li>" for ref in item["references"])
+        rows.append(
+            f"<tr><td>{picture}</td><td>{_esc(item['id'])}</td>"
+            f'<td><div class="gen">{_esc(item["caption"] or "(empty caption)")}</div><ul>{refs}</ul></td>'
+            f'<td class="num">{item["cider"]:.3f}</td><td class="num">{item["bleu4"]:.3f}</td></tr>'
+        )
+    head = "<tr><th>image</th><th>id</th><th>generated (bold) and references</th><th>CIDEr-D</th><th>BLEU-4</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image_folder: Path | None) -> str:
+    """The self-contained report page (all text escaped; images as data URIs)."""
+    images = report["images"]
+    ranked = sorted(images, key=lambda item: (-item["cider"], item["id"]))
+    best = ranked[:EXAMPLES_SHOWN]
+    worst = list(reversed(ranked[-EXAMPLES_SHOWN:]))
+    decode = report["decode"]
+    counts = report["counts"]
+    metric_rows = "".join(
+        f'<tr><td>{name}</td><td class="num">{report["metrics"][key]:.4f}</td></tr>'
+        for key, name in METRIC_NAMES.items()
+    )
+    settings = (
+        f"beam {decode['beam_size']}, max {decode['max_caption_length']} words, "
+        f"length normalisation {decode['length_normalization']}"
+    )
+    notes = [
+        f"Model: {_esc(report['model'])}. Split: {_esc(report['split'])}. Decoding: {_esc(settings)}.",
+        f"{counts['scored']} of {counts['split_images']} images scored"
+        + (f"; {counts['missing_features']} have no features and were skipped." if counts["missing_features"] else "."),
+        "BLEU: corpus nltk BLEU with uniform weights on lower-cased word tokens, special tokens never scored; "
+        "per-image BLEU-4 is sentence-level with smoothing (method 1).",
+    ]
+    if image_folder is None:
+        notes.append("No image folder is known for these features (pass --images DIR for thumbnails).")
+    else:
+        notes.append(f"Thumbnails from {_esc(image_folder)}.")
+    all_note = (
+        f"Thumbnails are shown for the first {MAX_THUMBNAILS} of {len(images)} images to keep this page small."
+        if len(images) > MAX_THUMBNAILS
+        else ""
+    )
+    title = f"captioner evaluation: {report['split']} split"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
+        f"<h1>{_esc(title)}</h1>\n"
+        + "".join(f"<p>{note}</p>\n" for note in notes)
+        + f"<h2>Metrics</h2>\n<table><tr><th>metric</th><th>score</th></tr>{metric_rows}"
+        f'<tr><td>images</td><td class="num">{counts["scored"]}</td></tr></table>\n'
+        f"<h2>Best {len(best)} by CIDEr-D</h2>\n{_image_rows(best, thumbnails, len(best))}\n"
+        f"<h2>Worst {len(worst)} by CIDEr-D</h2>\n{_image_rows(worst, thumbnails, len(worst))}\n"
+        f"<h2>All images</h2>\n<p>{_esc(all_note)}</p>\n{_image_rows(images, thumbnails, MAX_THUMBNAILS)}\n"
+        "</body></html>\n"
+    )
+
+
+def _make_thumbnails(folder: Path | None, images: list[dict[str, Any]]) -> dict[str, str | None]:
+    if folder is None:
+        return {}
+    ranked = sorted(images, key=lambda item: (-item["cider"], item["id"]))
+    wanted = [item["id"] for item in images[:MAX_THUMBNAILS]]
+    wanted += [item["id"] for item in ranked[:EXAMPLES_SHOWN] + ranked[-EXAMPLES_SHOWN:]]
+    files = _index_images(folder, wanted)
+    missing = len(set(wanted) - set(files))
+    if missing:
+        log.warning("%d images of the report are not in %s: placeholders instead of thumbnails", missing, folder)
+    return {image_id: thumbnail_data_uri(path) for image_id, path in files.items()}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _result_from_report(report: dict[str, Any], json_path: Path, html_path: Path, up_to_date: bool) -> EvalResult:
+    counts = report["counts"]
+    return EvalResult(
+        split=report["split"],
+        model_dir=Path(report["model"]),
+        json_path=json_path,
+        html_path=html_path,
+        metrics=report["metrics"],
+        scored=counts["scored"],
+        split_images=counts["split_images"],
+        missing_features=counts["missing_features"],
+        beam_size=report["decode"]["beam_size"],
+        examples=_pick_examples(report["images"]),
+        up_to_date=up_to_date,
+    )
+
+
+def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
+    """Captions and scores `eval.split`; writes eval-<split>.json and .html (cached)."""
+    from captioner import inference
+
+    model_dir = Path(config.eval.model)
+    if not model_dir.is_dir():
+        raise CaptionerError(f"model directory not found: {model_dir} (train one, or pass --model DIR)")
+    for path in inference.model_fingerprint_files(model_dir):
+        if not path.is_file():
+            raise CaptionerError(f"{model_dir} is not a complete model directory: {path.name} is missing")
+    if not config.eval.features:
+        raise CaptionerError("no features files given (--features FILE...)")
+    split = config.eval.split
+    split_path, references = read_split(Path(config.eval.captions), split)
+    output_dir = Path(config.eval.output) if config.eval.output else model_dir
+    json_path = output_dir / f"eval-{split}.json"
+    html_path = output_dir / f"eval-{split}.html"
+    image_folder = thumbnail_folder(config)
+
+    decode = to_dict(config.decode)
+    decode.pop("batch_size")  # speed only: the captions do not depend on it
+    inputs: dict[str, Any] = {
+        "model": inference.model_fingerprint_files(model_dir),
+        "split": split_path,
+        "features": [Path(p) for p in config.eval.features],
+    }
+    if image_folder is not None:
+        inputs["images"] = image_folder
+    stage = cache.Stage(
+        "evaluate",
+        cache.manifest_path_for(json_path),
+        inputs=inputs,
+        params={"split": split, "decode": decode, "report_version": REPORT_VERSION},
+        outputs=[json_path, html_path],
+    )
+    if not force and stage.up_to_date():
+        try:
+            report = json.loads(json_path.read_text(encoding="utf-8"))
+            return _result_from_report(report, json_path, html_path, up_to_date=True)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            log.info("evaluate: cached report unreadable (%s); rerunning", error)
+
+    loaded = inference.load_model(model_dir)
+    width = inference.feature_dim(loaded, model_dir)
+    features = cache.load_features(config.eval.features)
+    ids = [image_id for image_id in references if image_id in features]
+    missing = [image_id for image_id in references if image_id not in features]
+    if missing:
+        log.warning(
+            "%d of %d %s images have no features and are not scored (e.g. %s)",
+            len(missing), len(references), split, ", ".join(missing[:5]),
+        )
+    if not ids:
+        raise CaptionerError(
+            f"none of the {len(references)} {split} images in {split_path} has features in "
+            f"{', '.join(config.eval.features)}"
+        )
+    matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
+    if matrix.shape[1] != width:
+        raise CaptionerError(
+            f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d but {model_dir} expects {width}-d"
+        )
+    _warn_on_provenance_mismatch(loaded.info.get("features_provenance"), config.eval.features)
+
+    from tqdm import tqdm
+
+    log.info("evaluate: captioning %d %s images (beam %d)", len(ids), split, config.decode.beam_size)
+    with tqdm(total=len(ids), desc=f"captioning {split}", unit="img", leave=False, disable=None) as bar:
+        decoded = inference.decode_features(loaded, matrix, config.decode, progress=bar.update)
+    hypotheses = {image_id: caption for image_id, (caption, _) in zip(ids, decoded)}
+    corpus, per_image = score_captions(references, hypotheses)
+
+    images = [
+        {
+            "id": image_id,
+            "caption": caption,
+            "log_prob": round(log_prob, 4) if np.isfinite(log_prob) else None,
+            "references": references[image_id],
+            "bleu4": round(per_image[image_id]["bleu4"], 6),
+            "cider": round(per_image[image_id]["cider"], 6),
+        }
+        for image_id, (caption, log_prob) in zip(ids, decoded)
+    ]
+    report = {
+        "split": split,
+        "model": str(model_dir),
+        "features": [str(p) for p in config.eval.features],
+        "decode": to_dict(config.decode),
+        "metrics": corpus,
+        "counts": {"split_images": len(references), "scored": len(ids), "missing_features": len(missing)},
+        "missing_features": missing,
+        "images": images,
+    }
+    log.info("evaluate: writing thumbnails and %s", html_path)
+    thumbnails = _make_thumbnails(image_folder, images)
+    cache.atomic_write_json(json_path, report)
+    cache.atomic_write_text(html_path, render_html(report, thumbnails, image_folder))
+    stage.finish(config, extra={"metrics": corpus, "counts": report["counts"]})
+    return _result_from_report(report, json_path, html_path, up_to_date=False)
+
+
+def _warn_on_provenance_mismatch(trained: Any, eval_features: Sequence[str]) -> None:
+    """Features made differently from the training ones give meaningless scores: say so."""
+    if not isinstance(trained, dict) or trained.get("backbone") is None:
+        return
+    try:
+        current = cache.feature_provenance(list(eval_features))
+    except CaptionerError as error:
+        log.warning("evaluate: %s", error)
+        return
+    if current.get("backbone") is None:
+        log.warning("evaluate: the features have no extraction manifest; cannot check they match the model's")
+    elif current != trained:
+        log.warning("evaluate: features were made with %s but the model was trained on %s", current, trained)

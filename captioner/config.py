@@ -98,6 +98,7 @@ class DecodeConfig:
     max_caption_length: int = 30  # words, without start/end
     length_normalization: float = 0.0  # alpha in score = log_prob / length**alpha; 0 = plain log-probability
     batch_size: int = 64  # images decoded together
+    allow_unk: bool = False  # let captions contain <unk>; off: a caption with <unk> in it says nothing useful
 
 
 @dataclass

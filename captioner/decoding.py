@@ -248,6 +248,28 @@ def _decode_chunk(
     return results
 
 
+class BannedWords:
+    """A step function that never proposes `banned_ids` (pad, start, and usually unk).
+
+    Their log-probabilities become -inf; the others are left as the model gives them
+    (not renormalised), so scores stay the model's log-probabilities.
+    """
+
+    def __init__(self, stepper: StepFunction, banned_ids: Sequence[int]) -> None:
+        self.stepper = stepper
+        self.banned = np.array(sorted(set(int(i) for i in banned_ids)), dtype=np.int64)
+
+    def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
+        return self.stepper.initial_state(image_features)
+
+    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        log_probs, states = self.stepper.step(last_ids, states)
+        log_probs = np.array(log_probs, dtype=np.float32, copy=True)  # float32 [N, V]
+        if self.banned.size:
+            log_probs[:, self.banned] = -np.inf
+        return log_probs, states
+
+
 def beam_search_n_best(
     stepper: StepFunction,
     image_features: np.ndarray,

@@ -118,12 +118,13 @@ def decode_features(
     Returns (caption text, log-probability) per row, in order. `progress(n)` is called
     after each chunk of `decode.batch_size` images (for a progress bar).
     """
-    from captioner.decoding import beam_search
+    from captioner.decoding import BannedWords, beam_search
 
     if decode.batch_size < 1:  # beam_search checks the other settings
         raise CaptionerError(f"decode.batch_size must be at least 1, got {decode.batch_size}")
     tokenizer = loaded.tokenizer
-    stepper = loaded.step_model()
+    banned = [tokenizer.pad_id, tokenizer.start_id] + ([] if decode.allow_unk else [tokenizer.unk_id])
+    stepper = BannedWords(loaded.step_model(), banned)
     image_features = np.asarray(image_features, dtype=np.float32)
     results: list[tuple[str, float]] = []
     # Chunks of batch_size so that a progress bar moves; beam_search batches within a chunk.

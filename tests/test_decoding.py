@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodedCaption, beam_search, beam_search_n_best, greedy
+from captioner.decoding import BannedWords, DecodedCaption, beam_search, beam_search_n_best, greedy
 from captioner.errors import CaptionerError
 
 PAD, UNK, START, END = 0, 1, 2, 3
@@ -388,3 +388,13 @@ def test_greedy_equals_the_naive_argmax_loop():
 def test_decoding_does_not_import_tensorflow():
     code = "import sys, captioner.decoding; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_banned_words_are_never_proposed():
+    # Kind 0 with "a" banned (standing in for <unk>): greedy takes b (.4), then <end> (.9).
+    stepper = BannedWords(TableModel(), [ID["a"]])
+    (caption,) = greedy(stepper, features(0), start_id=START, end_id=END, max_caption_length=5)
+    assert words(caption) == "b"
+    assert caption.log_prob == pytest.approx(math.log(0.4 * 0.9))
+    (unbanned,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_caption_length=5)
+    assert words(unbanned) == "a"

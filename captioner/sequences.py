@@ -252,6 +252,7 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         bucket_window: int = 32,
         pad_to_multiple: int = 1,
         normalize_weights: bool = True,
+        advance_on_epoch_end: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -283,6 +284,9 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         self.bucket_window = int(bucket_window)
         self.pad_to_multiple = max(1, int(pad_to_multiple))
         self.normalize_weights = normalize_weights
+        # Keras calls on_epoch_end at backend-specific moments (the JAX trainer also once
+        # before the first epoch); a loop that calls set_epoch itself turns it off.
+        self.advance_on_epoch_end = bool(advance_on_epoch_end)
         self.epoch = 0
 
     # ------------------------------------------------------------------ PyDataset protocol
@@ -296,7 +300,8 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         return self.batch(index, self.epoch)
 
     def on_epoch_end(self) -> None:
-        self.epoch += 1
+        if self.advance_on_epoch_end:
+            self.epoch += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next batches those of `epoch` (0-based), e.g. when resuming at epoch k."""

@@ -543,6 +543,7 @@ def _train(config: Config, force: bool = False, resume: bool = False, callbacks:
                 seed=train.seed,
                 shuffle=split == train.train_split,
                 pad_to_multiple=PAD_TO_MULTIPLE,
+                advance_on_epoch_end=False,  # the epoch loop below calls set_epoch: any backend, exact resume
             )
         except CaptionerError as error:
             raise CaptionerError(

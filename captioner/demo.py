@@ -3,7 +3,7 @@
 Reads nothing. Writes, under `demo.output` (default `data/demo`):
 
 - `images/<id>.jpg`: RGB JPEGs, 224x224 (VGG16's input size, so resizing is a no-op),
-  one or two big saturated shapes on a light, slightly tinted background;
+  one or two big saturated shapes on a plain light grey background;
 - `Flickr8k.token.txt`: `<id>.jpg#k<TAB>caption`, k = 0..4, five per image;
 - `Flickr_8k.trainImages.txt`, `Flickr_8k.devImages.txt`, `Flickr_8k.testImages.txt`:
   one `<id>.jpg` per line, a 70/15/15 split;
@@ -17,10 +17,15 @@ Why the scenes look the way they do: the demo model is trained on features of a
 randomly initialised VGG16 (no weights can be downloaded here), which still keeps
 colour, coarse position and coarse shape in its fc2 layer but not fine detail. So the
 vocabulary is five colours far apart in hue and brightness, three shapes drawn big
-(circle, square, triangle) with little jitter, five positions (left, right, top,
-bottom, middle) and two sizes; a scene with two shapes puts them side by side or one
-above the other. A linear probe on such features tells colour, shape and position
-apart on held-out images (tests/test_demo.py checks it). The captions come
+(circle, square, triangle; one size) with little jitter on one plain background, and
+five positions (left, right, top, bottom, middle); a scene with two shapes puts them
+side by side or one above the other. A linear probe on such features tells colour,
+shape and position apart on held-out images (tests/test_demo.py checks it and gives
+the numbers). Sizes were dropped in version 2: with two sizes the probe's shape
+accuracy was about 0.84 (about 80 training scenes), with one big size it is 0.965-0.98
+(10-fold cross-validation over 150 images). The scene space is small (75 distinct one-shape scenes up to jitter),
+so held-out images repeat training combinations; the demo shows the pipeline works,
+not that it generalises to new compositions. The captions come
 from one fixed set of five templates for every image, three of which contain the
 canonical phrase ("a large red circle on the left"): a model that outputs the
 canonical phrase matches several references n-gram for n-gram, so BLEU-4 measures
@@ -49,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the images or captions a seed produces change, so cached demo sets regenerate.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: one size, plain background, no size words
 MIN_IMAGES = 10  # every split must get at least one image
 IMAGE_SIZE = 224  # pixels, square; VGG16's input size
 JPEG_QUALITY = 92
@@ -72,8 +77,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.15, "large": 0.23}  # radius as a fraction of the image side
-SIZE_SYNONYMS = {"small": "little", "large": "big"}
+RADIUS = 0.24  # a lone shape's radius (half its box side), as a fraction of the image side
+BACKGROUND = (240, 240, 240)
 # Centre of a single shape, as fractions of width and height.
 POSITIONS: dict[str, tuple[float, float]] = {
     "left": (0.28, 0.5),
@@ -96,7 +101,7 @@ POSITION_ALTERNATIVES = {
     "bottom": "near the bottom",
     "middle": "in the center",
 }
-PAIR_RADIUS = 0.17  # both shapes of a two-shape scene, as a fraction of the image side
+PAIR_RADIUS = 0.2  # both shapes of a two-shape scene, as a fraction of the image side
 # Two shapes: the first is left of (or above) the second.
 RELATIONS = {"horizontal": ("to the left of", "to the right of"), "vertical": ("above", "below")}
 JITTER = 0.01  # random shift of a shape's centre, fraction of the side
@@ -108,7 +113,6 @@ class ShapeSpec:
 
     colour: str
     shape: str
-    size: str  # small | large | pair (the fixed size used in two-shape scenes)
     position: str  # left | right | top | bottom | middle for a lone shape; first | second in a pair
     x: float
     y: float
@@ -148,16 +152,15 @@ class DemoResult:
 # --------------------------------------------------------------------------- captions
 
 
-def single_shape_captions(colour: str, shape: str, size: str, position: str) -> tuple[str, ...]:
-    """The five captions of a one-shape scene; 0, 1 and 2 share the canonical phrase."""
-    pos = POSITION_PHRASES[position]
-    core = f"{size} {colour} {shape} {pos}"
+def single_shape_captions(colour: str, shape: str, position: str) -> tuple[str, ...]:
+    """The five captions of a one-shape scene; 0, 1, 2 and 4 contain the canonical phrase."""
+    core = f"{colour} {shape} {POSITION_PHRASES[position]}"
     return (
         f"a {core}",
         f"there is a {core}",
         f"a {core} of the image",
-        f"a {SIZE_SYNONYMS[size]} {colour} {shape} {POSITION_ALTERNATIVES[position]}",
-        f"the picture shows a {colour} {shape} {pos}",
+        f"a {colour} {shape} {POSITION_ALTERNATIVES[position]}",
+        f"the picture shows a {core}",
     )
 
 
@@ -189,8 +192,7 @@ def make_scenes(count: int, seed: int) -> list[Scene]:
     scenes = []
     for index in range(count):
         image_id = f"shapes_{index:05d}"
-        # A light background, slightly tinted per image so the set is not perfectly uniform.
-        background = tuple(int(v) for v in rng.integers(230, 244, size=3))
+        background = BACKGROUND
         if rng.random() < TWO_SHAPE_FRACTION:
             relation = "horizontal" if rng.random() < 0.5 else "vertical"
             # Two different looking shapes: at least the colour or the shape differs.
@@ -205,7 +207,7 @@ def make_scenes(count: int, seed: int) -> list[Scene]:
             else:
                 centres = [(0.5 + offset, 0.28 + _jitter(rng)), (0.5 + offset, 0.72 + _jitter(rng))]
             shapes = tuple(
-                ShapeSpec(colour, shape, "pair", place, x, y, PAIR_RADIUS)
+                ShapeSpec(colour, shape, place, x, y, PAIR_RADIUS)
                 for (colour, shape), place, (x, y) in zip((first, second), ("first", "second"), centres)
             )
             captions = two_shape_captions(first, second, relation)
@@ -213,11 +215,10 @@ def make_scenes(count: int, seed: int) -> list[Scene]:
             relation = None
             colour = colours[rng.integers(len(colours))]
             shape = SHAPES[rng.integers(len(SHAPES))]
-            size = "small" if rng.random() < 0.5 else "large"
             position = list(POSITIONS)[rng.integers(len(POSITIONS))]
             cx, cy = POSITIONS[position]
-            shapes = (ShapeSpec(colour, shape, size, position, cx + _jitter(rng), cy + _jitter(rng), SIZES[size]),)
-            captions = single_shape_captions(colour, shape, size, position)
+            shapes = (ShapeSpec(colour, shape, position, cx + _jitter(rng), cy + _jitter(rng), RADIUS),)
+            captions = single_shape_captions(colour, shape, position)
         scenes.append(Scene(image_id, shapes, relation, background, captions))  # type: ignore[arg-type]
     return scenes
 

@@ -81,6 +81,7 @@ class TrainConfig:
     epochs: int = 30  # an upper bound: early stopping usually ends sooner
     batch_size: int = 64  # captions per step
     learning_rate: float = 1e-3  # Adam
+    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
     patience: int = 3  # epochs without a better dev loss before stopping; 0 turns early stopping off
     seed: int = 0  # weights, dropout and shuffling

@@ -192,6 +192,8 @@ def _check_train(config: Config) -> None:
             raise CaptionerError(f"train.{key} must be at least {low}, got {value}")
     if not train.learning_rate > 0:
         raise CaptionerError(f"train.learning_rate must be positive, got {train.learning_rate}")
+    if not 0 < train.lr_decay <= 1:
+        raise CaptionerError(f"train.lr_decay must be in (0, 1], got {train.lr_decay}")
     if not train.clipnorm >= 0:
         raise CaptionerError(f"train.clipnorm must be 0 (off) or positive, got {train.clipnorm}")
 
@@ -383,10 +385,16 @@ def _reseed_epoch(model: Any, seed: int, epoch: int) -> None:
         variable.assign(np.asarray([value, 0], dtype=variable.dtype))
 
 
-def _compile(model: Any, train: Any, jit_compile: Any) -> None:
+def _compile(model: Any, train: Any, jit_compile: Any, steps_per_epoch: int) -> None:
     import keras
 
-    optimizer_args: dict[str, Any] = {"learning_rate": train.learning_rate}
+    learning_rate: Any = train.learning_rate
+    if train.lr_decay != 1.0:
+        # A function of the optimizer's step counter, which checkpoints keep: resume stays exact.
+        learning_rate = keras.optimizers.schedules.ExponentialDecay(
+            train.learning_rate, decay_steps=steps_per_epoch, decay_rate=train.lr_decay, staircase=True
+        )
+    optimizer_args: dict[str, Any] = {"learning_rate": learning_rate}
     if train.clipnorm > 0:
         optimizer_args["clipnorm"] = train.clipnorm
     # Sample weights (0 on pads) make this the mean cross-entropy per real word; logits are float32.
@@ -619,7 +627,7 @@ def _fit(
     with scope:
         model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
         # "auto": Keras' choice (XLA on GPUs, not on CPUs, where it measured no faster here).
-        _compile(model, train, jit_compile="auto")
+        _compile(model, train, jit_compile="auto", steps_per_epoch=len(train_batches))
         if state is not None:
             model.optimizer.build(model.trainable_variables)  # so load_weights restores the Adam moments too
             model.load_weights(checkpoints / state["weights"])

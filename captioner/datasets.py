@@ -104,7 +104,8 @@ class _PunctuationTable(dict):
         return value
 
 
-_PUNCTUATION = _PunctuationTable()
+PUNCTUATION_TABLE = _PunctuationTable()  # also the scoring tokenisation (captioner.metrics)
+_PUNCTUATION = PUNCTUATION_TABLE
 
 
 def clean_words(text: str) -> tuple[list[str], int]:
@@ -573,3 +574,19 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
     if data.unsplit_images:
         log.info("captions: %d captioned images are in no split and were left out", data.unsplit_images)
     return result
+
+
+def read_prepared_split(path: Path) -> dict[str, list[str]]:
+    """{image_id: [caption, ...]} from a split file this stage wrote; CaptionerError naming it otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"captions file not found: {path} (run `captioner prepare`, or check --captions)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CaptionerError(f"cannot read captions file {path}: {error}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(texts, list) and all(isinstance(t, str) for t in texts) for texts in data.values()
+    ):
+        raise CaptionerError(f"{path}: not a prepared captions file (expected {{image_id: [caption, ...]}})")
+    return data

@@ -40,6 +40,7 @@ import numpy as np
 
 from captioner import cache
 from captioner.config import Config, to_dict
+from captioner.datasets import read_prepared_split
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,7 @@ def read_split(captions_dir: Path, split: str) -> tuple[Path, dict[str, list[str
     path = captions_dir / f"{split}.json"
     if not path.is_file():
         raise CaptionerError(f"split file not found: {path} (run `captioner prepare`, or check --captions/--split)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CaptionerError(f"cannot read split file {path}: {error}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(refs, list) and all(isinstance(r, str) for r in refs) for refs in data.values()
-    ):
-        raise CaptionerError(f"{path}: expected a JSON object of image id -> list of captions")
+    data = read_prepared_split(path)
     references = {str(key): refs for key, refs in data.items() if refs}
     if not references:
         raise CaptionerError(f"split {split!r} in {path} has no images with captions")

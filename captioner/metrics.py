@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
@@ -54,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner.datasets import PUNCTUATION_TABLE
 from captioner.errors import CaptionerError
 
 logger = logging.getLogger(__name__)
@@ -73,24 +73,8 @@ CIDER_MAX_N = 4  # n-gram orders 1..4
 CIDER_SIGMA = 6.0  # standard deviation of the Gaussian length penalty, in words
 
 
-class _PunctuationTable(dict):
-    """str.translate table: dashes and slashes -> space, other punctuation deleted (by Unicode category)."""
-
-    def __missing__(self, code: int) -> str | None:
-        char = chr(code)
-        category = unicodedata.category(char)
-        value: str | None
-        if category == "Pd" or char == "/":
-            value = " "
-        elif category.startswith("P"):
-            value = None
-        else:
-            value = char
-        self[code] = value
-        return value
-
-
-_PUNCTUATION = _PunctuationTable()
+# The same rule as caption cleaning (a test checks prepared captions pass through unchanged).
+_PUNCTUATION = PUNCTUATION_TABLE
 
 
 def scoring_tokens(text: str) -> list[str]:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner import cache
+from captioner.datasets import read_prepared_split
 from captioner import config as config_lib
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -165,19 +166,6 @@ def _input_paths(config: Config) -> _Inputs:
         if not path.is_file():
             raise CaptionerError(f"features file not found (train.features / --features): {path}")
     return paths
-
-
-def _read_split(path: Path) -> dict[str, list[str]]:
-    """{image_id: [caption, ...]} from a prepared split file; CaptionerError naming it when malformed."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CaptionerError(f"cannot read captions file {path}: {error}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(texts, list) and all(isinstance(t, str) for t in texts) for texts in data.values()
-    ):
-        raise CaptionerError(f"{path}: not a prepared captions file (expected {{image_id: [caption, ...]}})")
-    return data
 
 
 def _check_train(config: Config) -> None:
@@ -533,7 +521,7 @@ def _train(config: Config, force: bool = False, resume: bool = False, callbacks:
             )
         _refuse_conflicts(output, _resume_conflicts(state, params, stage.input_fingerprints()))
 
-    splits = {train.train_split: _read_split(paths.train_json), train.val_split: _read_split(paths.val_json)}
+    splits = {train.train_split: read_prepared_split(paths.train_json), train.val_split: read_prepared_split(paths.val_json)}
     used_ids = [image_id for captions in splits.values() for image_id in captions]
     table = FeatureTable.from_dict(features, used_ids)  # only the images the splits use, stored once
     del features

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_dirs import make_model_dir
+
 from captioner import cache, evaluation, inference
 from captioner import model as model_lib
 from captioner.cli import main as cli_main
@@ -70,22 +72,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
                 [features_path]).finish()
 
     model_dir = root / "model"
-    make_model_dir(model_dir, [c for refs in splits["train"].values() for c in refs], PROVENANCE)
+    make_model_dir(model_dir, [c for refs in splits["train"].values() for c in refs], PROVENANCE, FEATURE_DIM)
     return {"root": root, "images": images, "captions": captions, "features": features_path, "model": model_dir}
-
-
-def make_model_dir(model_dir: Path, train_captions: list[str], provenance: dict, feature_dim: int = FEATURE_DIM):
-    import keras
-
-    config = Config()
-    config.model.embedding_dim = 8
-    config.model.units = 8
-    tokenizer = Tokenizer.build(train_captions, min_word_count=1)
-    keras.utils.set_random_seed(0)
-    model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
-    model_lib.save_model(model, model_dir)
-    tokenizer.save(model_dir / "tokenizer.json")
-    model_lib.write_model_config(model_dir, config, feature_dim, tokenizer.vocab_size, provenance)
 
 
 def make_config(ws: dict[str, Path], output: Path, **changes) -> Config:

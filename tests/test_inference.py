@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_dirs import make_model_dir
+
 from captioner import cache
 from captioner import features as features_lib
 from captioner import model as model_lib
@@ -25,21 +27,6 @@ from captioner.tokenizer import Tokenizer
 
 PROVENANCE = {"backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32"}
 CAPTIONS = ["a red circle on the left", "a blue square on the right", "a green triangle in the middle"]
-
-
-def make_model_dir(model_dir: Path, provenance: dict, feature_dim: int) -> Path:
-    import keras
-
-    config = Config()
-    config.model.embedding_dim = 8
-    config.model.units = 8
-    tokenizer = Tokenizer.build(CAPTIONS, min_word_count=1)
-    keras.utils.set_random_seed(0)
-    model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
-    model_lib.save_model(model, model_dir)
-    tokenizer.save(model_dir / "tokenizer.json")
-    model_lib.write_model_config(model_dir, config, feature_dim, tokenizer.vocab_size, provenance)
-    return model_dir
 
 
 def tiny_backbone():
@@ -54,7 +41,7 @@ def tiny_backbone():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model") / "m", PROVENANCE, 16)
+    return make_model_dir(tmp_path_factory.mktemp("model") / "m", CAPTIONS, PROVENANCE, 16)
 
 
 @pytest.fixture
@@ -150,7 +137,7 @@ def test_caption_command_exit_codes_and_json(tiny_model_dir, tiny_net, tmp_path,
 
 def test_model_trained_on_imported_features_is_refused_in_one_line(tmp_path, tiny_net, capsys):
     imported = {"backbone": None, "source": ["/data/mobilenetv2-gap1280-train.npz"]}
-    model_dir = make_model_dir(tmp_path / "imported", imported, 16)
+    model_dir = make_model_dir(tmp_path / "imported", CAPTIONS, imported, 16)
     image = tmp_path / "x.jpg"
     Image.new("RGB", (32, 32)).save(image)
     assert caption_main(["--model", str(model_dir), str(image)]) == 2
@@ -226,7 +213,7 @@ def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path
         inference, "decode_features", lambda loaded, x, *a, **k: seen.append(x) or real_decode(loaded, x, *a, **k)
     )
     # End to end with the real VGG16: a model over those 4096-d features captions the images.
-    model_dir = make_model_dir(tmp_path / "m", provenance, 4096)
+    model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 4096)
     paths = sorted(images.iterdir()) + [tmp_path / "gone.jpg"]
     keras.utils.set_random_seed(2)
     outcomes = caption_files(model_dir, paths, DecodeConfig(max_caption_length=4))

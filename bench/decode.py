@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="DIR", help="a trained model directory instead of a fresh random model")
     parser.add_argument("--vocab", type=int, default=3000, help="vocabulary size of the fresh model")
     parser.add_argument("--feature-dim", type=int, default=4096, help="feature width of the fresh model")
-    parser.add_argument("--max-length", type=int, default=30, help="decode.max_caption_length (words)")
+    parser.add_argument("--max-length", type=int, default=30, help="decode.max_generated_words (words)")
     parser.add_argument("--batch-size", type=int, default=64, help="decode.batch_size")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model, stepper, start_id, end_id, dim, described = build_subject(args)
     rng = np.random.default_rng(args.seed)
     features = np.maximum(rng.normal(0.0, 1.0, size=(args.images, dim)), 0).astype(np.float32)
-    common = dict(start_id=start_id, end_id=end_id, max_caption_length=args.max_length, batch_size=args.batch_size)
+    common = dict(start_id=start_id, end_id=end_id, max_generated_words=args.max_length, batch_size=args.batch_size)
 
     # Warm-up: the first calls trace/compile; not part of any decoder's time.
     decoding.greedy(stepper, features[:2], **common)

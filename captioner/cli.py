@@ -130,7 +130,7 @@ def resolve_config(command: str, args: argparse.Namespace, overrides: Sequence[s
         value = getattr(args, flag, None)
         if value is not None:
             config_lib.set_value(config, key, value)
-    return config_lib.apply_overrides(config, list(overrides))
+    return config_lib.validate(config_lib.apply_overrides(config, list(overrides)))
 
 
 def _split_overrides(extra: Sequence[str]) -> list[str]:

@@ -14,12 +14,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from captioner.errors import ConfigError
+
+# --------------------------------------------------------------------------- named choices
+
+# Precisions are Keras dtype-policy names, one vocabulary for every section:
+#   float32         everything in float32
+#   bfloat16        weights and compute in bfloat16 (extraction only: a frozen network)
+#   mixed_bfloat16  compute in bfloat16, weights in float32 (training on CPUs with AMX / GPUs)
+#   mixed_float16   compute in float16, weights in float32 (training or extraction on GPUs)
+#   auto            mixed_float16 on a GPU, bfloat16 on a CPU with AMX, else float32 (extraction)
+FEATURE_PRECISIONS = ("float32", "bfloat16", "mixed_float16", "auto")
+TRAIN_PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("default", "mirrored", "multiworker")
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
+# Keys renamed since a config was saved: old model directories and config files still load.
+RENAMED_KEYS = {
+    "text.max_caption_length": "text.max_prepared_words",
+    "decode.max_caption_length": "decode.max_generated_words",
+}
 
 
 @dataclass
@@ -40,8 +60,8 @@ class FeaturesConfig:
     backbone: str = "vgg16"  # vgg16 | vgg19, keras.applications with the top
     layer: str = "fc2"  # fc2 (the classic choice) | fc1
     weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5
-    resample: str = "nearest"  # resize filter; nearest is what keras load_img uses, so features match the course's
-    precision: str = "float32"  # float32 | bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
+    resample: str = "nearest"  # RESAMPLE_FILTERS; resize filter; nearest is what keras load_img uses, so features match the course's
+    precision: str = "float32"  # FEATURE_PRECISIONS: float32 | bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
     batch_size: int = 32  # images per network call; 32 saturates 2 CPU cores and fits any GPU
     workers: int = 0  # decoding/resizing threads; 0 = one per CPU core
     chunk_size: int = 256  # images per saved chunk: a killed run loses at most this much work
@@ -57,7 +77,7 @@ class TextConfig:
     splits: str = "data/flickr8k"  # folder with Flickr_8k.{train,dev,test}Images.txt (token file only)
     output: str = "data/captions"  # {train,dev,test}.json, tokenizer.json, stats.json
     min_word_count: int = 5  # rarer train words become <unk>; Flickr8k: 2,529 of 7,329 words kept, 97.5% of train tokens (3: 3,463 words, 98.5%)
-    max_caption_length: int = 40  # words; longer captions are cut. Flickr8k after cleaning: p99 22, max 36, so nothing is cut
+    max_prepared_words: int = 40  # prepared (and so training) captions are cut to this many words. Flickr8k after cleaning: p99 22, max 36, so nothing is cut
 
 
 @dataclass
@@ -85,8 +105,8 @@ class TrainConfig:
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
     patience: int = 3  # epochs without a better dev loss before stopping; 0 turns early stopping off
     seed: int = 0  # weights, dropout and shuffling
-    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
-    strategy: str = "default"  # default (one device) | mirrored | multiworker (TF_CONFIG)
+    precision: str = "float32"  # TRAIN_PRECISIONS: float32 | mixed_bfloat16 | mixed_float16
+    strategy: str = "default"  # STRATEGIES: default (one device) | mirrored | multiworker (TF_CONFIG)
     train_split: str = "train"
     val_split: str = "dev"
 
@@ -96,7 +116,7 @@ class DecodeConfig:
     """Caption generation, shared by `caption` and `captioner evaluate`."""
 
     beam_size: int = 3  # 1 = greedy; on Flickr8k dev beam 3 beats greedy by ~0.02 BLEU-4, beam 5 adds nothing
-    max_caption_length: int = 30  # words, without start/end
+    max_generated_words: int = 30  # a generated caption stops after this many words (start/end not counted)
     length_normalization: float = 0.5  # alpha in score = log_prob / length**alpha; 0 = plain log-probability; 0.5 best on Flickr8k dev
     batch_size: int = 64  # images decoded together
     allow_unk: bool = False  # let captions contain <unk>; off: a caption with <unk> in it says nothing useful
@@ -123,6 +143,105 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- ranges, checked once
+
+# A check returns None for a good value, else what the value must be ("must be at least 1").
+Check = Callable[[Any], "str | None"]
+
+
+def _at_least(low: float) -> Check:
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _fraction(value: float) -> str | None:  # a dropout rate: 1.0 would drop everything
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _share(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _paths(value: list[str]) -> str | None:
+    return None if value and all(item.strip() for item in value) else "must name at least one file"
+
+
+CHECKS: dict[str, Check] = {
+    "demo.output": _not_empty,
+    "demo.images": _at_least(10),  # every split needs at least one image
+    "demo.seed": _at_least(0),
+    "features.images": _not_empty,
+    "features.output": _not_empty,
+    "features.resample": _one_of(*RESAMPLE_FILTERS),
+    "features.precision": _one_of(*FEATURE_PRECISIONS),
+    "features.batch_size": _at_least(1),
+    "features.workers": _at_least(0),
+    "features.chunk_size": _at_least(1),
+    "features.max_failed_fraction": _share,
+    "text.captions": _not_empty,
+    "text.output": _not_empty,
+    "text.min_word_count": _at_least(1),
+    "text.max_prepared_words": _at_least(1),
+    "model.embedding_dim": _at_least(1),
+    "model.units": _at_least(1),
+    "model.image_dropout": _fraction,
+    "model.word_dropout": _fraction,
+    "model.decoder_dropout": _fraction,
+    "train.features": _paths,
+    "train.captions": _not_empty,
+    "train.output": _not_empty,
+    "train.epochs": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.learning_rate": _positive,
+    "train.lr_decay": lambda value: None if 0 < value <= 1 else "must be in (0, 1]",
+    "train.clipnorm": _at_least(0),  # 0 turns clipping off
+    "train.patience": _at_least(0),  # 0 turns early stopping off
+    "train.seed": _at_least(0),
+    "train.precision": _one_of(*TRAIN_PRECISIONS),
+    "train.strategy": _one_of(*STRATEGIES),
+    "train.train_split": _not_empty,
+    "train.val_split": _not_empty,
+    "decode.beam_size": _at_least(1),
+    "decode.max_generated_words": _at_least(1),
+    "decode.length_normalization": _at_least(0),
+    "decode.batch_size": _at_least(1),
+    "eval.model": _not_empty,
+    "eval.features": _paths,
+    "eval.captions": _not_empty,
+    "eval.split": _not_empty,
+}
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raises ConfigError when `value` is out of the range declared for `key` in CHECKS."""
+    check = CHECKS.get(key)
+    problem = check(value) if check is not None else None
+    if problem is not None:
+        raise ConfigError(f"{key} {problem}, got {value!r}")
+
+
+def validate(config: Config) -> Config:
+    """Checks every field against CHECKS and the rules between fields; returns `config`."""
+    for section_name in _field_types(config):
+        section = getattr(config, section_name)
+        for field_name in _field_types(section):
+            check_value(f"{section_name}.{field_name}", getattr(section, field_name))
+    if config.train.train_split == config.train.val_split:
+        raise ConfigError(f"train.train_split and train.val_split are both {config.train.train_split!r}")
+    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -161,9 +280,12 @@ def _parse_value(key: str, raw: Any, annotation: Any) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
             raise ConfigError(f"{key}: expected a number, got {raw!r}")
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+        return value
     if annotation is str:
         if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
             raise ConfigError(f"{key}: expected a string, got {raw!r}")
@@ -176,7 +298,8 @@ def _field_types(section: Any) -> dict[str, Any]:
 
 
 def set_value(config: Config, key: str, raw: Any) -> None:
-    """Sets `section.field` from a string or JSON value, checking the key and the type."""
+    """Sets `section.field` from a string or JSON value, checking the key, the type and the range."""
+    key = RENAMED_KEYS.get(key, key)
     section_name, dot, field_name = key.partition(".")
     sections = _field_types(config)
     if not dot or section_name not in sections:
@@ -187,7 +310,9 @@ def set_value(config: Config, key: str, raw: Any) -> None:
     types = _field_types(section)
     if field_name not in types:
         raise ConfigError(f"unknown config key {key!r} (known in {section_name}: {', '.join(types)})")
-    setattr(section, field_name, _parse_value(key, raw, types[field_name]))
+    value = _parse_value(key, raw, types[field_name])
+    check_value(key, value)
+    setattr(section, field_name, value)
 
 
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:

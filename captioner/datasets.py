@@ -13,7 +13,7 @@ Reads (config section `text`):
 Writes into the folder text.output:
   train.json, dev.json, test.json   {image_id: [cleaned caption, ...]}; image_id is the file name
                                     without its extension, captions are words joined by single
-                                    spaces, no start/end tokens, at most text.max_caption_length
+                                    spaces, no start/end tokens, at most text.max_prepared_words
                                     words (longer ones are cut and counted); images sorted by id.
   tokenizer.json                    `captioner.tokenizer.Tokenizer` built on train.json only, with
                                     text.min_word_count.
@@ -21,7 +21,7 @@ Writes into the folder text.output:
                                     caption length percentiles, and every line or key that could
                                     not be used, with its line number and reason.
   manifest.json                     `captioner.cache.Stage` "captions": fingerprints of the caption
-                                    file and the split files, min_word_count, max_caption_length,
+                                    file and the split files, min_word_count, max_prepared_words,
                                     cleaning version. Same inputs and params -> nothing to do.
 Cost: Flickr8k (40,460 lines) takes about 2 seconds and writes about 3 MB.
 
@@ -404,7 +404,7 @@ class PrepareResult:
     unusable_keys: int
     bad_lines: int
     images_without_captions: int  # across splits
-    truncated: int  # captions cut to max_caption_length
+    truncated: int  # captions cut to max_prepared_words
 
     def summary(self) -> str:
         state = "up to date" if self.up_to_date else "written"
@@ -443,8 +443,8 @@ def _check_params(config: Any) -> None:
     text = config.text
     if isinstance(text.min_word_count, bool) or text.min_word_count < 1:
         raise CaptionerError(f"text.min_word_count must be at least 1, got {text.min_word_count}")
-    if text.max_caption_length < 1:
-        raise CaptionerError(f"text.max_caption_length must be at least 1, got {text.max_caption_length}")
+    if text.max_prepared_words < 1:
+        raise CaptionerError(f"text.max_prepared_words must be at least 1, got {text.max_prepared_words}")
 
 
 def _warn_problems(data: CaptionData, source: Path) -> None:
@@ -492,7 +492,7 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
         inputs=inputs,
         params={
             "min_word_count": text.min_word_count,
-            "max_caption_length": text.max_caption_length,
+            "max_prepared_words": text.max_prepared_words,
             "cleaning_version": CLEANING_VERSION,
             "tokenizer_format_version": TOKENIZER_FORMAT_VERSION,
             "stats_version": STATS_VERSION,
@@ -517,7 +517,7 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
     for split in SPLITS:
         lengths = [len(caption.split()) for texts in data.splits[split].values() for caption in texts]
         all_lengths.extend(lengths)
-        prepared[split], cut = truncate(data.splits[split], text.max_caption_length)
+        prepared[split], cut = truncate(data.splits[split], text.max_prepared_words)
         prepared[split] = dict(sorted(prepared[split].items()))
         split_stats[split] = {
             "images_listed": data.listed[split],
@@ -529,7 +529,7 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
             "length_percentiles": length_percentiles(lengths),
         }
         if cut:
-            log.info("%s split: %d captions longer than %d words were cut", split, cut, text.max_caption_length)
+            log.info("%s split: %d captions longer than %d words were cut", split, cut, text.max_prepared_words)
 
     train_captions = [caption for texts in prepared["train"].values() for caption in texts]
     tokenizer = Tokenizer.build(train_captions, text.min_word_count)
@@ -539,7 +539,7 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
         "source": {"format": data.source_format, "captions": str(captions_path),
                    "splits": None if karpathy else str(text.splits)},
         "cleaning_version": CLEANING_VERSION,
-        "max_caption_length": text.max_caption_length,
+        "max_prepared_words": text.max_prepared_words,
         "splits": split_stats,
         "caption_length_percentiles": length_percentiles(all_lengths),  # words, before truncation
         "vocabulary": {

@@ -3,9 +3,9 @@
 Reads: image features, float32 [N, D], and a `StepFunction` (in practice
 `captioner.model.StepModel`, which shares the trained model's weights).
 Writes nothing; returns one `DecodedCaption` per image (or the n best).
-Config used: `captioner.config.DecodeConfig` (beam_size, max_caption_length,
+Config used: `captioner.config.DecodeConfig` (beam_size, max_generated_words,
 length_normalization, batch_size), passed in as keyword arguments.
-Cost: at most max_caption_length + 1 step calls per chunk of `batch_size`
+Cost: at most max_generated_words + 1 step calls per chunk of `batch_size`
 images, each on at most batch_size * beam_size rows; the search itself is
 numpy bookkeeping on [rows, beam_size] arrays, small next to the model step.
 
@@ -22,9 +22,9 @@ The search (the im2txt `CaptionGenerator` algorithm, batched):
   become the next live beams. With beam_size 1 this is exactly greedy argmax
   decoding: the single proposal is either the end token (done) or the next word.
 - Words the model gives probability zero (log-probability -inf) are never chosen.
-- Captions hold at most `max_caption_length` words. A beam holding that many
+- Captions hold at most `max_generated_words` words. A beam holding that many
   words gets one more step, in which only the end token may be chosen (so a
-  caption of exactly max_caption_length words can still finish); its other
+  caption of exactly max_generated_words words can still finish); its other
   proposals are dropped. An image with no finished hypothesis at all then gets
   its best unfinished beam, marked `finished=False` (as im2txt falls back to its
   partial captions).
@@ -35,9 +35,9 @@ The search (the im2txt `CaptionGenerator` algorithm, batched):
   fallback's length is its number of words. Live beams all have the same length
   at a given step, so they are ranked by log-probability alone.
 - Early stop, per image: a live beam of log-probability lp can only reach
-  scores <= lp / (max_caption_length + 1)**alpha, because log-probabilities
+  scores <= lp / (max_generated_words + 1)**alpha, because log-probabilities
   only decrease as words are added and the length is at most
-  max_caption_length + 1. Once the image holds `n_best` finished hypotheses
+  max_generated_words + 1. Once the image holds `n_best` finished hypotheses
   whose worst score is at least that bound for its best live beam, no live
   beam can change the answer and the image leaves the batch. For alpha = 0
   this is the usual "best finished beats every live beam" rule; with length
@@ -60,9 +60,13 @@ from typing import Protocol
 
 import numpy as np
 
+from captioner.config import DecodeConfig
 from captioner.errors import CaptionerError
 
 logger = logging.getLogger(__name__)
+
+# Library defaults are the config's (captioner.config.DecodeConfig), never literals of their own.
+_DEFAULTS = DecodeConfig()
 
 
 class StepFunction(Protocol):
@@ -84,19 +88,19 @@ class DecodedCaption:
     ids: list[int]  # word ids, without start and end tokens
     log_prob: float  # sum of the log-probabilities of the words (and of the end token when finished)
     score: float  # log_prob / length**alpha, the ranking key; equals log_prob when alpha = 0
-    finished: bool = True  # False: max_caption_length was reached and no hypothesis ended
+    finished: bool = True  # False: max_generated_words was reached and no hypothesis ended
 
 
 def _check_arguments(
-    image_features: np.ndarray, beam_size: int, max_caption_length: int, length_normalization: float, batch_size: int
+    image_features: np.ndarray, beam_size: int, max_generated_words: int, length_normalization: float, batch_size: int
 ) -> np.ndarray:
     features = np.asarray(image_features)
     if features.ndim != 2:
         raise CaptionerError(f"image features must be a 2-D array [images, dim], got shape {features.shape}")
     if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
         raise CaptionerError(f"decode.beam_size must be an integer >= 1, got {beam_size!r}")
-    if isinstance(max_caption_length, bool) or not isinstance(max_caption_length, (int, np.integer)) or max_caption_length < 1:
-        raise CaptionerError(f"decode.max_caption_length must be an integer >= 1, got {max_caption_length!r}")
+    if isinstance(max_generated_words, bool) or not isinstance(max_generated_words, (int, np.integer)) or max_generated_words < 1:
+        raise CaptionerError(f"decode.max_generated_words must be an integer >= 1, got {max_generated_words!r}")
     if not np.isfinite(length_normalization) or length_normalization < 0:
         raise CaptionerError(f"decode.length_normalization must be a number >= 0, got {length_normalization!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -136,14 +140,14 @@ def _decode_chunk(
     start_id: int,
     end_id: int,
     beam_size: int,
-    max_caption_length: int,
+    max_generated_words: int,
     alpha: float,
     n_best: int,
 ) -> list[list[DecodedCaption]]:
     """Beam search for one chunk of images, float32 [n, D]; see the module docstring."""
     n = features.shape[0]
     k = beam_size
-    max_length = max_caption_length + 1  # words + end token: the longest a finished hypothesis can be
+    max_length = max_generated_words + 1  # words + end token: the longest a finished hypothesis can be
 
     states = [np.asarray(s) for s in stepper.initial_state(features)]
     # One row per live beam, grouped by image, best beam of each image first.
@@ -187,7 +191,7 @@ def _decode_chunk(
             found += 1
 
         if step == max_length - 1:
-            # Only the end token may follow max_caption_length words. Images with
+            # Only the end token may follow max_generated_words words. Images with
             # nothing finished keep their best beam as it stands (first row of each).
             first_rows = np.unique(row_image, return_index=True)[1]
             for r in first_rows:
@@ -276,10 +280,10 @@ def beam_search_n_best(
     *,
     start_id: int,
     end_id: int,
-    beam_size: int = 3,
-    max_caption_length: int = 30,
-    length_normalization: float = 0.0,
-    batch_size: int = 64,
+    beam_size: int = _DEFAULTS.beam_size,
+    max_generated_words: int = _DEFAULTS.max_generated_words,
+    length_normalization: float = _DEFAULTS.length_normalization,
+    batch_size: int = _DEFAULTS.batch_size,
     n_best: int | None = None,
 ) -> list[list[DecodedCaption]]:
     """The `n_best` (default beam_size, at most beam_size) best captions of each image, best first.
@@ -289,7 +293,7 @@ def beam_search_n_best(
     best unfinished beam when none did. Images are decoded in chunks of
     `batch_size`, each chunk's live beams stepped together.
     """
-    features = _check_arguments(image_features, beam_size, max_caption_length, length_normalization, batch_size)
+    features = _check_arguments(image_features, beam_size, max_generated_words, length_normalization, batch_size)
     if n_best is None:
         n_best = beam_size
     if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or not 1 <= n_best <= beam_size:
@@ -304,7 +308,7 @@ def beam_search_n_best(
                 start_id=int(start_id),
                 end_id=int(end_id),
                 beam_size=int(beam_size),
-                max_caption_length=int(max_caption_length),
+                max_generated_words=int(max_generated_words),
                 alpha=float(length_normalization),
                 n_best=int(n_best),
             )
@@ -319,10 +323,10 @@ def beam_search(
     *,
     start_id: int,
     end_id: int,
-    beam_size: int = 3,
-    max_caption_length: int = 30,
-    length_normalization: float = 0.0,
-    batch_size: int = 64,
+    beam_size: int = _DEFAULTS.beam_size,
+    max_generated_words: int = _DEFAULTS.max_generated_words,
+    length_normalization: float = _DEFAULTS.length_normalization,
+    batch_size: int = _DEFAULTS.batch_size,
 ) -> list[DecodedCaption]:
     """The best caption of each image, in input order.
 
@@ -335,7 +339,7 @@ def beam_search(
         start_id=start_id,
         end_id=end_id,
         beam_size=beam_size,
-        max_caption_length=max_caption_length,
+        max_generated_words=max_generated_words,
         length_normalization=length_normalization,
         batch_size=batch_size,
         n_best=1,
@@ -349,9 +353,9 @@ def greedy(
     *,
     start_id: int,
     end_id: int,
-    max_caption_length: int = 30,
-    length_normalization: float = 0.0,
-    batch_size: int = 64,
+    max_generated_words: int = _DEFAULTS.max_generated_words,
+    length_normalization: float = _DEFAULTS.length_normalization,
+    batch_size: int = _DEFAULTS.batch_size,
 ) -> list[DecodedCaption]:
     """Greedy (argmax) decoding: `beam_search` with beam_size 1.
 
@@ -364,7 +368,7 @@ def greedy(
         start_id=start_id,
         end_id=end_id,
         beam_size=1,
-        max_caption_length=max_caption_length,
+        max_generated_words=max_generated_words,
         length_normalization=length_normalization,
         batch_size=batch_size,
     )

@@ -18,7 +18,7 @@ Writes, into `eval.output` (default: the model directory), atomically:
 - `eval-<split>.json.manifest.json`: the stage manifest. The same model files,
   split file, features files and decode settings do not rerun; `--force` does.
 
-Config used: eval.*, decode.* (beam_size, max_caption_length, length_normalization;
+Config used: eval.*, decode.* (beam_size, max_generated_words, length_normalization;
 batch_size only changes speed). Cost: for the 1,000 Flickr8k test images, about
 10-20 s of beam-3 decoding on 2 CPU cores plus a few seconds for the thumbnails;
 the HTML is about 3 MB.
@@ -259,7 +259,7 @@ def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image
         for key, name in METRIC_NAMES.items()
     )
     settings = (
-        f"beam {decode['beam_size']}, max {decode['max_caption_length']} words, "
+        f"beam {decode['beam_size']}, max {decode['max_generated_words']} words, "
         f"length normalisation {decode['length_normalization']}"
     )
     notes = [

@@ -3,7 +3,7 @@
 Reads: a model directory (`model.keras`, `tokenizer.json`, `config.json` with the
 "features_provenance" the model was trained on) and image files of any format
 Pillow reads. Writes nothing. Config used: `eval.model` (the default model
-directory, models/flickr8k) and `decode` (beam_size, max_caption_length,
+directory, models/flickr8k) and `decode` (beam_size, max_generated_words,
 length_normalization, batch_size).
 
 A caption is only meaningful when the image features are computed exactly as the
@@ -136,7 +136,7 @@ def decode_features(
             start_id=tokenizer.start_id,
             end_id=tokenizer.end_id,
             beam_size=decode.beam_size,
-            max_caption_length=decode.max_caption_length,
+            max_generated_words=decode.max_generated_words,
             length_normalization=decode.length_normalization,
             batch_size=decode.batch_size,
         )

@@ -5,7 +5,7 @@ stage's `train.json`), a `Tokenizer` and image features (dict image id -> float3
 [D], or a `FeatureTable`). Writes nothing: it streams batches to `model.fit`.
 
 Teacher forcing (what training uses). One caption is one sample. For a caption
-of words w1..wn (token ids, at most `text.max_caption_length` of them):
+of words w1..wn (token ids, at most `text.max_prepared_words` of them):
 
     input_ids   [start, w1, ..., wn]      then 0 (pad) to the batch's length T
     target_ids  [w1, ..., wn, end]        then 0 (pad)
@@ -89,7 +89,7 @@ class _TokenizerLike(Protocol):
 class CaptionSet:
     """Encoded captions: caption k belongs to image `image_ids[k]`.
 
-    caption_ids[k]: int32 [n_k] word ids without start/end (n_k <= max_caption_length).
+    caption_ids[k]: int32 [n_k] word ids without start/end (n_k <= max_prepared_words).
     """
 
     image_ids: list[str]
@@ -97,7 +97,7 @@ class CaptionSet:
     start_id: int
     end_id: int
     vocab_size: int
-    truncated: int = 0  # captions cut to max_caption_length
+    truncated: int = 0  # captions cut to max_prepared_words
 
     def __len__(self) -> int:
         return len(self.caption_ids)
@@ -114,25 +114,25 @@ class CaptionSet:
 
 
 def encode_captions(
-    captions: Mapping[str, Sequence[str]], tokenizer: _TokenizerLike, max_caption_length: int
+    captions: Mapping[str, Sequence[str]], tokenizer: _TokenizerLike, max_prepared_words: int
 ) -> CaptionSet:
     """Encodes {image_id: [caption, ...]} in the mapping's order; captions longer than
-    `max_caption_length` words are cut (counted in `truncated`)."""
-    if max_caption_length < 1:
-        raise CaptionerError(f"text.max_caption_length must be at least 1, got {max_caption_length}")
+    `max_prepared_words` words are cut (counted in `truncated`)."""
+    if max_prepared_words < 1:
+        raise CaptionerError(f"text.max_prepared_words must be at least 1, got {max_prepared_words}")
     image_ids: list[str] = []
     caption_ids: list[np.ndarray] = []
     truncated = 0
     for image_id, texts in captions.items():
         for text in texts:
             ids = tokenizer.encode(text)
-            if len(ids) > max_caption_length:
-                ids = ids[:max_caption_length]
+            if len(ids) > max_prepared_words:
+                ids = ids[:max_prepared_words]
                 truncated += 1
             image_ids.append(str(image_id))
             caption_ids.append(np.asarray(ids, dtype=np.int32))
     if truncated:
-        log.info("%d captions longer than %d words were cut", truncated, max_caption_length)
+        log.info("%d captions longer than %d words were cut", truncated, max_prepared_words)
     return CaptionSet(
         image_ids=image_ids,
         caption_ids=caption_ids,

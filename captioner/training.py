@@ -18,7 +18,7 @@ Writes (train.output, a folder; every file atomically)
   manifest.json    `captioner.cache.Stage` "train": a rerun with unchanged inputs and
                    params is a no-op
 
-Config: train (all of it), model (the architecture), text.max_caption_length (captions are cut
+Config: train (all of it), model (the architecture), text.max_prepared_words (captions are cut
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
 batches' sample weights are 0 there, see `captioner.sequences`), on float32 logits.
 
@@ -190,7 +190,7 @@ def stage_params(config: Config) -> dict[str, Any]:
     """Everything the trained model depends on besides the input files, as flat dotted keys.
 
     The train section without its paths (those are the stage's inputs and output), the model
-    section, and text.max_caption_length (captions are cut to it).
+    section, and text.max_prepared_words (captions are cut to it).
     """
     params: dict[str, Any] = {}
     for key, value in config_lib.to_dict(config.train).items():
@@ -198,7 +198,7 @@ def stage_params(config: Config) -> dict[str, Any]:
             params[f"train.{key}"] = value
     for key, value in config_lib.to_dict(config.model).items():
         params[f"model.{key}"] = value
-    params["text.max_caption_length"] = config.text.max_caption_length
+    params["text.max_prepared_words"] = config.text.max_prepared_words
     params["state_version"] = STATE_VERSION
     return params
 
@@ -528,7 +528,7 @@ def _train(config: Config, force: bool = False, resume: bool = False, callbacks:
     batches: dict[str, Any] = {}
     skipped: dict[str, int] = {}
     for split, captions in splits.items():
-        caption_set = encode_captions(captions, tokenizer, config.text.max_caption_length)
+        caption_set = encode_captions(captions, tokenizer, config.text.max_prepared_words)
         if len(caption_set) == 0:
             raise CaptionerError(f"{paths.captions_dir / (split + '.json')}: the {split} split has no captions")
         try:

@@ -76,3 +76,64 @@ def test_cli_reports_a_bad_override_in_one_line(capsys):
 def test_cli_rejects_stray_arguments(capsys):
     assert main(["prepare", "--bogus"]) == 2
     assert "unrecognized argument: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.units=-5", "model.units must be at least 1, got -5"),
+        ("--model.embedding_dim=0", "model.embedding_dim must be at least 1, got 0"),
+        ("--model.image_dropout=1.5", "model.image_dropout must be in [0, 1), got 1.5"),
+        ("--model.word_dropout=1", "model.word_dropout must be in [0, 1)"),
+        ("--train.learning_rate=0", "train.learning_rate must be positive"),
+        ("--train.learning_rate=nan", "train.learning_rate: expected a finite number"),
+        ("--train.precision=float16", "train.precision must be one of float32, mixed_bfloat16, mixed_float16"),
+        ("--features.precision=mixed_bfloat16", "features.precision must be one of"),
+        ("--features.resample=cubic", "features.resample must be one of nearest"),
+        ("--decode.beam_size=0", "decode.beam_size must be at least 1"),
+        ("--decode.length_normalization=-1", "decode.length_normalization must be at least 0"),
+        ("--features.max_failed_fraction=2", "features.max_failed_fraction must be in [0, 1]"),
+    ],
+)
+def test_ranges_are_checked_with_the_override(override, message):
+    with pytest.raises(ConfigError, match=re_escape(message)):
+        config_lib.apply_overrides(config_lib.Config(), [override])
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_every_default_is_within_its_range():
+    config_lib.validate(config_lib.Config())
+
+
+def test_ranges_are_checked_in_config_files_too(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"units": 0}}))
+    with pytest.raises(ConfigError, match="model.units must be at least 1"):
+        config_lib.load_file(path)
+    path.write_text(json.dumps({"model": {"units": "many"}}))
+    with pytest.raises(ConfigError, match="model.units: expected an integer, got 'many'"):
+        config_lib.load_file(path)
+
+
+def test_cross_field_rule():
+    config = config_lib.Config()
+    config.train.val_split = "train"
+    with pytest.raises(ConfigError, match="train.train_split and train.val_split are both 'train'"):
+        config_lib.validate(config)
+
+
+def test_renamed_keys_still_load():
+    config = config_lib.from_dict({"text": {"max_caption_length": 12}, "decode": {"max_caption_length": 7}})
+    assert config.text.max_prepared_words == 12 and config.decode.max_generated_words == 7
+
+
+@pytest.mark.parametrize("argv", [["train", "--model.units=-5"], ["train", "--model.image_dropout=1.5"]])
+def test_cli_range_errors_are_one_line_before_any_work(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: model.") and "Traceback" not in err

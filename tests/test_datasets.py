@@ -187,7 +187,7 @@ def test_length_percentiles():
 def test_prepare_stage_writes_outputs_then_is_up_to_date(tmp_path, caplog):
     token = write_flickr(tmp_path / "data")
     out = tmp_path / "caps"
-    config = make_config(token, tmp_path / "data", out, min_word_count=2, max_caption_length=5)
+    config = make_config(token, tmp_path / "data", out, min_word_count=2, max_prepared_words=5)
     with caplog.at_level(logging.WARNING, logger="captioner.datasets"):
         result = datasets.prepare_stage(config)
     assert not result.up_to_date

@@ -104,7 +104,8 @@ def words(caption: DecodedCaption) -> str:
 
 
 def decode(kinds, **kwargs):
-    kwargs.setdefault("max_caption_length", 5)
+    kwargs.setdefault("max_generated_words", 5)
+    kwargs.setdefault("length_normalization", 0.0)  # the hand-computed cases rank by plain log-probability
     return beam_search(TableModel(), features(*kinds), start_id=START, end_id=END, **kwargs)
 
 
@@ -113,7 +114,7 @@ def decode(kinds, **kwargs):
 
 def test_greedy_takes_the_most_probable_word_each_step():
     # kind 0: <start> -> a (.5, beats b .4); after "a" -> <end> (.4, beats c .35). p = .5*.4 = .2
-    (caption,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_caption_length=5)
+    (caption,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_generated_words=5, length_normalization=0.0)
     assert words(caption) == "a"
     assert caption.log_prob == pytest.approx(math.log(0.2))
     assert caption.score == pytest.approx(math.log(0.2))
@@ -125,7 +126,7 @@ def test_beam_of_two_finds_the_better_caption_greedy_misses():
     # step 2: "a" proposes <end> (.2, finished) and c (.175); "b" proposes <end> (.36, finished) and c (.04)
     #         best finished .36 >= best live .175: stop. "b", p = .4*.9 = .36
     model = TableModel()
-    (caption,) = beam_search(model, features(0), start_id=START, end_id=END, beam_size=2, max_caption_length=5)
+    (caption,) = beam_search(model, features(0), start_id=START, end_id=END, beam_size=2, max_generated_words=5, length_normalization=0.0)
     assert words(caption) == "b"
     assert caption.log_prob == pytest.approx(math.log(0.36))
     assert caption.ids == [ID["b"]]  # no start or end id
@@ -141,7 +142,8 @@ def test_beam_of_three_and_its_three_best():
     (best,) = decode([0], beam_size=3)
     assert words(best) == "b" and best.log_prob == pytest.approx(math.log(0.36))
     (three,) = beam_search_n_best(
-        TableModel(), features(0), start_id=START, end_id=END, beam_size=3, max_caption_length=5
+        TableModel(), features(0), start_id=START, end_id=END, beam_size=3, max_generated_words=5,
+        length_normalization=0.0,
     )
     assert [words(c) for c in three] == ["b", "a", "a c"]
     assert [c.log_prob for c in three] == pytest.approx([math.log(0.36), math.log(0.2), math.log(0.14)])
@@ -167,44 +169,45 @@ def test_length_normalised_search_does_not_stop_while_a_live_beam_can_still_win(
     # ln .3 = -1.204.  Were its future length taken as its current one (3), its bound
     # -1.204 / 3 = -0.401 would say "stop"; but it can still grow to 8 words + end:
     # ln .3 / 9 = -0.134 > -0.178, and it does.
-    (long,) = decode([4], beam_size=2, max_caption_length=10, length_normalization=1.0)
+    (long,) = decode([4], beam_size=2, max_generated_words=10, length_normalization=1.0)
     assert words(long) == "b c c c c c c c"
     assert long.score == pytest.approx(math.log(0.3) / 9)
     # alpha = 0: "a" (p .7) wins at once.
-    (short,) = decode([4], beam_size=2, max_caption_length=10)
+    (short,) = decode([4], beam_size=2, max_generated_words=10)
     assert words(short) == "a" and short.log_prob == pytest.approx(math.log(0.7))
 
 
 def test_maximum_length_with_no_finished_caption_returns_the_best_beam():
     # kind 2 never ends (c .7, d .3). With 3 words at most: greedy "c c c", p = .7**3 = .343
-    (caption,) = decode([2], beam_size=1, max_caption_length=3)
+    (caption,) = decode([2], beam_size=1, max_generated_words=3)
     assert words(caption) == "c c c"
     assert caption.log_prob == pytest.approx(3 * math.log(0.7))
     assert not caption.finished
     # beam 2: step 2 ties "c d" (.21) with "d c" (.21): the earlier beam ("c") wins the tie.
     # the best of the last beams is still "c c c"; its score is normalised by its 3 words.
-    (beam,) = decode([2], beam_size=2, max_caption_length=3, length_normalization=1.0)
+    (beam,) = decode([2], beam_size=2, max_generated_words=3, length_normalization=1.0)
     assert words(beam) == "c c c" and not beam.finished
     assert beam.score == pytest.approx(3 * math.log(0.7) / 3)
     (two,) = beam_search_n_best(
-        TableModel(), features(2), start_id=START, end_id=END, beam_size=2, max_caption_length=3
+        TableModel(), features(2), start_id=START, end_id=END, beam_size=2, max_generated_words=3
     )
     assert [words(c) for c in two] == ["c c c"]  # only the best unfinished beam is returned
 
 
 def test_a_caption_of_exactly_max_length_words_can_finish():
     # kind 3: "a b" then <end>, all with probability 1.
-    (caption,) = decode([3], beam_size=2, max_caption_length=2)
+    (caption,) = decode([3], beam_size=2, max_generated_words=2)
     assert words(caption) == "a b" and caption.finished and caption.log_prob == pytest.approx(0.0)
     # with room for one word only, it cannot end: "a" unfinished
-    (cut,) = decode([3], beam_size=2, max_caption_length=1)
+    (cut,) = decode([3], beam_size=2, max_generated_words=1)
     assert words(cut) == "a" and not cut.finished
 
 
 def test_several_images_in_one_batch_each_get_their_own_caption():
     model = TableModel()
     results = beam_search(
-        model, features(1, 0, 2, 3, 0), start_id=START, end_id=END, beam_size=2, max_caption_length=3
+        model, features(1, 0, 2, 3, 0), start_id=START, end_id=END, beam_size=2, max_generated_words=3,
+        length_normalization=0.0,
     )
     assert [words(c) for c in results] == ["a", "b", "c c c", "a b", "b"]
     assert [c.log_prob for c in results] == pytest.approx(
@@ -225,7 +228,7 @@ def test_batch_size_smaller_than_the_number_of_images_gives_the_same_results():
             model = TableModel()
             chunked = beam_search(
                 model, features(*kinds), start_id=START, end_id=END, beam_size=beam_size,
-                max_caption_length=5, length_normalization=0.7, batch_size=batch_size,
+                max_generated_words=5, length_normalization=0.7, batch_size=batch_size,
             )
             assert chunked == whole
             assert max(model.rows) <= batch_size * beam_size
@@ -240,8 +243,8 @@ def test_no_images_gives_an_empty_list_without_stepping():
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(CaptionerError, match="beam_size"):
         decode([0], beam_size=0)
-    with pytest.raises(CaptionerError, match="max_caption_length"):
-        decode([0], max_caption_length=0)
+    with pytest.raises(CaptionerError, match="max_generated_words"):
+        decode([0], max_generated_words=0)
     with pytest.raises(CaptionerError, match="length_normalization"):
         decode([0], length_normalization=-1.0)
     with pytest.raises(CaptionerError, match="batch_size"):
@@ -266,15 +269,15 @@ def test_ties_are_broken_towards_the_lower_word_id():
     # each beam proposes a, b, c (lower ids win the tie with d); of the nine equal
     # two-word proposals the first beam's come first: "a a", "a b", "a c".
     # None can end within 2 words (<end> is never in a beam's top three): "a a" unfinished.
-    (caption,) = beam_search(Flat(), features(0), start_id=START, end_id=END, beam_size=3, max_caption_length=2)
+    (caption,) = beam_search(Flat(), features(0), start_id=START, end_id=END, beam_size=3, max_generated_words=2, length_normalization=0.0)
     assert words(caption) == "a a" and not caption.finished
     assert caption.log_prob == pytest.approx(2 * math.log(0.225))
     # greedy: "a" each step
-    (first,) = greedy(Flat(), features(0), start_id=START, end_id=END, max_caption_length=3)
+    (first,) = greedy(Flat(), features(0), start_id=START, end_id=END, max_generated_words=3, length_normalization=0.0)
     assert words(first) == "a a a"
     # beam 5 also proposes <end> at once: "" finished with p .1. Step 2 finishes "a" ... "d"
     # with p .225*.1 and keeps live beams of p .0506, all below .1: the empty caption wins.
-    (five,) = beam_search(Flat(), features(0), start_id=START, end_id=END, beam_size=5, max_caption_length=2)
+    (five,) = beam_search(Flat(), features(0), start_id=START, end_id=END, beam_size=5, max_generated_words=2, length_normalization=0.0)
     assert five.ids == [] and five.log_prob == pytest.approx(math.log(0.1))
 
 
@@ -303,13 +306,13 @@ class RandomModel:
         return log_probs.astype(np.float32), [hashes, extra]
 
 
-def reference_beam_search(model, feature_row, *, beam_size, max_caption_length, alpha, n_best):
+def reference_beam_search(model, feature_row, *, beam_size, max_generated_words, alpha, n_best):
     """im2txt's algorithm, one image at a time, no early stop: every beam runs to the maximum length."""
     state = model.initial_state(feature_row[None])
     live = [(0.0, [], START, state)]
     finished = []
     fallback = None
-    for step in range(max_caption_length + 1):
+    for step in range(max_generated_words + 1):
         proposals = []
         for log_prob, ids, last, state in live:
             row, new_state = model.step(np.array([last]), state)
@@ -321,9 +324,9 @@ def reference_beam_search(model, feature_row, *, beam_size, max_caption_length, 
                 total = log_prob + row[w]
                 if w == END:
                     finished.append((total / (len(ids) + 1) ** alpha, len(finished), ids, total))
-                elif step < max_caption_length:
+                elif step < max_generated_words:
                     proposals.append((total, ids + [w], w, new_state))
-        if step == max_caption_length and live:
+        if step == max_generated_words and live:
             fallback = live[0]
         live = sorted(proposals, key=lambda p: -p[0])[:beam_size]
     finished.sort(key=lambda f: (-f[0], f[1]))
@@ -342,27 +345,27 @@ def test_matches_a_simple_unbatched_beam_search(beam_size, alpha):
         model = RandomModel(end_boost=end_boost, seed=beam_size)
         got = beam_search_n_best(
             model, image_features, start_id=START, end_id=END, beam_size=beam_size,
-            max_caption_length=max_len, length_normalization=alpha, batch_size=4,
+            max_generated_words=max_len, length_normalization=alpha, batch_size=4,
         )
         for row, captions in zip(image_features, got):
             expected = reference_beam_search(
-                model, row, beam_size=beam_size, max_caption_length=max_len, alpha=alpha, n_best=beam_size
+                model, row, beam_size=beam_size, max_generated_words=max_len, alpha=alpha, n_best=beam_size
             )
             assert [c.ids for c in captions] == [e[0] for e in expected]
             assert [c.log_prob for c in captions] == pytest.approx([e[1] for e in expected], abs=1e-9)
             assert [c.score for c in captions] == pytest.approx([e[2] for e in expected], abs=1e-9)
 
 
-def naive_greedy(model, feature_row, max_caption_length):
+def naive_greedy(model, feature_row, max_generated_words):
     """The straightforward loop: argmax, stop at <end>; a last step may only end the caption."""
     state = model.initial_state(feature_row[None])
     last, ids, total = START, [], 0.0
-    for step in range(max_caption_length + 1):
+    for step in range(max_generated_words + 1):
         row, state = model.step(np.array([last]), state)
         word = int(np.argmax(row[0]))
         if word == END:
             return ids, total + float(row[0, word]), True
-        if step == max_caption_length:
+        if step == max_generated_words:
             return ids, total, False
         ids.append(word)
         total += float(row[0, word])
@@ -374,7 +377,7 @@ def test_greedy_equals_the_naive_argmax_loop():
     image_features = np.concatenate([rng.integers(0, 1000, (20, 1)), rng.normal(size=(20, 2))], axis=1).astype(np.float32)
     for end_boost in (1.5, -1.0):
         model = RandomModel(end_boost=end_boost, seed=7)
-        got = greedy(model, image_features, start_id=START, end_id=END, max_caption_length=5, batch_size=6)
+        got = greedy(model, image_features, start_id=START, end_id=END, max_generated_words=5, batch_size=6, length_normalization=0.0)
         unfinished = 0
         for row, caption in zip(image_features, got):
             ids, total, done = naive_greedy(model, row, 5)
@@ -393,8 +396,8 @@ def test_decoding_does_not_import_tensorflow():
 def test_banned_words_are_never_proposed():
     # Kind 0 with "a" banned (standing in for <unk>): greedy takes b (.4), then <end> (.9).
     stepper = BannedWords(TableModel(), [ID["a"]])
-    (caption,) = greedy(stepper, features(0), start_id=START, end_id=END, max_caption_length=5)
+    (caption,) = greedy(stepper, features(0), start_id=START, end_id=END, max_generated_words=5, length_normalization=0.0)
     assert words(caption) == "b"
     assert caption.log_prob == pytest.approx(math.log(0.4 * 0.9))
-    (unbanned,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_caption_length=5)
+    (unbanned,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_generated_words=5, length_normalization=0.0)
     assert words(unbanned) == "a"

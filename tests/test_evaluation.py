@@ -84,7 +84,7 @@ def make_config(ws: dict[str, Path], output: Path, **changes) -> Config:
     config.eval.split = "test"
     config.eval.output = str(output)
     config.decode.beam_size = 2
-    config.decode.max_caption_length = 6
+    config.decode.max_generated_words = 6
     for key, value in changes.items():
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
@@ -244,7 +244,7 @@ def test_bad_model_directories_exit_2_with_one_line(workspace, tmp_path, capsys)
 def test_cli_evaluate_prints_the_summary(workspace, tmp_path, capsys):
     code = cli_main(["evaluate", "--model", str(workspace["model"]), "--features", str(workspace["features"]),
                      "--captions", str(workspace["captions"]), "--split", "dev", "--beam", "1",
-                     "--output", str(tmp_path), "--decode.max_caption_length=4"])
+                     "--output", str(tmp_path), "--decode.max_generated_words=4"])
     assert code == 0
     out = capsys.readouterr().out
     assert "| BLEU-1 |" in out and "| images | 1 |" in out and "| beam | 1 |" in out

@@ -80,7 +80,7 @@ def write_images(folder: Path) -> dict[str, Path]:
 def test_caption_files_captions_good_images_and_reports_bad_ones(tiny_model_dir, tiny_net, tmp_path):
     paths = write_images(tmp_path)
     order = ["red", "empty", "blue", "text", "truncated", "missing", "large"]
-    outcomes = caption_files(tiny_model_dir, [paths[n] for n in order], DecodeConfig(beam_size=2, max_caption_length=5))
+    outcomes = caption_files(tiny_model_dir, [paths[n] for n in order], DecodeConfig(beam_size=2, max_generated_words=5))
 
     assert tiny_net == [("vgg16", "fc2", "none", "float32")]  # rebuilt as recorded, once
     assert [o.path for o in outcomes] == [paths[n] for n in order]  # input order
@@ -98,7 +98,7 @@ def test_caption_files_captions_good_images_and_reports_bad_ones(tiny_model_dir,
     for name in ("empty", "text", "truncated", "missing"):
         assert by_name[name].caption is None and by_name[name].log_prob is None
     # The same image gives the same caption, whatever else is in the batch.
-    alone = caption_files(tiny_model_dir, [paths["red"]], DecodeConfig(beam_size=2, max_caption_length=5))
+    alone = caption_files(tiny_model_dir, [paths["red"]], DecodeConfig(beam_size=2, max_generated_words=5))
     assert alone[0].caption == by_name["red"].caption
     assert alone[0].log_prob == pytest.approx(by_name["red"].log_prob, abs=1e-4)
 
@@ -109,14 +109,14 @@ def test_images_over_the_pixel_limit_are_refused_with_a_reason(tiny_model_dir, t
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.new("1", (2000, 1000)).save(big)  # 2 megapixels declared, over the (lowered) limit
     Image.new("RGB", (50, 50), (1, 2, 3)).save(small)
-    outcomes = caption_files(tiny_model_dir, [big, small], DecodeConfig(beam_size=1, max_caption_length=4))
+    outcomes = caption_files(tiny_model_dir, [big, small], DecodeConfig(beam_size=1, max_generated_words=4))
     assert "limit" in outcomes[0].error and outcomes[0].caption is None
     assert outcomes[1].error is None and outcomes[1].caption is not None
 
 
 def test_caption_command_exit_codes_and_json(tiny_model_dir, tiny_net, tmp_path, capsys):
     paths = write_images(tmp_path)
-    base = ["--model", str(tiny_model_dir), "--beam", "2", "--decode.max_caption_length=5"]
+    base = ["--model", str(tiny_model_dir), "--beam", "2", "--decode.max_generated_words=5"]
 
     assert caption_main([*base, str(paths["red"])]) == 0
     out = capsys.readouterr().out
@@ -216,7 +216,7 @@ def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path
     model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 4096)
     paths = sorted(images.iterdir()) + [tmp_path / "gone.jpg"]
     keras.utils.set_random_seed(2)
-    outcomes = caption_files(model_dir, paths, DecodeConfig(max_caption_length=4))
+    outcomes = caption_files(model_dir, paths, DecodeConfig(max_generated_words=4))
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert all(isinstance(o.caption, str) for o in outcomes[:2])
 

@@ -58,7 +58,7 @@ def make_features(images: int = 4, dim: int = 6) -> dict[str, np.ndarray]:
 
 def test_encode_captions_keeps_order_cuts_long_captions_and_maps_unknown_words():
     captions = {"x": ["a dog runs", "a red cat sits on a mat"], "y": ["a zebra"]}
-    encoded = encode_captions(captions, WordTokenizer(), max_caption_length=4)
+    encoded = encode_captions(captions, WordTokenizer(), max_prepared_words=4)
     assert encoded.image_ids == ["x", "x", "y"]
     assert [c.tolist() for c in encoded.caption_ids] == [[4, 5, 7], [4, 11, 6, 8], [4, 1]]
     assert encoded.truncated == 1

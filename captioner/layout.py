@@ -1,0 +1,102 @@
+"""Every artifact's file names, declared once: what each stage writes and the next one reads.
+
+Modules write and read these files through the names and helpers here, never through
+their own string literals, so a renamed file changes in one place.
+
+A model directory (written by `captioner train`, read by `caption`, `evaluate`)::
+
+    model.keras      the trained Keras model
+    tokenizer.json   the vocabulary it was trained with
+    config.json      the resolved config, feature_dim, vocab_size, features_provenance
+    history.csv      one row per finished epoch
+    checkpoints/     what `--resume` needs (`captioner.checkpoints`)
+    manifest.json    the stage cache's record of the finished run (`captioner.cache`)
+    eval-<split>.json, eval-<split>.html   written by `captioner evaluate`
+
+A captions folder (written by `captioner prepare`)::
+
+    <split>.json     {image_id: [cleaned caption, ...]} for split in train, dev, test
+    tokenizer.json   built on the train split
+    stats.json       counts, problems, length percentiles, vocabulary table
+
+An image's id is its file name without the suffix (`1000268201_693b08cb0b.jpg` ->
+`1000268201_693b08cb0b`): the features, the captions and the reports all key on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# --------------------------------------------------------------------------- images
+
+# The suffixes an image folder is searched for (lower-cased), and that a caption file's
+# image name must have.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+def is_image_name(name: str | Path) -> bool:
+    """Whether a file name has one of `IMAGE_SUFFIXES` (case-insensitive)."""
+    return Path(str(name).strip()).suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_id(name: str | Path) -> str:
+    """The id of an image file: its name without folder and suffix."""
+    return Path(str(name).strip()).stem
+
+
+# --------------------------------------------------------------------------- Flickr8k inputs
+
+SPLITS = ("train", "dev", "test")
+TOKEN_FILE = "Flickr8k.token.txt"  # IMAGE.jpg#N<TAB>caption, one line per caption
+SPLIT_FILES = {  # Flickr8k's official split lists, one image file name per line
+    "train": "Flickr_8k.trainImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+
+# --------------------------------------------------------------------------- captions folder
+
+TOKENIZER_FILE = "tokenizer.json"
+STATS_FILE = "stats.json"
+
+
+def split_file(captions_dir: str | Path, split: str) -> Path:
+    """A prepared split's captions: `<captions_dir>/<split>.json`."""
+    return Path(captions_dir) / f"{split}.json"
+
+
+def captions_files(captions_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> list[Path]:
+    """Every file `prepare` writes into `captions_dir`."""
+    folder = Path(captions_dir)
+    return [split_file(folder, s) for s in splits] + [folder / TOKENIZER_FILE, folder / STATS_FILE]
+
+
+# --------------------------------------------------------------------------- model directory
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+CHECKPOINTS_DIR = "checkpoints"
+# What a model directory needs to caption (and what a cached evaluation depends on).
+MODEL_DIR_FILES = (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE)
+# Everything a finished training run writes besides its checkpoints and manifest.
+TRAINED_FILES = MODEL_DIR_FILES + (HISTORY_FILE,)
+
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    """The files that determine a model's captions."""
+    return [Path(model_dir) / name for name in MODEL_DIR_FILES]
+
+
+def eval_report_files(output_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """Where `evaluate` writes a split's report: (eval-<split>.json, eval-<split>.html)."""
+    folder = Path(output_dir)
+    return folder / f"eval-{split}.json", folder / f"eval-{split}.html"
+
+
+# --------------------------------------------------------------------------- features
+
+def features_parts_dir(output: str | Path) -> Path:
+    """Where an extraction keeps its finished chunks until the features file is written."""
+    output = Path(output)
+    return output.with_name(output.name + ".parts")

@@ -9,7 +9,14 @@ mistaken for a finished one.
 
 Every file goes through `atomic_write`: written to a temporary name in the same
 folder, flushed to disk, then renamed over the target. A reader sees the old file
-or the new one, never a truncated one.
+or the new one, never a truncated one. A write that fails (disk full, file-size
+limit, permission denied, read-only disk) raises `WriteError`, one line naming the
+file and the cause, and leaves the previous file as it was. A stage with several
+outputs writes them with `write_together`: all are written to temporary files first,
+and only when every one succeeded are they renamed into place.
+
+Two runs on one output: every stage holds `output_lock(output)` while it runs, so
+a second run refuses at once, in one line, instead of both writing.
 
 Feature files (`load_features`) are pickles of dict image id -> float32 array,
 read with an unpickler that admits only numpy arrays, or `.npz` files with `ids`
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import io
 import json
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from captioner.errors import CaptionerError
 
@@ -42,24 +51,59 @@ HASH_LIMIT_BYTES = 1 << 30  # files up to 1 GiB are hashed; bigger ones go by si
 
 # --------------------------------------------------------------------------- atomic writes
 
+# The errors a write can meet that are the machine's state, not a bug: reported in one line.
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOTDIR,
+     errno.EISDIR, errno.ENAMETOOLONG}
+)
+
+
+class WriteError(CaptionerError):
+    """An output that could not be written (disk full, file too large, no permission)."""
+
+
+def write_error(path: str | Path, error: OSError) -> WriteError:
+    """The one-line error for a failed write of `path`."""
+    cause = error.strerror or type(error).__name__
+    if error.errno == errno.EFBIG:
+        cause += " (the file-size limit, see `ulimit -f`)"
+    return WriteError(f"cannot write {path}: {cause}; the previous version, if any, is unchanged")
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | Path) -> Iterator[None]:
+    """Turns an OSError of the kinds in WRITE_ERRNOS raised inside the block into a WriteError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, WriteError) or error.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(path, error) from None
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Opens a temporary file beside `path`; on success it is fsynced and renamed to `path`.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception the temporary file is removed and `path` is untouched; a failed
+    write (disk full, file-size limit, permission) is raised as a one-line WriteError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_name(path)
     try:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with reporting_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
@@ -69,12 +113,75 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
 
 
+def write_together(files: Mapping[str | Path, bytes]) -> None:
+    """Writes several files so that a failure leaves all of the previous ones in place.
+
+    Every file is first written and fsynced under a temporary name; only when all of
+    them succeeded are they renamed over their targets (renames do not fail for lack of
+    space). A failed write raises WriteError naming the file and removes the temporaries.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for target, data in files.items():
+            target = Path(target)
+            tmp = _temporary_name(target)
+            written.append((tmp, target))
+            with reporting_write_errors(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    for tmp, target in written:
+        with reporting_write_errors(target):
+            os.replace(tmp, target)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- one run per output
+
+
+def lock_path_for(output: str | Path) -> Path:
+    """The lock of a stage writing `output`: inside a folder output, a hidden file beside a file output."""
+    output = Path(output)
+    if output.suffix == "" or output.is_dir():
+        return output / ".lock"
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, timeout: float = 0) -> Iterator[None]:
+    """Holds the lock of `output` for the block: a second run on the same output refuses in one line.
+
+    `timeout` seconds to wait for the other run first (0: refuse at once). The lock is
+    an OS file lock (the `filelock` package): a killed run's lock is released with its process.
+    """
+    path = lock_path_for(output)
+    with reporting_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CaptionerError(
+                f"{output} is being written by another run (it holds {path}); wait for it to finish"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- fingerprints

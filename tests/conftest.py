@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,49 @@ def shared_images(shared_flickr8k: Path) -> Path:
     if not any(folder.glob("*.jpg")):
         pytest.skip("../shared/flickr8k/images is empty")
     return folder
+
+
+@contextlib.contextmanager
+def limit_file_size(max_bytes: int):
+    """Lowers this process's file-size limit (RLIMIT_FSIZE, `ulimit -f`) for the block.
+
+    A write past it fails with EFBIG (Python ignores SIGXFSZ), as on a full disk, even for
+    root, which file permissions do not stop. The soft limit is restored afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.fixture
+def file_size_limit():
+    """`with file_size_limit(N):` makes every write past N bytes fail (see `limit_file_size`)."""
+    return limit_file_size
+
+
+@pytest.fixture
+def disk_full():
+    """`disk_full(path)` makes the next atomic write of `path` by this process meet a full disk (ENOSPC).
+
+    Our atomic writes go through a temporary name beside the target
+    (`captioner.cache._temporary_name`); pointing it at /dev/full makes the write fail with
+    ENOSPC as on a full disk, while the target itself stays as it was.
+    """
+    from captioner import cache
+
+    made = []
+
+    def arrange(path: Path) -> Path:
+        tmp = cache._temporary_name(Path(path))
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.symlink_to("/dev/full")
+        made.append(tmp)
+        return tmp
+
+    yield arrange
+    for tmp in made:
+        if tmp.is_symlink():
+            tmp.unlink()

@@ -108,3 +108,75 @@ def test_not_a_features_file(tmp_path):
 def test_provenance_of_imported_features(tmp_path):
     np.savez(tmp_path / "f.npz", ids=np.array(["p"]), features=np.ones((1, 3)))
     assert cache.feature_provenance(tmp_path / "f.npz")["backbone"] is None
+
+
+# ----------------------------------------------------------------- write failures, locks
+
+
+def test_a_failed_write_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path, file_size_limit):
+    target = tmp_path / "out.bin"
+    cache.atomic_write_bytes(target, b"old")
+    with file_size_limit(1000), pytest.raises(cache.WriteError) as caught:
+        cache.atomic_write_bytes(target, b"x" * 5000)
+    message = str(caught.value)
+    assert str(target) in message and "File too large" in message and "\n" not in message
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary left behind
+
+
+def test_a_full_disk_is_reported_and_the_old_file_kept(tmp_path, disk_full):
+    target = tmp_path / "out.json"
+    cache.atomic_write_json(target, {"v": 1})
+    disk_full(target)
+    with pytest.raises(cache.WriteError, match="No space left on device"):
+        cache.atomic_write_json(target, {"v": 2})
+    assert cache.json.loads(target.read_text()) == {"v": 1}
+
+
+def test_permission_denied_is_a_write_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.os, "replace", refuse)
+    with pytest.raises(cache.WriteError, match="cannot write .*out.txt: Permission denied"):
+        cache.atomic_write_text(tmp_path / "out.txt", "x")
+
+
+def test_write_together_replaces_all_or_none(tmp_path, file_size_limit):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    cache.write_together({a: b"old a", b: b"old b"})
+    with file_size_limit(100), pytest.raises(cache.WriteError, match="b.json"):
+        cache.write_together({a: b"new a", b: b"n" * 500})
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")  # a was not replaced alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    cache.write_together({a: b"new a", b: b"new b"})
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
+
+
+def test_a_second_run_on_one_output_refuses_in_one_line(tmp_path):
+    output = tmp_path / "model"
+    with cache.output_lock(output):
+        with pytest.raises(CaptionerError, match="being written by another run") as caught:
+            with cache.output_lock(output):
+                pass
+        assert "\n" not in str(caught.value)
+    with cache.output_lock(output):  # released: the next run may go
+        pass
+
+
+def test_the_lock_holds_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    output = tmp_path / "features.pkl"
+    script = (
+        "import sys; from captioner import cache\n"
+        "from captioner.errors import CaptionerError\n"
+        "try:\n"
+        f"    with cache.output_lock({str(output)!r}): print('got it')\n"
+        "except CaptionerError as e: print(e)\n"
+    )
+    with cache.output_lock(output):
+        busy = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "being written by another run" in busy.stdout and free.stdout.strip() == "got it"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner import config as config_lib
+from captioner import runtime
 from captioner.errors import CaptionerError
 
 log = logging.getLogger("captioner")
@@ -49,6 +50,10 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
     },
     "caption": {"model": "eval.model", "beam": "decode.beam_size"},
 }
+
+
+# Subcommands that run a Keras model (the others never import the backend).
+KERAS_COMMANDS = frozenset({"extract", "train", "evaluate"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _split_overrides(extra)
         config = resolve_config(args.command, args, overrides)
         force = getattr(args, "force", False)
+        if args.command in KERAS_COMMANDS:
+            runtime.import_keras()  # before the stage imports it: the backend's start-up chatter stays off stderr
 
         if args.command == "demo-data":
             from captioner.demo import make_demo_data
@@ -224,6 +231,7 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         args, extra = build_caption_parser().parse_known_args(argv)
         _setup_logging(args.verbose, quiet=True)
         config = resolve_config("caption", args, _split_overrides(extra))
+        runtime.import_keras()
         from captioner.inference import caption_files
 
         outcomes = caption_files(Path(config.eval.model), [Path(p) for p in args.images], config.decode)

@@ -6,7 +6,7 @@ DEMO := data/demo
 DEMO_IMAGES ?= 800
 DEMO_TRAIN ?= --train.epochs=30 --train.patience=5
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test test-slow bench clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The fast suite (offline, about a minute and a half on 2 cores); slow tests are marked and left to test-slow.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests: the random-VGG16 linear probe, the distribution strategies (two real worker processes).
+test-slow: $(VENV)/.installed
+	CAPTIONER_MULTIWORKER_TEST=1 $(BIN)/python -m pytest -q -m slow
 
 # The whole pipeline on generated data, offline: every stage is cached, so a re-run is quick.
 demo: $(VENV)/.installed

@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache
+from captioner import cache, feature_files
 from captioner.errors import CaptionerError
 from captioner.images import ImageError, load_preprocessed, list_images, resample_filter
 
@@ -490,7 +490,7 @@ def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) ->
     if recorded.get("size") != stat.st_size or recorded.get("mtime_ns") != stat.st_mtime_ns:
         return {}, {}
     try:
-        features = cache.load_features_file(output)
+        features = feature_files.load_features_file(output)
     except CaptionerError as error:
         log.warning("features: not reusing %s: %s", output, error)
         return {}, {}
@@ -638,7 +638,7 @@ def extract_stage(
     ordered = {image_id: features[image_id] for image_id in sorted(features)}
     dims = {vector.shape[0] for vector in ordered.values()}
     feature_dim = dims.pop() if dims else 0
-    cache.save_features(output, ordered)
+    feature_files.save_features(output, ordered)
     stage.finish(
         config,
         extra={
@@ -733,7 +733,7 @@ def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
     failed: dict[str, str] = {}
     duplicates: dict[str, str] = {}
     for index, part in sorted(shards.items()):
-        for image_id, vector in cache.load_features_file(part).items():
+        for image_id, vector in feature_files.load_features_file(part).items():
             if image_id in merged:
                 raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
             if shard_of(image_id, count) != index:
@@ -748,7 +748,7 @@ def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
     if len(dims) > 1:
         raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")
     feature_dim = dims.pop() if dims else 0
-    cache.save_features(output, ordered)
+    feature_files.save_features(output, ordered)
     stage.finish(
         None,
         extra={

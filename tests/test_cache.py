@@ -1,9 +1,6 @@
-"""The stage cache: manifests, fingerprints, atomic writes, safe feature loading."""
+"""The stage cache: manifests, fingerprints, atomic writes, write failures, locks."""
 
 import os
-import pickle
-
-import numpy as np
 import pytest
 
 from captioner import cache
@@ -58,56 +55,6 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]  # no temporary left behind
-
-
-def test_features_round_trip_and_course_format(tmp_path):
-    features = {"a": np.arange(4, dtype=np.float32), "b": np.ones(4, np.float32)}
-    cache.save_features(tmp_path / "f.pkl", features)
-    loaded = cache.load_features(tmp_path / "f.pkl")
-    assert set(loaded) == {"a", "b"} and loaded["a"].dtype == np.float32
-    np.testing.assert_array_equal(loaded["a"], features["a"])
-    with open(tmp_path / "course.pkl", "wb") as handle:  # the course's features.pkl: values (1, D)
-        pickle.dump({"x": np.ones((1, 4), np.float64)}, handle)
-    assert cache.load_features(tmp_path / "course.pkl")["x"].shape == (4,)
-
-
-def test_npz_and_merging(tmp_path):
-    np.savez(tmp_path / "f.npz", ids=np.array(["p", "q"]), features=np.eye(2, 3, dtype=np.float16))
-    cache.save_features(tmp_path / "g.pkl", {"r": np.zeros(3, np.float32)})
-    merged = cache.load_features([tmp_path / "f.npz", tmp_path / "g.pkl"])
-    assert sorted(merged) == ["p", "q", "r"] and merged["q"].tolist() == [0, 1, 0]
-    cache.save_features(tmp_path / "wide.pkl", {"s": np.zeros(5, np.float32)})
-    with pytest.raises(CaptionerError, match="width 5 cannot be merged with width 3"):
-        cache.load_features([tmp_path / "f.npz", tmp_path / "wide.pkl"])
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/captioner-pwned",))
-
-
-def test_restricted_unpickler_refuses_code(tmp_path):
-    path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"a": _Evil()}))
-    with pytest.raises(CaptionerError, match="refused"):
-        cache.load_features(path)
-    assert not os.path.exists("/tmp/captioner-pwned")
-
-
-def test_not_a_features_file(tmp_path):
-    (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2]))
-    with pytest.raises(CaptionerError, match="not a features file"):
-        cache.load_features(tmp_path / "list.pkl")
-    (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"a": np.ones(8)})[:20])
-    with pytest.raises(CaptionerError, match="not a readable features file"):
-        cache.load_features(tmp_path / "trunc.pkl")
-    with pytest.raises(CaptionerError, match="features file not found"):
-        cache.load_features(tmp_path / "none.pkl")
-
-
-def test_provenance_of_imported_features(tmp_path):
-    np.savez(tmp_path / "f.npz", ids=np.array(["p"]), features=np.ones((1, 3)))
-    assert cache.feature_provenance(tmp_path / "f.npz")["backbone"] is None
 
 
 # ----------------------------------------------------------------- write failures, locks

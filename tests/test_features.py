@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cache
+from captioner import cache, feature_files
 from captioner.cli import main as cli_main
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -79,7 +79,7 @@ def make_config(images: Path, output: Path, **features) -> Config:
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
-    return cache.load_features(path)
+    return feature_files.load_features(path)
 
 
 def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -120,7 +120,7 @@ def test_extract_writes_features_and_manifest_then_is_up_to_date(tmp_path, tiny)
     }
     assert manifest["extra"]["failed"] == {} and manifest["extra"]["images"] == 12
     assert not parts_folder_for(output).exists()
-    assert cache.feature_provenance(output)["backbone"] == "vgg16"
+    assert feature_files.feature_provenance(output)["backbone"] == "vgg16"
 
     def no_model():
         raise AssertionError("an up-to-date stage must not build the network")
@@ -355,7 +355,7 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
     assert_same(load(merged), expected)
     manifest = cache.read_manifest(merged)
     assert manifest["stage"] == "merge-features" and "shard" not in manifest["params"]
-    assert cache.feature_provenance(merged) == {
+    assert feature_files.feature_provenance(merged) == {
         "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32",
     }
     assert merge_feature_parts(parts, merged).up_to_date
@@ -385,38 +385,6 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
         pickle.dump(data, handle)
     with pytest.raises(CaptionerError, match=f"{wrong}"):
         merge_feature_parts(sorted(tampered.glob("*.pkl")), tmp_path / "m6.pkl")
-
-
-# --------------------------------------------------------------------------- safe loading
-
-
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_malicious_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "features.pkl"
-    path.write_bytes(pickle.dumps({"img": _Evil(marker)}))
-    with pytest.raises(CaptionerError, match="refus"):
-        cache.load_features(path)
-    assert not marker.exists()
-
-
-def test_course_format_loads(tmp_path):
-    rng = np.random.default_rng(0)
-    course = {f"id{i}": rng.random((1, 4096)).astype(np.float32) for i in range(3)}
-    path = tmp_path / "features.pkl"
-    with open(path, "wb") as handle:
-        pickle.dump(course, handle)
-    loaded = cache.load_features(path)
-    assert list(loaded) == list(course)
-    for key, value in course.items():
-        assert loaded[key].shape == (4096,) and np.array_equal(loaded[key], value[0])
 
 
 # --------------------------------------------------------------------------- the real backbone

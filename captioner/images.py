@@ -35,6 +35,7 @@ but returning a new array instead of modifying its input.
 from __future__ import annotations
 
 import struct
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class _OnDisk:
+    """An image file as `load_image` sees it: what to open, a name for messages, a size."""
+
+    def __init__(self, path: Path) -> None:
+        self.source, self.name = path, path.name
+
+    def size(self) -> int:
+        return self.source.stat().st_size
+
+
+class _InMemory:
+    """A binary file object seen through the two things `load_image` asks of a path."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.source = handle
+        self.name = Path(str(getattr(handle, "name", "") or "upload")).name
+
+    def size(self) -> int:
+        position = self.source.tell()
+        end = self.source.seek(0, 2)
+        self.source.seek(position)
+        return end - position
+
+
 def load_image(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     size: tuple[int, int] = IMAGE_SIZE,
     resample: str = "nearest",
     max_pixels: int | None = -1,
@@ -128,16 +153,17 @@ def load_image(
     Keras `load_img`). max_pixels: refuse images declaring more pixels than this;
     -1 (default) means Pillow's `Image.MAX_IMAGE_PIXELS` at call time, None no limit.
     Raises ImageError with the reason for anything unusable (zero bytes, not an image,
-    truncated, corrupt, too large).
+    truncated, corrupt, too large). `path` may also be a binary file object (an upload
+    held in memory, `io.BytesIO`), named in messages by its `name` attribute if it has one.
     """
-    path = Path(path)
+    path = _OnDisk(Path(path)) if isinstance(path, (str, Path)) else _InMemory(path)
     height, width = size
     pil_filter = resample_filter(resample)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
     try:
-        if path.stat().st_size == 0:
+        if path.size() == 0:
             raise ImageError(f"{path.name}: empty file (0 bytes)")
-        with Image.open(path) as image:
+        with Image.open(path.source) as image:
             declared = image.size[0] * image.size[1]
             if limit is not None and declared > limit:
                 raise ImageError(

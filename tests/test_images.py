@@ -200,3 +200,22 @@ def test_list_images(tmp_path):
     empty.mkdir()
     with pytest.raises(CaptionerError, match=f"no images in {empty}"):
         list_images(empty)
+
+
+def test_an_upload_held_in_memory_loads_like_a_file(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from captioner.images import ImageError, load_image
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (300, 200), (200, 10, 10)).save(path)
+    in_memory = load_image(io.BytesIO(path.read_bytes()), resample="bilinear")
+    assert (in_memory == load_image(path, resample="bilinear")).all() and in_memory.shape == (224, 224, 3)
+    named = io.BytesIO(b"not an image")
+    named.name = "holiday.jpg"
+    with pytest.raises(ImageError, match="^holiday.jpg: not an image Pillow can read$"):
+        load_image(named)
+    with pytest.raises(ImageError, match="empty file"):
+        load_image(io.BytesIO(b""))

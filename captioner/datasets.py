@@ -25,25 +25,22 @@ Writes into the folder text.output:
                                     cleaning version. Same inputs and params -> nothing to do.
 Cost: Flickr8k (40,460 lines) takes about 2 seconds and writes about 3 MB.
 
-Cleaning (`clean_caption`, CLEANING_VERSION 1), decided on Flickr8k's real text:
-  - lower-case;
-  - hyphens, dashes and slashes separate words: "t-shirt" -> "t shirt", "snow-covered" ->
-    "snow covered". Joining them instead ("tshirt", as the classic course code does) makes
-    hundreds of rare compounds ("graffiti-covered", "brightly-colored") that fall below the
-    minimum count and become <unk>, while their parts are common words;
-  - all other punctuation is deleted, inside words too: "man 's" -> "man s", "don't" -> "dont";
-  - tokens that are then not purely alphabetic are dropped, which removes numbers ("2 dogs" ->
-    "dogs") and leftovers such as "&": 180 of Flickr8k's 437,405 tokens;
-  - one-letter words are KEPT. The classic course drops words of one letter, which deletes
-    every "a" (the most common word in Flickr8k) and turns "a dog runs on a beach" into
-    "dog runs on beach"; its BLEU is then computed on text no person wrote.
+The five files are written together (`cache.write_together`): a failed write (full disk,
+file-size limit, permission) is one CaptionerError line naming the file and the cause, and
+leaves the previous files of the folder as they were; the manifest is written last. The
+run holds `cache.output_lock(text.output)`, so a second run on the same folder refuses.
+
+Cleaning: `captioner.cleaning` (the rule the scorers use too). File names and the image id
+rule (file name without its suffix): `captioner.layout`.
 A caption with no words left is reported as a bad line and skipped.
 
 Unusable input is reported, never a crash: malformed lines (no tab, a key without `#N`,
 an empty caption, bytes that are not UTF-8) are skipped and listed with their line
 numbers; keys that are not image file names (Flickr8k's `2258277193_586949ec62.jpg.1`,
-five captions for a name with no image) are listed; images named in a split file but
-with no caption are counted and listed. A missing caption file, split folder or split
+five captions for a name with no image) are listed; two keys that name the same image id
+(`a/x.jpg` and `b/x.jpg`, or `x.jpg` and `x.png`) are not merged: the first keeps the id, the
+others are listed and counted (`duplicate_image_ids` in stats.json); images named in a split
+file but with no caption are counted and listed. A missing caption file, split folder or split
 file, or a JSON file that is not Karpathy's format, raises CaptionerError naming it.
 """
 
@@ -52,81 +49,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioner.cache import Stage, atomic_write_json
+from captioner import cache, layout
+from captioner.cleaning import CLEANING_VERSION, clean_words
 from captioner.errors import CaptionerError
+from captioner.layout import SPLITS
 from captioner.tokenizer import FORMAT_VERSION as TOKENIZER_FORMAT_VERSION
 from captioner.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
 
-CLEANING_VERSION = 1  # bump when clean_caption changes: prepared captions then rerun
-STATS_VERSION = 1
-SPLITS = ("train", "dev", "test")
-SPLIT_FILES = {
-    "train": "Flickr_8k.trainImages.txt",
-    "dev": "Flickr_8k.devImages.txt",
-    "test": "Flickr_8k.testImages.txt",
-}
+STATS_VERSION = 2  # 2: duplicate image ids counted; bump when stats.json changes, so it is rebuilt
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # a token-file key must name an image file
 REPORT_COUNTS = (1, 2, 3, 5, 10)  # vocabulary sizes reported at these minimum counts
 PERCENTILES = (50, 90, 95, 99)
 SHOW_FIRST = 5  # problems named in the log; stats.json has them all
-
-
-# --------------------------------------------------------------------------- cleaning
-
-
-class _PunctuationTable(dict):
-    """str.translate table: dashes and slashes -> space, other punctuation deleted, the rest kept.
-
-    Filled lazily per character from its Unicode category, so curly quotes and en dashes
-    are handled like their ASCII cousins.
-    """
-
-    def __missing__(self, code: int) -> str | None:
-        char = chr(code)
-        category = unicodedata.category(char)
-        value: str | None
-        if category == "Pd" or char == "/":
-            value = " "
-        elif category.startswith("P"):
-            value = None
-        else:
-            value = char
-        self[code] = value
-        return value
-
-
-PUNCTUATION_TABLE = _PunctuationTable()  # also the scoring tokenisation (captioner.metrics)
-_PUNCTUATION = PUNCTUATION_TABLE
-
-
-def clean_words(text: str) -> tuple[list[str], int]:
-    """The cleaned words of one caption, and how many non-alphabetic tokens were dropped."""
-    words, dropped = [], 0
-    for token in text.lower().translate(_PUNCTUATION).split():
-        if token.isalpha():
-            words.append(token)
-        else:
-            dropped += 1
-    return words, dropped
-
-
-def clean_caption(text: str) -> str:
-    """'A child in a pink dress-shirt .' -> 'a child in a pink dress shirt' (see the module docstring)."""
-    return " ".join(clean_words(text)[0])
-
-
-def image_id(name: str) -> str:
-    """'1000268201_693b08cb0e.jpg' -> '1000268201_693b08cb0e' (the key used by features and captions)."""
-    return Path(name.strip()).stem
+DUPLICATE_ID = "same image id"  # the start of an unusable key's reason when another key has its id
 
 
 # --------------------------------------------------------------------------- reading
@@ -144,6 +86,10 @@ class CaptionData:
     unusable_keys: list[dict[str, Any]] = field(default_factory=list)  # {"key", "reason", "captions", "line"}
     unsplit_images: int = 0  # captioned images that no split names (Flickr8k has 91)
     dropped_tokens: int = 0  # non-alphabetic tokens removed by cleaning
+
+    def duplicate_keys(self) -> list[dict[str, Any]]:
+        """The unusable keys left out because an earlier key has the same image id."""
+        return [item for item in self.unusable_keys if item["reason"].startswith(DUPLICATE_ID)]
 
 
 def _snippet(raw: bytes) -> str:
@@ -172,6 +118,7 @@ def read_token_file(path: str | Path) -> tuple[dict[str, list[str]], list[dict[s
     captions: dict[str, list[str]] = {}
     bad_lines: list[dict[str, Any]] = []
     unusable: dict[str, dict[str, Any]] = {}
+    owners: dict[str, str] = {}  # image id -> the first key (file name) that named it
     dropped = 0
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
@@ -197,10 +144,11 @@ def read_token_file(path: str | Path) -> tuple[dict[str, list[str]], list[dict[s
         if not caption.strip():
             bad("empty caption")
             continue
-        if not name.lower().endswith(IMAGE_SUFFIXES):
-            entry = unusable.setdefault(
-                name, {"key": name, "reason": "not an image file name", "captions": 0, "line": number}
-            )
+        key_id = layout.image_id(name)
+        owner = owners.setdefault(key_id, name) if layout.is_image_name(name) else None
+        if owner != name:
+            reason = "not an image file name" if owner is None else f"{DUPLICATE_ID} as {owner!r}"
+            entry = unusable.setdefault(name, {"key": name, "reason": reason, "captions": 0, "line": number})
             entry["captions"] += 1
             continue
         words, dropped_here = clean_words(caption)
@@ -208,7 +156,7 @@ def read_token_file(path: str | Path) -> tuple[dict[str, list[str]], list[dict[s
         if not words:
             bad("no words left after cleaning")
             continue
-        captions.setdefault(image_id(name), []).append(" ".join(words))
+        captions.setdefault(key_id, []).append(" ".join(words))
     return captions, bad_lines, list(unusable.values()), dropped
 
 
@@ -221,7 +169,7 @@ def read_split_file(path: str | Path) -> list[str]:
         raise CaptionerError(f"split file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise CaptionerError(f"cannot read split file {path}: {error}") from None
-    return list(dict.fromkeys(image_id(line) for line in text.splitlines() if line.strip()))
+    return list(dict.fromkeys(layout.image_id(line) for line in text.splitlines() if line.strip()))
 
 
 def split_paths(splits_dir: str | Path) -> dict[str, Path]:
@@ -229,7 +177,7 @@ def split_paths(splits_dir: str | Path) -> dict[str, Path]:
     folder = Path(splits_dir)
     if not folder.is_dir():
         raise CaptionerError(f"split folder not found (text.splits / --splits): {folder}")
-    paths = {split: folder / name for split, name in SPLIT_FILES.items()}
+    paths = {split: folder / layout.SPLIT_FILES[split] for split in SPLITS}
     for path in paths.values():
         if not path.is_file():
             raise CaptionerError(f"split file not found: {path}")
@@ -282,7 +230,7 @@ def read_karpathy(path: str | Path) -> CaptionData:
     without: dict[str, list[str]] = {split: [] for split in SPLITS}
     bad_lines: list[dict[str, Any]] = []
     unusable: list[dict[str, Any]] = []
-    owner: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}  # image id -> (the first filename that named it, its split)
     dropped = 0
     for index, entry in enumerate(data["images"]):
         if (
@@ -294,17 +242,18 @@ def read_karpathy(path: str | Path) -> CaptionData:
             raise CaptionerError(
                 f"{path}: not a Karpathy split JSON (images[{index}] lacks filename, split or sentences)"
             )
-        key = image_id(entry["filename"])
+        key = layout.image_id(entry["filename"])
         split = KARPATHY_SPLITS.get(entry["split"])
         if split is None:
             unusable.append({"key": entry["filename"], "reason": f"unknown split {entry['split']!r}",
                              "captions": len(entry["sentences"]), "line": None})
             continue
         if key in owner:
-            unusable.append({"key": entry["filename"], "reason": f"listed twice (also in {owner[key]})",
+            first, first_split = owner[key]
+            unusable.append({"key": entry["filename"], "reason": f"{DUPLICATE_ID} as {first!r} ({first_split})",
                              "captions": len(entry["sentences"]), "line": None})
             continue
-        owner[key] = split
+        owner[key] = (entry["filename"], split)
         listed[split] += 1
         cleaned = []
         for number, sentence in enumerate(entry["sentences"]):
@@ -401,10 +350,11 @@ class PrepareResult:
     captions: dict[str, int]  # split -> captions
     vocab_size: int  # ids, special tokens included
     min_word_count: int
-    unusable_keys: int
+    unusable_keys: int  # duplicate image ids included
     bad_lines: int
     images_without_captions: int  # across splits
     truncated: int  # captions cut to max_prepared_words
+    duplicate_image_ids: int = 0  # keys left out because an earlier key has their image id
 
     def summary(self) -> str:
         state = "up to date" if self.up_to_date else "written"
@@ -416,7 +366,8 @@ class PrepareResult:
             f"in train + {len(SPECIAL_TOKENS)} special tokens (vocab_size {self.vocab_size})"
         )
         lines.append(
-            f"  not used: {self.unusable_keys} unusable keys, {self.bad_lines} malformed lines, "
+            f"  not used: {self.unusable_keys} unusable keys ({self.duplicate_image_ids} of them a duplicate "
+            f"image id), {self.bad_lines} malformed lines, "
             f"{self.images_without_captions} split images without captions; "
             f"{self.truncated} captions truncated (details in stats.json)"
         )
@@ -436,15 +387,8 @@ def _result_from_stats(output: Path, stats: dict[str, Any], up_to_date: bool) ->
         bad_lines=len(stats["bad_lines"]),
         images_without_captions=sum(splits[split]["images_without_captions"] for split in SPLITS),
         truncated=sum(splits[split]["truncated_captions"] for split in SPLITS),
+        duplicate_image_ids=stats["duplicate_image_ids"],
     )
-
-
-def _check_params(config: Any) -> None:
-    text = config.text
-    if isinstance(text.min_word_count, bool) or text.min_word_count < 1:
-        raise CaptionerError(f"text.min_word_count must be at least 1, got {text.min_word_count}")
-    if text.max_prepared_words < 1:
-        raise CaptionerError(f"text.max_prepared_words must be at least 1, got {text.max_prepared_words}")
 
 
 def _warn_problems(data: CaptionData, source: Path) -> None:
@@ -452,13 +396,16 @@ def _warn_problems(data: CaptionData, source: Path) -> None:
         shown = ", ".join(f"line {item['line']} ({item['reason']})" for item in data.bad_lines[:SHOW_FIRST])
         more = f" and {len(data.bad_lines) - SHOW_FIRST} more" if len(data.bad_lines) > SHOW_FIRST else ""
         log.warning("%s: skipped %d malformed lines: %s%s", source, len(data.bad_lines), shown, more)
-    if data.unusable_keys:
-        shown = ", ".join(
-            f"{item['key']!r} ({item['reason']}, {item['captions']} captions)"
-            for item in data.unusable_keys[:SHOW_FIRST]
-        )
-        more = f" and {len(data.unusable_keys) - SHOW_FIRST} more" if len(data.unusable_keys) > SHOW_FIRST else ""
-        log.warning("%s: %d keys could not be used: %s%s", source, len(data.unusable_keys), shown, more)
+    duplicates = data.duplicate_keys()
+    others = [item for item in data.unusable_keys if item not in duplicates]
+    for problem, items in (("keys could not be used", others),
+                           ("keys name an image id an earlier key has, and were not merged", duplicates)):
+        if items:
+            shown = ", ".join(
+                f"{item['key']!r} ({item['reason']}, {item['captions']} captions)" for item in items[:SHOW_FIRST]
+            )
+            more = f" and {len(items) - SHOW_FIRST} more" if len(items) > SHOW_FIRST else ""
+            log.warning("%s: %d %s: %s%s", source, len(items), problem, shown, more)
     for split in SPLITS:
         missing = data.without_captions[split]
         if missing:
@@ -469,9 +416,13 @@ def _warn_problems(data: CaptionData, source: Path) -> None:
 
 
 def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
-    """Runs the captions stage for `config.text` (see the module docstring); cached."""
+    """Runs the captions stage for `config.text` (see the module docstring); cached.
+
+    Holds `cache.output_lock(text.output)` while it runs. Raises CaptionerError for a
+    missing input, unusable captions, another run on the same folder, or a failed write
+    (`cache.WriteError`, the previous files of the folder left as they were).
+    """
     text = config.text
-    _check_params(config)
     captions_path = Path(text.captions)
     output = Path(text.output)
     if output.exists() and not output.is_dir():
@@ -484,25 +435,37 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
         for split, path in split_paths(text.splits).items():
             inputs[f"{split}_split"] = path
 
-    files = {split: output / f"{split}.json" for split in SPLITS}
-    tokenizer_path, stats_path = output / "tokenizer.json", output / "stats.json"
-    stage = Stage(
-        "captions",
-        output / "manifest.json",  # = cache.manifest_path_for(output): the output is always a folder
-        inputs=inputs,
-        params={
-            "min_word_count": text.min_word_count,
-            "max_prepared_words": text.max_prepared_words,
-            "cleaning_version": CLEANING_VERSION,
-            "tokenizer_format_version": TOKENIZER_FORMAT_VERSION,
-            "stats_version": STATS_VERSION,
-        },
-        outputs=[*files.values(), tokenizer_path, stats_path],
-    )
-    if not force and stage.up_to_date():
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
-        return _result_from_stats(output, stats, up_to_date=True)
+    # The folder exists before its lock and manifest are placed: cache puts both inside a folder.
+    with cache.reporting_write_errors(output):
+        output.mkdir(parents=True, exist_ok=True)
+    with cache.output_lock(output):
+        stage = cache.Stage(
+            "captions",
+            cache.manifest_path_for(output),
+            inputs=inputs,
+            params={
+                "min_word_count": text.min_word_count,
+                "max_prepared_words": text.max_prepared_words,
+                "cleaning_version": CLEANING_VERSION,
+                "tokenizer_format_version": TOKENIZER_FORMAT_VERSION,
+                "stats_version": STATS_VERSION,
+            },
+            outputs=layout.captions_files(output),
+        )
+        if not force and stage.up_to_date():
+            stats = json.loads((output / layout.STATS_FILE).read_text(encoding="utf-8"))
+            return _result_from_stats(output, stats, up_to_date=True)
+        return _run(config, stage, captions_path, output, karpathy)
 
+
+def _json_bytes(obj: Any) -> bytes:
+    # The layout cache.atomic_write_json writes, so a file reads the same whichever wrote it.
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def _run(config: Any, stage: cache.Stage, captions_path: Path, output: Path, karpathy: bool) -> PrepareResult:
+    """Reads, cleans, counts and writes (the work of `prepare_stage` once it knows it must run)."""
+    text = config.text
     log.info("captions: reading %s", captions_path)
     data = read_captions(captions_path, text.splits)
     _warn_problems(data, captions_path)
@@ -553,14 +516,16 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
         },
         "captioned_images_in_no_split": data.unsplit_images,
         "non_alphabetic_tokens_dropped": data.dropped_tokens,
+        "duplicate_image_ids": len(data.duplicate_keys()),  # also listed in unusable_keys
         "unusable_keys": data.unusable_keys,
         "bad_lines": data.bad_lines,
     }
 
-    for split in SPLITS:
-        atomic_write_json(files[split], prepared[split])
-    tokenizer.save(tokenizer_path)
-    atomic_write_json(stats_path, stats)
+    # All five files or none: a failed write leaves the previous set, which the manifest still describes.
+    contents = {layout.split_file(output, split): _json_bytes(prepared[split]) for split in SPLITS}
+    contents[output / layout.TOKENIZER_FILE] = _json_bytes(tokenizer.to_dict())
+    contents[output / layout.STATS_FILE] = _json_bytes(stats)
+    cache.write_together(contents)
     stage.finish(config, extra={"vocab_size": tokenizer.vocab_size,
                                 "captions": {split: split_stats[split]["captions"] for split in SPLITS}})
 

@@ -7,8 +7,8 @@ images with 5 references each (pure Python n-gram counting).
 What is scored, and why:
 
 - `scoring_tokens`: lower-cased words; dashes and slashes split words and all
-  other punctuation is deleted (the same rule as `captioner.datasets.clean_caption`,
-  so prepared references pass through unchanged); one-letter words such as "a"
+  other punctuation is deleted (`captioner.cleaning.PUNCTUATION_TABLE`, the rule
+  `prepare` cleans captions with, so prepared references pass through unchanged); one-letter words such as "a"
   and numbers are kept. The start, end and padding tokens (`<start>`, `<end>`,
   `<pad>`, and the classic course's `startseq`, `endseq`) are removed wherever they
   appear: they are not words anyone wrote, and the course's BLEU, which kept
@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.datasets import PUNCTUATION_TABLE
+from captioner.cleaning import PUNCTUATION_TABLE
 from captioner.errors import CaptionerError
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,6 @@ CIDER_MAX_N = 4  # n-gram orders 1..4
 CIDER_SIGMA = 6.0  # standard deviation of the Gaussian length penalty, in words
 
 
-# The same rule as caption cleaning (a test checks prepared captions pass through unchanged).
-_PUNCTUATION = PUNCTUATION_TABLE
-
-
 def scoring_tokens(text: str) -> list[str]:
     """'A dog, running <end>' -> ['a', 'dog', 'running'] (see the module docstring)."""
     tokens: list[str] = []
@@ -86,7 +82,7 @@ def scoring_tokens(text: str) -> list[str]:
         if raw in KEPT_SPECIAL_TOKENS:
             tokens.append(raw)
             continue
-        tokens.extend(token for token in raw.translate(_PUNCTUATION).split() if token not in UNSCORED_TOKENS)
+        tokens.extend(token for token in raw.translate(PUNCTUATION_TABLE).split() if token not in UNSCORED_TOKENS)
     return tokens
 
 

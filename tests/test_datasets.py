@@ -1,14 +1,18 @@
-"""The captions stage: cleaning, token/split/Karpathy parsing, bad input, caching, the CLI, real Flickr8k."""
+"""The captions stage: token/split/Karpathy parsing, bad input, caching, write failures, the CLI, real Flickr8k.
+
+The cleaning rule itself is tested in test_cleaning.py.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
-from captioner import cli
+from captioner import cache, cli
 from captioner import datasets
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -50,26 +54,6 @@ def make_config(captions: Path, splits: Path, output: Path, **text) -> Config:
     return config
 
 
-# --------------------------------------------------------------------------- cleaning
-
-
-def test_clean_caption_lowercases_strips_punctuation_and_keeps_a():
-    assert datasets.clean_caption("A child in a pink dress is climbing up a set of stairs .") == (
-        "a child in a pink dress is climbing up a set of stairs"
-    )
-    assert datasets.clean_caption("A girl , in a RED coat , smiles !") == "a girl in a red coat smiles"
-
-
-def test_clean_caption_hyphens_apostrophes_numbers():
-    assert datasets.clean_caption("A man in a t-shirt and snow-covered boots") == (
-        "a man in a t shirt and snow covered boots"
-    )
-    assert datasets.clean_caption("The man 's dog doesn't bark") == "the man s dog doesnt bark"
-    assert datasets.clean_caption("2 dogs & 3 cats in 4x4 “trucks”") == "dogs cats in trucks"
-    words, dropped = datasets.clean_words("2 dogs & 3 cats")
-    assert (words, dropped) == (["dogs", "cats"], 2)  # "&" vanishes as punctuation; 2 and 3 are dropped tokens
-
-
 # --------------------------------------------------------------------------- parsing
 
 
@@ -109,6 +93,45 @@ def test_quirk_key_reported_not_crashing(tmp_path):
     assert "img4" in captions and len(captions["img4"]) == 1
 
 
+def test_two_keys_with_one_image_id_are_reported_not_merged(tmp_path, caplog):
+    lines = [
+        "a/x.jpg#0\tA dog runs .",
+        "b/x.jpg#0\tA cat sleeps .",  # line 2: the same id "x" from another folder
+        "a/x.jpg#1\tA brown dog .",
+        "x.png#0\tA bird flies .",  # line 4: the same id again, another suffix
+        "b/x.jpg#1\tA grey cat .",
+        "y.jpg#0\tA man walks .",
+    ]
+    token = write_flickr(tmp_path / "data", lines=lines, train=("x.jpg",), dev=("y.jpg",), test=())
+    captions, bad, unusable, _ = datasets.read_token_file(token)
+    assert captions == {"x": ["a dog runs", "a brown dog"], "y": ["a man walks"]}  # only a/x.jpg's captions
+    assert bad == []
+    assert unusable == [
+        {"key": "b/x.jpg", "reason": "same image id as 'a/x.jpg'", "captions": 2, "line": 2},
+        {"key": "x.png", "reason": "same image id as 'a/x.jpg'", "captions": 1, "line": 4},
+    ]
+
+    out = tmp_path / "caps"
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets"):
+        result = datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1))
+    assert "2 keys name an image id an earlier key has" in caplog.text
+    assert "'b/x.jpg'" in caplog.text and "'x.png'" in caplog.text
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["duplicate_image_ids"] == 2
+    assert [item["key"] for item in stats["unusable_keys"]] == ["b/x.jpg", "x.png"]
+    assert json.loads((out / "train.json").read_text()) == {"x": ["a dog runs", "a brown dog"]}
+    assert (result.duplicate_image_ids, result.unusable_keys) == (2, 2)
+    assert "2 unusable keys (2 of them a duplicate image id)" in result.summary()
+
+
+def test_token_file_keys_may_have_any_image_suffix(tmp_path):
+    token = tmp_path / "tokens.txt"
+    token.write_text("a.JPG#0\tA dog .\nb.webp#0\tA cat .\nc.bmp#0\tA cow .\nd.txt#0\tA note .\n")
+    captions, _, unusable, _ = datasets.read_token_file(token)
+    assert captions == {"a": ["a dog"], "b": ["a cat"], "c": ["a cow"]}
+    assert [(item["key"], item["reason"]) for item in unusable] == [("d.txt", "not an image file name")]
+
+
 def test_read_flickr8k_splits(tmp_path):
     data = datasets.read_captions(write_flickr(tmp_path), tmp_path)
     assert data.source_format == "flickr8k"
@@ -144,6 +167,7 @@ def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path):
         image("d.jpg", "test", "A Woman, walking!", raw=True),
         image("e.jpg", "test"),  # no sentences
         image("f.jpg", "other", "x"),
+        image("sub/c.jpg", "test", "a cat"),  # the id "c" again: reported, not merged
     ]}))
     data = datasets.read_captions(path, tmp_path / "ignored")
     assert data.source_format == "karpathy"
@@ -153,7 +177,10 @@ def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path):
         "test": {"d": ["a woman walking"]},
     }
     assert data.without_captions["test"] == ["e"]
-    assert [item["key"] for item in data.unusable_keys] == ["f.jpg"]
+    assert [(item["key"], item["reason"]) for item in data.unusable_keys] == [
+        ("f.jpg", "unknown split 'other'"), ("sub/c.jpg", "same image id as 'c.jpg' (dev)")
+    ]
+    assert [item["key"] for item in data.duplicate_keys()] == ["sub/c.jpg"]
 
 
 @pytest.mark.parametrize("content", ["not json", "[]", '{"images": 3}', '{"images": [{"filename": "a.jpg"}]}'])
@@ -213,7 +240,7 @@ def test_prepare_stage_writes_outputs_then_is_up_to_date(tmp_path, caplog):
     assert result.captions == {"train": 4, "dev": 1, "test": 1}
     assert (result.unusable_keys, result.images_without_captions, result.truncated) == (1, 1, 3)
     summary = result.summary()
-    assert "train: 2 images, 4 captions" in summary and "1 unusable keys" in summary
+    assert "train: 2 images, 4 captions" in summary and "1 unusable keys (0 of them" in summary
 
     before = (out / "train.json").stat().st_mtime_ns
     again = datasets.prepare_stage(config)
@@ -252,6 +279,78 @@ def test_prepare_stage_refuses_empty_train(tmp_path):
     token = write_flickr(tmp_path / "data", train=("nothere.jpg",))
     with pytest.raises(CaptionerError, match="train split has no captions"):
         datasets.prepare_stage(make_config(token, tmp_path / "data", tmp_path / "caps"))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_prepare_holds_the_output_lock(tmp_path):
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "caps"
+    with cache.output_lock(out):
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            datasets.prepare_stage(make_config(token, tmp_path / "data", out))
+    assert not (out / "train.json").exists()
+    assert datasets.prepare_stage(make_config(token, tmp_path / "data", out)).images["train"] == 2
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_captions(tmp_path, capsys, disk_full):
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "caps"
+    args = ["prepare", "--captions", str(token), "--splits", str(tmp_path / "data"), "--output", str(out)]
+    assert cli.main([*args, "--text.min_word_count=1"]) == 0
+    before = folder_bytes(out)
+    assert set(before) >= {"train.json", "dev.json", "test.json", "tokenizer.json", "stats.json", "manifest.json"}
+    capsys.readouterr()
+
+    disk_full(out / "stats.json")  # the last of the five: the four before it were written in full
+    assert cli.main([*args, "--text.min_word_count=2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # the others: logged warnings
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"cannot write {out / 'stats.json'}" in errors[0] and "No space left on device" in errors[0]
+    assert folder_bytes(out) == before  # byte-identical, nothing half-written, no temporary left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name] == []
+
+    assert cli.main([*args, "--text.min_word_count=2"]) == 0  # the rerun works
+    assert Tokenizer.load(out / "tokenizer.json").words[4:] == ["a", "dog", "in"]
+
+
+def test_file_size_limit_keeps_the_previous_captions(tmp_path, file_size_limit):
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "caps"
+    datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1))
+    before = folder_bytes(out)
+    assert max(len(data) for data in before.values()) > 300  # stats.json does not fit under the limit
+    # captions cut to 3 words: the small split files change and fit, stats.json does not
+    with file_size_limit(300), pytest.raises(cache.WriteError) as info:
+        datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1, max_prepared_words=3))
+    message = str(info.value)
+    assert "\n" not in message and f"cannot write {out}" in message and "file-size limit" in message
+    assert folder_bytes(out) == before
+    rerun = datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1, max_prepared_words=3))
+    assert not rerun.up_to_date and rerun.truncated == 6  # all six split captions have more than 3 words
+
+
+def test_permission_denied_names_the_file(tmp_path, monkeypatch):
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "caps"
+    datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1))
+    before = folder_bytes(out)
+
+    real_open = open
+
+    def refuse_tokenizer(file, *args, **kwargs):  # we run as root, where chmod stops nothing
+        if "tokenizer.json" in str(file):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "open", refuse_tokenizer, raising=False)
+    # shorter captions: every split file changes, and tokenizer.json comes after them
+    with pytest.raises(CaptionerError, match=r"cannot write .*tokenizer\.json: Permission denied"):
+        datasets.prepare_stage(make_config(token, tmp_path / "data", out, min_word_count=1, max_prepared_words=3))
+    assert folder_bytes(out) == before
 
 
 def test_cli_prepare_missing_token_file_exits_2_with_one_line(tmp_path, capsys):

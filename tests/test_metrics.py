@@ -1,7 +1,7 @@
 """Metrics: the scoring tokenisation, corpus BLEU, CIDEr-D, and `score`.
 
-BLEU is checked on hand-computed pairs and against nltk's corpus_bleu with
-uniform weights. CIDEr-D is pinned to numbers produced once with pycocoevalcap
+BLEU is checked on hand-computed pairs and pinned to coco-caption's values.
+CIDEr-D is pinned to numbers produced once with pycocoevalcap
 1.2's `Cider` (coco-caption's CIDEr-D), so the check runs without it installed:
 
     python3 -m venv /tmp/cocoenv && /tmp/cocoenv/bin/pip install pycocoevalcap==1.2 numpy
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import time
 
 import pytest
 from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
 
-from captioner import metrics
 from captioner.errors import CaptionerError
 from captioner.metrics import cider_d, corpus_bleu, score, scoring_tokens
 
@@ -180,11 +181,16 @@ def test_scoring_tokens_drop_start_end_and_pad_but_keep_unk():
 
 
 def test_scoring_tokens_leave_prepared_captions_unchanged():
-    datasets = pytest.importorskip("captioner.datasets")
-    for raw in ["A child in a pink dress-shirt .", "Two dogs run/play on the snow-covered hill", "Don't stop"]:
-        cleaned = datasets.clean_caption(raw)
-        assert scoring_tokens(cleaned) == cleaned.split()
-        assert scoring_tokens(raw) == cleaned.split()
+    from captioner.cleaning import clean_caption
+
+    for raw, prepared in [
+        ("A child in a pink dress-shirt .", "a child in a pink dress shirt"),
+        ("Two dogs run/play on the snow-covered hill", "two dogs run play on the snow covered hill"),
+        ("Don't stop", "dont stop"),
+    ]:
+        assert clean_caption(raw) == prepared
+        assert scoring_tokens(prepared) == prepared.split()
+        assert scoring_tokens(raw) == prepared.split()
 
 
 # ---------------------------------------------------------------- BLEU
@@ -207,12 +213,12 @@ def test_bleu_on_a_hand_checked_pair():
 @pytest.mark.filterwarnings("ignore::UserWarning")  # nltk's own zero-4-gram warning for the course weights
 def test_bleu3_uses_uniform_weights_not_the_course_weights():
     refs, hyp = [[tokens("a dog runs in the grass")]], [tokens("a dog runs on the grass")]
-    ours = corpus_bleu(refs, hyp)["bleu3"]
-    assert ours == pytest.approx(nltk_corpus_bleu(refs, hyp, weights=(1 / 3, 1 / 3, 1 / 3)))
-    # the course's (0.3, 0.3, 0.3, 0): (1/8) ** 0.3 = 0.5359, not 0.5
+    # precisions 5/6, 3/5, 1/4 (see the hand-checked pair): uniform weights give (1/8) ** (1/3) = 0.5
+    assert corpus_bleu(refs, hyp)["bleu3"] == pytest.approx(0.5)
+    # the course's (0.3, 0.3, 0.3, 0) would give (1/8) ** 0.3 = 0.5359
     course = nltk_corpus_bleu(refs, hyp, weights=(0.3, 0.3, 0.3, 0))
     assert course == pytest.approx(0.125**0.3)
-    assert abs(ours - course) > 0.03
+    assert course > 0.53
 
 
 def test_bleu_brevity_penalty():
@@ -234,11 +240,17 @@ def test_bleu_never_scores_start_and_end_tokens():
     assert all(bad > good for bad, good in zip(inflated, corpus_bleu(refs, hyps).values()))
 
 
-def test_bleu_equals_nltk_with_uniform_weights_on_the_sample():
-    refs = [[scoring_tokens(r) for r in image_refs] for image_refs in REFERENCES]
-    hyps = [scoring_tokens(h) for h in HYPOTHESES]
-    expected = nltk_corpus_bleu(refs, hyps, weights=UNIFORM)
-    assert list(corpus_bleu(refs, hyps).values()) == pytest.approx(expected, abs=1e-12)
+def test_bleu_counts_a_hypothesis_shorter_than_n_as_one_unmatched_ngram():
+    # nltk's corpus BLEU divides by max(1, n-gram count) per hypothesis. Image A: "a dog runs fast", all
+    # matching (4/4, 3/3, 2/2, 1/1); image B: "cat" against "a cat", one word: 1/1 unigrams, and for
+    # n = 2..4 no n-gram but a denominator of 1. Summed: p1 = 5/5, p2 = 3/4, p3 = 2/3, p4 = 1/2.
+    # Closest reference lengths 4 + 2 = 6 against 5 words: BP = exp(1 - 6/5) = exp(-0.2).
+    got = corpus_bleu([[tokens("a dog runs fast")], [tokens("a cat")]], [tokens("a dog runs fast"), tokens("cat")])
+    bp = math.exp(-0.2)
+    assert got["bleu1"] == pytest.approx(bp)
+    assert got["bleu2"] == pytest.approx(bp * (3 / 4) ** (1 / 2))
+    assert got["bleu3"] == pytest.approx(bp * (3 / 4 * 2 / 3) ** (1 / 3))
+    assert got["bleu4"] == pytest.approx(bp * (3 / 4 * 2 / 3 * 1 / 2) ** (1 / 4))  # coco-caption: bp
 
 
 def test_bleu_equals_coco_caption_when_every_hypothesis_has_four_words():
@@ -330,9 +342,12 @@ def test_score_by_image_id():
     assert result["num_images"] == 20
     assert result["cider"] == pytest.approx(COCO_CIDER, abs=1e-6)
     assert result["per_image_cider"]["img2"] == pytest.approx(COCO_CIDER_PER_IMAGE[2], abs=1e-6)
-    refs = [[scoring_tokens(r) for r in image_refs] for image_refs in REFERENCES]
-    bleu = corpus_bleu(refs, [scoring_tokens(h) for h in HYPOTHESES])
-    assert {k: result[k] for k in bleu} == pytest.approx(bleu)
+    assert result["per_image_cider"]["img15"] == 0.0  # the empty hypothesis
+    # BLEU by id equals coco-caption's where every hypothesis has four words (images 3 and 15 left out)
+    long_enough = {key: hyp for key, hyp in hypotheses.items() if key not in {"img3", "img15"}}
+    bleu = score(references, long_enough)
+    assert [bleu[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(COCO_BLEU_WITHOUT_SHORT, abs=1e-6)
+    assert bleu["cider"] == pytest.approx(COCO_CIDER_WITHOUT_SHORT, abs=1e-6)
     # the course's bug, scored text wrapped in startseq/endseq, changes nothing here
     wrapped = score(
         {k: [f"startseq {r} endseq" for r in v] for k, v in references.items()},
@@ -367,9 +382,14 @@ def test_a_thousand_images_score_quickly():
     assert time.process_time() - start < 4.0  # about 0.5 s on one core; generous for loaded CI machines
 
 
+def test_scoring_needs_the_cleaning_rule_not_the_captions_stage():
+    program = "import sys, captioner.metrics; print(sorted(m for m in sys.modules if m.startswith('captioner')))"
+    loaded = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert "captioner.cleaning" in loaded and "captioner.datasets" not in loaded and "captioner.cache" not in loaded
+
+
 def test_metrics_module_has_no_hidden_state():
     # scoring twice gives the same numbers (no caches, no document frequencies carried over)
     first = cider_d(REFERENCES, HYPOTHESES)
     cider_d([["a b c"]], ["a b"])
     assert cider_d(REFERENCES, HYPOTHESES) == first
-    assert metrics.CIDER_SIGMA == 6.0 and metrics.CIDER_MAX_N == 4

@@ -20,16 +20,22 @@ state at zero; `step` embeds the last word, runs the LSTM cell once and returns
 log-softmax over the vocabulary. Each step is O(1) in the caption length, all
 live beams in one call.
 
-A model directory (written by training, read by `load_model_dir`):
+A model directory (written by training, read by `load_model_dir`; file names in
+`captioner.layout`):
 
-    model.keras     the trained model (Keras 3 format)
+    model.keras     the trained model (Keras 3 format: a zip of config.json and weights)
     tokenizer.json  captioner.tokenizer.Tokenizer
     config.json     {"format_version": 1, "config": <Config as dict>, "feature_dim": D,
                      "vocab_size": V, "features_provenance": {...}}
 
-`build_per_prefix_model` is the classic course model (pre-padded prefix in, the
-next word's softmax out) with the same layer names, so weights copy across
-(`copy_weights`); the tests and the training benchmark use it as the reference.
+Loading checks what it reads and says what is wrong in one line naming the file:
+a missing file, a `model.keras` that is corrupt or not a Keras model file (Keras
+itself says "File not found" for some of these), a Keras model that is not this
+merge model, a config.json whose numbers are strings or out of range, and a model
+that does not match its config.json or tokenizer.
+
+The classic per-prefix model (the course's) is in `captioner.reference`, with the
+same layer names, so the tests can run both on the same weights.
 
 Cost: the default sizes with 4096-d features and a 7,500-word vocabulary have
 about 5.5 M parameters (22 MB in model.keras).
@@ -40,6 +46,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,16 +59,11 @@ from captioner import cache
 from captioner import config as config_lib
 from captioner.config import Config, ModelConfig
 from captioner.errors import CaptionerError, ConfigError
+from captioner.layout import CONFIG_FILE, MODEL_DIR_FILES, MODEL_FILE, TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.keras"
-TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "config.json"
-
-# Layers that hold the weights; both models below use these names.
-WEIGHT_LAYERS = ("image_dense", "embedding", "lstm", "decoder_dense", "logits")
 
 
 def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.Model:
@@ -83,49 +86,6 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
     hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
     return keras.Model(inputs=[image_features, input_ids], outputs=logits, name="merge_captioner")
-
-
-def build_per_prefix_model(feature_dim: int, vocab_size: int, max_length: int, model: ModelConfig) -> keras.Model:
-    """The classic course model: `image_features` float32 [B, D] and `prefix_ids` int32
-    [B, max_length] PRE-padded with 0 -> next-word probabilities float32 [B, vocab_size]
-    (softmax; train with categorical cross-entropy on one-hot targets).
-
-    Same layers and names as `build_model`, with the LSTM returning only its last output.
-    """
-    layers = keras.layers
-    image_features = keras.Input(shape=(feature_dim,), dtype="float32", name="image_features")
-    prefix_ids = keras.Input(shape=(max_length,), dtype="int32", name="prefix_ids")
-
-    image = layers.Dropout(model.image_dropout, name="image_dropout")(image_features)
-    image = layers.Dense(model.units, activation="relu", name="image_dense")(image)
-
-    words = layers.Embedding(vocab_size, model.embedding_dim, mask_zero=True, name="embedding")(prefix_ids)
-    words = layers.Dropout(model.word_dropout, name="word_dropout")(words)
-    words = layers.LSTM(model.units, name="lstm")(words)  # the mask skips the leading pads
-
-    merged = layers.Add(name="add")([words, image])
-    merged = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(merged)
-    hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
-    logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
-    probabilities = layers.Activation("softmax", dtype="float32", name="next_word")(logits)
-    return keras.Model(inputs=[image_features, prefix_ids], outputs=probabilities, name="per_prefix_captioner")
-
-
-def copy_weights(source: keras.Model, target: keras.Model) -> None:
-    """Copies the weight layers (`WEIGHT_LAYERS`) between the merge and per-prefix models."""
-    for name in WEIGHT_LAYERS:
-        target.get_layer(name).set_weights(source.get_layer(name).get_weights())
-
-
-def count_parameters(feature_dim: int, vocab_size: int, model: ModelConfig) -> int:
-    """Trainable parameters of `build_model`, by hand (what the tests check the model against)."""
-    units, embedding = model.units, model.embedding_dim
-    image = feature_dim * units + units
-    words = vocab_size * embedding
-    lstm = 4 * (embedding * units + units * units + units)
-    decoder = units * units + units
-    logits = units * vocab_size + vocab_size
-    return image + words + lstm + decoder + logits
 
 
 # --------------------------------------------------------------------------- the step model
@@ -226,16 +186,24 @@ class StepModel:
 
 # --------------------------------------------------------------------------- model directories
 
+# The layers `StepModel` and `load_model_dir` look up: a Keras file without them is another model.
+MERGE_LAYERS = ("image_dense", "embedding", "lstm", "decoder_dense", "logits")
+
 
 def save_model(model: keras.Model, model_dir: str | Path) -> Path:
-    """Writes `model_dir/model.keras` atomically (temporary name, then rename)."""
+    """Writes `model_dir/model.keras` atomically (temporary name, then rename).
+
+    A failed write (disk full, file-size limit, no permission) raises `cache.WriteError`
+    naming model.keras; the previous model.keras, if any, is left as it was.
+    """
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / MODEL_FILE
     tmp = model_dir / f".model.tmp-{os.getpid()}.keras"  # Keras insists on the .keras suffix
     try:
-        model.save(tmp)
-        os.replace(tmp, target)
+        with cache.reporting_write_errors(target):
+            model_dir.mkdir(parents=True, exist_ok=True)
+            model.save(tmp)
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -274,8 +242,46 @@ class LoadedModel:
         return StepModel(self.model)
 
 
+def _kind(value: Any) -> str:
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _check_size(path: Path, key: str, value: Any) -> None:
+    """feature_dim and vocab_size must be JSON integers of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaptionerError(f"{path}: {key} must be a positive integer, got {value!r} ({_kind(value)})")
+    if value < 1:
+        raise CaptionerError(f"{path}: {key} must be a positive integer, got {value}")
+
+
+def _check_number_fields(path: Path, saved: dict[str, Any]) -> None:
+    """A saved config holds numbers and booleans as JSON numbers and booleans.
+
+    `config.from_dict` also reads "256" as 256, as a command line must; a string in a
+    file this code wrote means the file was edited or damaged, so it is refused by name.
+    """
+    defaults = Config()
+    for section_name, values in saved.items():
+        section = getattr(defaults, str(section_name), None)
+        if section is None or not isinstance(values, dict):
+            continue  # from_dict names unknown sections and non-objects
+        for field_name, value in values.items():
+            default = getattr(section, str(field_name), None)
+            if isinstance(value, str) and isinstance(default, (bool, int, float)):
+                expected = "true or false" if isinstance(default, bool) else "a number"
+                raise CaptionerError(
+                    f"{path}: config {section_name}.{field_name} is the string {value!r}, expected {expected}"
+                )
+
+
 def read_model_config(model_dir: str | Path) -> tuple[Config, dict[str, Any]]:
-    """(config, info) from `model_dir/config.json`; CaptionerError when missing, unreadable or incompatible."""
+    """(config, info) from `model_dir/config.json`.
+
+    CaptionerError, one line naming the file, when it is missing, unreadable, of
+    another format_version, lacks a key, holds a string (or anything but a positive
+    integer) as feature_dim or vocab_size, a string where a config field is a number,
+    or a config value out of its range.
+    """
     path = Path(model_dir) / CONFIG_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -292,45 +298,90 @@ def read_model_config(model_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     missing = [key for key in ("config", "feature_dim", "vocab_size") if key not in data]
     if missing:
         raise CaptionerError(f"incompatible model directory {model_dir}: {CONFIG_FILE} lacks {', '.join(missing)}")
+    for key in ("feature_dim", "vocab_size"):
+        _check_size(path, key, data[key])
+    if isinstance(data["config"], dict):
+        _check_number_fields(path, data["config"])
     try:
         config = config_lib.from_dict(data["config"])
     except ConfigError as error:
-        raise CaptionerError(f"incompatible model directory {model_dir}: {CONFIG_FILE}: {error}") from None
+        raise CaptionerError(f"{path}: config {error}") from None
     info = {key: value for key, value in data.items() if key != "config"}
     return config, info
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """A `.keras` file -> the Keras model (not compiled).
+
+    CaptionerError "PATH: corrupt or not a Keras model file (why)" for an empty file,
+    a file that is not a zip archive (garbage, or truncated: a zip's directory is at its
+    end), an archive without Keras' config and weights, a damaged member (CRC), or any
+    file Keras then fails to read. Keras alone answers some of these "File not found".
+    """
+    path = Path(path)
+
+    def corrupt(reason: str) -> CaptionerError:
+        return CaptionerError(f"{path}: corrupt or not a Keras model file ({reason})")
+
+    try:
+        if path.stat().st_size == 0:
+            raise corrupt("empty file")
+        if not zipfile.is_zipfile(path):
+            raise corrupt("not a zip archive: truncated, or another kind of file")
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()  # reads every member and checks its CRC
+    except CaptionerError:
+        raise
+    except FileNotFoundError:
+        raise CaptionerError(f"model file not found: {path}") from None
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise corrupt(str(error) or type(error).__name__) from None
+    if "config.json" not in names or not names & {"model.weights.h5", "model.weights.npz"}:
+        raise corrupt("a zip archive without a Keras model's config.json and weights")
+    if damaged is not None:
+        raise corrupt(f"{damaged} inside it is damaged")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError) as error:
+        lines = str(error).strip().splitlines()
+        raise corrupt(lines[0] if lines else type(error).__name__) from None
 
 
 def load_model_dir(model_dir: str | Path) -> LoadedModel:
     """Loads model.keras, tokenizer.json and config.json from `model_dir`.
 
     Raises CaptionerError for a missing directory, any missing file (all named), an
-    incompatible config.json, or a model that does not match its config.json.
+    incompatible or damaged config.json, a corrupt model.keras, a Keras model that is
+    not the merge model, or a model that does not match its config.json and tokenizer.
     """
     from captioner.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CaptionerError(f"model directory not found: {model_dir}")
-    missing = [name for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE) if not (model_dir / name).is_file()]
+    missing = [name for name in MODEL_DIR_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CaptionerError(f"model directory {model_dir} is missing {', '.join(missing)}")
     config, info = read_model_config(model_dir)
     tokenizer = Tokenizer.load(model_dir / TOKENIZER_FILE)
-    try:
-        model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
-    except (ValueError, OSError, KeyError, TypeError) as error:
-        raise CaptionerError(f"cannot load {model_dir / MODEL_FILE}: {error}") from None
+    model_path = model_dir / MODEL_FILE
+    model = load_keras_model(model_path)
+    present = {layer.name for layer in model.layers}
+    absent = [name for name in MERGE_LAYERS if name not in present]
+    if absent:
+        raise CaptionerError(f"{model_path}: a Keras model, but not a captioner merge model (no layer {absent[0]!r})")
     vocab_size = int(model.get_layer("logits").units)
     if vocab_size != info["vocab_size"] or vocab_size != tokenizer.vocab_size:
         raise CaptionerError(
-            f"model directory {model_dir}: the model has {vocab_size} words, config.json says "
-            f"{info['vocab_size']}, tokenizer.json has {tokenizer.vocab_size}"
+            f"model directory {model_dir}: the model has {vocab_size} words, {CONFIG_FILE} says "
+            f"{info['vocab_size']}, {TOKENIZER_FILE} has {tokenizer.vocab_size}"
         )
     feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
     if feature_dim != info["feature_dim"]:
         raise CaptionerError(
             f"model directory {model_dir}: the model takes {feature_dim}-d features, "
-            f"config.json says {info['feature_dim']}"
+            f"{CONFIG_FILE} says {info['feature_dim']}"
         )
     log.info("loaded %s (%d words, %d-d features)", model_dir, vocab_size, info["feature_dim"])
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)

@@ -1,4 +1,4 @@
-"""Training sequences: teacher-forced batches, and the classic per-prefix generator as reference.
+"""Training sequences: teacher-forced batches of whole captions.
 
 Reads cleaned captions (dict image id -> list of caption strings, the `prepare`
 stage's `train.json`), a `Tokenizer` and image features (dict image id -> float32
@@ -48,11 +48,8 @@ Use `for_fit()`: Keras infers a PyDataset's tensor shapes from its first two
 batches, and when those two happen to share T, a later batch of another length
 fails.
 
-The classic way (`per_prefix_arrays`, `per_prefix_batches`): every caption becomes
-n+1 samples, one per prefix [start, w1..wi], PRE-padded to a fixed length, with
-the image features copied into every sample and a one-hot [V] target. Same
-function, O(L) more work and memory; kept as the reference the tests compare
-against and the benchmark's baseline (bench/train.py).
+The classic per-prefix way (every caption expanded into one sample per prefix)
+lives in `captioner.reference`, the reference these batches are tested against.
 
 Cost: Flickr8k (30,000 train captions) is 469 batches of 64; building a batch
 takes well under a millisecond; memory is the feature matrix (6,000 x 4096 x 4
@@ -118,8 +115,6 @@ def encode_captions(
 ) -> CaptionSet:
     """Encodes {image_id: [caption, ...]} in the mapping's order; captions longer than
     `max_prepared_words` words are cut (counted in `truncated`)."""
-    if max_prepared_words < 1:
-        raise CaptionerError(f"text.max_prepared_words must be at least 1, got {max_prepared_words}")
     image_ids: list[str] = []
     caption_ids: list[np.ndarray] = []
     truncated = 0
@@ -166,16 +161,21 @@ class FeatureTable:
         return int(self.matrix.shape[1])
 
 
-def _as_table(features: FeatureTable | Mapping[str, np.ndarray], ids: Sequence[str]) -> FeatureTable:
+def feature_table(features: FeatureTable | Mapping[str, np.ndarray], ids: Sequence[str]) -> FeatureTable:
+    """`features` as a FeatureTable: a FeatureTable is used as is (not copied); a dict
+    id -> float32 [D] is stacked for the distinct `ids`, in order of first appearance."""
     if isinstance(features, FeatureTable):
         return features
     return FeatureTable.from_dict(features, list(dict.fromkeys(ids)))
 
 
-def _rows_with_features(
-    caption_set: CaptionSet, table: FeatureTable
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(kept caption indices int64 [K], their feature rows int64 [K], sorted ids without features)."""
+def rows_with_features(caption_set: CaptionSet, table: FeatureTable) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The captions whose image has features, and where those features are.
+
+    Returns (kept caption indices int64 [K], their rows in `table.matrix` int64 [K],
+    sorted ids of the images without features). Skipped captions are logged (a
+    warning naming the first few images): they are reported, never dropped silently.
+    """
     kept, rows, missing = [], [], set()
     for k, image_id in enumerate(caption_set.image_ids):
         row = table.index.get(image_id)
@@ -184,13 +184,13 @@ def _rows_with_features(
         else:
             kept.append(k)
             rows.append(row)
-    return np.asarray(kept, dtype=np.int64), np.asarray(rows, dtype=np.int64), sorted(missing)
-
-
-def _report_missing(missing: list[str], skipped: int) -> None:
     if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        log.warning("skipped %d captions of %d images without features (%s)", skipped, len(missing), shown)
+        names = sorted(missing)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        log.warning(
+            "skipped %d captions of %d images without features (%s)", len(caption_set) - len(kept), len(names), shown
+        )
+    return np.asarray(kept, dtype=np.int64), np.asarray(rows, dtype=np.int64), sorted(missing)
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -256,13 +256,10 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if batch_size < 1:
-            raise CaptionerError(f"train.batch_size must be at least 1, got {batch_size}")
-        self.table = _as_table(features, caption_set.image_ids)
-        kept, rows, missing = _rows_with_features(caption_set, self.table)
+        self.table = feature_table(features, caption_set.image_ids)
+        kept, rows, missing = rows_with_features(caption_set, self.table)
         self.skipped_captions = len(caption_set) - len(kept)
         self.missing_images = missing
-        _report_missing(missing, self.skipped_captions)
         if len(kept) == 0:
             raise CaptionerError(
                 f"none of the {len(caption_set)} captions has image features "
@@ -395,117 +392,3 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         # A known length, so Keras neither guesses the epoch's end nor warns that data ran out.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
         return dataset.prefetch(2)
-
-
-# --------------------------------------------------------------------------- the classic way
-
-
-def _prefix_block(caption: np.ndarray, start_id: int, end_id: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """All n+1 prefixes of one caption, PRE-padded: (int32 [n+1, max_length], targets int32 [n+1])."""
-    sequence = np.concatenate([[start_id], caption, [end_id]]).astype(np.int32)
-    count = len(caption) + 1
-    prefixes = np.zeros((count, max_length), dtype=np.int32)
-    for i in range(1, count + 1):
-        prefixes[i - 1, max_length - i :] = sequence[:i]
-    return prefixes, sequence[1:]
-
-
-def max_prefix_length(caption_set: CaptionSet) -> int:
-    """The longest prefix [start, w1..wn]: the classic pre-padding length (the course's max_length - 1)."""
-    return int(caption_set.lengths.max()) + 1 if len(caption_set) else 1
-
-
-def per_prefix_arrays(
-    caption_set: CaptionSet,
-    features: FeatureTable | Mapping[str, np.ndarray],
-    max_length: int | None = None,
-    one_hot: bool = True,
-) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """The course's `create_sequences` for a whole caption set, fully expanded.
-
-    Returns ((image_features float32 [P, D] (a copy per prefix), prefixes int32
-    [P, max_length] PRE-padded with 0), targets) where P = sum of (n + 1) over
-    captions and targets is float32 [P, vocab_size] one-hot (one_hot=True, the
-    course's way) or int32 [P]. Captions without features are skipped (logged).
-    Memory grows as P * (vocab_size + D): gigabytes for Flickr8k; use it on small sets.
-    """
-    table = _as_table(features, caption_set.image_ids)
-    kept, rows, missing = _rows_with_features(caption_set, table)
-    _report_missing(missing, len(caption_set) - len(kept))
-    max_length = max_length or max_prefix_length(caption_set)
-    blocks = [
-        _prefix_block(
-            caption_set.caption_ids[k][: max_length - 1], caption_set.start_id, caption_set.end_id, max_length
-        )
-        for k in kept
-    ]
-    counts = np.asarray([len(b[1]) for b in blocks], dtype=np.int64)
-    prefixes = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, max_length), np.int32)
-    targets = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int32)
-    image_features = table.matrix[np.repeat(rows, counts)]
-    if one_hot:
-        return (image_features, prefixes), _one_hot(targets, caption_set.vocab_size)
-    return (image_features, prefixes), targets
-
-
-def _one_hot(targets: np.ndarray, vocab_size: int) -> np.ndarray:
-    encoded = np.zeros((len(targets), vocab_size), dtype=np.float32)
-    encoded[np.arange(len(targets)), targets] = 1.0
-    return encoded
-
-
-def per_prefix_batches(
-    caption_set: CaptionSet,
-    features: FeatureTable | Mapping[str, np.ndarray],
-    batch_size: int,
-    max_length: int | None = None,
-    one_hot: bool = True,
-    seed: int | None = None,
-    loop: bool = True,
-) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-    """The course's `data_generator`: a Python generator of ((features [b, D], prefixes [b, L]), targets).
-
-    Expands captions lazily (one caption's prefixes at a time) into batches of exactly
-    `batch_size` prefixes (the last of a pass may be smaller), with the image row copied
-    into every prefix and one-hot float32 [b, vocab_size] targets (or int32 [b]).
-    Caption order is shuffled per pass when `seed` is given; `loop` repeats forever
-    as `fit(generator, steps_per_epoch=...)` expects.
-    """
-    table = _as_table(features, caption_set.image_ids)
-    kept, rows, missing = _rows_with_features(caption_set, table)
-    _report_missing(missing, len(caption_set) - len(kept))
-    max_length = max_length or max_prefix_length(caption_set)
-    passes = 0
-    while True:
-        order = np.arange(len(kept)) if seed is None else epoch_permutation(len(kept), seed, passes)
-        buffer_x, buffer_rows, buffer_y, buffered = [], [], [], 0
-        for position in order:
-            caption = caption_set.caption_ids[kept[position]][: max_length - 1]
-            prefixes, targets = _prefix_block(caption, caption_set.start_id, caption_set.end_id, max_length)
-            buffer_x.append(prefixes)
-            buffer_y.append(targets)
-            buffer_rows.append(np.full(len(targets), rows[position]))
-            buffered += len(targets)
-            while buffered >= batch_size:
-                x, y, r = np.concatenate(buffer_x), np.concatenate(buffer_y), np.concatenate(buffer_rows)
-                yield _classic_batch(table, r[:batch_size], x[:batch_size], y[:batch_size], caption_set, one_hot)
-                buffer_x, buffer_y, buffer_rows = [x[batch_size:]], [y[batch_size:]], [r[batch_size:]]
-                buffered -= batch_size
-        if buffered:
-            x, y, r = np.concatenate(buffer_x), np.concatenate(buffer_y), np.concatenate(buffer_rows)
-            yield _classic_batch(table, r, x, y, caption_set, one_hot)
-        passes += 1
-        if not loop:
-            return
-
-
-def _classic_batch(
-    table: FeatureTable,
-    rows: np.ndarray,
-    prefixes: np.ndarray,
-    targets: np.ndarray,
-    caption_set: CaptionSet,
-    one_hot: bool,
-) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    image_features = table.matrix[rows]  # one copy per prefix: the classic cost
-    return (image_features, prefixes), _one_hot(targets, caption_set.vocab_size) if one_hot else targets

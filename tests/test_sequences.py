@@ -1,5 +1,5 @@
 """Teacher-forced batches: padding, shifting, masking, order, feature lookup; parity with the
-classic per-prefix generator on the same weights."""
+classic per-prefix reference (`captioner.reference`) on the same weights."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ keras = pytest.importorskip("keras")
 
 from captioner.config import ModelConfig  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
-from captioner.model import build_model, build_per_prefix_model, copy_weights  # noqa: E402
+from captioner.model import build_model  # noqa: E402
+from captioner.reference import (  # noqa: E402
+    build_per_prefix_model,
+    copy_weights,
+    max_prefix_length,
+    per_prefix_arrays,
+    per_prefix_batches,
+)
 from captioner.sequences import (  # noqa: E402
     CaptionSet,
     FeatureTable,
     TeacherForcingBatches,
     encode_captions,
     epoch_permutation,
-    per_prefix_arrays,
-    per_prefix_batches,
 )
 
 START, END = 2, 3
@@ -188,6 +193,7 @@ def test_captions_without_features_are_skipped_and_counted(caplog):
 def test_per_prefix_arrays_are_pre_padded_prefixes_with_one_hot_next_words():
     caption_set = make_set([2, 1])
     features = make_features()
+    assert max_prefix_length(caption_set) == 3  # [start, w1, w2]
     (images, prefixes), targets = per_prefix_arrays(caption_set, features)
     words0, words1 = caption_set.caption_ids[0].tolist(), caption_set.caption_ids[1].tolist()
     assert prefixes.tolist() == [

@@ -35,6 +35,7 @@ FEATURE_PRECISIONS = ("float32", "bfloat16", "mixed_float16", "auto")
 TRAIN_PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "mirrored", "multiworker")
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
+SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format names `serve.formats` may list
 # Keys renamed since a config was saved: old model directories and config files still load.
 RENAMED_KEYS = {
     "text.max_caption_length": "text.max_prepared_words",
@@ -135,6 +136,25 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`captioner serve`: where it listens, what a request may hold, how requests are batched."""
+
+    host: str = "127.0.0.1"  # loopback only unless told otherwise: the API has no authentication
+    port: int = 8000  # uvicorn's customary port
+    cors_origin: str = ""  # one origin allowed to call the API from a browser page elsewhere; "" = CORS off
+    max_upload_bytes: int = 10_000_000  # per image; larger uploads are refused (413) without being read into memory
+    max_pixels: int = 50_000_000  # declared width x height; refused before decoding (decompression bombs); a 48-MP phone photo passes
+    max_images: int = 16  # images per request; more is refused whole (413)
+    formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"])  # Pillow format names accepted; others get 415. TIFF is left out: rarely uploaded, large decoder attack surface
+    request_timeout_s: float = 60.0  # a request not answered by then gets 503 (slow upload: 408); the server keeps serving
+    batch_window_ms: float = 10.0  # after the first queued image, wait this long for others to share its backbone call
+    max_batch: int = 16  # images per backbone call; VGG16 activations are ~60 MB per image, so 16 stays near 1 GB
+    max_queued_images: int = 256  # images waiting for the backbone; beyond that requests get 503 at once instead of timing out
+    max_beam_size: int = 5  # the largest `beam_size` a request may ask for (cost grows with it); on Flickr8k beam 5 adds nothing over 3
+    max_generated_words: int = 40  # the largest `max_words` a request may ask for (longest cleaned Flickr8k caption: 36)
+
+
+@dataclass
 class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -143,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------- ranges, checked once
@@ -222,6 +243,18 @@ CHECKS: dict[str, Check] = {
     "eval.features": _paths,
     "eval.captions": _not_empty,
     "eval.split": _not_empty,
+    "serve.host": _not_empty,
+    "serve.port": lambda value: None if 1 <= value <= 65535 else "must be a TCP port, 1 to 65535",
+    "serve.max_upload_bytes": _at_least(1),
+    "serve.max_pixels": _at_least(1),
+    "serve.max_images": _at_least(1),
+    "serve.formats": lambda value: None if value and set(value) <= set(SERVE_FORMATS) else f"must name formats among {', '.join(SERVE_FORMATS)}",
+    "serve.request_timeout_s": _positive,
+    "serve.batch_window_ms": _at_least(0),
+    "serve.max_batch": _at_least(1),
+    "serve.max_queued_images": _at_least(1),
+    "serve.max_beam_size": _at_least(1),
+    "serve.max_generated_words": _at_least(1),
 }
 
 

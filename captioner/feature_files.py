@@ -6,6 +6,10 @@ A features file maps image id -> float32 [D] vector, in one of three layouts:
 - the course's `features.pkl`: a pickle of dict id -> (1, D) arrays (any float dtype);
 - an `.npz` holding `ids` (str [N]) and `features` (float [N, D]).
 
+Loading refuses what cannot be features (zero width, complex or string values, NaN
+or inf), naming the file and the first bad id; evaluation instead passes `skipped`
+to leave out and report the images whose vectors are not finite.
+
 Pickles are read with an unpickler that admits only numpy arrays (and the dict
 holding them): a pickle that tries to call anything else is refused, never run.
 
@@ -15,9 +19,10 @@ comes from the extraction manifest beside a features file (`captioner.cache`).
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
 
 # `captioner.cache` is imported inside the functions that use it: cache re-exports this
 # module's names for callers not yet switched, so importing it here would be circular.
@@ -55,53 +62,142 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         raise _RefusedPickle(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
 
-def _check_features(features: Any, source: Path) -> dict[str, np.ndarray]:
+# Feature values must be real numbers: floats of any width, or integers (cast to float32).
+_REAL_KINDS = frozenset("fiu")
+NON_FINITE = "non-finite values"  # the reason recorded in `skipped` for a NaN/inf row
+
+
+def _refuse_or_skip(
+    path: Path, bad_ids: list[str], skipped: dict[str, str] | None
+) -> None:
+    """Rows with NaN/inf: an error naming the first, or each recorded in `skipped`."""
+    if not bad_ids:
+        return
+    if skipped is None:
+        raise CaptionerError(
+            f"{path}: features of {bad_ids[0]!r} have non-finite values (NaN or inf)"
+            + (f", and {len(bad_ids) - 1} more ids" if len(bad_ids) > 1 else "")
+            + "; re-extract them"
+        )
+    for key in bad_ids:
+        skipped[key] = f"{path}: {NON_FINITE}"
+    log.warning("%s: %d images with non-finite features left out (first: %s)", path, len(bad_ids), bad_ids[0])
+
+
+def _check_dtype(path: Path, key: str, dtype: np.dtype) -> None:
+    if dtype.kind not in _REAL_KINDS:
+        raise CaptionerError(f"{path}: features of {key!r} have dtype {dtype}, expected real numbers (float)")
+
+
+def _check_features(features: Any, path: Path, skipped: dict[str, str] | None) -> dict[str, np.ndarray]:
+    """A pickle's contents -> dict id -> float32 [D], refusing anything that is not (D,) or (1, D) real numbers."""
     if not isinstance(features, dict):
-        raise CaptionerError(f"{source}: not a features file (expected a dict of image id -> array)")
+        raise CaptionerError(f"{path}: not a features file (expected a dict of image id -> array)")
     checked: dict[str, np.ndarray] = {}
+    non_finite: list[str] = []
     for key, value in features.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise CaptionerError(f"{source}: not a features file (entry {key!r} is not str -> array)")
+            raise CaptionerError(f"{path}: not a features file (entry {key!r} is not str -> array)")
         vector = value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value
         if vector.ndim != 1:
-            raise CaptionerError(f"{source}: features of {key!r} have shape {value.shape}, expected (D,) or (1, D)")
-        checked[key] = np.asarray(vector, dtype=np.float32)
+            raise CaptionerError(f"{path}: features of {key!r} have shape {value.shape}, expected (D,) or (1, D)")
+        _check_dtype(path, key, vector.dtype)
+        if vector.shape[0] == 0:
+            raise CaptionerError(f"{path}: features of {key!r} have zero width")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+            vector = np.asarray(vector, dtype=np.float32)
+        if not np.isfinite(vector).all():
+            non_finite.append(key)
+            continue
+        checked[key] = vector
+    _refuse_or_skip(path, non_finite, skipped)
     return checked
 
 
-def load_features_file(path: str | Path) -> dict[str, np.ndarray]:
+def _npz_ids(path: Path, ids: np.ndarray) -> list[str]:
+    if ids.ndim != 1 or ids.dtype.kind not in "USiu":
+        raise CaptionerError(f"{path}: 'ids' must be a list of image ids (str [N]), got {ids.dtype} {ids.shape}")
+    names = [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in ids.tolist()]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise CaptionerError(f"{path}: image id {name!r} appears more than once in 'ids'")
+        seen.add(name)
+    return names
+
+
+def _load_npz(path: Path, skipped: dict[str, str] | None) -> dict[str, np.ndarray]:
+    unreadable = (
+        f"{path}: not a readable .npz features file (expected the 'ids' and 'features' arrays "
+        "that numpy.savez writes)"
+    )
+    try:
+        # Our own handle, so that it is closed whatever numpy makes of the contents.
+        with open(path, "rb") as handle:
+            data = np.load(handle, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+                raise CaptionerError(unreadable)
+            if "ids" not in data or "features" not in data:
+                raise CaptionerError(f"{path}: an .npz features file needs 'ids' and 'features' arrays")
+            ids, matrix = data["ids"], data["features"]
+    except CaptionerError:
+        raise
+    except OSError as error:
+        if error.errno is not None:  # the file system's refusal (permission, I/O), not the file's content
+            raise CaptionerError(f"cannot read features file {path}: {error.strerror}") from None
+        raise CaptionerError(unreadable) from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        # numpy's own message for a pickle inside suggests allow_pickle=True: never that, for a file
+        # that could run code. Ours says what the file should be.
+        raise CaptionerError(unreadable) from None
+    names = _npz_ids(path, ids)
+    if matrix.ndim != 2 or len(names) != len(matrix):
+        raise CaptionerError(f"{path}: 'features' must be [N, D] with one row per id")
+    if names:
+        _check_dtype(path, names[0], matrix.dtype)
+        if matrix.shape[1] == 0:
+            raise CaptionerError(f"{path}: features of {names[0]!r} have zero width")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+        matrix = matrix.astype(np.float32)
+    finite = np.isfinite(matrix).all(axis=1)
+    _refuse_or_skip(path, [name for name, ok in zip(names, finite) if not ok], skipped)
+    return {name: matrix[row] for row, name in enumerate(names) if finite[row]}
+
+
+def load_features_file(path: str | Path, skipped: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """One features file: our `.pkl`, the course's `features.pkl` ((1, D) values) or an `.npz`.
 
     Returns dict image id -> float32 [D]. The `.npz` layout is `ids` (str [N]) and
-    `features` (any float [N, D]).
+    `features` (real numbers [N, D]). Raises CaptionerError naming the file (and the
+    first bad id) for anything that cannot be features: not a features file, zero
+    width, a dtype that is not real numbers (complex, strings, objects), and NaN or
+    inf values. With `skipped` (a dict), rows with NaN/inf are left out instead and
+    recorded there as {image_id: "FILE: non-finite values"}.
     """
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"features file not found: {path}")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "ids" not in data or "features" not in data:
-                    raise CaptionerError(f"{path}: an .npz features file needs 'ids' and 'features' arrays")
-                ids, matrix = data["ids"], data["features"]
-        except (OSError, ValueError) as error:
-            raise CaptionerError(f"cannot read features file {path}: {error}") from None
-        if matrix.ndim != 2 or len(ids) != len(matrix):
-            raise CaptionerError(f"{path}: 'features' must be [N, D] with one row per id")
-        matrix = matrix.astype(np.float32)
-        return {str(i): matrix[row] for row, i in enumerate(ids)}
+        return _load_npz(path, skipped)
     try:
         with open(path, "rb") as handle:
-            raw = _ArraysOnlyUnpickler(io.BufferedReader(handle)).load()
+            raw = _ArraysOnlyUnpickler(handle).load()
     except _RefusedPickle as error:
         raise CaptionerError(f"{path}: refused: {error}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as error:
         raise CaptionerError(f"{path}: not a readable features file ({type(error).__name__}: {error})") from None
-    return _check_features(raw, path)
+    return _check_features(raw, path, skipped)
 
 
-def load_features(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
-    """Several features files merged into one dict id -> float32 [D]; all must share D."""
+def load_features(
+    paths: str | Path | Sequence[str | Path], skipped: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """Several features files merged into one dict id -> float32 [D]; all must share D.
+
+    An id in several files takes the last file's vector. Raises CaptionerError as
+    `load_features_file` does; with `skipped`, NaN/inf rows are left out and recorded
+    there ({image_id: "FILE: non-finite values"}) instead of refused.
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
@@ -109,7 +205,8 @@ def load_features(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndar
     merged: dict[str, np.ndarray] = {}
     width: int | None = None
     for path in paths:
-        features = load_features_file(path)
+        own_skipped: dict[str, str] | None = None if skipped is None else {}
+        features = load_features_file(path, skipped=own_skipped)
         for key, vector in features.items():
             if width is None:
                 width = vector.shape[0]
@@ -118,6 +215,12 @@ def load_features(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndar
                     f"{path}: features of width {vector.shape[0]} cannot be merged with width {width}"
                 )
             merged[key] = vector
+            if skipped is not None:
+                skipped.pop(key, None)  # a later file's good vector replaces an earlier bad one
+        if skipped is not None and own_skipped:
+            for key, reason in own_skipped.items():  # ... and a later bad one replaces an earlier good one
+                merged.pop(key, None)
+                skipped[key] = reason
     return merged
 
 

@@ -7,16 +7,23 @@ float32 [D], D the model's feature width). Thumbnails come from `eval.images`, o
 when that is empty from the image folder recorded in the features manifest; with no
 folder known (imported `.npz` features) the report shows placeholders.
 
-Writes, into `eval.output` (default: the model directory), atomically:
+Writes, into `eval.output` (default: the model directory), together (`cache.write_together`:
+both or neither; a failed write is one CaptionerError line naming the file and the cause,
+and the previous report stays as it was), names from `captioner.layout.eval_report_files`:
 - `eval-<split>.json`: corpus metrics (BLEU-1..4 with uniform weights and CIDEr-D,
   special tokens never scored), decode settings, model dir, counts, the ids without
-  features, and per image: id, caption, log_prob, references, sentence BLEU-4
-  (smoothed, method 1) and CIDEr-D.
+  features, the ids whose features hold NaN/inf ({id: reason}), and per image: id,
+  caption, log_prob, references, sentence BLEU-4 (smoothed, method 1) and CIDEr-D.
 - `eval-<split>.html`: one self-contained page (thumbnails as base64 JPEG data
   URIs, no external assets): the metric table, the best and worst 10 images by
   CIDEr-D, and every image (thumbnails for the first 500).
-- `eval-<split>.json.manifest.json`: the stage manifest. The same model files,
-  split file, features files and decode settings do not rerun; `--force` does.
+- `eval-<split>.json.manifest.json`: the stage manifest, written last. The same model
+  files, split file, features files and decode settings do not rerun; `--force` does.
+
+The run holds `cache.output_lock` on `eval-<split>.json`, so a second evaluation of the
+same split into the same folder refuses in one line. An image whose feature vector holds
+NaN or inf is named, counted and skipped, like an image without features; the rest of
+the split is scored.
 
 Config used: eval.*, decode.* (beam_size, max_generated_words, length_normalization;
 batch_size only changes speed). Cost: for the 1,000 Flickr8k test images, about
@@ -38,18 +45,20 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache
+from captioner import cache, feature_files, layout
 from captioner.config import Config, to_dict
 from captioner.datasets import read_prepared_split
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
 
-REPORT_VERSION = 1  # bump when the report's content changes, so cached reports are rebuilt
+# Bump when the report's content changes, so cached reports are rebuilt. 2: decode.max_generated_words
+# (was max_caption_length), counts.bad_features and bad_features.
+REPORT_VERSION = 2
 THUMBNAIL_SIZE = 160  # pixels on the longer side: small enough for 500 of them in one page
 MAX_THUMBNAILS = 500  # thumbnails in the all-images section; keeps the page at a few MB
 EXAMPLES_SHOWN = 10  # best and worst examples by CIDEr-D
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SHOW_IDS = 5  # image ids named in the summary and the log; the JSON report has them all
 METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D"}
 
 
@@ -68,6 +77,7 @@ class EvalResult:
     beam_size: int
     examples: list[dict[str, Any]] = field(default_factory=list)  # id, caption, references, cider, label
     up_to_date: bool = False
+    bad_features: dict[str, str] = field(default_factory=dict)  # image id -> why its features were unusable
 
     def summary(self) -> str:
         state = " (up to date; --force reruns)" if self.up_to_date else ""
@@ -75,6 +85,13 @@ class EvalResult:
         if self.missing_features:
             lines.append(
                 f"{self.missing_features} of {self.split_images} images have no features and were not scored"
+            )
+        if self.bad_features:
+            shown = ", ".join(list(self.bad_features)[:SHOW_IDS])
+            more = f" and {len(self.bad_features) - SHOW_IDS} more" if len(self.bad_features) > SHOW_IDS else ""
+            lines.append(
+                f"{len(self.bad_features)} of {self.split_images} images have features with NaN or inf values "
+                f"and were not scored: {shown}{more}"
             )
         lines += ["", "| metric | score |", "| --- | --- |"]
         lines += [f"| {name} | {self.metrics.get(key, float('nan')):.3f} |" for key, name in METRIC_NAMES.items()]
@@ -93,7 +110,7 @@ class EvalResult:
 
 def read_split(captions_dir: Path, split: str) -> tuple[Path, dict[str, list[str]]]:
     """The prepared split file and its {image id: [reference, ...]}; CaptionerError if unusable."""
-    path = captions_dir / f"{split}.json"
+    path = layout.split_file(captions_dir, split)
     if not path.is_file():
         raise CaptionerError(f"split file not found: {path} (run `captioner prepare`, or check --captions/--split)")
     data = read_prepared_split(path)
@@ -133,8 +150,9 @@ def _index_images(folder: Path, ids: Sequence[str]) -> dict[str, Path]:
     wanted = set(ids)
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.stem in wanted and path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in found:
-            found[path.stem] = path
+        key = layout.image_id(path.name)
+        if key in wanted and layout.is_image_name(path.name) and key not in found:
+            found[key] = path
     return found
 
 
@@ -262,10 +280,18 @@ def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image
         f"beam {decode['beam_size']}, max {decode['max_generated_words']} words, "
         f"length normalisation {decode['length_normalization']}"
     )
+    skipped = []
+    if counts["missing_features"]:
+        skipped.append(f"{counts['missing_features']} have no features")
+    if counts["bad_features"]:
+        skipped.append(
+            f"{counts['bad_features']} have features with NaN or inf values "
+            f"({_esc(', '.join(report['bad_features']))})"
+        )
     notes = [
         f"Model: {_esc(report['model'])}. Split: {_esc(report['split'])}. Decoding: {_esc(settings)}.",
         f"{counts['scored']} of {counts['split_images']} images scored"
-        + (f"; {counts['missing_features']} have no features and were skipped." if counts["missing_features"] else "."),
+        + (f"; {' and '.join(skipped)}, and were skipped." if skipped else "."),
         "BLEU: corpus nltk BLEU with uniform weights on lower-cased word tokens, special tokens never scored; "
         "per-image BLEU-4 is sentence-level with smoothing (method 1).",
     ]
@@ -323,17 +349,22 @@ def _result_from_report(report: dict[str, Any], json_path: Path, html_path: Path
         beam_size=report["decode"]["beam_size"],
         examples=_pick_examples(report["images"]),
         up_to_date=up_to_date,
+        bad_features=dict(report["bad_features"]),
     )
 
 
 def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
-    """Captions and scores `eval.split`; writes eval-<split>.json and .html (cached)."""
-    from captioner import inference
+    """Captions and scores `eval.split`; writes eval-<split>.json and .html (cached).
 
+    Holds `cache.output_lock` on eval-<split>.json while it runs. Raises CaptionerError
+    for bad inputs, another run on the same report, or a failed write (the previous
+    report left as it was).
+    """
     model_dir = Path(config.eval.model)
     if not model_dir.is_dir():
         raise CaptionerError(f"model directory not found: {model_dir} (train one, or pass --model DIR)")
-    for path in inference.model_fingerprint_files(model_dir):
+    model_files = layout.model_files(model_dir)
+    for path in model_files:
         if not path.is_file():
             raise CaptionerError(f"{model_dir} is not a complete model directory: {path.name} is missing")
     if not config.eval.features:
@@ -341,47 +372,79 @@ def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
     split = config.eval.split
     split_path, references = read_split(Path(config.eval.captions), split)
     output_dir = Path(config.eval.output) if config.eval.output else model_dir
-    json_path = output_dir / f"eval-{split}.json"
-    html_path = output_dir / f"eval-{split}.html"
+    json_path, html_path = layout.eval_report_files(output_dir, split)
     image_folder = thumbnail_folder(config)
 
     decode = to_dict(config.decode)
     decode.pop("batch_size")  # speed only: the captions do not depend on it
     inputs: dict[str, Any] = {
-        "model": inference.model_fingerprint_files(model_dir),
+        "model": model_files,
         "split": split_path,
         "features": [Path(p) for p in config.eval.features],
     }
     if image_folder is not None:
         inputs["images"] = image_folder
-    stage = cache.Stage(
-        "evaluate",
-        cache.manifest_path_for(json_path),
-        inputs=inputs,
-        params={"split": split, "decode": decode, "report_version": REPORT_VERSION},
-        outputs=[json_path, html_path],
-    )
-    if not force and stage.up_to_date():
-        try:
-            report = json.loads(json_path.read_text(encoding="utf-8"))
-            return _result_from_report(report, json_path, html_path, up_to_date=True)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            log.info("evaluate: cached report unreadable (%s); rerunning", error)
+    with cache.output_lock(json_path):
+        stage = cache.Stage(
+            "evaluate",
+            cache.manifest_path_for(json_path),
+            inputs=inputs,
+            params={"split": split, "decode": decode, "report_version": REPORT_VERSION},
+            outputs=[json_path, html_path],
+        )
+        if not force and stage.up_to_date():
+            try:
+                report = json.loads(json_path.read_text(encoding="utf-8"))
+                return _result_from_report(report, json_path, html_path, up_to_date=True)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+                log.info("evaluate: cached report unreadable (%s); rerunning", error)
+        report = build_report(config, model_dir, split_path, references)
+        log.info("evaluate: writing thumbnails and %s", html_path)
+        thumbnails = _make_thumbnails(image_folder, report["images"])
+        page = render_html(report, thumbnails, image_folder)
+        cache.write_together({
+            json_path: (json.dumps(report, indent=2) + "\n").encode("utf-8"),
+            html_path: page.encode("utf-8"),
+        })
+        stage.finish(config, extra={"metrics": report["metrics"], "counts": report["counts"]})
+    return _result_from_report(report, json_path, html_path, up_to_date=False)
 
+
+def build_report(
+    config: Config, model_dir: Path, split_path: Path, references: dict[str, list[str]]
+) -> dict[str, Any]:
+    """Captions every image of the split that has usable features and scores them; writes nothing.
+
+    references: image id -> reference captions (the prepared split). Images without
+    features, or whose vector holds NaN/inf, are named in the report and not scored.
+    Returns the report (what eval-<split>.json holds).
+    """
+    from captioner import inference
+
+    split = config.eval.split
     loaded = inference.load_model(model_dir)
     width = inference.feature_dim(loaded, model_dir)
-    features = cache.load_features(config.eval.features)
+    unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
+    features = feature_files.load_features(config.eval.features, skipped=unusable)
     ids = [image_id for image_id in references if image_id in features]
-    missing = [image_id for image_id in references if image_id not in features]
+    bad = {image_id: unusable[image_id] for image_id in references if image_id in unusable}
+    missing = [image_id for image_id in references if image_id not in features and image_id not in unusable]
     if missing:
         log.warning(
             "%d of %d %s images have no features and are not scored (e.g. %s)",
-            len(missing), len(references), split, ", ".join(missing[:5]),
+            len(missing), len(references), split, ", ".join(missing[:SHOW_IDS]),
+        )
+    if bad:
+        log.warning(
+            "%d of %d %s images have features with NaN or inf values and are not scored: %s",
+            len(bad), len(references), split,
+            "; ".join(f"{image_id} ({reason})" for image_id, reason in list(bad.items())[:SHOW_IDS]),
         )
     if not ids:
+        unusable_note = f" ({len(bad)} only with NaN or inf values)" if bad else ""
         raise CaptionerError(
             f"none of the {len(references)} {split} images in {split_path} has features in "
-            f"{', '.join(config.eval.features)}"
+            f"{', '.join(config.eval.features)}{unusable_note}"
         )
     matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
     if matrix.shape[1] != width:
@@ -409,22 +472,18 @@ def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
         }
         for image_id, (caption, log_prob) in zip(ids, decoded)
     ]
-    report = {
+    return {
         "split": split,
         "model": str(model_dir),
         "features": [str(p) for p in config.eval.features],
         "decode": to_dict(config.decode),
         "metrics": corpus,
-        "counts": {"split_images": len(references), "scored": len(ids), "missing_features": len(missing)},
+        "counts": {"split_images": len(references), "scored": len(ids), "missing_features": len(missing),
+                   "bad_features": len(bad)},
         "missing_features": missing,
+        "bad_features": bad,
         "images": images,
     }
-    log.info("evaluate: writing thumbnails and %s", html_path)
-    thumbnails = _make_thumbnails(image_folder, images)
-    cache.atomic_write_json(json_path, report)
-    cache.atomic_write_text(html_path, render_html(report, thumbnails, image_folder))
-    stage.finish(config, extra={"metrics": corpus, "counts": report["counts"]})
-    return _result_from_report(report, json_path, html_path, up_to_date=False)
 
 
 def _warn_on_provenance_mismatch(trained: Any, eval_features: Sequence[str]) -> None:
@@ -432,7 +491,7 @@ def _warn_on_provenance_mismatch(trained: Any, eval_features: Sequence[str]) -> 
     if not isinstance(trained, dict) or trained.get("backbone") is None:
         return
     try:
-        current = cache.feature_provenance(list(eval_features))
+        current = feature_files.feature_provenance(list(eval_features))
     except CaptionerError as error:
         log.warning("evaluate: %s", error)
         return

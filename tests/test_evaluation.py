@@ -18,8 +18,7 @@ from PIL import Image
 
 from model_dirs import make_model_dir
 
-from captioner import cache, evaluation, inference
-from captioner import model as model_lib
+from captioner import cache, evaluation, feature_files, inference
 from captioner.cli import main as cli_main
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -66,7 +65,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
         cache.atomic_write_json(captions / f"{split}.json", data)
 
     features_path = root / "features" / "vgg16-fc2.pkl"
-    cache.save_features(features_path, features)
+    feature_files.save_features(features_path, features)
     # The manifest an extraction of `images` would have written: provenance and the image folder.
     cache.Stage("features", cache.manifest_path_for(features_path), {"images": images}, PROVENANCE,
                 [features_path]).finish()
@@ -99,7 +98,8 @@ def test_evaluate_writes_json_and_self_contained_html(workspace, tmp_path):
     report = json.loads((tmp_path / "eval-test.json").read_text())
     assert set(report["metrics"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
     assert all(0.0 <= report["metrics"][k] <= 1.0 for k in ("bleu1", "bleu2", "bleu3", "bleu4"))
-    assert report["counts"] == {"split_images": 9, "scored": 9, "missing_features": 0}
+    assert report["counts"] == {"split_images": 9, "scored": 9, "missing_features": 0, "bad_features": 0}
+    assert report["bad_features"] == {} and report["missing_features"] == []
     assert report["decode"]["beam_size"] == 2 and report["model"] == str(workspace["model"])
     assert [item["id"] for item in report["images"]] == list(test_split)
     vocabulary = set(Tokenizer.load(workspace["model"] / "tokenizer.json").words)
@@ -198,14 +198,14 @@ def test_empty_split_and_no_scorable_images_are_one_line_errors(workspace, tmp_p
 
 def test_features_of_the_wrong_width_are_refused(workspace, tmp_path):
     wide = tmp_path / "wide.pkl"
-    cache.save_features(wide, {"img00": np.zeros(FEATURE_DIM + 1, np.float32)})
+    feature_files.save_features(wide, {"img00": np.zeros(FEATURE_DIM + 1, np.float32)})
     with pytest.raises(CaptionerError, match="17-d but .* expects 16-d"):
         evaluation.evaluate_stage(make_config(workspace, tmp_path, eval__features=[str(wide)]))
 
 
 def test_no_image_folder_gives_placeholders_and_explicit_folder_gives_thumbnails(workspace, tmp_path):
     bare = tmp_path / "bare.npz"  # imported features: no manifest, so no image folder is known
-    data = cache.load_features(workspace["features"])
+    data = feature_files.load_features(workspace["features"])
     np.savez(bare, ids=np.array(list(data)), features=np.stack(list(data.values())))
     config = make_config(workspace, tmp_path / "a", eval__features=[str(bare)])
     evaluation.evaluate_stage(config)
@@ -249,3 +249,77 @@ def test_cli_evaluate_prints_the_summary(workspace, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| BLEU-1 |" in out and "| images | 1 |" in out and "| beam | 1 |" in out
     assert (tmp_path / "eval-dev.json").is_file() and (tmp_path / "eval-dev.html").is_file()
+
+
+def test_an_inf_vector_is_named_counted_and_skipped(workspace, tmp_path, caplog):
+    features = feature_files.load_features(workspace["features"])
+    features["img00"] = features["img00"].copy()
+    features["img00"][3] = np.inf
+    features["img02"] = np.full(FEATURE_DIM, np.nan, np.float32)
+    bad = tmp_path / "bad.pkl"
+    feature_files.save_features(bad, features)
+
+    with caplog.at_level("WARNING", logger="captioner.evaluation"):
+        result = evaluation.evaluate_stage(make_config(workspace, tmp_path / "out", eval__features=[str(bad)]))
+    assert "2 of 9 test images have features with NaN or inf values" in caplog.text and "img00" in caplog.text
+    report = json.loads((tmp_path / "out" / "eval-test.json").read_text())
+    assert report["counts"] == {"split_images": 9, "scored": 7, "missing_features": 0, "bad_features": 2}
+    assert sorted(report["bad_features"]) == ["img00", "img02"]
+    assert str(bad) in report["bad_features"]["img00"]
+    assert {item["id"] for item in report["images"]} == {f"img{i:02d}" for i in range(0, 18, 2)} - {"img00", "img02"}
+    assert (result.scored, len(result.bad_features)) == (7, 2)
+    assert "2 of 9 images have features with NaN or inf values and were not scored: img00, img02" in result.summary()
+    page = (tmp_path / "out" / "eval-test.html").read_text()
+    assert "7 of 9 images scored; 2 have features with NaN or inf values (img00, img02)" in page
+
+
+def test_a_failed_write_keeps_the_previous_report(workspace, tmp_path, disk_full, capsys):
+    args = ["evaluate", "--model", str(workspace["model"]), "--features", str(workspace["features"]),
+            "--captions", str(workspace["captions"]), "--split", "test", "--output", str(tmp_path)]
+    assert cli_main([*args, "--beam", "1"]) == 0
+    json_path, html_path = tmp_path / "eval-test.json", tmp_path / "eval-test.html"
+    before = (json_path.read_bytes(), html_path.read_bytes())
+    capsys.readouterr()
+
+    disk_full(html_path)  # the second of the two: the report JSON alone would already be written
+    assert cli_main([*args, "--beam", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"cannot write {html_path}: No space left on device" in errors[0]
+    assert (json_path.read_bytes(), html_path.read_bytes()) == before
+    assert json.loads(json_path.read_text())["decode"]["beam_size"] == 1
+
+    assert cli_main([*args, "--beam", "2"]) == 0  # the rerun works
+    assert json.loads(json_path.read_text())["decode"]["beam_size"] == 2
+
+
+def test_evaluate_holds_the_report_lock(workspace, tmp_path):
+    with cache.output_lock(tmp_path / "eval-test.json"):
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            evaluation.evaluate_stage(make_config(workspace, tmp_path))
+    assert not (tmp_path / "eval-test.json").exists()
+
+
+def test_a_report_cached_before_the_decode_rename_is_rebuilt(workspace, tmp_path):
+    config = make_config(workspace, tmp_path)
+    evaluation.evaluate_stage(config)
+    # What the previous version left: decode.max_caption_length in the report and in the manifest's params.
+    json_path = tmp_path / "eval-test.json"
+    manifest_path = cache.manifest_path_for(json_path)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["params"]["report_version"] = 1
+    decode = manifest["params"]["decode"]
+    decode["max_caption_length"] = decode.pop("max_generated_words")
+    report = json.loads(json_path.read_text())
+    report["decode"]["max_caption_length"] = report["decode"].pop("max_generated_words")
+    del report["bad_features"], report["counts"]["bad_features"]
+    json_path.write_text(json.dumps(report))
+    manifest["outputs"][str(json_path)] = {"kind": "file", "size": json_path.stat().st_size,
+                                           "mtime_ns": json_path.stat().st_mtime_ns}
+    manifest_path.write_text(json.dumps(manifest))
+
+    result = evaluation.evaluate_stage(config)
+    assert not result.up_to_date
+    rebuilt = json.loads(json_path.read_text())
+    assert rebuilt["decode"]["max_generated_words"] == 6 and rebuilt["bad_features"] == {}

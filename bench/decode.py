@@ -15,7 +15,8 @@ Same model, same image features, one run:
   the per-call overhead).
 - stateful greedy: `captioner.model.StepModel` + `captioner.decoding.greedy`, the
   LSTM state carried word to word, all images of a batch in one step call.
-- stateful beam search, beam 3 (the default of `caption` and `evaluate`).
+- stateful beam search, beam `--beam` (default decode.beam_size, what `caption` and
+  `evaluate` use).
 
 The model is a freshly built merge model (`--vocab` 3,000 words, `--feature-dim`
 4096 like VGG16 fc2, default ModelConfig sizes, seeded random weights), or a trained
@@ -42,6 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from captioner.config import DecodeConfig
+
+    decode = DecodeConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000, help="images for the stateful decoders")
     parser.add_argument("--naive-images", type=int, default=50, help="images for the course's decoder (model.predict)")
@@ -55,8 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="DIR", help="a trained model directory instead of a fresh random model")
     parser.add_argument("--vocab", type=int, default=3000, help="vocabulary size of the fresh model")
     parser.add_argument("--feature-dim", type=int, default=4096, help="feature width of the fresh model")
-    parser.add_argument("--max-length", type=int, default=30, help="decode.max_generated_words (words)")
-    parser.add_argument("--batch-size", type=int, default=64, help="decode.batch_size")
+    parser.add_argument(
+        "--max-length", type=int, default=decode.max_generated_words, help="decode.max_generated_words (words)"
+    )
+    parser.add_argument("--batch-size", type=int, default=decode.batch_size, help="decode.batch_size")
+    parser.add_argument("--beam", type=int, default=decode.beam_size, help="decode.beam_size of the beam-search row")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -175,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("naive greedy, batched over images (prefix re-run)", bn, batched_s, batched))
     greedy, greedy_s = timed(lambda: decoding.greedy(stepper, features, **common))
     rows.append(("stateful greedy (StepModel + decoding.greedy)", args.images, greedy_s, [c.ids for c in greedy]))
-    beam, beam_s = timed(lambda: decoding.beam_search(stepper, features, beam_size=3, **common))
-    rows.append(("stateful beam search, beam 3", args.images, beam_s, [c.ids for c in beam]))
+    beam, beam_s = timed(lambda: decoding.beam_search(stepper, features, beam_size=args.beam, **common))
+    rows.append((f"stateful beam search, beam {args.beam}", args.images, beam_s, [c.ids for c in beam]))
 
     naive_rate = naive_n / naive_s
     agree = sum(a == b.ids for a, b in zip(naive, greedy[:naive_n]))

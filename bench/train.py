@@ -10,7 +10,8 @@ subprocess (so each has its own peak RSS):
   cross-entropy from logits. Runs a whole epoch by default.
 - the classic generator (the course's way): every caption expanded into one
   sample per prefix, pre-padded to the longest prefix, the image features copied
-  into every sample, one-hot float32 targets; `build_per_prefix_model` (softmax),
+  into every sample, one-hot float32 targets (`captioner.reference.per_prefix_batches`);
+  `captioner.reference.build_per_prefix_model` (softmax),
   categorical cross-entropy; a Python generator yielding ([X1, X2], y) into
   `model.fit`. Timed over `--classic-steps` steps and extrapolated to the epoch.
   By default also a second classic row with batches of as many prefixes as a
@@ -67,12 +68,14 @@ FLICKR8K_LENGTHS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from captioner.config import TrainConfig  # no TensorFlow: cheap in the parent process
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=30000, help="training captions (Flickr8k train: 30,000)")
     parser.add_argument("--images", type=int, default=6000, help="images (Flickr8k train: 6,000)")
     parser.add_argument("--vocab", type=int, default=7500, help="vocabulary size")
     parser.add_argument("--feature-dim", type=int, default=4096, help="feature width (VGG16 fc2: 4096)")
-    parser.add_argument("--batch-size", type=int, default=64, help="train.batch_size, for both")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="train.batch_size, for both")
     parser.add_argument("--steps", type=int, default=0, help="teacher-forcing steps to time; 0 = a whole epoch")
     parser.add_argument("--classic-steps", type=int, default=60, help="classic generator steps to time")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (tracing)")
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def length_distribution() -> tuple[dict[int, int], str]:
     """(words per caption -> count, where it came from)."""
     if TOKEN_FILE.is_file():
-        from captioner.datasets import clean_words
+        from captioner.cleaning import clean_words
 
         counts: dict[int, int] = {}
         with open(TOKEN_FILE, encoding="utf-8") as handle:
@@ -150,7 +153,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import keras
 
     from captioner import model as model_lib
-    from captioner import sequences
+    from captioner import reference, sequences
     from captioner.config import ModelConfig, TrainConfig
 
     keras.utils.set_random_seed(args.seed)
@@ -180,15 +183,15 @@ def run_variant(args: argparse.Namespace) -> dict:
         epoch_targets = data.num_targets
         fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
     else:
-        max_length = sequences.max_prefix_length(caption_set)
-        model = model_lib.build_per_prefix_model(args.feature_dim, args.vocab, max_length, ModelConfig())
+        max_length = reference.max_prefix_length(caption_set)
+        model = reference.build_per_prefix_model(args.feature_dim, args.vocab, max_length, ModelConfig())
         model.compile(optimizer=optimizer, loss="categorical_crossentropy")
         # A batch of many prefixes takes seconds a step: time fewer of them.
         steps = args.classic_steps if batch_size == args.batch_size else max(5, args.classic_steps // 4)
         words = [batch_size] * steps  # one target per sample
         padded = [batch_size * max_length] * steps
         epoch_targets = caption_set.num_targets
-        fit_input = sequences.per_prefix_batches(caption_set, table, batch_size=batch_size, seed=args.seed)
+        fit_input = reference.per_prefix_batches(caption_set, table, batch_size=batch_size, seed=args.seed)
         fit_kwargs = {}
     if steps < 2:
         raise SystemExit("time at least 2 steps")
@@ -219,7 +222,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "peak_rss": peak_rss_bytes(),
         "length_source": source,
         "mean_words": float(caption_set.lengths.mean()),
-        "max_prefix_length": sequences.max_prefix_length(caption_set),
+        "max_prefix_length": reference.max_prefix_length(caption_set),
     }
 
 

@@ -177,13 +177,19 @@ def thumbnail_data_uri(path: Path, size: int = THUMBNAIL_SIZE) -> str | None:
 
 
 def sentence_bleu4(references: list[list[str]], hypothesis: list[str]) -> float:
-    """Sentence-level BLEU-4 (uniform weights, smoothing method 1) of tokenised text."""
+    """Sentence-level BLEU-4 (uniform weights, smoothing method 1) of tokenised text.
+
+    references: the image's reference captions, each a list of str tokens; hypothesis:
+    the generated caption's tokens. Returns a float in [0, 1]; 0.0 for an empty hypothesis.
+    """
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    from captioner.metrics import BLEU_WEIGHTS
 
     if not hypothesis:
         return 0.0
     return float(
-        sentence_bleu(references, hypothesis, weights=(0.25, 0.25, 0.25, 0.25),
+        sentence_bleu(references, hypothesis, weights=BLEU_WEIGHTS["bleu4"],
                       smoothing_function=SmoothingFunction().method1)
     )
 

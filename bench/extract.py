@@ -6,7 +6,7 @@ precision asked for (float32, bfloat16):
 
 - course: one image at a time, as the course does it: `load_img(target_size=(224, 224))`
   -> `img_to_array` -> reshape (1, 224, 224, 3) -> `preprocess_input` -> `model.predict(verbose=0)`.
-- pipeline: `captioner.features.extract_features`: decoding/resizing in a thread pool
+- pipeline: `captioner.backbones.extract_features`: decoding/resizing in a thread pool
   while the network runs on fixed-size batches (what `captioner extract` runs).
 - network alone: the same compiled network on batches of already-preprocessed
   arrays: the ceiling the pipeline can reach on this machine.
@@ -18,8 +18,7 @@ Usage (from the repository root):
 
 --images defaults to ../shared/flickr8k/images when present, else N random 500x375
 JPEGs generated in a temporary folder. Prints a markdown table. Cost: VGG16 is about
-15.5 GFLOPs per image; on a 2-core CPU expect roughly 1-3 images/s in float32, and
-bfloat16 several times slower on CPUs without AMX/AVX512-BF16.
+15.5 GFLOPs per image; the README has this script's table for the development machine.
 """
 
 from __future__ import annotations
@@ -37,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_IMAGES = ROOT.parent / "shared" / "flickr8k" / "images"
+
+from captioner.backbones import BACKBONES  # noqa: E402 (after the path above; imports no TensorFlow)
 
 
 def _generated_images(folder: Path, count: int) -> list[Path]:
@@ -70,11 +71,12 @@ def _course_rate(model, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def _network_rate(predict, paths: list[Path], batch_size: int, resample: str) -> float:
-    from captioner.images import load_preprocessed
+def _network_rate(predict, paths: list[Path], batch_size: int, backbone: str) -> float:
+    from captioner.backbones import get_backbone
 
-    arrays = [load_preprocessed(p, resample=resample) for p in paths[:batch_size]]
-    batch = np.zeros((batch_size, 224, 224, 3), np.float32)
+    spec = get_backbone(backbone)
+    arrays = [spec.load(p) for p in paths[:batch_size]]
+    batch = np.zeros((batch_size, *spec.input_size, 3), np.float32)
     batch[: len(arrays)] = np.stack(arrays)
     predict(batch)  # warm-up: traces the function
     calls = max(1, math.ceil(len(paths) / batch_size))
@@ -84,12 +86,12 @@ def _network_rate(predict, paths: list[Path], batch_size: int, resample: str) ->
     return calls * batch_size / (time.perf_counter() - start)
 
 
-def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, resample: str) -> float:
-    from captioner.features import extract_features
+def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, backbone: str) -> float:
+    from captioner.backbones import extract_features
 
     start = time.perf_counter()
     done = sum(1 for _, vector, _ in extract_features(
-        predict, paths, batch_size=batch_size, workers=workers, resample=resample, progress=False
+        predict, paths, batch_size=batch_size, workers=workers, backbone=backbone, progress=False
     ) if vector is not None)
     return done / (time.perf_counter() - start)
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per core)")
     parser.add_argument("--weights", default="none", help="none | imagenet | PATH (speed does not depend on it)")
-    parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "vgg19"])
+    parser.add_argument("--backbone", default="vgg16", choices=BACKBONES)
     parser.add_argument("--precisions", default="float32,bfloat16")
     args = parser.parse_args(argv)
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    from captioner.features import build_backbone, make_predict_fn
+    from captioner.backbones import build_backbone, make_predict_fn
     from captioner.images import list_images
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 model.set_weights(reference.get_weights())
             predict = make_predict_fn(model)
             course = _course_rate(model, course_paths)
-            network = _network_rate(predict, paths, args.batch_size, "nearest")
-            pipeline = _pipeline_rate(predict, paths, args.batch_size, args.workers, "nearest")
+            network = _network_rate(predict, paths, args.batch_size, args.backbone)
+            pipeline = _pipeline_rate(predict, paths, args.batch_size, args.workers, args.backbone)
             print(f"| {precision} | {course:.2f} img/s | {pipeline:.2f} img/s | {network:.2f} img/s "
                   f"| {pipeline / course:.2f}x | {pipeline / network:.0%} |", flush=True)
     return 0

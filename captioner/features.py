@@ -1,4 +1,4 @@
-"""Stage 1: an image folder -> a features cache (dict image id -> float32 [4096]).
+"""Stage 1: an image folder -> a features cache (dict image id -> float32 [4096]), and merging shards.
 
 Reads: the images directly in `features.images` (see `captioner.images` for formats,
 EXIF, colour modes and resizing), and the backbone weights (`features.weights`:
@@ -15,24 +15,13 @@ images), removed at the end.
 Config used: the `features` section (backbone, layer, weights, resample, precision,
 batch_size, workers, chunk_size, max_failed_fraction, shard).
 Cost: VGG16 is about 15.5 GFLOPs per image. Flickr8k's 8,091 images give a 130 MB
-pickle; at the 1-3 images/s of a 2-core CPU that is one to two hours, on a GPU minutes.
-A rerun with unchanged inputs takes well under a second.
+pickle; on a 2-core CPU that is one to two hours (README: `bench/extract.py`), on a
+GPU minutes. A rerun with unchanged inputs takes well under a second.
 
-How it is fast: decoding and resizing run in a thread pool (`features.workers`)
-for the next batches while the network runs on the current one; the network sees
-fixed-size batches (`features.batch_size`; the last is padded), so every image's
-features are computed with the same arithmetic whatever its neighbours are, which
-makes resumed, incremental and sharded runs bitwise equal to one uninterrupted run.
-
-Precision: float32 (default); "bfloat16" (Keras policy mixed_bfloat16: meant for
-CPUs with AMX or AVX512-BF16; without them it brings no speed-up); "mixed_float16"
-(GPUs); "auto" (mixed_float16 when TensorFlow sees a GPU, else float32). Output is
-always float32. Measured on the 60 shared Flickr8k photos (VGG16 fc2, the same
-random weights in both models, this pipeline): bfloat16 features differ from
-float32 ones by a mean relative L2 error of 0.0092 (max 0.0099), cosine similarity
-0.99997 (min 0.99997), about what bfloat16's 8-bit mantissa allows. On the 2-core
-development CPU (AVX2, no AMX/AVX512-BF16, shared with other jobs) bfloat16 ran at
-0.35 images/s against 0.43 for float32: slower, not faster.
+The backbone, its preprocessing and the pipelined, batched run of images through it
+are `captioner.backbones` (`caption` uses them without this stage). Fixed-size batches
+there make resumed, incremental and sharded runs here bitwise equal to one
+uninterrupted run. Precision (`features.precision`): see `captioner.backbones`.
 
 Incremental and resumable: an image whose file (size and mtime) is unchanged
 since the previous finished run keeps its features; only new or changed images
@@ -54,19 +43,15 @@ are joined by `merge_feature_parts` into a cache identical to an unsharded run.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,16 +59,20 @@ from typing import Any
 import numpy as np
 
 from captioner import cache, feature_files
+from captioner.backbones import (
+    build_backbone,
+    extract_features,
+    get_backbone,
+    make_predict_fn,
+    normalize_weights,
+    resolve_precision,
+)
 from captioner.errors import CaptionerError
-from captioner.images import ImageError, load_preprocessed, list_images, resample_filter
+from captioner.images import list_images
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("vgg16", "vgg19")
-LAYERS = ("fc2", "fc1")  # both 4096-d
-PRECISIONS = ("float32", "bfloat16", "mixed_float16", "auto")
 CHUNK_FORMAT = 1  # bump when the chunk layout changes: old chunks are then discarded
-PREFETCH_BATCHES = 2  # batches decoded ahead of the network: enough to hide decoding
 
 
 # --------------------------------------------------------------------------- results
@@ -155,194 +144,6 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 def shard_of(image_id: str, count: int) -> int:
     """Which of `count` shards an id belongs to: stable across runs, machines and added images."""
     return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
-
-
-def normalize_weights(weights: str) -> str:
-    """ "imagenet", "none", or a path to a weights file that exists (CaptionerError otherwise)."""
-    text = (weights or "").strip()
-    if text.lower() in {"none", "null", "random", ""}:
-        return "none"
-    if text.lower() == "imagenet":
-        return "imagenet"
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise CaptionerError(f"weights file not found: {text} (features.weights: imagenet, none or a .h5 path)")
-    return text
-
-
-def check_backbone(backbone: str, layer: str) -> None:
-    if backbone not in BACKBONES:
-        raise CaptionerError(f"unknown backbone {backbone!r} (features.backbone: {', '.join(BACKBONES)})")
-    if layer not in LAYERS:
-        raise CaptionerError(f"unknown layer {layer!r} (features.layer: {', '.join(LAYERS)})")
-
-
-def resolve_precision(precision: str) -> str:
-    """The precision actually used: "auto" becomes mixed_float16 with a GPU, else float32."""
-    if precision not in PRECISIONS:
-        raise CaptionerError(f"unknown precision {precision!r} (features.precision: {', '.join(PRECISIONS)})")
-    if precision != "auto":
-        return precision
-    import tensorflow as tf
-
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
-
-
-# --------------------------------------------------------------------------- the network
-
-
-@contextlib.contextmanager
-def _dtype_policy(name: str) -> Iterator[None]:
-    """Builds layers under a Keras dtype policy, then restores the previous global one."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-RANDOM_WEIGHTS_SEED = 0  # weights "none": the random backbone is the same in every process
-
-
-def build_backbone(
-    backbone: str = "vgg16", layer: str = "fc2", weights: str = "imagenet", precision: str = "float32"
-) -> Any:
-    """A Keras model: caffe-preprocessed float32 [B, 224, 224, 3] -> `layer` output [B, 4096].
-
-    `keras.applications.VGG16/VGG19(include_top=True)` cut at `layer` (the 1000-way
-    classifier is dropped: 134,260,544 parameters left of VGG16's 138,357,544,
-    139,570,240 of VGG19's 143,667,240). weights: "imagenet", "none" (random, with a
-    WARNING) or a weights file path. precision: see the module docstring ("auto"
-    must be resolved first with `resolve_precision`). CaptionerError for an unknown
-    backbone or layer, or a weights file that cannot be read or does not fit.
-    """
-    check_backbone(backbone, layer)
-    weights = normalize_weights(weights)
-    if precision not in ("float32", "bfloat16", "mixed_float16"):
-        raise CaptionerError(f"unknown precision {precision!r} (float32, bfloat16, mixed_float16)")
-    if weights not in ("imagenet", "none"):
-        import h5py
-
-        if not h5py.is_hdf5(weights):
-            raise CaptionerError(f"cannot load weights file {weights}: not an HDF5 (.h5) file")
-
-    import keras
-
-    constructor = keras.applications.VGG16 if backbone == "vgg16" else keras.applications.VGG19
-    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}[precision]
-    with _dtype_policy(policy):
-        if weights == "none":
-            log.warning(
-                "features: weights 'none': %s has RANDOM weights; these features are for tests and "
-                "demos only and carry no meaning about the images",
-                backbone,
-            )
-            # Seeded, so that extraction and `caption` (which rebuilds the backbone a model's
-            # features came from) get the same random network in every process.
-            keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
-            base = constructor(include_top=True, weights=None)
-        elif weights == "imagenet":
-            try:
-                base = constructor(include_top=True, weights="imagenet")
-            except Exception as error:  # keras' get_file raises a bare Exception when the download fails
-                if "fetch failure" not in str(error) and "URL" not in str(error):
-                    raise
-                raise CaptionerError(
-                    f"cannot download the ImageNet weights of {backbone} (offline?); put the Keras weights "
-                    f"file on this machine and pass --weights PATH (see README)"
-                ) from None
-        else:
-            base = constructor(include_top=True, weights=None)
-            try:
-                base.load_weights(weights)
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise CaptionerError(f"cannot load weights file {weights} into {backbone}: {first_line}") from None
-    return keras.Model(base.input, base.get_layer(layer).output, name=f"{backbone}_{layer}")
-
-
-def make_predict_fn(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 [B, 224, 224, 3] -> float32 [B, D] with `model`, in inference mode.
-
-    A `tf.function` over `model(x, training=False)`. Measured on the 2-core CPU with
-    VGG16 and batches of 16 (a machine shared with other jobs): eager `model(x)`
-    1.18, `predict_on_batch` 1.53, this `tf.function` 1.66 images/s; the
-    convolutions dominate, the traced function has the least per-call overhead.
-    Batches always have one shape, so it traces once.
-    """
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def predict(batch: Any) -> Any:
-        return tf.cast(model(batch, training=False), tf.float32)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(predict(tf.convert_to_tensor(batch, dtype=tf.float32)).numpy(), dtype=np.float32)
-
-    return run
-
-
-def _load_one(path: Path, resample: str) -> np.ndarray:
-    return load_preprocessed(path, resample=resample)
-
-
-def extract_features(
-    predict: Callable[[np.ndarray], np.ndarray],
-    paths: Sequence[Path],
-    *,
-    batch_size: int = 32,
-    workers: int = 0,
-    resample: str = "nearest",
-    progress: bool | None = None,
-) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
-    """Runs images through `predict`, pipelined; yields (path, float32 [D] or None, error or None) in order.
-
-    Decoding+resizing of the next PREFETCH_BATCHES batches runs in a pool of
-    `workers` threads (0 = one per CPU core) while `predict` runs on the current
-    batch. Every call gets exactly `batch_size` images (the last batch and batches
-    with failed images are padded with zeros), so results do not depend on batching.
-    A tqdm bar on stderr shows images/s (by default only when stderr is a terminal).
-    """
-    from tqdm import tqdm
-
-    resample_filter(resample)  # fail on a bad name before starting threads
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
-    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-    show = sys.stderr.isatty() if progress is None else progress
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool, tqdm(
-        total=len(paths), unit="img", file=sys.stderr, disable=not show, desc="features", smoothing=0.1
-    ) as bar:
-        pending: collections.deque = collections.deque()
-        for index in range(len(batches)):
-            while len(pending) <= PREFETCH_BATCHES and len(pending) + index < len(batches):
-                batch = batches[index + len(pending)]
-                pending.append((batch, [pool.submit(_load_one, p, resample) for p in batch]))
-            batch, futures = pending.popleft()
-            arrays: list[np.ndarray] = []
-            errors: list[str | None] = []
-            for path, future in zip(batch, futures):
-                try:
-                    arrays.append(future.result())
-                    errors.append(None)
-                except ImageError as error:
-                    errors.append(str(error).removeprefix(f"{path.name}: "))
-            if arrays:
-                stacked = np.zeros((batch_size, *arrays[0].shape), dtype=np.float32)
-                stacked[: len(arrays)] = np.stack(arrays)
-                outputs = predict(stacked)[: len(arrays)]
-            else:
-                outputs = np.zeros((0, 0), np.float32)  # every image in this batch failed
-            row = 0
-            for path, error in zip(batch, errors):
-                if error is None:
-                    yield path, outputs[row].astype(np.float32, copy=True), None
-                    row += 1
-                else:
-                    yield path, None, error
-            bar.update(len(batch))
 
 
 # --------------------------------------------------------------------------- chunks
@@ -514,12 +315,10 @@ def extract_stage(
     """
     started = time.monotonic()
     fc = config.features
-    check_backbone(fc.backbone, fc.layer)
+    # Ranges (batch_size, chunk_size, resample, ...) are checked by the config; the rest here.
+    get_backbone(fc.backbone, fc.layer)
     weights = normalize_weights(fc.weights)
-    resample_filter(fc.resample)
     shard = parse_shard(fc.shard)
-    if fc.batch_size < 1 or fc.chunk_size < 1:
-        raise CaptionerError("features.batch_size and features.chunk_size must be at least 1")
     folder = Path(fc.images)
     output = Path(fc.output)
     if not folder.is_dir():
@@ -600,7 +399,7 @@ def extract_stage(
         written = 0
         run_start = time.monotonic()
         for path, vector, error in extract_features(
-            predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=fc.resample
+            predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=fc.resample, backbone=fc.backbone
         ):
             pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
             if vector is not None:

@@ -1,66 +1,112 @@
-"""Captions new photos with a trained model directory (the `caption` command).
+"""Captions new photos with a trained model directory (the `caption` command, and `Captioner`).
 
 Reads: a model directory (`model.keras`, `tokenizer.json`, `config.json` with the
-"features_provenance" the model was trained on) and image files of any format
-Pillow reads. Writes nothing. Config used: `eval.model` (the default model
-directory, models/flickr8k) and `decode` (beam_size, max_generated_words,
-length_normalization, batch_size).
+"features_provenance" the model was trained on; names in `captioner.layout`) and
+images: files of any format Pillow reads, binary file objects (uploads held in
+memory), or decoded uint8 RGB arrays. Writes nothing. Config used: `eval.model` (the
+default model directory, models/flickr8k) and `decode` (beam_size,
+max_generated_words, length_normalization, batch_size, allow_unk).
+
+`Captioner` loads a model directory and its backbone ONCE, then captions any number
+of images in batches: `caption(images)` gives one `CaptionOutcome` per image, in
+order (the caption and its log-probability, the top beams when asked, or the reason
+there is none); `load_image`, `extract` and `decode` are the three steps on their own,
+for a caller that batches images itself (a web server gathering requests). After
+construction it holds no mutable state, so one instance may serve several threads.
+`caption_files` (the `caption` command) is one `Captioner` over a list of paths.
 
 A caption is only meaningful when the image features are computed exactly as the
 training features were, so the backbone is rebuilt from the provenance recorded in
 the model directory (backbone, layer, weights, resample, precision), never from
-today's defaults. A model trained on imported features (an `.npz` made elsewhere,
-such as the shared MobileNetV2 features) has no backbone this project can run, and
-is refused with one line rather than fed features from the wrong network.
+today's defaults; a field an old model directory lacks falls back to the backbone's
+catalogue entry (layer, resize filter) or `FeaturesConfig` (weights, precision).
+A model trained on imported features (an `.npz` made elsewhere, such as the shared
+MobileNetV2 features) has no backbone this project can run, and is refused with one
+line rather than fed features from the wrong network.
 
 A model trained on random-backbone features (weights none, the offline demo) is
 captioned by rebuilding that random backbone, which gives the training features only
-if `captioner.features.build_backbone` builds it deterministically (seeded).
+if `captioner.backbones.build_backbone` builds it deterministically (seeded).
 
-Per-image problems (missing, empty, corrupt, not an image) go into that image's
-`CaptionOutcome.error`; the others are still captioned. Large photos are decoded
-at a reduced scale (JPEG draft mode: a 40-megapixel JPEG costs about what a
-5-megapixel one does); images declaring more than Pillow's `MAX_IMAGE_PIXELS`
-(about 89 megapixels) are refused with that reason (see `captioner.images`). Cost: building the
-VGG16 backbone takes a few seconds; then about 10 images/s for the features on 2 CPU
-cores, and well under 0.1 s per image for beam-3 decoding.
+Per-image problems (missing, empty, corrupt, not an image, a bad array) go into that
+image's `CaptionOutcome.error`; the others are still captioned. Large photos are
+decoded at a reduced scale (JPEG draft mode: a 40-megapixel JPEG costs about what a
+5-megapixel one does); images declaring more pixels than the limit (`max_pixels`,
+by default Pillow's `MAX_IMAGE_PIXELS`, about 89 megapixels) are refused with that
+reason (see `captioner.images`). Cost: building the VGG16 backbone takes seconds,
+once per `Captioner`; then the backbone dominates (see the README for measured rates);
+beam-3 decoding is well under 0.1 s per image.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 
-from captioner.config import DecodeConfig
+from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.errors import CaptionerError
+from captioner.layout import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("model.keras", "tokenizer.json", "config.json")
+# What `Captioner.caption` takes: a file path, a binary file object, or a decoded uint8 RGB array [H, W, 3].
+ImageInput = Union[str, Path, BinaryIO, np.ndarray]
+
+# Where an old model directory's provenance lacks weights or precision: the features stage's defaults.
+_FEATURES_DEFAULTS = FeaturesConfig()
+
+
+@dataclass(frozen=True)
+class Beam:
+    """One hypothesis of the beam search: its words and their natural log-probability
+    (the end token's included when it was reached; None if not finite)."""
+
+    caption: str
+    log_prob: float | None
 
 
 @dataclass
 class CaptionOutcome:
-    """One image's result: a caption and its log-probability, or the reason there is none."""
+    """One image's result: a caption and its log-probability, or the reason there is none.
 
-    path: Path
+    path: the image file (None for an array or an unnamed upload). beams: the top
+    hypotheses, best first, when they were asked for (`n_best`), else None.
+    """
+
+    path: Path | None
     caption: str | None = None
     log_prob: float | None = None  # natural log-probability of the words (and of the end token, when reached)
     error: str | None = None
+    beams: list[Beam] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
+        """JSON-ready: path, caption, log_prob (6 decimals), error, and beams when present."""
+        record: dict[str, Any] = {
+            "path": None if self.path is None else str(self.path),
             "caption": self.caption,
-            "log_prob": None if self.log_prob is None else round(float(self.log_prob), 6),
+            "log_prob": _rounded(self.log_prob),
             "error": self.error,
         }
+        if self.beams is not None:
+            record["beams"] = [{"caption": b.caption, "log_prob": _rounded(b.log_prob)} for b in self.beams]
+        return record
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------- the model directory
@@ -81,30 +127,64 @@ def load_model(model_dir: str | Path) -> Any:
     return model_lib.load_model_dir(model_dir)
 
 
-def model_fingerprint_files(model_dir: str | Path) -> list[Path]:
-    """The files that determine a model's captions (what a cached evaluation depends on)."""
-    return [Path(model_dir) / name for name in MODEL_FILES]
-
-
 def features_provenance(loaded: Any, model_dir: Path) -> dict[str, Any]:
     """The "features_provenance" recorded in the model's config.json (CaptionerError if absent)."""
     provenance = loaded.info.get("features_provenance")
     if not isinstance(provenance, dict) or "backbone" not in provenance:
         raise CaptionerError(
-            f"{model_dir / 'config.json'} records no features_provenance; retrain the model with this version"
+            f"{Path(model_dir) / CONFIG_FILE} records no features_provenance; retrain the model with this version"
         )
     return provenance
 
 
 def feature_dim(loaded: Any, model_dir: Path) -> int:
-    """The image feature width D the model was trained on."""
-    value = loaded.info.get("feature_dim")
-    if not isinstance(value, int) or value <= 0:
-        raise CaptionerError(f"{model_dir / 'config.json'} records no valid feature_dim")
-    return value
+    """The image feature width D the model was trained on (checked when config.json was read)."""
+    return int(loaded.info["feature_dim"])
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+def _stepper(loaded: Any, allow_unk: bool) -> Any:
+    """The model's step function, never proposing pad, start (and unk unless allowed)."""
+    from captioner.decoding import BannedWords
+
+    tokenizer = loaded.tokenizer
+    banned = [tokenizer.pad_id, tokenizer.start_id] + ([] if allow_unk else [tokenizer.unk_id])
+    return BannedWords(loaded.step_model(), banned)
+
+
+def _beam_search(
+    stepper: Any,
+    tokenizer: Any,
+    image_features: np.ndarray,
+    decode: DecodeConfig,
+    n_best: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[Beam]]:
+    """float32 [N, D] -> per image its `n_best` beams, best first, in chunks of decode.batch_size."""
+    from captioner.decoding import beam_search_n_best
+
+    image_features = np.asarray(image_features, dtype=np.float32)
+    results: list[list[Beam]] = []
+    # Chunks of batch_size so that a progress bar moves; the search batches within a chunk.
+    for start in range(0, len(image_features), decode.batch_size):
+        chunk = image_features[start : start + decode.batch_size]
+        decoded = beam_search_n_best(
+            stepper,
+            chunk,
+            start_id=tokenizer.start_id,
+            end_id=tokenizer.end_id,
+            beam_size=decode.beam_size,
+            max_generated_words=decode.max_generated_words,
+            length_normalization=decode.length_normalization,
+            batch_size=decode.batch_size,
+            n_best=n_best,
+        )
+        results.extend([Beam(tokenizer.decode(c.ids), _finite(c.log_prob)) for c in beams] for beams in decoded)
+        if progress is not None:
+            progress(len(chunk))
+    return results
 
 
 def decode_features(
@@ -115,61 +195,213 @@ def decode_features(
 ) -> list[tuple[str, float]]:
     """Beam-searches a caption for each row of `image_features` (float32 [N, D]).
 
-    Returns (caption text, log-probability) per row, in order. `progress(n)` is called
-    after each chunk of `decode.batch_size` images (for a progress bar).
+    Returns (caption text, natural log-probability) per row, in order. `progress(n)` is
+    called after each chunk of `decode.batch_size` images (for a progress bar).
     """
-    from captioner.decoding import BannedWords, beam_search
+    decoded = _beam_search(_stepper(loaded, decode.allow_unk), loaded.tokenizer, image_features, decode, 1, progress)
+    return [(beams[0].caption, -math.inf if beams[0].log_prob is None else beams[0].log_prob) for beams in decoded]
 
-    if decode.batch_size < 1:  # beam_search checks the other settings
-        raise CaptionerError(f"decode.batch_size must be at least 1, got {decode.batch_size}")
-    tokenizer = loaded.tokenizer
-    banned = [tokenizer.pad_id, tokenizer.start_id] + ([] if decode.allow_unk else [tokenizer.unk_id])
-    stepper = BannedWords(loaded.step_model(), banned)
-    image_features = np.asarray(image_features, dtype=np.float32)
-    results: list[tuple[str, float]] = []
-    # Chunks of batch_size so that a progress bar moves; beam_search batches within a chunk.
-    for start in range(0, len(image_features), decode.batch_size):
-        chunk = image_features[start : start + decode.batch_size]
-        decoded = beam_search(
-            stepper,
-            chunk,
-            start_id=tokenizer.start_id,
-            end_id=tokenizer.end_id,
-            beam_size=decode.beam_size,
-            max_generated_words=decode.max_generated_words,
-            length_normalization=decode.length_normalization,
-            batch_size=decode.batch_size,
+
+# --------------------------------------------------------------------------- one load, many captions
+
+
+def _name_of(image: ImageInput) -> Path | None:
+    if isinstance(image, (str, Path)):
+        return Path(image)
+    name = getattr(image, "name", None)
+    return Path(name) if isinstance(name, str) and name else None
+
+
+class Captioner:
+    """A model directory and the backbone its features came from, loaded once.
+
+    model_dir: a directory written by `captioner train`. decode: the default decode
+    settings (`DecodeConfig()` when None); `caption` and `decode` may override the beam
+    size and the caption length per call. Raises CaptionerError (one line) for a
+    missing or broken model directory, a model trained on imported features, or a
+    recorded backbone whose width differs from the model's feature_dim.
+
+    Attributes: model_dir, decode, tokenizer, config (the model's training config),
+    feature_dim, provenance, backbone (the `captioner.backbones.Backbone` entry),
+    resample (the resize filter), image_size ((height, width) the backbone takes),
+    batch_size (images per backbone call: the model's features.batch_size).
+    """
+
+    def __init__(self, model_dir: str | Path, decode: DecodeConfig | None = None) -> None:
+        from captioner import backbones
+        from captioner.images import resample_filter
+
+        self.model_dir = Path(model_dir)
+        self.decode_config = decode if decode is not None else DecodeConfig()
+        loaded = load_model(self.model_dir)
+        provenance = features_provenance(loaded, self.model_dir)
+        if provenance.get("backbone") is None:
+            sources = ", ".join(str(s) for s in provenance.get("source") or []) or "an unknown source"
+            raise CaptionerError(
+                f"{self.model_dir} was trained on imported features ({sources}) that no backbone here can "
+                "compute from a photo; retrain on features from `captioner extract` to caption new images"
+            )
+        spec = backbones.get_backbone(str(provenance["backbone"]))
+        layer = provenance.get("layer") or spec.default_layer
+        weights = provenance.get("weights") or _FEATURES_DEFAULTS.weights
+        self.resample = str(provenance.get("resample") or spec.resample)
+        resample_filter(self.resample)  # an unknown filter is the model's fault, not an image's: refuse it now
+        precision = backbones.resolve_precision(provenance.get("precision") or _FEATURES_DEFAULTS.precision)
+        if str(weights).lower() == "none":
+            log.info(
+                "%s was trained on features of a randomly initialised %s (weights none): a demo model, "
+                "its captions describe colours and layout at best", self.model_dir, spec.name,
+            )
+        network = backbones.build_backbone(spec.name, layer, weights, precision)
+        self.feature_dim = feature_dim(loaded, self.model_dir)
+        width = int(network.output_shape[-1])
+        if width != self.feature_dim:
+            raise CaptionerError(
+                f"{self.model_dir}: the recorded backbone {spec.name} {layer} gives {width}-d features "
+                f"but the model expects {self.feature_dim}-d"
+            )
+        self._predict = backbones.make_predict_fn(network)
+        self._loaded = loaded
+        self._stepper = _stepper(loaded, self.decode_config.allow_unk)
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.provenance = dict(provenance)
+        self.backbone = spec
+        self.image_size = tuple(spec.input_size)
+        # No bigger than the training config's features.batch_size: VGG16 activations are ~60 MB/image.
+        self.batch_size = max(1, int(loaded.config.features.batch_size))
+
+    # ------------------------------------------------------------------ the three steps
+
+    def load_image(self, image: ImageInput, max_pixels: int | None = -1) -> np.ndarray:
+        """One image -> uint8 RGB [height, width, 3] at `image_size`, resized with `resample`.
+
+        image: a path, a binary file object, or a decoded uint8 array [H, W, 3] (RGB) or
+        [H, W] (gray). max_pixels: refuse images declaring more pixels (-1: Pillow's
+        MAX_IMAGE_PIXELS, None: no limit). Raises `captioner.images.ImageError` with the
+        reason (prefixed by the file name, or "array") for anything unusable.
+        """
+        from PIL import Image
+
+        from captioner.images import ImageError, load_image, resample_filter
+
+        height, width = self.image_size
+        if not isinstance(image, np.ndarray):
+            return load_image(image, size=(height, width), resample=self.resample, max_pixels=max_pixels)
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ImageError(f"array: expected uint8 RGB [H, W, 3] or gray [H, W], got {image.dtype} {list(image.shape)}")
+        if min(image.shape[:2]) == 0:
+            raise ImageError(f"array: empty image {list(image.shape)}")
+        limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
+        if limit is not None and image.shape[0] * image.shape[1] > limit:
+            raise ImageError(f"array: {image.shape[1]}x{image.shape[0]} is over the {limit}-pixel limit")
+        picture = Image.fromarray(image).convert("RGB")
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), resample_filter(self.resample))
+        return np.asarray(picture, dtype=np.uint8)
+
+    def extract(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [N, height, width, 3] (from `load_image`) -> image features float32 [N, D].
+
+        Runs the backbone on batches of at most `batch_size` images, each padded to a
+        power of two (so the traced network sees few shapes).
+        """
+        images = np.asarray(images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, 3):
+            raise CaptionerError(f"images have shape {images.shape}, expected [N, {self.image_size[0]}, "
+                                 f"{self.image_size[1]}, 3]")
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            size = min(self.batch_size, 1 << max(0, len(chunk) - 1).bit_length())
+            padded = np.zeros((size, *chunk.shape[1:]), dtype=chunk.dtype)
+            padded[: len(chunk)] = chunk
+            outputs.append(self._predict(self.backbone.preprocess(padded))[: len(chunk)])
+        if not outputs:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def decode(
+        self,
+        image_features: np.ndarray,
+        *,
+        beam_size: int | None = None,
+        max_generated_words: int | None = None,
+        n_best: int = 1,
+    ) -> list[list[Beam]]:
+        """float32 [N, D] -> per image its `n_best` beams (at most beam_size), best first.
+
+        beam_size, max_generated_words: this call's settings (None: the Captioner's
+        decode config); both must be at least 1, n_best between 1 and beam_size.
+        """
+        decode = self._decode_settings(beam_size, max_generated_words)
+        return _beam_search(self._stepper, self.tokenizer, image_features, decode, n_best)
+
+    def _decode_settings(self, beam_size: int | None, max_generated_words: int | None) -> DecodeConfig:
+        from dataclasses import replace
+
+        return replace(
+            self.decode_config,
+            beam_size=self.decode_config.beam_size if beam_size is None else int(beam_size),
+            max_generated_words=(
+                self.decode_config.max_generated_words if max_generated_words is None else int(max_generated_words)
+            ),
         )
-        results.extend((tokenizer.decode(item.ids), float(item.log_prob)) for item in decoded)
-        if progress is not None:
-            progress(len(chunk))
-    return results
 
+    # ------------------------------------------------------------------ all together
 
-# --------------------------------------------------------------------------- images -> features
+    def caption(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        beam_size: int | None = None,
+        max_generated_words: int | None = None,
+        n_best: int | None = None,
+        max_pixels: int | None = -1,
+    ) -> list[CaptionOutcome]:
+        """Captions each image; one `CaptionOutcome` per image, in input order.
 
+        Images are decoded in a thread pool, the next batch while the backbone runs on
+        the current one, then all their features are decoded together. n_best: also
+        return that many top beams in `.beams` (None: only the best caption). An image
+        that cannot be used gets its reason in `.error` and the others are still captioned.
+        """
+        from captioner.images import ImageError
 
-def _build_extractor(
-    provenance: dict[str, Any], expected_dim: int, model_dir: Path
-) -> Callable[[np.ndarray], np.ndarray]:
-    """The backbone as recorded at training time, as a predict function:
-    caffe-preprocessed float32 [B, 224, 224, 3] -> float32 [B, D]."""
-    from captioner import features as features_lib
-    from captioner.images import resample_filter
-
-    backbone = provenance["backbone"]
-    layer = provenance.get("layer") or "fc2"
-    weights = provenance.get("weights") or "imagenet"
-    resample_filter(provenance.get("resample") or "nearest")  # an unknown filter is the model's fault, not an image's
-    precision = features_lib.resolve_precision(provenance.get("precision") or "float32")
-    network = features_lib.build_backbone(backbone, layer, weights, precision)
-    width = int(network.output_shape[-1])
-    if width != expected_dim:
-        raise CaptionerError(
-            f"{model_dir}: the recorded backbone {backbone} {layer} gives {width}-d features "
-            f"but the model expects {expected_dim}-d"
-        )
-    return features_lib.make_predict_fn(network)
+        items = list(images)
+        decode = self._decode_settings(beam_size, max_generated_words)
+        outcomes = [CaptionOutcome(path=_name_of(item)) for item in items]
+        chunks = [range(i, min(i + self.batch_size, len(items))) for i in range(0, len(items), self.batch_size)]
+        rows: list[np.ndarray] = []
+        good: list[int] = []
+        workers = max(1, min(os.cpu_count() or 1, len(items)))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-load") as pool:
+            pending: collections.deque = collections.deque()
+            for index in range(len(chunks)):
+                # Keep the next batch decoding while this one runs through the backbone.
+                while len(pending) < 2 and index + len(pending) < len(chunks):
+                    chunk = chunks[index + len(pending)]
+                    pending.append((chunk, [pool.submit(self.load_image, items[k], max_pixels) for k in chunk]))
+                chunk, futures = pending.popleft()
+                pixels, kept = [], []
+                for k, future in zip(chunk, futures):
+                    try:
+                        pixels.append(future.result())
+                        kept.append(k)
+                    except ImageError as error:
+                        name = outcomes[k].path.name if outcomes[k].path is not None else "array"
+                        outcomes[k].error = str(error).removeprefix(f"{name}: ")
+                        log.info("%s: %s", outcomes[k].path or f"image {k}", outcomes[k].error)
+                if pixels:
+                    rows.extend(self.extract(np.stack(pixels)))
+                    good.extend(kept)
+        if good:
+            decoded = _beam_search(self._stepper, self.tokenizer, np.stack(rows), decode, n_best or 1)
+            for k, beams in zip(good, decoded):
+                outcomes[k].caption, outcomes[k].log_prob = beams[0].caption, beams[0].log_prob
+                if n_best is not None:
+                    outcomes[k].beams = beams
+        return outcomes
 
 
 def caption_files(model_dir: Path, image_paths: Sequence[Path], decode: DecodeConfig) -> list[CaptionOutcome]:
@@ -179,46 +411,4 @@ def caption_files(model_dir: Path, image_paths: Sequence[Path], decode: DecodeCo
     trained on imported features. An image that cannot be read gets its reason in
     `.error` and the others are still captioned.
     """
-    model_dir = Path(model_dir)
-    image_paths = [Path(p) for p in image_paths]
-    loaded = load_model(model_dir)
-    provenance = features_provenance(loaded, model_dir)
-    if provenance.get("backbone") is None:
-        sources = ", ".join(str(s) for s in provenance.get("source") or []) or "an unknown source"
-        raise CaptionerError(
-            f"{model_dir} was trained on imported features ({sources}) that no backbone here can compute "
-            "from a photo; retrain on features from `captioner extract` to caption new images"
-        )
-    if str(provenance.get("weights")).lower() == "none":
-        log.info(
-            "%s was trained on features of a randomly initialised %s (weights none): a demo model, "
-            "its captions describe colours and layout at best", model_dir, provenance["backbone"],
-        )
-    predict = _build_extractor(provenance, feature_dim(loaded, model_dir), model_dir)
-    from captioner import features as features_lib
-
-    outcomes = [CaptionOutcome(path=path) for path in image_paths]
-    # The backbone sees fixed-size batches (padded): no bigger than needed for a few photos,
-    # no bigger than the training config's features.batch_size (VGG16 activations are ~60 MB/image).
-    batch_size = max(1, min(loaded.config.features.batch_size, len(image_paths)))
-    rows: list[np.ndarray] = []
-    good: list[CaptionOutcome] = []
-    for outcome, (path, vector, error) in zip(
-        outcomes,
-        features_lib.extract_features(
-            predict, image_paths, batch_size=batch_size, resample=provenance.get("resample") or "nearest",
-            progress=False,
-        ),
-    ):
-        if error is not None:
-            outcome.error = error
-            log.info("%s: %s", path, error)  # the caller reports it (the CLI prints one line per image)
-        else:
-            rows.append(vector)
-            good.append(outcome)
-    if good:
-        decoded = decode_features(loaded, np.stack(rows), decode)
-        for outcome, (caption, log_prob) in zip(good, decoded):
-            outcome.caption = caption
-            outcome.log_prob = log_prob if math.isfinite(log_prob) else None
-    return outcomes
+    return Captioner(model_dir, decode).caption([Path(p) for p in image_paths])

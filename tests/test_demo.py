@@ -271,7 +271,7 @@ def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_p
     """What the demo model will see: fc2 of an untrained VGG16 must carry the caption's content.
 
     The features come from the pipeline itself (the JPEG files read by `captioner.images`,
-    the seeded random backbone of `captioner.features`) for 150 demo images (seed 11); a
+    the seeded random backbone of `captioner.backbones`) for 150 demo images (seed 11); a
     linear probe is scored by 10-fold cross-validation (each image predicted by a probe
     that never saw it; with 150 images a single train/held-out split leaves only ~25
     one-shape scenes held out, where one error costs 4 points). 150 images because each
@@ -287,7 +287,7 @@ def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_p
     Cost: about 45 s on a quiet 2-core CPU (150 VGG16 forward passes).
     """
     pytest.importorskip("keras")
-    from captioner.features import build_backbone, extract_features, make_predict_fn
+    from captioner.backbones import build_backbone, extract_features, make_predict_fn
 
     count, seed = 150, 11
     folder = tmp_path / "demo"

@@ -24,13 +24,12 @@ from captioner import cache, feature_files
 from captioner.cli import main as cli_main
 from captioner.config import Config
 from captioner.errors import CaptionerError
+from captioner.backbones import build_backbone, resolve_precision
 from captioner.features import (
-    build_backbone,
     extract_stage,
     merge_feature_parts,
     parse_shard,
     parts_folder_for,
-    resolve_precision,
     shard_of,
 )
 
@@ -294,7 +293,7 @@ def test_duplicate_ids_are_reported(tmp_path, tiny):
     ("field", "value", "message"),
     [
         ("backbone", "resnet50", r"unknown backbone 'resnet50' \(features.backbone: vgg16, vgg19\)"),
-        ("layer", "fc3", r"unknown layer 'fc3' \(features.layer: fc2, fc1\)"),
+        ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1\)"),
         ("shard", "2/2", r"bad shard '2/2'"),
         ("shard", "one/two", r"bad shard 'one/two'"),
         ("weights", "/nowhere/vgg.h5", r"weights file not found: /nowhere/vgg.h5"),
@@ -399,7 +398,7 @@ def test_vgg_parameter_counts(vgg16, caplog):
     classifier = 4097 * 1000  # the dropped 1000-way predictions layer
     assert vgg16.count_params() + classifier == 138_357_544
     assert tuple(vgg16.output.shape) == (None, 4096)
-    caplog.set_level("WARNING", logger="captioner.features")
+    caplog.set_level("WARNING", logger="captioner.backbones")
     vgg19 = build_backbone("vgg19", "fc1", "none")
     assert "RANDOM weights" in caplog.text
     assert tuple(vgg19.output.shape) == (None, 4096)

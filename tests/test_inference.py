@@ -17,7 +17,7 @@ from PIL import Image
 from model_dirs import make_model_dir
 
 from captioner import cache
-from captioner import features as features_lib
+from captioner import backbones
 from captioner import model as model_lib
 from captioner.cli import caption_main
 from captioner.config import Config, DecodeConfig
@@ -54,7 +54,7 @@ def tiny_net(monkeypatch):
         built.append((backbone, layer, weights, precision))
         return network
 
-    monkeypatch.setattr(features_lib, "build_backbone", fake_build_backbone)
+    monkeypatch.setattr(backbones, "build_backbone", fake_build_backbone)
     return built
 
 

@@ -6,15 +6,15 @@ Reads
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
 
-Writes (train.output, a folder; every file atomically)
+Writes (train.output, a folder; see `captioner.layout`)
   model.keras      the weights of the epoch with the lowest validation loss
   tokenizer.json   copied from the captions folder
   config.json      the resolved Config + feature_dim, vocab_size, features_provenance
                    (`captioner.model.write_model_config`)
   history.csv      epoch, loss, val_loss, seconds, lr (one row per finished epoch, 1-based)
-  checkpoints/     state.json (epochs done, early-stopping state, history, params) and the
-                   weights + optimizer state of the last and the best epoch
-                   (`epoch-NNNN.weights.h5`); what `--resume` needs
+  checkpoints/     the run: state.json, the last and the best epoch's weights, history.csv
+                   so far (`captioner.checkpoints`); what `--resume` needs
+  checkpoints.next/  a new run training beside a finished one (`captioner.checkpoints`)
   manifest.json    `captioner.cache.Stage` "train": a rerun with unchanged inputs and
                    params is a no-op
 
@@ -22,33 +22,39 @@ Config: train (all of it), model (the architecture), text.max_prepared_words (ca
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
 batches' sample weights are 0 there, see `captioner.sequences`), on float32 logits.
 
-Resuming. After every epoch the state is committed in this order: the epoch's weights file
-(model + optimizer variables, fsynced), history.csv, then `checkpoints/state.json` by atomic
-rename, which is the commit point; files no longer referenced are deleted after it. A process
-killed at any moment (even SIGKILL) leaves a state.json naming complete files. The data order
-of epoch e is a permutation drawn from (seed, e), and at the start of every epoch every dropout
-RNG is re-seeded from (seed, e), so a run resumed after epoch k trains epochs k+1.. exactly as
-an uninterrupted run does. A resume whose parameters or inputs differ from the checkpoint's is
-refused (naming what changed) unless --force, which starts over; `train.epochs` alone may
-change (raise it to train further).
+Nothing finished is lost. A new run into a directory that holds a finished model trains in
+`checkpoints.next/`; the old model, manifest and checkpoints stay as they were (and usable)
+until the new run finishes and replaces them. A directory that is not empty but holds no run
+of ours is refused without --force. A failed write (disk full, file-size limit, permission)
+stops the stage with one line naming the file, after the last committed epoch; --resume goes
+on from there. The stage holds `cache.output_lock(output)` while it runs: a second `train`
+on the same output refuses.
+
+Resuming. After every epoch the run folder commits the epoch's weights, history.csv, then
+state.json (the commit point; `captioner.checkpoints`). A process killed at any moment (even
+SIGKILL) leaves a state naming complete files. The data order of epoch e is a permutation
+drawn from (seed, e), and at the start of every epoch every dropout RNG is re-seeded from
+(seed, e), so a run resumed after epoch k trains epochs k+1.. exactly as an uninterrupted run
+does. A resume whose parameters or inputs differ from the checkpoint's is refused (naming what
+changed) unless --force, which starts over; `train.epochs` alone may change (raise it to train
+further). An unreadable checkpoint is refused in one line: --force starts over.
 
 Strategies (train.strategy): default (one device: a GPU when the backend sees one, else the
 CPU; any Keras backend), mirrored (tf.distribute.MirroredStrategy over all GPUs, or over all
 logical CPU devices when there is no GPU), multiworker (MultiWorkerMirroredStrategy, cluster
-from TF_CONFIG; only the chief writes files). TensorFlow is imported only for those two.
+from TF_CONFIG; only the chief writes files and holds the lock). TensorFlow is imported only
+for those two.
 
-Cost: Flickr8k (30,000 train captions in 469 batches, 1280-d features, vocab 2,533, default
-model, 2.2 M parameters): about 160 CPU-seconds per epoch with validation (measured on 2 busy
-cores: 315-370 s wall; an idle pair should take roughly half that). XLA (jit_compile) measured
-1.8x slower per step on this CPU, so Keras' "auto" (XLA on GPUs only) is kept. Disk: model.keras
-27 MB (Keras stores the Adam moments with it), each kept checkpoint (last, best) the same.
+Cost: see the README for measured times per epoch. Disk: model.keras holds the Adam moments
+as well as the weights (about 3x the weights alone); each kept checkpoint (last, best) is the
+same size. XLA (jit_compile) measured slower per step on CPUs, so Keras' "auto" (XLA on GPUs
+only) is kept.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -60,22 +66,16 @@ from pathlib import Path
 from typing import Any
 
 from captioner import cache
-from captioner.datasets import read_prepared_split
+from captioner import checkpoints as ckpt
 from captioner import config as config_lib
+from captioner.checkpoints import EpochRecord, Run, TrainState
 from captioner.config import Config
+from captioner.datasets import read_prepared_split
 from captioner.errors import CaptionerError
+from captioner.layout import HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINED_FILES, split_file
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-STATE_FILE = "state.json"
-CHECKPOINTS = "checkpoints"
-HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "seconds", "lr")
-# Parameters that may differ between a checkpoint and its resume: raising the epoch bound
-# continues the same run, it does not change any epoch already trained.
-RESUMABLE_CHANGES = {"train.epochs"}
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("default", "mirrored", "multiworker")
 # Each batch is padded to its longest caption, rounded up to this: few distinct shapes
 # (fewer retraces and XLA compilations) for almost no extra padding.
 PAD_TO_MULTIPLE = 8
@@ -145,13 +145,11 @@ def _input_paths(config: Config) -> _Inputs:
         raise CaptionerError(
             f"captions folder not found (train.captions / --captions): {captions_dir}; make it with `captioner prepare`"
         )
-    if train.train_split == train.val_split:
-        raise CaptionerError(f"train.train_split and train.val_split are both {train.train_split!r}")
     paths = _Inputs(
         captions_dir=captions_dir,
-        train_json=captions_dir / f"{train.train_split}.json",
-        val_json=captions_dir / f"{train.val_split}.json",
-        tokenizer_json=captions_dir / "tokenizer.json",
+        train_json=split_file(captions_dir, train.train_split),
+        val_json=split_file(captions_dir, train.val_split),
+        tokenizer_json=captions_dir / TOKENIZER_FILE,
         feature_files=[Path(p) for p in train.features],
     )
     missing = [p for p in (paths.train_json, paths.val_json, paths.tokenizer_json) if not p.is_file()]
@@ -160,30 +158,10 @@ def _input_paths(config: Config) -> _Inputs:
             f"captions folder {captions_dir} lacks {', '.join(p.name for p in missing)} (train.captions; "
             "run `captioner prepare`)"
         )
-    if not paths.feature_files:
-        raise CaptionerError("no features files given (train.features / --features)")
     for path in paths.feature_files:
         if not path.is_file():
             raise CaptionerError(f"features file not found (train.features / --features): {path}")
     return paths
-
-
-def _check_train(config: Config) -> None:
-    """Refuses values that would fail deep inside Keras, naming the option."""
-    train = config.train
-    if train.precision not in PRECISIONS:
-        raise CaptionerError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
-    if train.strategy not in STRATEGIES:
-        raise CaptionerError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {train.strategy!r}")
-    for key, value, low in (("epochs", train.epochs, 1), ("batch_size", train.batch_size, 1), ("patience", train.patience, 0)):
-        if value < low:
-            raise CaptionerError(f"train.{key} must be at least {low}, got {value}")
-    if not train.learning_rate > 0:
-        raise CaptionerError(f"train.learning_rate must be positive, got {train.learning_rate}")
-    if not 0 < train.lr_decay <= 1:
-        raise CaptionerError(f"train.lr_decay must be in (0, 1], got {train.lr_decay}")
-    if not train.clipnorm >= 0:
-        raise CaptionerError(f"train.clipnorm must be 0 (off) or positive, got {train.clipnorm}")
 
 
 def stage_params(config: Config) -> dict[str, Any]:
@@ -199,95 +177,145 @@ def stage_params(config: Config) -> dict[str, Any]:
     for key, value in config_lib.to_dict(config.model).items():
         params[f"model.{key}"] = value
     params["text.max_prepared_words"] = config.text.max_prepared_words
-    params["state_version"] = STATE_VERSION
+    params["state_version"] = ckpt.STATE_VERSION
     return params
 
 
-def _params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+def _make_stage(config: Config, paths: _Inputs, output: Path) -> cache.Stage:
+    return cache.Stage(
+        "train",
+        cache.manifest_path_for(output),
+        inputs={
+            "features": paths.feature_files,
+            "train_captions": paths.train_json,
+            "val_captions": paths.val_json,
+            "tokenizer": paths.tokenizer_json,
+        },
+        params=stage_params(config),
+        outputs=[output / name for name in TRAINED_FILES],
+    )
 
 
-# --------------------------------------------------------------------------- checkpoint state
+@dataclass
+class _Data:
+    """What training reads, loaded: the vocabulary and the batches of both splits."""
+
+    tokenizer: Any  # captioner.tokenizer.Tokenizer
+    vocab_hash: str
+    feature_dim: int
+    train_batches: Any  # captioner.sequences.TeacherForcingBatches
+    val_batches: Any
+    skipped: dict[str, int]  # split -> captions without features
 
 
-def _read_state(checkpoints: Path) -> dict[str, Any] | None:
-    path = checkpoints / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CaptionerError(f"cannot read {path} ({error}); --force starts over") from None
-    if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
-        raise CaptionerError(f"{path} was written by another version; --force starts over")
-    return state
+def _load_data(config: Config, paths: _Inputs) -> _Data:
+    """Tokenizer, features and captions -> teacher-forcing batches of the train and val splits."""
+    from captioner.sequences import FeatureTable, TeacherForcingBatches, encode_captions
+    from captioner.tokenizer import Tokenizer
+
+    train = config.train
+    tokenizer = Tokenizer.load(paths.tokenizer_json)
+    log.info("train: loading features %s", ", ".join(map(str, paths.feature_files)))
+    features = cache.load_features(paths.feature_files)
+    if not features:
+        raise CaptionerError(f"features files hold no images: {', '.join(map(str, paths.feature_files))}")
+    feature_dim = int(next(iter(features.values())).shape[0])
+    splits = {train.train_split: read_prepared_split(paths.train_json), train.val_split: read_prepared_split(paths.val_json)}
+    used_ids = [image_id for captions in splits.values() for image_id in captions]
+    table = FeatureTable.from_dict(features, used_ids)  # only the images the splits use, stored once
+    del features
+    batches: dict[str, Any] = {}
+    skipped: dict[str, int] = {}
+    for split, captions in splits.items():
+        caption_set = encode_captions(captions, tokenizer, config.text.max_prepared_words)
+        if len(caption_set) == 0:
+            raise CaptionerError(f"{split_file(paths.captions_dir, split)}: the {split} split has no captions")
+        try:
+            batches[split] = TeacherForcingBatches(
+                caption_set,
+                table,
+                train.batch_size,
+                seed=train.seed,
+                shuffle=split == train.train_split,
+                pad_to_multiple=PAD_TO_MULTIPLE,
+                advance_on_epoch_end=False,  # the epoch loop calls set_epoch: any backend, exact resume
+            )
+        except CaptionerError as error:
+            raise CaptionerError(
+                f"no usable {split} captions in {paths.captions_dir}: {error}; are train.features from the same "
+                "images as the captions?"
+            ) from None
+        skipped[split] = batches[split].skipped_captions
+        if skipped[split]:
+            log.warning(
+                "train: %d of %d %s captions skipped: %d images have no features (first: %s)",
+                skipped[split], len(caption_set), split, len(batches[split].missing_images),
+                ", ".join(batches[split].missing_images[:5]),
+            )
+    train_batches, val_batches = batches[train.train_split], batches[train.val_split]
+    log.info(
+        "train: %d %s captions (%d batches of %d), %d %s captions; %d-d features, vocab_size %d",
+        train_batches.num_captions, train.train_split, len(train_batches), train.batch_size,
+        val_batches.num_captions, train.val_split, feature_dim, tokenizer.vocab_size,
+    )
+    return _Data(
+        tokenizer=tokenizer,
+        vocab_hash=hashlib.sha256("\n".join(tokenizer.words).encode()).hexdigest()[:16],
+        feature_dim=feature_dim,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        skipped=skipped,
+    )
 
 
-def _refuse_conflicts(output: Path, conflicts: list[str]) -> None:
-    if conflicts:
+# --------------------------------------------------------------------------- resume checks
+
+
+def _refuse_changes(output: Path, changed: list[str]) -> None:
+    if changed:
         raise CaptionerError(
-            f"cannot resume {output}: changed since its checkpoint: {', '.join(conflicts)} (--force starts over)"
+            f"cannot resume {output}: changed since its checkpoint: {', '.join(changed)} (--force starts over)"
         )
 
 
-def _resume_conflicts(state: dict[str, Any], params: dict[str, Any], inputs: dict[str, Any] | None) -> list[str]:
-    """Names of the parameters (and, given `inputs`, the inputs) that differ between a checkpoint and this run."""
-    old_params = state.get("params", {})
-    changed = sorted(
-        key
-        for key in set(params) | set(old_params)
-        if key not in RESUMABLE_CHANGES and params.get(key) != old_params.get(key)
-    )
-    if inputs is None:
-        return changed
-    old_inputs = state.get("inputs", {})
-    changed += sorted(f"inputs.{key}" for key in set(inputs) | set(old_inputs) if inputs.get(key) != old_inputs.get(key))
-    return changed
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _save_weights_atomically(model: Any, path: Path) -> None:
-    """Model and optimizer variables (Keras 3 `save_weights` includes the optimizer) to `path`."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # Keras insists on the .weights.h5 suffix
-    try:
-        model.save_weights(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _epoch_file(epoch: int) -> str:
-    return f"epoch-{epoch:04d}.weights.h5"
-
-
-def _history_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: row[key] for key in HISTORY_COLUMNS})
-    return buffer.getvalue()
-
-
-def _commit_epoch(checkpoints: Path, output: Path, model: Any, state: dict[str, Any]) -> None:
-    """Writes the finished epoch's weights, history.csv, then state.json (the commit point)."""
-    epoch = state["epoch"]
-    _save_weights_atomically(model, checkpoints / _epoch_file(epoch))
-    cache.atomic_write_text(output / "history.csv", _history_csv(state["history"]))
-    cache.atomic_write_json(checkpoints / STATE_FILE, state)
-    keep = {STATE_FILE, state["weights"], state.get("best_weights")}
-    for path in checkpoints.glob("epoch-*.weights.h5"):
-        if path.name not in keep:
-            path.unlink()
+def _check_resumable(output: Path, state: TrainState, data: _Data, paths: _Inputs, stage: cache.Stage) -> None:
+    """Refuses a resume whose features, vocabulary or inputs are not the checkpoint's."""
+    if state.feature_dim != data.feature_dim:
+        raise CaptionerError(
+            f"cannot resume {output}: its checkpoint was trained on {state.feature_dim}-d features, "
+            f"train.features has {data.feature_dim}-d ones (--force starts over)"
+        )
+    if state.vocab_size != data.tokenizer.vocab_size or state.vocab_hash != data.vocab_hash:
+        raise CaptionerError(
+            f"cannot resume {output}: {paths.tokenizer_json} ({data.tokenizer.vocab_size} ids) is not the vocabulary "
+            f"of its checkpoint ({state.vocab_size} ids) (--force starts over)"
+        )
+    _refuse_changes(output, state.conflicts(stage.params, stage.input_fingerprints()))
 
 
 # --------------------------------------------------------------------------- devices and strategies
+
+
+def is_chief_task(strategy: str) -> bool:
+    """Whether this process writes files: always, except on non-chief workers of a multi-worker run.
+
+    Read from TF_CONFIG (before TensorFlow starts): the task "chief", or worker 0 of a
+    cluster without one.
+    """
+    if strategy != "multiworker":
+        return True
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise CaptionerError("train.strategy=multiworker needs the TF_CONFIG environment variable (cluster and task)")
+    try:
+        tf_config = json.loads(raw)
+        cluster, task = tf_config.get("cluster") or {}, tf_config["task"]
+        task_type, task_index = task["type"], int(task.get("index", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({type(error).__name__}: {error})") from None
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_index == 0 and "chief" not in cluster
 
 
 def _make_strategy(name: str) -> Any:
@@ -318,19 +346,8 @@ def _make_strategy(name: str) -> Any:
         raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({error})") from None
 
 
-def _is_chief(strategy: Any) -> bool:
-    """Whether this process writes files: always, except on non-chief workers of a multi-worker run."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
-
-
-def _describe_devices(strategy: Any) -> str:
+def _where(strategy: Any) -> str:
+    """The devices training runs on, in our words ("the CPU", "GPU 0", "2 replicas (MirroredStrategy)")."""
     import keras
 
     backend = keras.backend.backend()
@@ -340,12 +357,13 @@ def _describe_devices(strategy: Any) -> str:
         import tensorflow as tf  # the backend has imported it already
 
         gpus = tf.config.list_logical_devices("GPU")
-        return f"{'GPU ' + gpus[0].name if gpus else 'CPU'} (tensorflow)"
+        return f"{'GPU ' + gpus[0].name if gpus else 'the CPU'} ({backend})"
     if backend == "jax":
         import jax
 
-        return f"{jax.devices()[0]} (jax)"
-    return backend
+        device = jax.devices()[0]
+        return f"{'the CPU' if device.platform == 'cpu' else str(device)} ({backend})"
+    return f"the {backend} backend's default device"
 
 
 # --------------------------------------------------------------------------- training pieces
@@ -443,302 +461,232 @@ def _finite(value: float) -> bool:
 # --------------------------------------------------------------------------- the stage
 
 
-def train_stage(config: Config, force: bool = False, resume: bool = False) -> TrainResult:
-    """Trains the merge model on `config.train` (see the module docstring); cached and resumable."""
-    return _train(config, force=force, resume=resume)
+def train_stage(
+    config: Config, force: bool = False, resume: bool = False, callbacks: Sequence[Any] = ()
+) -> TrainResult:
+    """Trains the merge model on `config.train` (see the module docstring); cached and resumable.
 
-
-def _train(config: Config, force: bool = False, resume: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """`train_stage`, plus extra Keras callbacks for every epoch's fit (tests inject crashes with it)."""
-    _check_train(config)
+    force: train even when up to date, start over instead of resuming, and train into a
+      non-empty folder that holds no run of ours. resume: continue the run in train.output.
+    callbacks: extra Keras callbacks passed to every epoch's `fit` (each fit is one epoch):
+      progress reporting, or a test's injected crash.
+    Returns a TrainResult; raises CaptionerError (one line) for bad input and failed writes.
+    """
+    config_lib.validate(config)  # a Config built in code has not been through the overrides' checks
     paths = _input_paths(config)
-    train = config.train
-    output = Path(train.output)
+    output = Path(config.train.output)
     if output.exists() and not output.is_dir():
         raise CaptionerError(f"train.output must be a folder, but is a file: {output}")
-    checkpoints = output / CHECKPOINTS
-    params = stage_params(config)
-    outputs = [output / name for name in ("model.keras", "tokenizer.json", "config.json", "history.csv")]
-    stage = cache.Stage(
-        "train",
-        cache.manifest_path_for(output),
-        inputs={
-            "features": paths.feature_files,
-            "train_captions": paths.train_json,
-            "val_captions": paths.val_json,
-            "tokenizer": paths.tokenizer_json,
-        },
-        params=params,
-        outputs=outputs,
-    )
+    chief = is_chief_task(config.train.strategy)
+    # Only the chief writes, so only the chief locks: the workers of one run share the output.
+    with cache.output_lock(output) if chief else contextlib.nullcontext():
+        return _train(config, paths, output, force=force, resume=resume, callbacks=callbacks, chief=chief)
+
+
+def _train(
+    config: Config, paths: _Inputs, output: Path, *, force: bool, resume: bool, callbacks: Sequence[Any], chief: bool
+) -> TrainResult:
+    """The stage, top to bottom, under the output's lock."""
+    if chief:
+        ckpt.recover(output)
+    stage = _make_stage(config, paths, output)
     if not force and stage.up_to_date():
-        state = _read_state(checkpoints) or {}
-        return TrainResult(
-            output=output,
-            up_to_date=True,
-            epochs_done=int(state.get("epoch", 0)),
-            best_epoch=state.get("best_epoch"),
-            best_val_loss=state.get("best_val_loss"),
-            stopped_early=bool(state.get("stopped_early", False)),
-        )
+        return _up_to_date_result(output)
+    run = ckpt.choose_run(output, force=force, resume=resume)
+    if run.state is not None:
+        _refuse_changes(output, run.state.conflicts(stage.params))  # before loading anything
+    data = _load_data(config, paths)
+    if run.state is not None:
+        _check_resumable(output, run.state, data, paths, stage)
 
-    state = None if force else _read_state(checkpoints)
-    if state is not None:
-        if not resume and not state.get("finished"):
-            raise CaptionerError(
-                f"{output} holds an unfinished training run ({state['epoch']} of {state['params'].get('train.epochs')} "
-                "epochs done): --resume continues it, --force starts over"
-            )
-        if not resume:
-            log.info("train: the finished run in %s is out of date (%s); starting over", output, stage.stale_reason())
-            state = None
-        else:
-            _refuse_conflicts(output, _resume_conflicts(state, params, None))  # before loading anything
-    elif resume:
-        log.info("train: nothing to resume in %s; starting from epoch 1", checkpoints)
-
-    # ----------------------------------------------------------------- data (before any model work)
-    from captioner.sequences import FeatureTable, TeacherForcingBatches, encode_captions
-    from captioner.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(paths.tokenizer_json)
-    log.info("train: loading features %s", ", ".join(map(str, paths.feature_files)))
-    features = cache.load_features(paths.feature_files)
-    if not features:
-        raise CaptionerError(f"features files hold no images: {', '.join(map(str, paths.feature_files))}")
-    feature_dim = int(next(iter(features.values())).shape[0])
-    vocab_hash = hashlib.sha256("\n".join(tokenizer.words).encode()).hexdigest()[:16]
-    if state is not None:
-        if state["feature_dim"] != feature_dim:
-            raise CaptionerError(
-                f"cannot resume {output}: its checkpoint was trained on {state['feature_dim']}-d features, "
-                f"train.features has {feature_dim}-d ones (--force starts over)"
-            )
-        if state["vocab_size"] != tokenizer.vocab_size or state["vocab_hash"] != vocab_hash:
-            raise CaptionerError(
-                f"cannot resume {output}: {paths.tokenizer_json} ({tokenizer.vocab_size} ids) is not the vocabulary "
-                f"of its checkpoint ({state['vocab_size']} ids) (--force starts over)"
-            )
-        _refuse_conflicts(output, _resume_conflicts(state, params, stage.input_fingerprints()))
-
-    splits = {train.train_split: read_prepared_split(paths.train_json), train.val_split: read_prepared_split(paths.val_json)}
-    used_ids = [image_id for captions in splits.values() for image_id in captions]
-    table = FeatureTable.from_dict(features, used_ids)  # only the images the splits use, stored once
-    del features
-    batches: dict[str, Any] = {}
-    skipped: dict[str, int] = {}
-    for split, captions in splits.items():
-        caption_set = encode_captions(captions, tokenizer, config.text.max_prepared_words)
-        if len(caption_set) == 0:
-            raise CaptionerError(f"{paths.captions_dir / (split + '.json')}: the {split} split has no captions")
-        try:
-            batches[split] = TeacherForcingBatches(
-                caption_set,
-                table,
-                train.batch_size,
-                seed=train.seed,
-                shuffle=split == train.train_split,
-                pad_to_multiple=PAD_TO_MULTIPLE,
-                advance_on_epoch_end=False,  # the epoch loop below calls set_epoch: any backend, exact resume
-            )
-        except CaptionerError as error:
-            raise CaptionerError(
-                f"no usable {split} captions in {paths.captions_dir}: {error}; are train.features from the same "
-                "images as the captions?"
-            ) from None
-        skipped[split] = batches[split].skipped_captions
-        if skipped[split]:
-            log.warning(
-                "train: %d of %d %s captions skipped: %d images have no features (first: %s)",
-                skipped[split], len(caption_set), split, len(batches[split].missing_images),
-                ", ".join(batches[split].missing_images[:5]),
-            )
-    train_batches, val_batches = batches[train.train_split], batches[train.val_split]
-    log.info(
-        "train: %d %s captions (%d batches of %d), %d %s captions; %d-d features, vocab_size %d",
-        train_batches.num_captions, train.train_split, len(train_batches), train.batch_size,
-        val_batches.num_captions, train.val_split, feature_dim, tokenizer.vocab_size,
-    )
-
-    # ----------------------------------------------------------------- model
     import keras
 
-    strategy = _make_strategy(train.strategy)  # before other TensorFlow work: multi-worker needs that
-    chief = _is_chief(strategy)
-    if chief and state is None:
-        # Starting over: remove the old run's checkpoints (only ours), so no stale state survives.
-        if checkpoints.is_dir():
-            for path in checkpoints.iterdir():
-                if path.name == STATE_FILE or path.name.endswith(".weights.h5"):
-                    path.unlink()
-        cache.manifest_path_for(output).unlink(missing_ok=True)
-    if chief:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-
-    keras.utils.set_random_seed(train.seed)
-    keras.mixed_precision.set_global_policy(train.precision)
+    strategy = _make_strategy(config.train.strategy)  # before other TensorFlow work: multi-worker needs that
+    if chief and run.new:
+        _start_over(output, run)
+    keras.utils.set_random_seed(config.train.seed)
+    keras.mixed_precision.set_global_policy(config.train.precision)
     try:
-        return _fit(
-            config, strategy, chief, state, params, stage, paths, tokenizer, vocab_hash, feature_dim,
-            train_batches, val_batches, skipped, callbacks,
+        model = _build_model(config, strategy, data, run)
+        state, resumed_from = _start_state(run, stage, data)
+        log.info(
+            "train: on %s; %d parameters, precision %s%s",
+            _where(strategy), model.count_params(), config.train.precision,
+            f"; resuming {run.folder.path} after epoch {resumed_from}" if resumed_from is not None else "",
         )
+        seconds = _train_epochs(model, state, run, data, config, callbacks, chief)
+        if chief:
+            _finish(model, state, run, data, config, paths, stage)
     finally:
         keras.mixed_precision.set_global_policy("float32")  # a policy is global: never leak it to the caller
-
-
-def _fit(
-    config: Config,
-    strategy: Any,
-    chief: bool,
-    state: dict[str, Any] | None,
-    params: dict[str, Any],
-    stage: cache.Stage,
-    paths: _Inputs,
-    tokenizer: Any,
-    vocab_hash: str,
-    feature_dim: int,
-    train_batches: Any,
-    val_batches: Any,
-    skipped: dict[str, int],
-    callbacks: Sequence[Any],
-) -> TrainResult:
-    import contextlib
-
-    import keras
-
-    from captioner import model as model_lib
-
-    train = config.train
-    output = Path(train.output)
-    checkpoints = output / CHECKPOINTS
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
-        model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
-        # "auto": Keras' choice (XLA on GPUs, not on CPUs, where it measured no faster here).
-        _compile(model, train, jit_compile="auto", steps_per_epoch=len(train_batches))
-        if state is not None:
-            model.optimizer.build(model.trainable_variables)  # so load_weights restores the Adam moments too
-            model.load_weights(checkpoints / state["weights"])
-        if train.strategy == "multiworker":
-            _work_around_keras_multiworker(model, train_batches)
-    log.info(
-        "train: %s, %s, %d parameters, precision %s",
-        model.name, _describe_devices(strategy), model.count_params(), train.precision,
-    )
-
-    if state is None:
-        state = {
-            "state_version": STATE_VERSION,
-            "epoch": 0,
-            "best_epoch": None,
-            "best_val_loss": None,
-            "best_weights": None,
-            "epochs_without_improvement": 0,
-            "stopped_early": False,
-            "finished": False,
-            "weights": None,
-            "history": [],
-            "params": params,
-            "params_hash": _params_hash(params),
-            "inputs": stage.input_fingerprints(),
-            "feature_dim": feature_dim,
-            "vocab_size": tokenizer.vocab_size,
-            "vocab_hash": vocab_hash,
-        }
-        resumed_from = None
-    else:
-        resumed_from = int(state["epoch"])
-        state["params"], state["params_hash"] = params, _params_hash(params)  # only train.epochs may differ
-        state["finished"] = False
-        log.info("train: resuming %s after epoch %d", output, resumed_from)
-
-    train_data, val_data = _for_fit(train_batches), _for_fit(val_batches)
-    seconds: list[float] = []
-    while state["epoch"] < train.epochs and not state["stopped_early"]:
-        epoch = int(state["epoch"])  # 0-based index of the epoch about to run
-        _reseed_epoch(model, train.seed, epoch)
-        train_batches.set_epoch(epoch)
-        val_batches.set_epoch(0)
-        started = time.perf_counter()
-        history = model.fit(
-            train_data, validation_data=val_data, epochs=1, verbose=0, shuffle=False, callbacks=list(callbacks)
-        ).history
-        took = time.perf_counter() - started
-        seconds.append(took)
-        loss, val_loss = float(history["loss"][-1]), float(history["val_loss"][-1])
-        if not _finite(loss):
-            raise CaptionerError(
-                f"training diverged in epoch {epoch + 1} (loss {loss}); lower train.learning_rate "
-                "(the last good epoch is kept: --resume after changing it is refused, --force starts over)"
-            )
-        row = {
-            "epoch": epoch + 1,
-            "loss": round(loss, 6),
-            "val_loss": round(val_loss, 6),
-            "seconds": round(took, 2),
-            "lr": _current_lr(model),
-        }
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        state["weights"] = _epoch_file(epoch + 1)
-        improved = _finite(val_loss) and (state["best_val_loss"] is None or val_loss < state["best_val_loss"])
-        if improved:
-            state["best_epoch"], state["best_val_loss"] = epoch + 1, val_loss
-            state["best_weights"] = _epoch_file(epoch + 1)
-            state["epochs_without_improvement"] = 0
-        else:
-            state["epochs_without_improvement"] += 1
-            if train.patience and state["epochs_without_improvement"] >= train.patience:
-                state["stopped_early"] = True
-        if chief:
-            _commit_epoch(checkpoints, output, model, state)
-        log.info(
-            "epoch %d/%d: loss %.4f, val_loss %.4f, %.1f s%s",
-            epoch + 1, train.epochs, loss, val_loss, took,
-            " (best)" if improved else f" (no improvement for {state['epochs_without_improvement']})",
-        )
-        if state["stopped_early"]:
-            log.info("train: stopping early: no better %s loss for %d epochs", train.val_split, train.patience)
-
-    result = TrainResult(
+    return TrainResult(
         output=output,
         epochs_run=len(seconds),
-        epochs_done=int(state["epoch"]),
-        best_epoch=state["best_epoch"],
-        best_val_loss=state["best_val_loss"],
+        epochs_done=state.epoch,
+        best_epoch=state.best_epoch,
+        best_val_loss=state.best_val_loss,
         seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None,
-        stopped_early=bool(state["stopped_early"]),
+        stopped_early=state.stopped_early,
         resumed_from=resumed_from,
-        skipped_captions=skipped,
+        skipped_captions=data.skipped,
         is_chief=chief,
     )
-    if not chief:
-        return result
-    if state["best_weights"] is None:
-        raise CaptionerError(f"no epoch had a finite {train.val_split} loss; nothing to save in {output}")
 
-    # ----------------------------------------------------------------- the model directory
-    model.load_weights(checkpoints / state["best_weights"])
-    model_lib.save_model(model, output)
-    cache.atomic_write_bytes(output / "tokenizer.json", paths.tokenizer_json.read_bytes())
-    model_lib.write_model_config(
-        output, config, feature_dim, tokenizer.vocab_size, cache.feature_provenance(paths.feature_files)
+
+def _up_to_date_result(output: Path) -> TrainResult:
+    state = ckpt.RunFolder(output / ckpt.CHECKPOINTS_DIR).peek_state()
+    return TrainResult(
+        output=output,
+        up_to_date=True,
+        epochs_done=state.epoch if state else 0,
+        best_epoch=state.best_epoch if state else None,
+        best_val_loss=state.best_val_loss if state else None,
+        stopped_early=state.stopped_early if state else False,
     )
-    cache.atomic_write_text(output / "history.csv", _history_csv(state["history"]))
-    state["finished"] = True
-    cache.atomic_write_json(checkpoints / STATE_FILE, state)
+
+
+def _start_over(output: Path, run: Run) -> None:
+    """Empties the folder of a new run. Beside a finished run nothing else is touched; without one,
+    a manifest left from a run whose model is gone goes too."""
+    if run.staged:
+        log.info("train: training in %s; the finished model in %s stays until this run finishes", run.folder.path, output)
+    else:
+        cache.manifest_path_for(output).unlink(missing_ok=True)
+    run.folder.clear()
+
+
+def _build_model(config: Config, strategy: Any, data: _Data, run: Run) -> Any:
+    """The compiled model, with the resumed run's weights and optimizer state when there is one."""
+    from captioner import model as model_lib
+
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = model_lib.build_model(data.feature_dim, data.tokenizer.vocab_size, config.model)
+        # "auto": Keras' choice (XLA on GPUs, not on CPUs, where it measured no faster here).
+        _compile(model, config.train, jit_compile="auto", steps_per_epoch=len(data.train_batches))
+        if run.state is not None and run.state.weights is not None:
+            model.optimizer.build(model.trainable_variables)  # so loading restores the Adam moments too
+            run.folder.load_weights(model, run.state.weights)
+        if config.train.strategy == "multiworker":
+            _work_around_keras_multiworker(model, data.train_batches)
+    return model
+
+
+def _start_state(run: Run, stage: cache.Stage, data: _Data) -> tuple[TrainState, int | None]:
+    """(the state the epochs continue from, epochs done before this call or None for a new run)."""
+    if run.state is None:
+        state = TrainState(
+            params=stage.params,
+            inputs=stage.input_fingerprints(),
+            feature_dim=data.feature_dim,
+            vocab_size=data.tokenizer.vocab_size,
+            vocab_hash=data.vocab_hash,
+        )
+        return state, None
+    state = run.state
+    state.params = stage.params  # only train.epochs may differ (checked)
+    state.finished = False  # a finished run resumed goes on to the raised train.epochs
+    return state, state.epoch
+
+
+def _train_epochs(
+    model: Any, state: TrainState, run: Run, data: _Data, config: Config, callbacks: Sequence[Any], chief: bool
+) -> list[float]:
+    """Trains epoch after epoch until train.epochs or early stopping, committing each; returns their seconds."""
+    train = config.train
+    train_data, val_data = _for_fit(data.train_batches), _for_fit(data.val_batches)
+    seconds: list[float] = []
+    while state.epoch < train.epochs and not state.stopped_early:
+        record = _fit_epoch(model, data, train_data, val_data, train.seed, state.epoch, callbacks)
+        seconds.append(record.seconds)
+        improved = _record_epoch(state, record, train.patience)
+        if chief:
+            run.folder.commit_epoch(model, state)
+        log.info(
+            "epoch %d/%d: loss %.4f, val_loss %.4f, %.1f s%s",
+            record.epoch, train.epochs, record.loss, record.val_loss, record.seconds,
+            " (best)" if improved else f" (no improvement for {state.epochs_without_improvement})",
+        )
+        if state.stopped_early:
+            log.info("train: stopping early: no better %s loss for %d epochs", train.val_split, train.patience)
+    return seconds
+
+
+def _fit_epoch(
+    model: Any, data: _Data, train_data: Any, val_data: Any, seed: int, epoch: int, callbacks: Sequence[Any]
+) -> EpochRecord:
+    """Trains epoch `epoch` (0-based) with its own data order and dropout seeds, then validates."""
+    _reseed_epoch(model, seed, epoch)
+    data.train_batches.set_epoch(epoch)
+    data.val_batches.set_epoch(0)
+    started = time.perf_counter()
+    history = model.fit(
+        train_data, validation_data=val_data, epochs=1, verbose=0, shuffle=False, callbacks=list(callbacks)
+    ).history
+    took = time.perf_counter() - started
+    loss, val_loss = float(history["loss"][-1]), float(history["val_loss"][-1])
+    if not _finite(loss):
+        raise CaptionerError(
+            f"training diverged in epoch {epoch + 1} (loss {loss}); lower train.learning_rate "
+            "(the last good epoch is kept: --resume after changing it is refused, --force starts over)"
+        )
+    return EpochRecord(
+        epoch=epoch + 1, loss=round(loss, 6), val_loss=round(val_loss, 6), seconds=round(took, 2), lr=_current_lr(model)
+    )
+
+
+def _record_epoch(state: TrainState, record: EpochRecord, patience: int) -> bool:
+    """Adds a finished epoch to the state (best epoch, early stopping); returns whether it is the best so far."""
+    state.history.append(record)
+    state.epoch = record.epoch
+    state.weights = ckpt.weights_name(record.epoch)
+    improved = _finite(record.val_loss) and (state.best_val_loss is None or record.val_loss < state.best_val_loss)
+    if improved:
+        state.best_epoch, state.best_val_loss = record.epoch, record.val_loss
+        state.best_weights = state.weights
+        state.epochs_without_improvement = 0
+    else:
+        state.epochs_without_improvement += 1
+        if patience and state.epochs_without_improvement >= patience:
+            state.stopped_early = True
+    return improved
+
+
+def _finish(
+    model: Any, state: TrainState, run: Run, data: _Data, config: Config, paths: _Inputs, stage: cache.Stage
+) -> None:
+    """Writes the model files of the best epoch into the run folder, marks the run finished,
+    installs them in the model directory, and records the manifest (last)."""
+    from captioner import model as model_lib
+
+    output = Path(config.train.output)
+    if state.best_weights is None:
+        raise CaptionerError(f"no epoch had a finite {config.train.val_split} loss; nothing to save in {output}")
+    folder = run.folder
+    folder.load_weights(model, state.best_weights)
+    with cache.reporting_write_errors(folder.path / MODEL_FILE):
+        model_lib.save_model(model, folder.path)
+    model_lib.write_model_config(
+        folder.path, config, data.feature_dim, data.tokenizer.vocab_size, cache.feature_provenance(paths.feature_files)
+    )
+    cache.write_together(
+        {
+            folder.path / TOKENIZER_FILE: paths.tokenizer_json.read_bytes(),
+            folder.path / HISTORY_FILE: ckpt.history_csv(state.history).encode("utf-8"),
+        }
+    )
+    folder.mark_finished(state)
+    ckpt.install(output, folder)
     stage.finish(
         config,
         extra={
-            "epochs": state["epoch"],
-            "best_epoch": state["best_epoch"],
-            "best_val_loss": state["best_val_loss"],
-            "stopped_early": state["stopped_early"],
-            "feature_dim": feature_dim,
-            "vocab_size": tokenizer.vocab_size,
-            "skipped_captions": skipped,
+            "epochs": state.epoch,
+            "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss,
+            "stopped_early": state.stopped_early,
+            "feature_dim": data.feature_dim,
+            "vocab_size": data.tokenizer.vocab_size,
+            "skipped_captions": data.skipped,
         },
     )
-    log.info("train: wrote %s (best epoch %s)", output, state["best_epoch"])
-    return result
-
+    log.info("train: wrote %s (best epoch %s)", output, state.best_epoch)

@@ -21,7 +21,7 @@ from captioner import config as config_lib
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.tokenizer import Tokenizer
-from captioner.training import TrainResult, _train, train_stage
+from captioner.training import TrainResult, train_stage
 
 WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 
@@ -135,7 +135,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     crashed = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
     crashed.train.output = str(root / "crashed")
     with pytest.raises(Crash):
-        _train(crashed, callbacks=[CrashInEpoch(crash_at=3)])
+        train_stage(crashed, callbacks=[CrashInEpoch(crash_at=3)])
     shutil.copytree(root / "crashed", root / "crashed-snapshot")
     return {"root": root, "features": features, "captions": captions, "straight": straight, "result": result,
             "crashed": crashed}
@@ -265,7 +265,7 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
     assert result.resumed_from is None and result.epochs_done == 1 and np.isfinite(result.best_val_loss)
     state = json.loads((output / "checkpoints" / "state.json").read_text())
     assert state["params"]["train.learning_rate"] == 0.05 and state["finished"]
-    assert [p.name for p in (output / "checkpoints").glob("*.weights.h5")] == ["epoch-0001.weights.h5"]
+    assert [p.name for p in (output / "checkpoints").glob("*.keras")] == ["epoch-0001.keras"]
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
@@ -298,7 +298,7 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
         np.testing.assert_array_equal(saved, expected)
     assert any(not np.array_equal(a, b) for a, b in zip(weights_of(output), last_weights(output)))
     # Only what resume needs is kept: the last and the best epoch's files.
-    kept_files = sorted(p.name for p in (output / "checkpoints").glob("*.weights.h5"))
+    kept_files = sorted(p.name for p in (output / "checkpoints").glob("*.keras"))
     assert kept_files == sorted({state["weights"], state["best_weights"]})
 
 

@@ -49,11 +49,12 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "output": "eval.output",
     },
     "caption": {"model": "eval.model", "beam": "decode.beam_size"},
+    "serve": {"model": "eval.model", "host": "serve.host", "port": "serve.port", "cors_origin": "serve.cors_origin"},
 }
 
 
 # Subcommands that run a Keras model (the others never import the backend).
-KERAS_COMMANDS = frozenset({"extract", "train", "evaluate"})
+KERAS_COMMANDS = frozenset({"extract", "train", "evaluate", "serve"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--images", metavar="DIR", help="image folder for thumbnails")
     sub.add_argument("--output", metavar="DIR")
     sub.add_argument("--force", action="store_true")
+
+    sub = commands.add_parser("serve", help="HTTP API and web page captioning photos (FastAPI + uvicorn)")
+    sub.add_argument("--model", metavar="MODEL_DIR")
+    sub.add_argument("--host", metavar="HOST", help="default 127.0.0.1 (this machine only)")
+    sub.add_argument("--port", metavar="PORT", help="default 8000")
+    sub.add_argument("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN call the API; default: CORS off")
 
     for sub in commands.choices.values():
         _add_common(sub)
@@ -218,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from captioner.evaluation import evaluate_stage
 
             return _print_summary(evaluate_stage(config, force=force))
+        if args.command == "serve":
+            from captioner.serve import serve
+
+            return serve(config)
         raise CaptionerError(f"unknown command {args.command}")  # argparse already refuses these
 
     return _run(handler)

@@ -1,12 +1,15 @@
-"""captioner.inference and the `caption` command: captions, bad images, bad model directories.
+"""captioner.inference and the `caption` command: known captions, bad images, bad model
+directories, one load for many captions.
 
-Most tests swap the VGG16 backbone for a tiny seeded network with 16-d output (the
-model directory records vgg16 fc2 as usual); one test runs the real VGG16 with random
-weights on three small images.
+Most tests swap the VGG16 backbone for a tiny network (the model directory records vgg16
+fc2 as usual): a seeded 16-d one for the untrained model, or a global average pool (the
+mean caffe-preprocessed pixel, 3-d) for the hand-weighted model of `model_dirs`, whose
+captions are known. One slow test runs the real VGG16 with random weights.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,15 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_dirs import make_model_dir
+from model_dirs import KNOWN_CAPTIONS, KNOWN_PROVENANCE, make_known_model_dir, make_model_dir
 
-from captioner import cache
-from captioner import backbones
-from captioner import model as model_lib
+from captioner import backbones, feature_files
 from captioner.cli import caption_main
 from captioner.config import Config, DecodeConfig
 from captioner.errors import CaptionerError
-from captioner.inference import CaptionOutcome, caption_files
+from captioner.images import ImageError
+from captioner.inference import Beam, CaptionOutcome, Captioner, caption_files
+from captioner.layout import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 from captioner.tokenizer import Tokenizer
 
 PROVENANCE = {"backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32"}
@@ -155,17 +158,17 @@ def test_missing_and_broken_model_directories_exit_2_with_one_line(tiny_model_di
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("model.keras", "config.json"):
+    for name in (MODEL_FILE, CONFIG_FILE):
         (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
     assert caption_main(["--model", str(broken), str(image)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "tokenizer.json" in err
+    assert "\n" not in err and TOKENIZER_FILE in err
 
-    (broken / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
-    (broken / "model.keras").write_bytes(b"not a zip file")
+    (broken / TOKENIZER_FILE).write_bytes((tiny_model_dir / TOKENIZER_FILE).read_bytes())
+    (broken / MODEL_FILE).write_bytes(b"not a zip file")
     assert caption_main(["--model", str(broken), str(image)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "model.keras" in err
+    assert "\n" not in err and f"{broken / MODEL_FILE}: corrupt or not a Keras model file" in err
 
 
 def test_missing_default_model_dir_is_named(tmp_path, monkeypatch):
@@ -181,11 +184,14 @@ def test_outcome_to_dict_is_json_ready():
     }
 
 
-def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path):
     """The caption path rebuilds the backbone from the model's provenance and gets the
     features the features stage computed for the same image: the model sees at caption
-    time what it saw in training (weights none included, which needs a seeded backbone)."""
-    from captioner import inference
+    time what it saw in training (weights none included, which needs a seeded backbone).
+    Builds VGG16 twice (extraction, then captioning), as two processes would: slow."""
+    import keras
+
     from captioner.features import extract_stage
 
     images = tmp_path / "images"
@@ -197,29 +203,141 @@ def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path
     config.features.output = str(tmp_path / "features.pkl")
     config.features.weights = "none"
     config.features.batch_size = 2
-    import keras
-
     # Extraction and captioning run in different processes, each with its own global random
     # state: stand in for that with different global seeds.
     keras.utils.set_random_seed(1)
     extract_stage(config)
-    provenance = cache.feature_provenance(config.features.output)
+    provenance = feature_files.feature_provenance(config.features.output)
     assert provenance == PROVENANCE
-    stored = cache.load_features(config.features.output)
+    stored = feature_files.load_features(config.features.output)
 
-    seen = []  # the features the caption path computed
-    real_decode = inference.decode_features
-    monkeypatch.setattr(
-        inference, "decode_features", lambda loaded, x, *a, **k: seen.append(x) or real_decode(loaded, x, *a, **k)
-    )
-    # End to end with the real VGG16: a model over those 4096-d features captions the images.
     model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 4096)
-    paths = sorted(images.iterdir()) + [tmp_path / "gone.jpg"]
     keras.utils.set_random_seed(2)
-    outcomes = caption_files(model_dir, paths, DecodeConfig(max_generated_words=4))
+    captioner = Captioner(model_dir, DecodeConfig(max_generated_words=4))
+    paths = sorted(images.iterdir())
+    computed = captioner.extract(np.stack([captioner.load_image(p) for p in paths]))
+    np.testing.assert_allclose(computed, np.stack([stored["im0"], stored["im1"]]), rtol=1e-4, atol=1e-4)
+    outcomes = captioner.caption([*paths, tmp_path / "gone.jpg"])
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert all(isinstance(o.caption, str) for o in outcomes[:2])
 
-    assert len(seen) == 1 and seen[0].shape == (2, 4096)
-    expected = np.stack([stored["im0"], stored["im1"]])
-    np.testing.assert_allclose(seen[0], expected, rtol=1e-4, atol=1e-4)
+
+# --------------------------------------------------------------------------- known captions
+
+
+@pytest.fixture
+def mean_pixel_net(monkeypatch):
+    """Replaces VGG16 by a global average pool: image features = the mean preprocessed pixel (B, G, R)."""
+    import keras
+
+    built = []
+    inputs = keras.Input((224, 224, 3))
+    network = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+
+    def fake_build_backbone(backbone="vgg16", layer="fc2", weights="imagenet", precision="float32"):
+        built.append((backbone, layer, weights, precision))
+        return network
+
+    monkeypatch.setattr(backbones, "build_backbone", fake_build_backbone)
+    return built
+
+
+@pytest.fixture(scope="module")
+def known_model_dir(tmp_path_factory) -> Path:
+    return make_known_model_dir(tmp_path_factory.mktemp("known") / "m")
+
+
+@pytest.fixture
+def colour_images(tmp_path) -> dict[str, Path]:
+    """Pure red and pure blue PNGs (lossless, so the mean pixel is exact)."""
+    paths = {"red": tmp_path / "red.png", "blue": tmp_path / "blue.png"}
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(paths["red"])
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(paths["blue"])
+    return paths
+
+
+def known_log_prob(colour: str) -> float:
+    """The hand-weighted model's log-probability of its caption, by hand (see tests/model_dirs.py).
+
+    Every step's logits are one value x and eight zeros (9 words), so the chosen word has
+    log-probability x - log(e^x + 8). The word after start, and the end, follow with
+    x = 10 a (a = tanh(tanh(3)): the LSTM's output for the word just read); the colour
+    word after "a" with x = 20 (a + c - 1.6), c the colour's mean preprocessed value / 100:
+    red (255 - 123.68) / 100, blue (255 - 103.939) / 100.
+    """
+    a = np.tanh(np.tanh(3.0))
+    c = {"red": (255 - 123.68) / 100, "blue": (255 - 103.939) / 100}[colour]
+
+    def chosen(x: float) -> float:
+        return x - np.log(np.exp(x) + 8)
+
+    return 3 * chosen(10 * a) + chosen(20 * (a + c - 1.6))
+
+
+def test_caption_prints_the_known_caption_of_a_hand_weighted_model(known_model_dir, mean_pixel_net, colour_images, capsys):
+    assert caption_main(["--model", str(known_model_dir), str(colour_images["red"])]) == 0
+    assert capsys.readouterr().out == "a red circle\n"
+
+    assert caption_main(["--model", str(known_model_dir), str(colour_images["blue"]), str(colour_images["red"])]) == 0
+    assert capsys.readouterr().out == f"{colour_images['blue']}\ta blue square\n{colour_images['red']}\ta red circle\n"
+
+    assert caption_main(["--model", str(known_model_dir), "--json", "--beam", "1", str(colour_images["blue"])]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["caption"] == KNOWN_CAPTIONS["blue"]
+    assert record["log_prob"] == pytest.approx(known_log_prob("blue"), abs=1e-4)
+    assert mean_pixel_net == [tuple(KNOWN_PROVENANCE[k] for k in ("backbone", "layer", "weights", "precision"))] * 3
+
+
+def test_one_captioner_loads_once_and_captions_paths_uploads_and_arrays(known_model_dir, mean_pixel_net, colour_images):
+    captioner = Captioner(known_model_dir)
+    assert len(mean_pixel_net) == 1
+    red_pixels = np.asarray(Image.open(colour_images["red"]))
+    upload = io.BytesIO(colour_images["blue"].read_bytes())
+    upload.name = "upload.png"
+    outcomes = captioner.caption(
+        [colour_images["blue"], red_pixels, upload, np.zeros((5, 5), np.float64), str(colour_images["red"])]
+    )
+    assert [o.caption for o in outcomes] == ["a blue square", "a red circle", "a blue square", None, "a red circle"]
+    assert [o.path for o in outcomes] == [colour_images["blue"], None, Path("upload.png"), None, colour_images["red"]]
+    assert outcomes[3].error == "expected uint8 RGB [H, W, 3] or gray [H, W], got float64 [5, 5]"
+    assert outcomes[0].log_prob == pytest.approx(known_log_prob("blue"), abs=1e-4)
+    assert outcomes[1].log_prob == pytest.approx(known_log_prob("red"), abs=1e-4)
+    assert all(o.beams is None for o in outcomes)
+
+    # Again, with the top beams: still no second backbone. Any other caption takes at least one
+    # word whose logit is 0 instead of 10a, so it is less probable.
+    again = captioner.caption([colour_images["red"]], beam_size=3, n_best=2)
+    assert len(mean_pixel_net) == 1
+    best, second = again[0].beams
+    assert best == Beam("a red circle", again[0].log_prob) and second.caption != best.caption
+    assert second.log_prob < best.log_prob
+    assert again[0].to_dict()["beams"][0] == {"caption": "a red circle", "log_prob": round(best.log_prob, 6)}
+
+    # The three steps on their own, as a server batching requests calls them.
+    pixels = np.stack([captioner.load_image(colour_images["red"]), captioner.load_image(red_pixels)])
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 224, 224, 3)
+    features = captioner.extract(pixels)
+    # The mean preprocessed pixel of pure red, (B, G, R) minus the ImageNet means; a float32
+    # mean over 224 x 224 values is good to a few parts in 10,000.
+    np.testing.assert_allclose(features, [[-103.939, -116.779, 255 - 123.68]] * 2, rtol=1e-3)
+    assert [b[0].caption for b in captioner.decode(features, beam_size=1)] == ["a red circle"] * 2
+    # Words are bounded per call: after two words only the end may follow.
+    assert captioner.decode(features[:1], max_generated_words=2)[0][0].caption == "a red"
+    with pytest.raises(ImageError, match="over the 100-pixel limit"):
+        captioner.load_image(colour_images["red"], max_pixels=100)
+
+
+def test_missing_provenance_fields_come_from_the_backbone_catalogue_and_the_features_config(
+    tmp_path, mean_pixel_net, colour_images
+):
+    """An old model directory recording only the backbone: layer and resize filter from the
+    backbone's catalogue entry, weights and precision from FeaturesConfig, never a literal here."""
+    model_dir = make_known_model_dir(tmp_path / "old")
+    path = model_dir / CONFIG_FILE
+    data = json.loads(path.read_text())
+    data["features_provenance"] = {"backbone": "vgg16"}
+    path.write_text(json.dumps(data))
+    captioner = Captioner(model_dir)
+    spec, features = backbones.get_backbone("vgg16"), Config().features
+    assert mean_pixel_net == [("vgg16", spec.default_layer, features.weights, features.precision)]
+    assert captioner.resample == spec.resample

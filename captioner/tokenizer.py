@@ -82,10 +82,9 @@ class Tokenizer:
         """The vocabulary of the words seen at least `min_word_count` times in `captions`.
 
         Pass the train split only: words seen only in dev/test must be unknown to the
-        model, as they would be for new images.
+        model, as they would be for new images. `min_word_count` is `text.min_word_count`,
+        whose range the config checks; below 1 is a ValueError here.
         """
-        if isinstance(min_word_count, bool) or not isinstance(min_word_count, int) or min_word_count < 1:
-            raise CaptionerError(f"min_word_count must be an integer of at least 1, got {min_word_count!r}")
         counts: Counter[str] = Counter()
         for caption in captions:
             counts.update(word for word in caption.split() if word not in SPECIAL_TOKENS)
@@ -171,8 +170,11 @@ class Tokenizer:
         if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
             raise CaptionerError(f"{path}: 'counts' must map words to integers")
         if isinstance(min_count, bool) or not isinstance(min_count, int):
-            raise CaptionerError(f"{path}: 'min_word_count' must be an integer")
+            raise CaptionerError(f"{path}: 'min_word_count' must be an integer, got {min_count!r}")
         extras = {key: data.get(key) for key in ("train_words", "train_tokens", "covered_tokens")}
+        for key, value in extras.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise CaptionerError(f"{path}: {key!r} must be an integer or null, got {value!r}")
         try:
             return cls(words, counts=counts, min_word_count=min_count, **extras)
         except ValueError as error:

@@ -18,11 +18,19 @@ CAPTIONS = [
 ]
 
 
-def test_special_ids_and_words():
+def test_special_tokens_are_ids_in_front_of_the_words():
     tokenizer = Tokenizer.build(CAPTIONS, min_word_count=1)
-    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.start_id, tokenizer.end_id) == (0, 1, 2, 3)
-    assert tokenizer.words[:4] == ["<pad>", "<unk>", "<start>", "<end>"]
-    assert tokenizer.vocab_size == len(tokenizer.words) == 4 + 12
+    specials = {"<pad>": tokenizer.pad_id, "<unk>": tokenizer.unk_id, "<start>": tokenizer.start_id,
+                "<end>": tokenizer.end_id}
+    assert {tokenizer.words[i]: i for i in specials.values()} == specials
+    assert sorted(specials.values()) == [0, 1, 2, 3]  # the words take ids 4 and up
+    # 12 distinct words in CAPTIONS, after the 4 special tokens.
+    assert tokenizer.vocab_size == 16 and sorted(tokenizer.words[4:]) == sorted(
+        {"a", "dog", "runs", "on", "beach", "jumps", "two", "dogs", "play", "the", "cat", "sleeps"}
+    )
+    # Padding is id 0, which the model's Embedding(mask_zero=True) masks: no word may encode to it.
+    assert tokenizer.pad_id == 0
+    assert all(0 not in tokenizer.encode(caption) for caption in CAPTIONS + ["an unseen caption"])
 
 
 def test_order_is_count_then_alphabetical():
@@ -86,6 +94,12 @@ def test_save_load_equal(tmp_path):
         ('{"format_version": 1, "words": ["a", "<unk>", "<start>", "<end>"]}', "must start with"),
         ('{"format_version": 1, "words": ["<pad>", "<unk>", "<start>", "<end>", "a", "a"]}', "duplicated"),
         ('{"format_version": 1, "words": ["<pad>", "<unk>", "<start>", "<end>", 5]}', "non-empty strings"),
+        ('{"format_version": 1, "words": ["<pad>", "<unk>", "<start>", "<end>"], "min_word_count": "5"}',
+         "'min_word_count' must be an integer, got '5'"),
+        ('{"format_version": 1, "words": ["<pad>", "<unk>", "<start>", "<end>"], "train_words": "12"}',
+         "'train_words' must be an integer or null, got '12'"),
+        ('{"format_version": 1, "words": ["<pad>", "<unk>", "<start>", "<end>"], "counts": {"a": "4"}}',
+         "'counts' must map words to integers"),
     ],
 )
 def test_load_rejects_bad_files(tmp_path, content, message):
@@ -102,5 +116,6 @@ def test_load_missing_file_names_it(tmp_path):
 
 
 def test_bad_min_word_count():
-    with pytest.raises(CaptionerError, match="min_word_count"):
+    # The config refuses text.min_word_count below 1 (test_config); called directly, it is a bug.
+    with pytest.raises(ValueError, match="min_word_count must be at least 1"):
         Tokenizer.build(CAPTIONS, min_word_count=0)

@@ -1,0 +1,121 @@
+"""quantize: a tiny random CNN becomes a full-int8 TFLite feature extractor whose features are
+near float32's on held-out images; bad folders and failed writes are one-line errors, nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.cache import WriteError
+from captioner.errors import CaptionerError
+from captioner.quantize import QuantizeTarget, quantize_backbone, quantize_stage
+from captioner.tflite import TFLiteBackbone, mobilenet_v2_preprocess
+
+SIZE = 32
+
+
+def _tiny_cnn(keras):
+    """A random conv-conv-pool-classifier at SIZE x SIZE; features: the pool (16 wide)."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x), name="tiny")
+
+
+def _write_images(folder, count, seed=0, size=48):
+    """Smooth random RGB JPEGs (size x size, resized by the stage to SIZE)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    for i in range(count):
+        pixels = rng.uniform(0, 255, (1, 1, 3)) * ramp + rng.uniform(0, 128, (size, 1, 3)) + rng.normal(0, 15, (size, size, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img{i:03d}.jpg")
+
+
+@pytest.fixture(scope="module")
+def keras():
+    from captioner.runtime import import_keras
+
+    return import_keras()
+
+
+def test_too_few_readable_images_is_one_line_and_writes_nothing(tmp_path):
+    _write_images(tmp_path / "images", 5)
+    for i in range(3):
+        (tmp_path / "images" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "out.tflite"
+    target = QuantizeTarget(model=None, feature_layer=None, preprocess=mobilenet_v2_preprocess, input_size=(SIZE, SIZE))
+    with pytest.raises(CaptionerError) as error:
+        quantize_stage("tiny", "none", tmp_path / "images", output, build=lambda name, weights: target,
+                       calibration_count=10, held_out_count=2, min_calibration_images=5)
+    message = str(error.value)
+    assert "only 5 readable images (3 unreadable)" in message and "at least 6" in message and "\n" not in message
+    assert not output.exists()
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    def never(name, weights):
+        raise AssertionError("the model must not be built for arguments that cannot work")
+
+    _write_images(tmp_path / "images", 3)
+    cases = [
+        (dict(output=tmp_path / "out.h5"), "expected a .tflite"),
+        (dict(calibration_count=10), "below the minimum"),
+        (dict(held_out_count=0), "held-out count"),
+        (dict(images=tmp_path / "missing"), "not found"),
+    ]
+    for overrides, expected in cases:
+        arguments = dict(images=tmp_path / "images", output=tmp_path / "out.tflite")
+        arguments.update(overrides)
+        with pytest.raises(CaptionerError, match=expected):
+            quantize_stage("tiny", "none", build=never, min_calibration_images=20, **arguments)
+    assert not (tmp_path / "out.tflite").exists()
+
+
+def test_unknown_feature_layer_names_it(keras, tmp_path):
+    with pytest.raises(CaptionerError, match="no layer 'fc9'"):
+        quantize_backbone(_tiny_cnn(keras), "fc9", mobilenet_v2_preprocess,
+                          np.zeros((2, SIZE, SIZE, 3), np.uint8), tmp_path / "out.tflite")
+    assert not (tmp_path / "out.tflite").exists()
+
+
+def test_a_failed_write_keeps_the_previous_file(keras, tmp_path, disk_full):
+    output = tmp_path / "tiny.tflite"
+    output.write_bytes(b"previous model")
+    disk_full(output)
+    images = np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+    with pytest.raises(WriteError, match="tiny.tflite") as error:
+        quantize_backbone(_tiny_cnn(keras), "pool", mobilenet_v2_preprocess, images, output)
+    assert "\n" not in str(error.value)
+    assert output.read_bytes() == b"previous model"
+
+
+@pytest.mark.slow
+def test_quantize_stage_writes_an_int8_extractor_close_to_float32(keras, tmp_path):
+    _write_images(tmp_path / "images", 30, seed=1)
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"")
+    model = _tiny_cnn(keras)
+
+    def build(name, weights):
+        assert (name, weights) == ("tiny", "none")
+        return QuantizeTarget(model, "pool", mobilenet_v2_preprocess, (SIZE, SIZE), resample="bilinear")
+
+    output = tmp_path / "tiny-int8.tflite"
+    report = quantize_stage("tiny", "none", tmp_path / "images", output, build=build,
+                            calibration_count=24, held_out_count=6, min_calibration_images=20)
+    assert (report.calibration_images, report.held_out_images, report.unreadable_images) == (24, 6, 1)
+    assert report.feature_width == 16 and report.input_dtype == "uint8" and report.raw_pixels
+    assert report.cosine_min > 0.99 and report.relative_error_max < 0.1
+    assert report.size_bytes == output.stat().st_size
+
+    # The file stands alone: its features are the float model's pool, within int8 rounding.
+    backbone = TFLiteBackbone(output, preprocess=mobilenet_v2_preprocess)
+    assert not backbone.preserves_all_tensors  # the features are the model's output
+    pixels = np.random.default_rng(9).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    pool = keras.Model(model.inputs, model.get_layer("pool").output)
+    expected = np.asarray(pool(mobilenet_v2_preprocess(pixels)))
+    relative = np.linalg.norm(backbone(pixels) - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert relative.max() < 0.1

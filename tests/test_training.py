@@ -8,8 +8,10 @@ the `prepare` format, and a model of a few thousand parameters.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -18,8 +20,11 @@ import pytest
 
 from captioner import cache
 from captioner import config as config_lib
+from captioner.checkpoints import STAGING_DIR
 from captioner.cli import main
 from captioner.errors import CaptionerError
+from captioner.evaluation import evaluate_stage
+from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINED_FILES
 from captioner.tokenizer import Tokenizer
 from captioner.training import TrainResult, train_stage
 
@@ -104,6 +109,36 @@ class CrashInEpoch(keras.callbacks.Callback):
             raise Crash()
 
 
+class AtEpoch(keras.callbacks.Callback):
+    """Calls `action` as the `epoch`-th fit call (each call is one epoch) begins."""
+
+    def __init__(self, epoch: int, action: Callable[[], object]) -> None:
+        super().__init__()
+        self.epoch, self.action, self.calls = epoch, action, 0
+
+    def on_train_begin(self, logs: object = None) -> None:
+        self.calls += 1
+        if self.calls == self.epoch:
+            self.action()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (but the lock and a staged run) -> its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock" and STAGING_DIR not in p.relative_to(folder).parts
+    }
+
+
+def evaluate_dev(model_dir: Path, root: Path, features: Path, captions: Path) -> int:
+    """`captioner evaluate` of the dev split with the model in `model_dir` (reports go to `root`): images scored."""
+    config = config_lib.Config()
+    config.eval.model, config.eval.features, config.eval.captions = str(model_dir), [str(features)], str(captions)
+    config.eval.split, config.eval.output, config.decode.beam_size = "dev", str(root), 1
+    return evaluate_stage(config, force=True).scored
+
+
 def weights_of(model_dir: Path) -> list[np.ndarray]:
     return keras.models.load_model(model_dir / "model.keras", compile=False).get_weights()
 
@@ -186,8 +221,6 @@ def test_learning_rate_decays_every_epoch(runs: dict) -> None:
         rates = [float(row["lr"]) for row in csv.DictReader(handle)]
     # The rate in force at the end of epochs 1..4 (the schedule steps after each epoch's last batch).
     np.testing.assert_allclose(rates, [0.0095, 0.009025, 0.00857375, 0.0081450625], rtol=1e-5)
-    with pytest.raises(CaptionerError, match="train.lr_decay"):
-        train_stage(make_config(runs["root"], runs["features"], runs["captions"], lr_decay=1.5))
 
 
 def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) -> None:
@@ -257,6 +290,28 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
         train_stage(config, resume=True)
     assert "\n" not in str(error.value) and "--force" in str(error.value)
     assert json.loads((output / "checkpoints" / "state.json").read_text())["epoch"] == 2  # untouched
+    config.train.captions = str(captions)
+
+    # A damaged checkpoint: one line that says how to start over, and nothing is changed.
+    state_file = output / CHECKPOINTS_DIR / "state.json"
+    weights = output / CHECKPOINTS_DIR / json.loads(state_file.read_text())["weights"]
+    good_weights, good_state = weights.read_bytes(), state_file.read_bytes()
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(CaptionerError, match=rf"cannot resume: .*{weights.name} is truncated or corrupt .*--force starts over"):
+        train_stage(config, resume=True)
+    weights.unlink()
+    with pytest.raises(CaptionerError, match=rf"{weights.name} is missing; --force starts over"):
+        train_stage(config, resume=True)
+    weights.write_bytes(good_weights)
+    for garbage in (b"\x00\xffgarbage", b'{"state_version": 2, "epoch": "two"}', b'{"state_version": 2, "epoch": 2, '
+                    b'"weights": "../../elsewhere.keras", "params": {}, "inputs": {}, "feature_dim": 16, '
+                    b'"vocab_size": 9, "vocab_hash": "x"}'):
+        state_file.write_bytes(garbage)
+        for resume in (True, False):  # a new run does not pass over a run it cannot read either
+            with pytest.raises(CaptionerError, match=r"state\.json .*--force starts over") as error:
+                train_stage(config, resume=resume)
+            assert "\n" not in str(error.value)
+    state_file.write_bytes(good_state)
 
     # --force starts over with the new config (and a precision policy that must not leak).
     changed.train.precision = "mixed_bfloat16"
@@ -265,7 +320,7 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
     assert result.resumed_from is None and result.epochs_done == 1 and np.isfinite(result.best_val_loss)
     state = json.loads((output / "checkpoints" / "state.json").read_text())
     assert state["params"]["train.learning_rate"] == 0.05 and state["finished"]
-    assert [p.name for p in (output / "checkpoints").glob("*.keras")] == ["epoch-0001.keras"]
+    assert sorted(p.name for p in (output / "checkpoints").glob("*.keras")) == ["epoch-0001.keras"]
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
@@ -300,6 +355,86 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
     # Only what resume needs is kept: the last and the best epoch's files.
     kept_files = sorted(p.name for p in (output / "checkpoints").glob("*.keras"))
     assert kept_files == sorted({state["weights"], state["best_weights"]})
+
+
+# --------------------------------------------------------------------------- nothing finished is lost
+
+
+def test_a_failed_retrain_leaves_the_finished_run_intact_until_a_resumed_one_replaces_it(
+    runs: dict, tmp_path: Path, file_size_limit, disk_full, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    features, captions = runs["features"], runs["captions"]
+    output = tmp_path / "model"
+    shutil.copytree(runs["straight"].train.output, output)  # a finished 4-epoch run
+    before = snapshot(output)
+    config = make_config(tmp_path, features, captions, epochs=2, patience=0, learning_rate=0.02)  # params changed
+    staging = output / STAGING_DIR
+
+    # 1. The new run's first epoch cannot be written (the file-size limit): one line naming the
+    #    file and the cause; the finished run is byte for byte as it was, and still evaluates.
+    with file_size_limit(30_000), pytest.raises(cache.WriteError) as error:
+        train_stage(config)
+    message = str(error.value)
+    assert "\n" not in message and "epoch-0001.keras" in message and "File too large" in message
+    assert snapshot(output) == before
+
+    # 2. A rerun commits epoch 1 beside the old run, then meets a full disk writing epoch 2's history.
+    with pytest.raises(cache.WriteError, match=r"history\.csv: No space left on device") as error:
+        train_stage(config, callbacks=[AtEpoch(2, lambda: disk_full(staging / HISTORY_FILE))])
+    assert "\n" not in str(error.value)
+    assert snapshot(output) == before
+    assert json.loads((staging / "state.json").read_text())["epoch"] == 1
+
+    # 3. That run is unfinished: a plain rerun points at --resume instead of passing over it.
+    with pytest.raises(CaptionerError, match=r"unfinished training run \(1 of 2 epochs done, in checkpoints\.next/\): --resume"):
+        train_stage(config)
+
+    # 4. --resume trains epoch 2, but model.keras cannot be written (permission denied).
+    real_save = keras.Model.save
+
+    def save(model: keras.Model, path: object, *args: object, **kwargs: object) -> None:
+        if "epoch-" not in Path(str(path)).name:  # checkpoints pass, the model file does not
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save)
+    with pytest.raises(cache.WriteError, match=r"model\.keras: Permission denied"):
+        train_stage(config, resume=True)
+    monkeypatch.undo()
+    assert snapshot(output) == before
+    assert evaluate_dev(output, tmp_path / "eval", features, captions) == 8  # the old run still captions every dev image
+
+    # 5. --resume again: nothing left to train; the new run's files replace the old run's.
+    result = train_stage(config, resume=True)
+    assert result.resumed_from == 2 and result.epochs_run == 0 and result.epochs_done == 2
+    assert not staging.exists()
+    after = snapshot(output)
+    assert all(after[name] != before[name] for name in (MODEL_FILE, HISTORY_FILE, "manifest.json"))
+    assert after[TOKENIZER_FILE] == before[TOKENIZER_FILE]
+    state = json.loads((output / CHECKPOINTS_DIR / "state.json").read_text())
+    assert state["finished"] and state["epoch"] == 2 and state["params"]["train.learning_rate"] == 0.02
+    assert json.loads((output / "manifest.json").read_text())["params"]["train.learning_rate"] == 0.02
+    assert [int(row["epoch"]) for row in csv.DictReader(open(output / HISTORY_FILE, newline=""))] == [1, 2]
+    assert train_stage(config).up_to_date
+
+
+def test_a_second_run_and_a_foreign_folder_are_refused_in_one_line(
+    data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, captions = data
+    config = make_config(tmp_path, features, captions, epochs=1)
+    output = Path(config.train.output)
+    with cache.output_lock(output):
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            train_stage(config)
+        code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(output)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "another run" in err
+
+    (output / "notes.txt").write_text("not a model")
+    with pytest.raises(CaptionerError, match=r"is not empty and holds no training run \(notes\.txt\).*--force"):
+        train_stage(config)
+    assert sorted(p.name for p in output.iterdir() if p.name != ".lock") == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -340,9 +475,10 @@ def test_bad_train_options_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(CaptionerError, match="multiworker needs the TF_CONFIG"):
         train_stage(make_config(tmp_path, features, captions, strategy="multiworker"))
-    with pytest.raises(CaptionerError, match="train.precision"):
-        train_stage(make_config(tmp_path, features, captions, precision="half"))
-    with pytest.raises(CaptionerError, match="train.strategy"):
-        train_stage(make_config(tmp_path, features, captions, strategy="tpu"))
-    with pytest.raises(CaptionerError, match="train.batch_size"):
-        train_stage(make_config(tmp_path, features, captions, batch_size=0))
+    # A Config built in code (not through the checked overrides) is checked by the stage too.
+    for key, value in (("precision", "half"), ("strategy", "tpu"), ("batch_size", 0), ("lr_decay", 1.5)):
+        config = make_config(tmp_path, features, captions)
+        setattr(config.train, key, value)
+        with pytest.raises(CaptionerError, match=f"train.{key}"):
+            train_stage(config)
+    assert not (tmp_path / "model").exists()

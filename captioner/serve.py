@@ -301,8 +301,11 @@ class Upload:
 
 def safe_file_name(raw: str, index: int) -> str:
     """A client's file name fit to show: the last path component, no control characters,
-    at most 200 characters; `image-<index>` when nothing is left. Never used as a path."""
-    name = re.split(r"[/\\]", raw)[-1]
+    at most 200 characters; `image-<index>` when nothing is left. Never used as a path.
+
+    Browsers send a double quote in a file name as %22 (the HTML standard's form-data
+    encoding, which also turns CR and LF into %0D and %0A): it is turned back."""
+    name = re.split(r"[/\\]", raw.replace("%22", '"'))[-1]
     name = "".join(ch for ch in name if ch.isprintable())[:200].strip()
     return name or f"image-{index}"
 

@@ -201,9 +201,10 @@ def test_empty_and_truncated_uploads_get_400_in_their_slots(client):
 
 def test_file_names_are_shown_without_their_folders_and_control_characters(client):
     slots = client.post(
-        "/v1/captions", files=files(("../../etc/passwd", b"x"), ("C:\\photos\\cat.jpg", RED), ("\x1b[31m", RED))
+        "/v1/captions",
+        files=files(("../../etc/passwd", b"x"), ("C:\\photos\\cat.jpg", RED), ("\x1b[31m", RED), ("say %22cheese%22.jpg", RED)),
     ).json()["images"]
-    assert [s["file_name"] for s in slots] == ["passwd", "cat.jpg", "[31m"]
+    assert [s["file_name"] for s in slots] == ["passwd", "cat.jpg", "[31m", 'say "cheese".jpg']
 
 
 def test_requests_that_are_not_multipart_or_have_no_image_are_refused(client):

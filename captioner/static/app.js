@@ -60,7 +60,7 @@ function makeCard(file) {
   const body = element("div", "body");
   body.append(element("h2", "name", file.name), element("p", "caption", "Captioning\u2026"));
   card.append(thumb, body);
-  $("results").prepend(card);
+  $("results").append(card);
   return card;
 }
 

@@ -289,7 +289,9 @@ class Captioner:
         if not isinstance(image, np.ndarray):
             return load_image(image, size=(height, width), resample=self.resample, max_pixels=max_pixels)
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise ImageError(f"array: expected uint8 RGB [H, W, 3] or gray [H, W], got {image.dtype} {list(image.shape)}")
+            raise ImageError(
+                f"array: expected uint8 RGB [H, W, 3] or gray [H, W], got {image.dtype} {list(image.shape)}"
+            )
         if min(image.shape[:2]) == 0:
             raise ImageError(f"array: empty image {list(image.shape)}")
         limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
@@ -308,8 +310,8 @@ class Captioner:
         """
         images = np.asarray(images)
         if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, 3):
-            raise CaptionerError(f"images have shape {images.shape}, expected [N, {self.image_size[0]}, "
-                                 f"{self.image_size[1]}, 3]")
+            height, width = self.image_size
+            raise CaptionerError(f"images have shape {images.shape}, expected [N, {height}, {width}, 3]")
         outputs = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]

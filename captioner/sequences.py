@@ -225,7 +225,8 @@ class TeacherForcingBatches(keras.utils.PyDataset):
 
     caption_set: from `encode_captions`.
     features: dict image id -> float32 [D], or a `FeatureTable` (used as is, not copied).
-    batch_size: captions per batch (train.batch_size); the last batch may be smaller.
+    batch_size: captions per batch (train.batch_size, at least 1: the config checks it); the
+        last batch may be smaller.
     seed, shuffle: the epoch order is `epoch_permutation(num_captions, seed, epoch)`;
         without shuffle, the caption set's order every epoch (use for validation).
     bucket_by_length: when shuffling, groups captions of similar length into the same

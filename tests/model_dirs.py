@@ -36,7 +36,9 @@ from captioner.layout import TOKENIZER_FILE
 from captioner.tokenizer import Tokenizer
 
 KNOWN_CAPTIONS = {"red": "a red circle", "blue": "a blue square"}
-KNOWN_PROVENANCE = {"backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32"}
+KNOWN_PROVENANCE = {
+    "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32",
+}
 
 
 def make_model_dir(model_dir: Path, train_captions: list[str], provenance: dict, feature_dim: int) -> Path:

@@ -83,7 +83,8 @@ def write_images(folder: Path) -> dict[str, Path]:
 def test_caption_files_captions_good_images_and_reports_bad_ones(tiny_model_dir, tiny_net, tmp_path):
     paths = write_images(tmp_path)
     order = ["red", "empty", "blue", "text", "truncated", "missing", "large"]
-    outcomes = caption_files(tiny_model_dir, [paths[n] for n in order], DecodeConfig(beam_size=2, max_generated_words=5))
+    decode = DecodeConfig(beam_size=2, max_generated_words=5)
+    outcomes = caption_files(tiny_model_dir, [paths[n] for n in order], decode)
 
     assert tiny_net == [("vgg16", "fc2", "none", "float32")]  # rebuilt as recorded, once
     assert [o.path for o in outcomes] == [paths[n] for n in order]  # input order
@@ -274,7 +275,9 @@ def known_log_prob(colour: str) -> float:
     return 3 * chosen(10 * a) + chosen(20 * (a + c - 1.6))
 
 
-def test_caption_prints_the_known_caption_of_a_hand_weighted_model(known_model_dir, mean_pixel_net, colour_images, capsys):
+def test_caption_prints_the_known_caption_of_a_hand_weighted_model(
+    known_model_dir, mean_pixel_net, colour_images, capsys
+):
     assert caption_main(["--model", str(known_model_dir), str(colour_images["red"])]) == 0
     assert capsys.readouterr().out == "a red circle\n"
 

@@ -277,7 +277,8 @@ def test_a_keras_model_that_is_not_a_captioner_is_refused_by_name(tmp_path):
     inputs = keras.Input((FEATURE_DIM,))
     keras.Model(inputs, keras.layers.Dense(3, name="logits")(inputs)).save(tmp_path / "other.keras")
     (model_dir / MODEL_FILE).write_bytes((tmp_path / "other.keras").read_bytes())
-    with pytest.raises(CaptionerError, match=r"model.keras: a Keras model, but not a captioner merge model \(no layer 'image_dense'\)"):
+    expected = r"model.keras: a Keras model, but not a captioner merge model \(no layer 'image_dense'\)"
+    with pytest.raises(CaptionerError, match=expected):
         load_model_dir(model_dir)
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioner import cache
+from captioner.layout import SPLIT_FILES, TOKEN_FILE
 from captioner.config import to_dict
 from captioner.errors import CaptionerError
 
@@ -55,17 +56,10 @@ log = logging.getLogger(__name__)
 
 # Bump when the images or captions a seed produces change, so cached demo sets regenerate.
 GENERATOR_VERSION = 2  # 2: one size, plain background, no size words
-MIN_IMAGES = 10  # every split must get at least one image
 IMAGE_SIZE = 224  # pixels, square; VGG16's input size
 JPEG_QUALITY = 92
 TWO_SHAPE_FRACTION = 1 / 3  # share of scenes with two shapes
 
-TOKEN_FILE = "Flickr8k.token.txt"
-SPLIT_FILES = {
-    "train": "Flickr_8k.trainImages.txt",
-    "dev": "Flickr_8k.devImages.txt",
-    "test": "Flickr_8k.testImages.txt",
-}
 IMAGES_DIR = "images"
 
 # Saturated, far apart in RGB and in hue, so even random-weight convolutions separate them.
@@ -263,28 +257,28 @@ def split_ids(image_ids: list[str], seed: int) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- the stage
 
 
-def _check(demo: DemoConfig) -> None:
-    if demo.images < MIN_IMAGES:
-        raise CaptionerError(f"demo.images must be at least {MIN_IMAGES} (one image per split), got {demo.images}")
-    if demo.seed < 0:
-        raise CaptionerError(f"demo.seed must be a non-negative integer, got {demo.seed}")
-    if not demo.output:
-        raise CaptionerError("demo.output must name a folder")
-
-
 def make_demo_data(demo: DemoConfig, config: Config | None = None) -> DemoResult:
-    """Generates (or finds up to date) the demo data set described in the module docstring."""
-    _check(demo)
+    """Generates (or finds up to date) the demo data set described in the module docstring.
+
+    `demo`'s ranges (images >= 10, so that every split gets one; seed >= 0) are the
+    config's to check (`captioner.config.CHECKS`). Returns a DemoResult; CaptionerError
+    when the output is a file, is being written by another run, or cannot be written.
+    """
     output = Path(demo.output)
     if output.exists() and not output.is_dir():
         raise CaptionerError(f"demo.output is a file, not a folder: {output}")
+    with cache.output_lock(output):  # one run per output
+        return _make_locked(demo, output, config)
+
+
+def _make_locked(demo: DemoConfig, output: Path, config: Config | None) -> DemoResult:
     images_dir = output / IMAGES_DIR
     image_ids = [f"shapes_{index:05d}" for index in range(demo.images)]
     image_paths = [images_dir / f"{image_id}.jpg" for image_id in image_ids]
     text_paths = [output / TOKEN_FILE] + [output / name for name in SPLIT_FILES.values()]
     stage = cache.Stage(
         "demo-data",
-        output / "manifest.json",
+        cache.manifest_path_for(output),
         inputs={},
         params={"images": demo.images, "seed": demo.seed, "generator_version": GENERATOR_VERSION},
         outputs=text_paths + image_paths,

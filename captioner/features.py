@@ -30,11 +30,19 @@ finished chunks; rerunning resumes from them (chunks carry a SHA-256 of their
 contents; a corrupt or truncated chunk is redone). Chunks made with other
 params (backbone, layer, weights, resample, precision) are discarded.
 
-Bad input: an unreadable, truncated, empty or non-image file is skipped, logged
+Bad input: an unreadable, truncated, empty or non-image file (or a broken symbolic
+link with an image's name, or an image the network turns into NaN/inf) is skipped, logged
 by name with the reason, and listed in the manifest; the stage fails only when
 more than `features.max_failed_fraction` of the images fail. Two files with the
 same id (a.jpg and a.png) keep the first by file name; the others are logged
 and listed under "duplicates".
+
+Failures and concurrency: a write that fails (disk full, file-size limit, permission
+denied) stops the stage with one line naming the file and the cause
+(`cache.WriteError`); the previous features file is left as it was, and the chunks
+already written stay, so a rerun resumes from them. The stage (and `merge_feature_parts`)
+holds `cache.output_lock(output)` while it runs: a second run on the same output
+refuses in one line.
 
 Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
 to i modulo N, a split that stays put when images are added; the N part files
@@ -58,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache, feature_files
+from captioner import cache, feature_files, layout
 from captioner.backbones import (
     build_backbone,
     extract_features,
@@ -69,6 +77,7 @@ from captioner.backbones import (
 )
 from captioner.errors import CaptionerError
 from captioner.images import list_images
+from captioner.layout import features_parts_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +159,11 @@ def shard_of(image_id: str, count: int) -> int:
 
 
 def _file_key(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+    """(size, mtime_ns) of an image file; of the link itself for a broken symbolic link (reported as failed)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = path.lstat()
     return int(stat.st_size), int(stat.st_mtime_ns)
 
 
@@ -186,8 +199,10 @@ class _Chunks:
                 saved = None
             if saved != self.key:
                 log.info("features: discarding chunks in %s (made with other params)", self.folder)
-                shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+                with cache.reporting_write_errors(self.folder):
+                    shutil.rmtree(self.folder)
+        with cache.reporting_write_errors(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         cache.atomic_write_json(params_file, self.key)
         for chunk in sorted(self.folder.glob("chunk-*.npz")):
             loaded = self._read(chunk)
@@ -251,9 +266,8 @@ class _Chunks:
 
 
 def parts_folder_for(output: str | Path) -> Path:
-    """Where an unfinished extraction into `output` keeps its chunks."""
-    output = Path(output)
-    return output.with_name(output.name + ".parts")
+    """Where an unfinished extraction into `output` keeps its chunks (`layout.features_parts_dir`)."""
+    return features_parts_dir(output)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -264,7 +278,7 @@ def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[st
     chosen: dict[str, Path] = {}
     duplicates: dict[str, str] = {}
     for path in list_images(folder):  # sorted by file name: the first of a.jpeg, a.jpg, a.png wins
-        image_id = path.stem
+        image_id = layout.image_id(path)
         if image_id in chosen:
             duplicates[path.name] = f"duplicate id {image_id!r}: kept {chosen[image_id].name}"
             log.warning("features: %s left out: same id %r as %s", path.name, image_id, chosen[image_id].name)
@@ -325,144 +339,149 @@ def extract_stage(
         raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
     precision = resolve_precision(fc.precision)
 
-    params = {
-        "backbone": fc.backbone,
-        "layer": fc.layer,
-        "weights": weights,
-        "resample": fc.resample,
-        "precision": precision,
-        "shard": f"{shard[0]}/{shard[1]}" if shard else "",
-    }
-    inputs: dict[str, Path] = {"images": folder}
-    if weights not in ("imagenet", "none"):
-        inputs["weights"] = Path(weights).expanduser()
-    stage = cache.Stage("features", cache.manifest_path_for(output), inputs, params, [output])
-    if not force and stage.up_to_date():
-        previous = stage.previous() or {}
-        extra = previous.get("extra", {})
-        return ExtractResult(
-            output=output,
-            up_to_date=True,
-            images=int(extra.get("images", 0)),
-            feature_dim=int(extra.get("feature_dim", 0)),
-            failed=dict(extra.get("failed", {})),
-            params=params,
-            seconds=time.monotonic() - started,
+    # One run per output: a second extraction into the same file refuses in one line.
+    with cache.output_lock(output):
+        params = {
+            "backbone": fc.backbone,
+            "layer": fc.layer,
+            "weights": weights,
+            "resample": fc.resample,
+            "precision": precision,
+            "shard": f"{shard[0]}/{shard[1]}" if shard else "",
+        }
+        inputs: dict[str, Path] = {"images": folder}
+        if weights not in ("imagenet", "none"):
+            inputs["weights"] = Path(weights).expanduser()
+        stage = cache.Stage("features", cache.manifest_path_for(output), inputs, params, [output])
+        if not force and stage.up_to_date():
+            previous = stage.previous() or {}
+            extra = previous.get("extra", {})
+            return ExtractResult(
+                output=output,
+                up_to_date=True,
+                images=int(extra.get("images", 0)),
+                feature_dim=int(extra.get("feature_dim", 0)),
+                failed=dict(extra.get("failed", {})),
+                params=params,
+                seconds=time.monotonic() - started,
+            )
+
+        images, duplicates = _select_images(folder, shard)
+        # What makes two runs' features interchangeable (everything but the shard).
+        key = {k: v for k, v in params.items() if k != "shard"}
+        key["weights_file"] = stage.input_fingerprints().get("weights")
+
+        previous, previous_files = ({}, {}) if force else _previous_features(stage, output, key)
+        chunks = _Chunks(parts_folder_for(output), key)
+        if force:
+            chunks.remove()
+        chunk_records = chunks.open()
+
+        features: dict[str, np.ndarray] = {}
+        failed: dict[str, str] = {}
+        files: dict[str, list[int]] = {}
+        todo: list[Path] = []
+        reused = resumed = 0
+        for image_id, path in images.items():
+            file_key = _file_key(path)
+            files[path.name] = list(file_key)
+            record = chunk_records.get(path.name)
+            if record is not None and record[0] == file_key:
+                resumed += 1
+                if record[1] is not None:
+                    features[image_id] = record[1]
+                else:
+                    failed[path.name] = record[2] or "unreadable"
+                continue
+            if image_id in previous and previous_files.get(path.name) == list(file_key):
+                features[image_id] = previous[image_id]
+                reused += 1
+                continue
+            todo.append(path)
+        reused += resumed
+        log.info(
+            "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
+            len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
         )
 
-    images, duplicates = _select_images(folder, shard)
-    # What makes two runs' features interchangeable (everything but the shard).
-    key = {k: v for k, v in params.items() if k != "shard"}
-    key["weights_file"] = stage.input_fingerprints().get("weights")
-
-    previous, previous_files = ({}, {}) if force else _previous_features(stage, output, key)
-    chunks = _Chunks(parts_folder_for(output), key)
-    if force:
-        chunks.remove()
-    chunk_records = chunks.open()
-
-    features: dict[str, np.ndarray] = {}
-    failed: dict[str, str] = {}
-    files: dict[str, list[int]] = {}
-    todo: list[Path] = []
-    reused = resumed = 0
-    for image_id, path in images.items():
-        file_key = _file_key(path)
-        files[path.name] = list(file_key)
-        record = chunk_records.get(path.name)
-        if record is not None and record[0] == file_key:
-            resumed += 1
-            if record[1] is not None:
-                features[image_id] = record[1]
+        extracted = 0
+        if todo:
+            if model_factory is not None:
+                model = model_factory()
             else:
-                failed[path.name] = record[2] or "unreadable"
-            continue
-        if image_id in previous and previous_files.get(path.name) == list(file_key):
-            features[image_id] = previous[image_id]
-            reused += 1
-            continue
-        todo.append(path)
-    reused += resumed
-    log.info(
-        "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
-        len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
-    )
-
-    extracted = 0
-    if todo:
-        if model_factory is not None:
-            model = model_factory()
-        else:
-            model = build_backbone(fc.backbone, fc.layer, weights, precision)
-        predict = make_predict_fn(model)
-        pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
-        written = 0
-        run_start = time.monotonic()
-        for path, vector, error in extract_features(
-            predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=fc.resample, backbone=fc.backbone
-        ):
-            pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
-            if vector is not None:
-                features[path.stem] = vector
-                extracted += 1
-            else:
-                failed[path.name] = error or "unreadable"
-                log.warning("features: skipped %s: %s", path.name, error)
-            if len(pending) >= fc.chunk_size:
+                model = build_backbone(fc.backbone, fc.layer, weights, precision)
+            predict = make_predict_fn(model)
+            pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
+            written = 0
+            run_start = time.monotonic()
+            for path, vector, error in extract_features(
+                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=fc.resample, backbone=fc.backbone
+            ):
+                if vector is not None and not np.isfinite(vector).all():
+                    # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
+                    vector, error = None, "the network gave non-finite features (NaN or inf)"
+                pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
+                if vector is not None:
+                    features[layout.image_id(path)] = vector
+                    extracted += 1
+                else:
+                    failed[path.name] = error or "unreadable"
+                    log.warning("features: skipped %s: %s", path.name, error)
+                if len(pending) >= fc.chunk_size:
+                    chunks.write(pending)
+                    pending = []
+                    written += 1
+                    if after_chunk is not None:
+                        after_chunk(written)
+            if pending:
                 chunks.write(pending)
-                pending = []
                 written += 1
                 if after_chunk is not None:
                     after_chunk(written)
-        if pending:
-            chunks.write(pending)
-            written += 1
-            if after_chunk is not None:
-                after_chunk(written)
-        elapsed = time.monotonic() - run_start
-        log.info("features: %d images through the network in %.1f s (%.2f images/s)",
-                 len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+            elapsed = time.monotonic() - run_start
+            log.info("features: %d images through the network in %.1f s (%.2f images/s)",
+                     len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
 
-    total = len(images)
-    if failed:
-        log.warning("features: %d of %d images could not be read: %s", len(failed), total,
-                    "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
-    if total and len(failed) / total > fc.max_failed_fraction:
-        first = sorted(failed.items())[0]
-        raise CaptionerError(
-            f"{len(failed)} of {total} images in {folder} could not be read, more than "
-            f"features.max_failed_fraction={fc.max_failed_fraction} (first: {first[0]}: {first[1]})"
+        total = len(images)
+        if failed:
+            log.warning("features: %d of %d images could not be read: %s", len(failed), total,
+                        "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
+        if total and len(failed) / total > fc.max_failed_fraction:
+            first = sorted(failed.items())[0]
+            raise CaptionerError(
+                f"{len(failed)} of {total} images in {folder} could not be read, more than "
+                f"features.max_failed_fraction={fc.max_failed_fraction} (first: {first[0]}: {first[1]})"
+            )
+
+        ordered = {image_id: features[image_id] for image_id in sorted(features)}
+        dims = {vector.shape[0] for vector in ordered.values()}
+        feature_dim = dims.pop() if dims else 0
+        feature_files.save_features(output, ordered)
+        stage.finish(
+            config,
+            extra={
+                "images": len(ordered),
+                "feature_dim": feature_dim,
+                "extracted": extracted,
+                "reused": reused,
+                "failed": failed,
+                "duplicates": duplicates,
+                "files": files,
+            },
         )
-
-    ordered = {image_id: features[image_id] for image_id in sorted(features)}
-    dims = {vector.shape[0] for vector in ordered.values()}
-    feature_dim = dims.pop() if dims else 0
-    feature_files.save_features(output, ordered)
-    stage.finish(
-        config,
-        extra={
-            "images": len(ordered),
-            "feature_dim": feature_dim,
-            "extracted": extracted,
-            "reused": reused,
-            "failed": failed,
-            "duplicates": duplicates,
-            "files": files,
-        },
-    )
-    chunks.remove()
-    return ExtractResult(
-        output=output,
-        images=len(ordered),
-        extracted=extracted,
-        reused=reused,
-        resumed=resumed,
-        failed=failed,
-        duplicates=duplicates,
-        feature_dim=feature_dim,
-        params=params,
-        seconds=time.monotonic() - started,
-    )
+        chunks.remove()
+        return ExtractResult(
+            output=output,
+            images=len(ordered),
+            extracted=extracted,
+            reused=reused,
+            resumed=resumed,
+            failed=failed,
+            duplicates=duplicates,
+            feature_dim=feature_dim,
+            params=params,
+            seconds=time.monotonic() - started,
+        )
 
 
 # --------------------------------------------------------------------------- merging shards
@@ -518,44 +537,46 @@ def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
     if missing:
         raise CaptionerError(f"merge-features: missing shard parts {', '.join(missing)}")
 
-    ordered_parts = [shards[i] for i in range(count)]  # by shard index: the order given does not matter
-    stage = cache.Stage("merge-features", cache.manifest_path_for(output), {"parts": ordered_parts}, shared, [output])
-    if stage.up_to_date():
-        extra = (stage.previous() or {}).get("extra", {})
-        return MergeResult(
-            output, parts=len(parts), images=int(extra.get("images", 0)),
-            feature_dim=int(extra.get("feature_dim", 0)), up_to_date=True,
-        )
+    # One run per output, as for extraction.
+    with cache.output_lock(output):
+        ordered_parts = [shards[i] for i in range(count)]  # by shard index: the order given does not matter
+        stage = cache.Stage("merge-features", cache.manifest_path_for(output), {"parts": ordered_parts}, shared, [output])
+        if stage.up_to_date():
+            extra = (stage.previous() or {}).get("extra", {})
+            return MergeResult(
+                output, parts=len(parts), images=int(extra.get("images", 0)),
+                feature_dim=int(extra.get("feature_dim", 0)), up_to_date=True,
+            )
 
-    merged: dict[str, np.ndarray] = {}
-    owner: dict[str, Path] = {}
-    failed: dict[str, str] = {}
-    duplicates: dict[str, str] = {}
-    for index, part in sorted(shards.items()):
-        for image_id, vector in feature_files.load_features_file(part).items():
-            if image_id in merged:
-                raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
-            if shard_of(image_id, count) != index:
-                raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
-            merged[image_id] = vector
-            owner[image_id] = part
-        extra = manifests[parts.index(part)].get("extra", {})
-        failed.update(extra.get("failed", {}))
-        duplicates.update(extra.get("duplicates", {}))
-    ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
-    dims = {vector.shape[0] for vector in ordered.values()}
-    if len(dims) > 1:
-        raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")
-    feature_dim = dims.pop() if dims else 0
-    feature_files.save_features(output, ordered)
-    stage.finish(
-        None,
-        extra={
-            "images": len(ordered),
-            "feature_dim": feature_dim,
-            "shards": count,
-            "failed": failed,
-            "duplicates": duplicates,
-        },
-    )
-    return MergeResult(output, parts=len(parts), images=len(ordered), feature_dim=feature_dim)
+        merged: dict[str, np.ndarray] = {}
+        owner: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        duplicates: dict[str, str] = {}
+        for index, part in sorted(shards.items()):
+            for image_id, vector in feature_files.load_features_file(part).items():
+                if image_id in merged:
+                    raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
+                if shard_of(image_id, count) != index:
+                    raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
+                merged[image_id] = vector
+                owner[image_id] = part
+            extra = manifests[parts.index(part)].get("extra", {})
+            failed.update(extra.get("failed", {}))
+            duplicates.update(extra.get("duplicates", {}))
+        ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+        dims = {vector.shape[0] for vector in ordered.values()}
+        if len(dims) > 1:
+            raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")
+        feature_dim = dims.pop() if dims else 0
+        feature_files.save_features(output, ordered)
+        stage.finish(
+            None,
+            extra={
+                "images": len(ordered),
+                "feature_dim": feature_dim,
+                "shards": count,
+                "failed": failed,
+                "duplicates": duplicates,
+            },
+        )
+        return MergeResult(output, parts=len(parts), images=len(ordered), feature_dim=feature_dim)

@@ -10,6 +10,8 @@ What `load_image` does, in order, and why:
 1. Checks the declared size before decoding. Images above `Image.MAX_IMAGE_PIXELS`
    (Pillow's decompression-bomb limit, about 89 megapixels by default) are refused
    with `ImageError` instead of being decoded: the extractor skips and reports them.
+   Pillow's own DecompressionBombWarning (which it prints for images up to twice the
+   limit) is folded into that one line, so stderr carries our lines only.
 2. JPEGs are decoded with `Image.draft()` at the smallest DCT scale (1/2, 1/4, 1/8)
    that keeps both sides at least 224 pixels. A 40-megapixel photo then costs about
    as much memory and time as a 5-megapixel one. Images smaller than 448 pixels on
@@ -34,31 +36,34 @@ but returning a new array instead of modifying its input.
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import BinaryIO
+import threading
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from captioner import config, layout
 from captioner.errors import CaptionerError
 
 IMAGE_SIZE = (224, 224)  # (height, width) the VGG backbones take
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # caffe VGG training mean
 
-RESAMPLE_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+# The Pillow filter of each name the config accepts (config.RESAMPLE_FILTERS, declared there once).
+RESAMPLE_FILTERS = {name: Image.Resampling[name.upper()] for name in config.RESAMPLE_FILTERS}
 
 # What Pillow raises on files that are not images, truncated or corrupt. Pillow's decoders
 # surface damage as any of these depending on the format, so all mean "unreadable image".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+
+# Image.open runs Pillow's bomb check, which *warns* (to stderr) for images between
+# MAX_IMAGE_PIXELS and twice that. We make that warning an exception while opening, to
+# report it in our one line per image. `warnings.catch_warnings` changes process-wide
+# state, so opens are serialised: opening reads only the header, decoding stays parallel.
+_OPEN_LOCK = threading.Lock()
 
 
 class ImageError(CaptionerError):
@@ -76,8 +81,10 @@ def resample_filter(name: str) -> Image.Resampling:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly in `folder` (by extension, case-insensitive), sorted by name.
+    """The image files directly in `folder` (`layout.is_image_name`), sorted by name.
 
+    A broken symbolic link with an image name is listed too, so that the caller reports
+    it (`load_image` says why it cannot be read) instead of it vanishing unnoticed.
     Raises CaptionerError naming the folder when it is missing, not a folder, or has no images.
     """
     folder = Path(folder)
@@ -86,14 +93,41 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise CaptionerError(f"not a folder: {folder}")
     images = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (p for p in folder.iterdir() if layout.is_image_name(p.name) and (p.is_file() or _is_broken_link(p))),
         key=lambda p: p.name,
     )
     if not images:
         raise CaptionerError(
-            f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"no images in {folder} (looked for {', '.join(sorted(layout.IMAGE_SUFFIXES))})"
         )
     return images
+
+
+def _is_broken_link(path: Path) -> bool:
+    """A symbolic link whose target is missing (or a loop of links)."""
+    return path.is_symlink() and not path.exists()
+
+
+def _open(source: Path | BinaryIO, limit: int | None) -> Image.Image:
+    """`Image.open`, with Pillow's bomb warning raised as `Image.DecompressionBombWarning`.
+
+    When `limit` allows the image anyway (None, or above Pillow's limit), it is opened
+    again with the warning silenced: the caller asked for it.
+    """
+    start = None if isinstance(source, Path) else source.tell()
+    with _OPEN_LOCK:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                return Image.open(source)
+            except Image.DecompressionBombWarning:
+                if limit is not None and limit <= (Image.MAX_IMAGE_PIXELS or 0):
+                    raise
+        if start is not None:
+            source.seek(start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(source)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -163,7 +197,7 @@ def load_image(
     try:
         if path.size() == 0:
             raise ImageError(f"{path.name}: empty file (0 bytes)")
-        with Image.open(path.source) as image:
+        with _open(path.source, limit) as image:
             declared = image.size[0] * image.size[1]
             if limit is not None and declared > limit:
                 raise ImageError(
@@ -184,9 +218,18 @@ def load_image(
         raise
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path.name}: not an image Pillow can read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        # Pillow's words ("Image size (N pixels) exceeds limit of M pixels, could be
+        # decompression bomb DOS attack.") folded into our line.
+        said = str(error).split(", could be")[0].rstrip(".")
+        raise ImageError(
+            f"{path.name}: {said} (possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+        ) from None
     except _DECODE_ERRORS as error:
         reason = str(error) or type(error).__name__
-        if isinstance(error, FileNotFoundError):
+        if isinstance(path.source, Path) and _is_broken_link(path.source):
+            reason = f"broken symbolic link (its target {os.readlink(path.source)} is missing)"
+        elif isinstance(error, FileNotFoundError):
             reason = "file not found"
         raise ImageError(f"{path.name}: {reason}") from None
     except MemoryError:

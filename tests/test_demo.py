@@ -26,7 +26,7 @@ def _data_files(folder: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(folder)): path.read_bytes()
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
+        if path.is_file() and path.name not in ("manifest.json", ".lock")  # the lock is not data
     }
 
 
@@ -143,12 +143,15 @@ def test_captions_share_a_canonical_phrase_and_a_small_vocabulary():
 
 @pytest.mark.parametrize(
     "images, seed, match",
-    [(9, 0, "demo.images"), (0, 0, "demo.images"), (-5, 0, "demo.images"), (20, -1, "demo.seed")],
+    [("9", "0", "demo.images must be at least 10"), ("0", "0", "demo.images"), ("-5", "0", "demo.images"),
+     ("20", "-1", "demo.seed must be at least 0")],
 )
-def test_bad_arguments_are_one_line_errors(tmp_path, images, seed, match):
-    with pytest.raises(CaptionerError, match=match):
-        demo.make_demo_data(DemoConfig(output=str(tmp_path / "demo"), images=images, seed=seed))
-    assert not (tmp_path / "demo").exists()
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, images, seed, match):
+    output = tmp_path / "demo"
+    assert cli.main(["demo-data", "--output", str(output), "--images", images, "--seed", seed]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0]
+    assert not output.exists()
 
 
 def test_output_that_is_a_file_is_refused(tmp_path):
@@ -163,6 +166,15 @@ def test_cli_runs_the_stage_and_maps_errors(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"demo data: 12 images (10 train / 1 dev / 1 test), 60 captions -> {output}"
     assert cli.main(["demo-data", "--output", str(output), "--images", "3"]) == 2
     assert "demo.images must be at least 10" in capsys.readouterr().err
+
+
+def test_a_second_run_on_one_output_refuses_in_one_line(tmp_path):
+    output = tmp_path / "demo"
+    with demo.cache.output_lock(output):
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            _make(tmp_path, images=10)
+    assert not (output / "images").exists()
+    assert _make(tmp_path, images=10).images == 10  # released: the next run goes
 
 
 def test_rerun_is_a_no_op_and_a_new_size_regenerates_cleanly(tmp_path):
@@ -267,7 +279,7 @@ def _cross_validated_accuracy(x, labels, folds=10):
 
 
 @pytest.mark.slow
-def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_path):
+def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_path, random_vgg16):
     """What the demo model will see: fc2 of an untrained VGG16 must carry the caption's content.
 
     The features come from the pipeline itself (the JPEG files read by `captioner.images`,
@@ -287,13 +299,13 @@ def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_p
     Cost: about 45 s on a quiet 2-core CPU (150 VGG16 forward passes).
     """
     pytest.importorskip("keras")
-    from captioner.backbones import build_backbone, extract_features, make_predict_fn
+    from captioner.backbones import extract_features, make_predict_fn
 
     count, seed = 150, 11
     folder = tmp_path / "demo"
     demo.make_demo_data(DemoConfig(output=str(folder), images=count, seed=seed))
     scenes = demo.make_scenes(count, seed)
-    predict = make_predict_fn(build_backbone("vgg16", "fc2", "none"))
+    predict = make_predict_fn(random_vgg16)
     rows = list(extract_features(predict, [folder / "images" / f"{s.image_id}.jpg" for s in scenes], batch_size=25))
     assert all(error is None for _, _, error in rows)
     x = np.stack([features for _, features, _ in rows]).astype(np.float64)

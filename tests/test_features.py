@@ -35,21 +35,20 @@ from captioner.features import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_MODEL_SOURCE = """
 def tiny_model():
+    """A seeded stand-in for the backbone: float32 [B, 224, 224, 3] -> float32 [B, 16], fast."""
     import keras
+
     inputs = keras.Input((224, 224, 3))
     x = keras.layers.AveragePooling2D(16)(inputs)  # [B, 14, 14, 3]
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(16, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(x)
     return keras.Model(inputs, x)
-"""
-exec(TINY_MODEL_SOURCE)  # the same definition is used by the SIGKILL subprocess below
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_model()  # noqa: F821 (defined by exec above)
+    model = tiny_model()
     return lambda: model
 
 
@@ -220,15 +219,18 @@ def test_chunks_with_other_params_are_discarded(reference, tmp_path, tiny):
     assert (result.resumed, result.extracted) == (0, 12)
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow: several seconds
 def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny):
     images, expected = reference
     output = tmp_path / "out.pkl"
+    saved_model = tmp_path / "tiny.keras"
+    tiny().save(saved_model)  # the subprocess runs the very same network
     script = tmp_path / "killed.py"
     script.write_text(
-        TINY_MODEL_SOURCE
-        + textwrap.dedent(
+        textwrap.dedent(
             f"""
             import os, signal
+            import keras
             from captioner.config import Config
             from captioner.features import extract_stage
 
@@ -236,6 +238,7 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny):
                 if chunks_written == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
 
+            model = keras.saving.load_model({str(saved_model)!r})
             config = Config()
             config.features.images = {str(images)!r}
             config.features.output = {str(output)!r}
@@ -243,7 +246,7 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny):
             config.features.batch_size = 4
             config.features.chunk_size = 5
             config.features.workers = 2
-            extract_stage(config, model_factory=tiny_model, after_chunk=die)
+            extract_stage(config, model_factory=lambda: model, after_chunk=die)
             """
         )
     )
@@ -389,44 +392,49 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
 # --------------------------------------------------------------------------- the real backbone
 
 
-@pytest.fixture(scope="module")
-def vgg16():
-    return build_backbone("vgg16", "fc2", "none")
-
-
-def test_vgg_parameter_counts(vgg16, caplog):
+def test_vgg16_parameter_count(random_vgg16):
     classifier = 4097 * 1000  # the dropped 1000-way predictions layer
-    assert vgg16.count_params() + classifier == 138_357_544
-    assert tuple(vgg16.output.shape) == (None, 4096)
+    assert random_vgg16.count_params() + classifier == 138_357_544
+    assert tuple(random_vgg16.output.shape) == (None, 4096)
+
+
+@pytest.mark.slow  # builds a VGG19: seconds
+def test_vgg19_fc1_parameter_count_and_the_random_weights_warning(caplog):
     caplog.set_level("WARNING", logger="captioner.backbones")
     vgg19 = build_backbone("vgg19", "fc1", "none")
     assert "RANDOM weights" in caplog.text
     assert tuple(vgg19.output.shape) == (None, 4096)
-    fc2 = 4096 * 4096 + 4096
+    classifier, fc2 = 4097 * 1000, 4096 * 4096 + 4096
     assert vgg19.count_params() + fc2 + classifier == 143_667_240
 
 
-def test_random_weights_are_the_same_every_build(vgg16):
+@pytest.mark.slow  # builds a second VGG16: seconds
+def test_random_weights_are_the_same_every_build(random_vgg16):
     # `caption` rebuilds the backbone a demo model's features came from: "none" must mean one network.
     again = build_backbone("vgg16", "fc2", "none")
     for name in ("block1_conv1", "fc2"):
-        for mine, theirs in zip(vgg16.get_layer(name).get_weights(), again.get_layer(name).get_weights()):
+        for mine, theirs in zip(random_vgg16.get_layer(name).get_weights(), again.get_layer(name).get_weights()):
             np.testing.assert_array_equal(mine, theirs)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_unreadable_and_incompatible_weights_files(tmp_path, tiny):
+def test_a_weights_file_that_is_not_hdf5_is_refused_before_building(tmp_path):
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5 at all")
     with pytest.raises(CaptionerError, match="cannot load weights file .*garbage.h5: not an HDF5"):
         build_backbone("vgg16", "fc2", str(garbage))
+
+
+@pytest.mark.slow  # builds a VGG16 to load the weights into: seconds
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_incompatible_weights_files(tmp_path, tiny):
     small = tmp_path / "small.weights.h5"
     tiny().save_weights(small)
     with pytest.raises(CaptionerError, match="cannot load weights file .*small.weights.h5 into vgg16"):
         build_backbone("vgg16", "fc2", str(small))
 
 
-def test_real_vgg16_on_shared_images_matches_the_course_way(shared_images, tmp_path, vgg16):
+@pytest.mark.slow  # two VGG16 forward passes per image, ours and the course's
+def test_real_vgg16_on_shared_images_matches_the_course_way(shared_images, tmp_path, random_vgg16):
     import keras
     from keras.applications.vgg16 import preprocess_input
 
@@ -437,7 +445,7 @@ def test_real_vgg16_on_shared_images_matches_the_course_way(shared_images, tmp_p
         shutil.copy(path, images / path.name)
     output = tmp_path / "vgg.pkl"
     config = make_config(images, output, batch_size=2)
-    result = extract_stage(config, model_factory=lambda: vgg16)
+    result = extract_stage(config, model_factory=lambda: random_vgg16)
     assert result.summary().startswith(f"extracted 2 new, 0 reused, 0 failed -> {output} (4096-d, vgg16 fc2")
     features = load(output)
     assert sorted(features) == [p.stem for p in chosen]
@@ -445,17 +453,39 @@ def test_real_vgg16_on_shared_images_matches_the_course_way(shared_images, tmp_p
     # The course: load_img -> img_to_array -> reshape (1, 224, 224, 3) -> preprocess_input -> predict.
     for path in chosen:
         image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(224, 224)))
-        course = vgg16.predict(preprocess_input(image.reshape((1, 224, 224, 3))), verbose=0)[0]
+        course = random_vgg16.predict(preprocess_input(image.reshape((1, 224, 224, 3))), verbose=0)[0]
         assert features[path.stem].shape == (4096,)
         np.testing.assert_allclose(features[path.stem], course, rtol=1e-4, atol=1e-4 * np.abs(course).max())
 
 
-def test_auto_precision_is_float32_without_a_gpu():
+def test_keras_download_messages_never_reach_stdout(monkeypatch, capsys):
+    import keras
+
+    def downloading_vgg16(include_top=True, weights=None):  # what keras.applications does online
+        print("Downloading data from https://storage.googleapis.com/tensorflow/keras-applications/vgg16/x.h5")
+        print("553467096/553467096 ━━━━━━━━━━━━━━━━━━━━ 30s 0us/step")
+        inputs = keras.Input((224, 224, 3))
+        pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+        return keras.Model(inputs, keras.layers.Dense(4, name="fc2")(pooled))
+
+    monkeypatch.setattr(keras.applications, "VGG16", downloading_vgg16)
+    model = build_backbone("vgg16", "fc2", "imagenet")
+    captured = capsys.readouterr()
+    assert captured.out == ""  # where `caption` prints captions
+    assert "Downloading data from" in captured.err and "0us/step" in captured.err
+    assert tuple(model.output.shape) == (None, 4)
+
+
+def test_auto_precision(monkeypatch):
     import tensorflow as tf
 
-    expected = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
-    assert resolve_precision("auto") == expected
-    assert resolve_precision("bfloat16") == "bfloat16"
+    assert resolve_precision("bfloat16") == "bfloat16" and resolve_precision("float32") == "float32"
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert resolve_precision("auto") == "mixed_float16"
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert resolve_precision("auto") in ("float32", "bfloat16")  # bfloat16 only on a CPU with AMX/AVX512-BF16
+    with pytest.raises(CaptionerError, match="unknown precision 'float8'"):
+        resolve_precision("float8")
 
 
 def test_manifest_is_json_with_file_keys(reference, tmp_path):
@@ -463,3 +493,121 @@ def test_manifest_is_json_with_file_keys(reference, tmp_path):
     files = manifest["extra"]["files"]
     assert sorted(files) == [f"img{i:03d}.jpg" for i in range(12)]
     assert all(isinstance(v, list) and len(v) == 2 for v in files.values())
+
+
+# --------------------------------------------------------------------------- write failures, locks
+
+
+def test_a_full_disk_keeps_the_previous_features_and_a_rerun_resumes(reference, tmp_path, tiny, disk_full):
+    images, _ = reference
+    output = tmp_path / "out.pkl"
+    extract_stage(make_config(images, output), model_factory=tiny)
+    before = output.read_bytes()
+    make_images(images, 3, start=12)
+    disk_full(output)
+    with pytest.raises(cache.WriteError) as caught:
+        extract_stage(make_config(images, output), model_factory=tiny)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {output}: No space left on device") and "\n" not in message
+    assert output.read_bytes() == before  # the previous features, intact
+    assert len(load(output)) == 12
+
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert (result.extracted, result.resumed, result.images) == (0, 3, 15)  # the new images from their chunk
+
+
+def test_a_chunk_over_the_file_size_limit_is_one_line_and_keeps_the_old_output(reference, tmp_path, tiny, file_size_limit):
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+    extract_stage(make_config(images, output), model_factory=tiny)
+    before = output.read_bytes()
+    with file_size_limit(1000), pytest.raises(cache.WriteError) as caught:  # a chunk is a few KB, params.json less
+        extract_stage(make_config(images, output), force=True, model_factory=tiny)
+    message = str(caught.value)
+    assert "chunk-000000.npz: File too large" in message and "\n" not in message
+    assert output.read_bytes() == before
+    assert_same(load(extract_stage(make_config(images, output), force=True, model_factory=tiny).output), expected)
+
+
+def test_permission_denied_on_the_output_is_one_line(reference, tmp_path, tiny, monkeypatch):
+    images, _ = reference
+    output = tmp_path / "out.pkl"
+    replace = os.replace
+
+    def refuse_output(src, dst):
+        if Path(dst) == output:
+            raise PermissionError(13, "Permission denied")
+        return replace(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", refuse_output)
+    with pytest.raises(cache.WriteError, match=f"^cannot write {output}: Permission denied"):
+        extract_stage(make_config(images, output), model_factory=tiny)
+    assert not output.exists() and not cache.manifest_path_for(output).exists()
+    assert len(list(parts_folder_for(output).glob("chunk-*.npz"))) == 3  # all the work, kept for the rerun
+
+
+def test_cli_extract_on_a_full_disk_exits_2_with_one_line(tmp_path, tiny, disk_full, monkeypatch, capsys):
+    from captioner import features
+
+    images = tmp_path / "images"
+    make_images(images, 3)
+    output = tmp_path / "out.pkl"
+    monkeypatch.setattr(features, "build_backbone", lambda *args, **kwargs: tiny())
+    disk_full(output)
+    code = cli_main(["extract", "--images", str(images), "--output", str(output), "--weights", "none"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()  # the stage's progress lines (INFO), then the error
+    assert lines[-1] == f"error: cannot write {output}: No space left on device; the previous version, if any, is unchanged"
+    assert [line for line in lines if line.startswith("error")] == lines[-1:] and "Traceback" not in captured.err
+
+
+def test_a_second_run_on_one_output_refuses_in_one_line(reference, tmp_path, tiny):
+    images, _ = reference
+    parts = [tmp_path / f"part-{i}.pkl" for i in range(2)]
+    for i, part in enumerate(parts):
+        extract_stage(make_config(images, part, shard=f"{i}/2"), model_factory=tiny)
+    output = tmp_path / "out.pkl"
+    with cache.output_lock(output):
+        with pytest.raises(CaptionerError, match=f"{output} is being written by another run"):
+            extract_stage(make_config(images, output), model_factory=tiny)
+        with pytest.raises(CaptionerError, match=f"{output} is being written by another run"):
+            merge_feature_parts(parts, output)
+    assert not output.exists() and not parts_folder_for(output).exists()
+    assert merge_feature_parts(parts, output).images == 12  # released: the next run goes
+
+
+# --------------------------------------------------------------------------- nothing dropped silently
+
+
+def test_a_dangling_symlink_is_named_and_counted_as_unreadable(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 10)
+    (images / "ghost.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    output = tmp_path / "out.pkl"
+    result = extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=tiny)
+    assert list(result.failed) == ["ghost.jpg"]
+    assert result.failed["ghost.jpg"].startswith("broken symbolic link")
+    assert ", 1 failed ->" in result.summary() and len(load(output)) == 10
+    assert cache.read_manifest(output)["extra"]["failed"] == result.failed
+
+
+def test_non_finite_network_output_is_a_failed_image_not_a_poisoned_file(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 4)
+    Image.new("RGB", (48, 64), (255, 255, 255)).save(images / "white.jpg")
+    model = tiny()
+
+    def poisoned():
+        import keras
+
+        inputs = keras.Input((224, 224, 3))
+        # inf wherever the image is bright: only the white image is all bright
+        dark = lambda x: keras.ops.cast(keras.ops.min(x, axis=(1, 2, 3), keepdims=True) < 100, "float32")  # noqa: E731
+        out = keras.layers.Lambda(lambda x: x / dark(x))(inputs)
+        return keras.Model(inputs, model(out))
+
+    output = tmp_path / "out.pkl"
+    result = extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=poisoned)
+    assert set(result.failed) == {"white.jpg"} and "non-finite" in result.failed["white.jpg"]
+    assert sorted(load(output)) == [f"img{i:03d}" for i in range(4)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image, features as pil_features
@@ -190,6 +192,7 @@ def test_preprocess_caffe_equals_keras_bitwise():
 def test_list_images(tmp_path):
     for name in ["b.JPG", "a.png", "c.webp", "notes.txt", "d.jpeg"]:
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()  # a folder with an image's name is not an image
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "e.jpg").write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG", "c.webp", "d.jpeg"]
@@ -219,3 +222,36 @@ def test_an_upload_held_in_memory_loads_like_a_file(tmp_path):
         load_image(named)
     with pytest.raises(ImageError, match="empty file"):
         load_image(io.BytesIO(b""))
+
+
+def test_a_broken_symlink_is_listed_and_its_reason_given(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "gone.jpg")  # dangling: the target was never there
+    (tmp_path / "c.jpg").symlink_to(tmp_path / "a.jpg")  # a good link is an image like any other
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.jpg", "c.jpg", "loop.png"]
+    with pytest.raises(ImageError, match=r"^b\.jpg: broken symbolic link \(its target .*gone\.jpg is missing\)$"):
+        load_image(tmp_path / "b.jpg")
+    with pytest.raises(ImageError, match=r"^loop\.png: broken symbolic link"):
+        load_image(tmp_path / "loop.png")
+    assert load_image(tmp_path / "c.jpg").shape == (224, 224, 3)
+
+
+def test_pillows_bomb_warning_is_folded_into_our_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("L", (120, 100)).save(path)  # 12,000 pixels: between the limit and twice it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError) as error:
+            load_image(path)
+        assert load_image(path, max_pixels=None).shape == (224, 224, 3)  # allowed: loads, silently
+        assert load_image(path, max_pixels=20_000).shape == (224, 224, 3)
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    message = str(error.value)
+    assert message.startswith("big.png: ") and "12000 pixels" in message and "decompression bomb" in message
+    assert "\n" not in message
+
+    Image.new("L", (300, 100)).save(path)  # 30,000: over twice the limit, Pillow's error
+    with pytest.raises(ImageError, match=r"^big\.png: .*30000 pixels.*decompression bomb"):
+        load_image(path)

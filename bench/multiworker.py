@@ -49,7 +49,7 @@ def free_ports(count: int) -> list[int]:
 def make_tiny_data(root: Path, images: int = 40, dim: int = 16) -> tuple[Path, Path]:
     """(features .pkl, prepared captions folder): 32 train and 8 dev images, two captions each."""
     sys.path.insert(0, str(ROOT))
-    from captioner import cache
+    from captioner import cache, feature_files
     from captioner.tokenizer import Tokenizer
 
     words = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
@@ -64,7 +64,7 @@ def make_tiny_data(root: Path, images: int = 40, dim: int = 16) -> tuple[Path, P
         split = "train" if i < images * 4 // 5 else "dev"
         splits[split][f"img{i:03d}"] = [f"a {colour} {shape}", f"there is a {colour} {shape} here"]
     features_path = root / "features.pkl"
-    cache.save_features(features_path, features)
+    feature_files.save_features(features_path, features)
     captions = root / "captions"
     for split, data in splits.items():
         cache.atomic_write_json(captions / f"{split}.json", data)

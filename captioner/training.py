@@ -1,7 +1,7 @@
 """Stage 3: image features + prepared captions -> a self-contained model directory.
 
 Reads
-  train.features   one or more feature files (`captioner.cache.load_features`: dict image id
+  train.features   one or more feature files (`captioner.feature_files.load_features`: dict image id
                    -> float32 [D], any D), merged
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
@@ -68,6 +68,7 @@ from typing import Any
 from captioner import cache
 from captioner import checkpoints as ckpt
 from captioner import config as config_lib
+from captioner import feature_files
 from captioner.checkpoints import EpochRecord, Run, TrainState
 from captioner.config import Config
 from captioner.datasets import read_prepared_split
@@ -216,7 +217,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     train = config.train
     tokenizer = Tokenizer.load(paths.tokenizer_json)
     log.info("train: loading features %s", ", ".join(map(str, paths.feature_files)))
-    features = cache.load_features(paths.feature_files)
+    features = feature_files.load_features(paths.feature_files)
     if not features:
         raise CaptionerError(f"features files hold no images: {', '.join(map(str, paths.feature_files))}")
     feature_dim = int(next(iter(features.values())).shape[0])
@@ -666,9 +667,8 @@ def _finish(
     folder.load_weights(model, state.best_weights)
     with cache.reporting_write_errors(folder.path / MODEL_FILE):
         model_lib.save_model(model, folder.path)
-    model_lib.write_model_config(
-        folder.path, config, data.feature_dim, data.tokenizer.vocab_size, cache.feature_provenance(paths.feature_files)
-    )
+    provenance = feature_files.feature_provenance(paths.feature_files)
+    model_lib.write_model_config(folder.path, config, data.feature_dim, data.tokenizer.vocab_size, provenance)
     cache.write_together(
         {
             folder.path / TOKENIZER_FILE: paths.tokenizer_json.read_bytes(),

@@ -20,6 +20,7 @@ import pytest
 
 from captioner import cache
 from captioner import config as config_lib
+from captioner import feature_files
 from captioner.checkpoints import STAGING_DIR
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -55,7 +56,7 @@ def make_data(root: Path, images: int = 40, dim: int = 16, seed: int = 0, dev_sh
             texts = [" ".join(reversed(t.split())) for t in texts]
         splits[split][image_id] = texts
     features_path = root / "features.pkl"
-    cache.save_features(features_path, features)
+    feature_files.save_features(features_path, features)
     captions = root / "captions"
     for split, data in splits.items():
         cache.atomic_write_json(captions / f"{split}.json", data)
@@ -269,13 +270,13 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
 
     # Features of another width: refused with the widths, before any training.
     wide = tmp_path / "wide.pkl"
-    cache.save_features(wide, {k: np.zeros(32, np.float32) for k in cache.load_features(features)})
+    feature_files.save_features(wide, {k: np.zeros(32, np.float32) for k in feature_files.load_features(features)})
     config.train.features = [str(wide)]
     with pytest.raises(CaptionerError, match="16-d features, train.features has 32-d"):
         train_stage(config, resume=True)
     # The same width but other files: refused as a changed input.
     other = tmp_path / "other.pkl"
-    cache.save_features(other, {k: v + 1 for k, v in cache.load_features(features).items()})
+    feature_files.save_features(other, {k: v + 1 for k, v in feature_files.load_features(features).items()})
     config.train.features = [str(other)]
     with pytest.raises(CaptionerError, match=r"inputs\.features"):
         train_stage(config, resume=True)
@@ -330,7 +331,7 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
     # Dev captions name another class than their features show: learning train makes dev worse.
     features, captions = make_data(tmp_path, dev_shift=1)
     gone = {"img000", "img001", "img002", "img003", "img032", "img033", "img034", "img035"}  # 4 train, 4 dev
-    cache.save_features(features, {k: v for k, v in cache.load_features(features).items() if k not in gone})
+    feature_files.save_features(features, {k: v for k, v in feature_files.load_features(features).items() if k not in gone})
     config = make_config(tmp_path, features, captions, epochs=10, patience=2, learning_rate=0.03)
     with caplog.at_level("WARNING"):
         result = train_stage(config)
@@ -442,9 +443,19 @@ def test_a_second_run_and_a_foreign_folder_are_refused_in_one_line(
 
 def test_no_usable_train_captions_is_an_error(tmp_path: Path) -> None:
     features, captions = make_data(tmp_path)
-    cache.save_features(features, {"other": np.zeros(16, np.float32)})
+    feature_files.save_features(features, {"other": np.zeros(16, np.float32)})
     with pytest.raises(CaptionerError, match="no usable train captions"):
         train_stage(make_config(tmp_path, features, captions, epochs=1))
+
+
+def test_non_finite_features_are_refused_naming_the_image_not_called_a_divergence(tmp_path: Path) -> None:
+    features, captions = make_data(tmp_path)
+    vectors = feature_files.load_features(features)
+    vectors["img005"][3] = np.nan
+    feature_files.save_features(features, vectors)
+    with pytest.raises(CaptionerError, match=r"features\.pkl.*img005") as error:
+        train_stage(make_config(tmp_path, features, captions, epochs=1))
+    assert "diverged" not in str(error.value) and not (tmp_path / "model" / MODEL_FILE).exists()
 
 
 def test_missing_captions_files_are_named(tmp_path: Path) -> None:

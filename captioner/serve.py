@@ -8,7 +8,7 @@ becomes part of a file path. Config used: `serve` (address, limits, batching, de
 bounds) and `decode` (the default beam size and length, length normalisation, unk).
 
 Endpoints (FastAPI; OpenAPI at /openapi.json, Swagger UI at /docs served from the
-`swagger-ui-bundle` package, so it works offline):
+`fastapi-offline` package, so it works offline):
 
 - `POST /v1/captions?beam_size=K&max_words=W`: multipart, one or more `image` fields.
   Answers 200 with one slot per image, in request order: file name, caption, its natural
@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from pydantic import BaseModel
 
 from captioner import layout
@@ -579,7 +579,7 @@ def create_app(
     `on_load_error`. `config`: the `serve` and `decode` sections are used.
     """
     from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi_offline import FastAPIOffline
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
@@ -639,13 +639,16 @@ def create_app(
             if state.batcher is not None:
                 state.batcher.close()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose Swagger UI (/docs) loads its script and styles from this
+    # server (package fastapi-offline, Swagger UI 5: OpenAPI 3.1), not from a CDN.
+    app = FastAPIOffline(
         title="captioner",
         summary="Captions photos with a Show-and-Tell style model (VGG features + merge LSTM)",
         version="1",
         lifespan=lifespan,
-        docs_url=None,  # served below from local files, not a CDN
+        docs_url="/docs",
         redoc_url=None,
+        static_url="/docs-assets",
     )
     app.state.captioner = state
     if limits.cors_origin:
@@ -814,18 +817,6 @@ def create_app(
 
     static = resources.files("captioner") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-
-        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-        docs_js, docs_css = "/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"
-    except ImportError:  # the installed package depends on it; without it the docs use FastAPI's CDN defaults
-        docs_js = docs_css = None
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> Any:
-        extra = {"swagger_js_url": docs_js, "swagger_css_url": docs_css} if docs_js else {}
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="captioner API", swagger_favicon_url="", **extra)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Any:

@@ -10,7 +10,8 @@ loads, and the other worker wrote nothing of its own. Bounded: the pair is kille
     .venv/bin/python bench/multiworker.py            # prints the chief's summary and timings
     .venv/bin/python bench/multiworker.py --keep DIR # keeps the data and model in DIR
 
-`tests/test_training_distributed.py` runs the same `run_pair`. Needs the TensorFlow backend.
+`tests/test_training_distributed.py` runs this script (slow, opt-in) and takes its mirrored-strategy
+test data from `make_tiny_data`. Needs the TensorFlow backend.
 Cost: about 20-40 s on 2 CPU cores (mostly two TensorFlow start-ups and graph tracing).
 """
 

@@ -73,7 +73,7 @@ from captioner.checkpoints import EpochRecord, Run, TrainState
 from captioner.config import Config
 from captioner.datasets import read_prepared_split
 from captioner.errors import CaptionerError
-from captioner.layout import HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINED_FILES, split_file
+from captioner.layout import HISTORY_FILE, TOKENIZER_FILE, TRAINED_FILES, split_file
 
 log = logging.getLogger(__name__)
 
@@ -665,8 +665,7 @@ def _finish(
         raise CaptionerError(f"no epoch had a finite {config.train.val_split} loss; nothing to save in {output}")
     folder = run.folder
     folder.load_weights(model, state.best_weights)
-    with cache.reporting_write_errors(folder.path / MODEL_FILE):
-        model_lib.save_model(model, folder.path)
+    model_lib.save_model(model, folder.path)  # a failed write is a one-line WriteError there
     provenance = feature_files.feature_provenance(paths.feature_files)
     model_lib.write_model_config(folder.path, config, data.feature_dim, data.tokenizer.vocab_size, provenance)
     cache.write_together(

@@ -2,7 +2,7 @@
 """Benchmark: feature extraction images/s, the course's way against captioner's pipeline.
 
 Measured side by side in one run, on the same images, machine and weights, for each
-precision asked for (float32, bfloat16):
+precision asked for (float32, mixed_bfloat16):
 
 - course: one image at a time, as the course does it: `load_img(target_size=(224, 224))`
   -> `img_to_array` -> reshape (1, 224, 224, 3) -> `preprocess_input` -> `model.predict(verbose=0)`.
@@ -14,7 +14,7 @@ precision asked for (float32, bfloat16):
 Usage (from the repository root):
 
     python bench/extract.py [--images DIR] [--count N] [--batch-size B] [--weights none]
-                            [--precisions float32,bfloat16] [--course-count N]
+                            [--precisions float32,mixed_bfloat16] [--course-count N]
 
 --images defaults to ../shared/flickr8k/images when present, else N random 500x375
 JPEGs generated in a temporary folder. Prints a markdown table. Cost: VGG16 is about
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per core)")
     parser.add_argument("--weights", default="none", help="none | imagenet | PATH (speed does not depend on it)")
     parser.add_argument("--backbone", default="vgg16", choices=BACKBONES)
-    parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--precisions", default="float32,mixed_bfloat16")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -15,9 +15,10 @@ data from ..." lines go to stderr, never to stdout where `caption` prints captio
 "none" (random, seeded with RANDOM_WEIGHTS_SEED: the same network in every process;
 for tests and the offline demo only), or a local .h5/.weights.h5 file.
 
-Precision (`captioner.config.FEATURE_PRECISIONS`): float32 (default); "bfloat16" (the
-Keras policy mixed_bfloat16: meant for CPUs with AMX or AVX512-BF16; without them it
-brings little); "mixed_float16" (GPUs); "auto" (resolved by `resolve_precision`).
+Precision (`captioner.config.FEATURE_PRECISIONS`, Keras dtype-policy names): float32
+(default); mixed_bfloat16 (meant for CPUs with AMX or AVX512-BF16; without them it
+brings little; "bfloat16", the name earlier versions used, means the same);
+mixed_float16 (GPUs); "auto" (resolved by `resolve_precision`).
 Output is always float32. On the 60 shared Flickr8k photos (VGG16 fc2, the same random
 weights in both), bfloat16 features differ from float32 ones by a mean relative L2
 error of 0.0092 (max 0.0099), cosine similarity 0.99997: about what bfloat16's 8-bit
@@ -61,7 +62,8 @@ PREPROCESSING: Mapping[str, Callable[[np.ndarray], np.ndarray]] = types.MappingP
 )
 
 # The Keras dtype policy each precision builds the network under.
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}
+_POLICIES = {"float32": "float32", "mixed_bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}
+_OLD_PRECISIONS = {"bfloat16": "mixed_bfloat16"}  # as recorded by earlier versions in provenance
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,12 @@ def _cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """The precision actually used: "auto" is mixed_float16 with a GPU, bfloat16 on a CPU with bf16, else float32.
+    """The precision actually used: "auto" is mixed_float16 with a GPU, mixed_bfloat16 on a CPU with bf16, else float32.
 
     CaptionerError for a name outside FEATURE_PRECISIONS (a model directory's provenance
     is checked here, not by the config).
     """
+    precision = _OLD_PRECISIONS.get(precision, precision)
     if precision not in FEATURE_PRECISIONS:
         raise CaptionerError(
             f"unknown precision {precision!r} (features.precision: {', '.join(FEATURE_PRECISIONS)})"
@@ -156,7 +159,7 @@ def resolve_precision(precision: str) -> str:
 
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
-    return "bfloat16" if _cpu_has_bf16() else "float32"
+    return "mixed_bfloat16" if _cpu_has_bf16() else "float32"
 
 
 @contextlib.contextmanager
@@ -181,7 +184,7 @@ def build_backbone(
     ([B, 224, 224, 3] caffe input -> [B, 4096]; the 1000-way classifier is dropped:
     134,260,544 parameters left of VGG16's 138,357,544, 139,570,240 of VGG19's
     143,667,240). weights: "imagenet", "none" (random, seeded, with a WARNING) or a
-    weights file path. precision: float32, bfloat16 or mixed_float16 ("auto" must be
+    weights file path. precision: float32, mixed_bfloat16 or mixed_float16 ("auto" must be
     resolved first with `resolve_precision`). Keras's download messages go to stderr.
     CaptionerError for an unknown backbone, layer or precision, or a weights file that
     cannot be read or does not fit.

@@ -200,8 +200,9 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         digest = hashlib.sha256()
         count = 0
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = child.stat()
+        # Broken symbolic links count too (by their own lstat): a stage must see them to report them.
+        for child in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
+            stat = child.stat() if child.exists() else child.lstat()
             digest.update(f"{child.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             count += 1
         return {"kind": "folder", "files": count, "digest": digest.hexdigest()}
@@ -337,9 +338,3 @@ def read_manifest(output: str | Path) -> dict[str, Any] | None:
         return json.loads(manifest_path_for(output).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-# --------------------------------------------------------------------------- feature files
-
-# Moved to captioner.feature_files; re-exported until every caller imports them from there.
-from captioner.feature_files import feature_provenance, load_features, load_features_file, save_features  # noqa: E402,F401

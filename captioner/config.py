@@ -27,15 +27,18 @@ from captioner.errors import ConfigError
 
 # Precisions are Keras dtype-policy names, one vocabulary for every section:
 #   float32         everything in float32
-#   bfloat16        weights and compute in bfloat16 (extraction only: a frozen network)
-#   mixed_bfloat16  compute in bfloat16, weights in float32 (training on CPUs with AMX / GPUs)
-#   mixed_float16   compute in float16, weights in float32 (training or extraction on GPUs)
-#   auto            mixed_float16 on a GPU, bfloat16 on a CPU with AMX, else float32 (extraction)
-FEATURE_PRECISIONS = ("float32", "bfloat16", "mixed_float16", "auto")
-TRAIN_PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+#   mixed_bfloat16  compute in bfloat16, weights in float32 (CPUs with AMX/AVX512-BF16, recent GPUs)
+#   mixed_float16   compute in float16, weights in float32 (GPUs)
+# and for extraction also
+#   auto            mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX/AVX512-BF16, else float32
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+FEATURE_PRECISIONS = PRECISIONS + ("auto",)
+TRAIN_PRECISIONS = PRECISIONS
 STRATEGIES = ("default", "mirrored", "multiworker")
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
 SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format names `serve.formats` may list
+# Values renamed since a config was saved (key, old value) -> new value.
+RENAMED_VALUES = {("features.precision", "bfloat16"): "mixed_bfloat16"}
 # Keys renamed since a config was saved: old model directories and config files still load.
 RENAMED_KEYS = {
     "text.max_caption_length": "text.max_prepared_words",
@@ -62,7 +65,7 @@ class FeaturesConfig:
     layer: str = "fc2"  # fc2 (the classic choice) | fc1
     weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5
     resample: str = "nearest"  # RESAMPLE_FILTERS; resize filter; nearest is what keras load_img uses, so features match the course's
-    precision: str = "float32"  # FEATURE_PRECISIONS: float32 | bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
+    precision: str = "float32"  # FEATURE_PRECISIONS: float32 | mixed_bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
     batch_size: int = 32  # images per network call; 32 saturates 2 CPU cores and fits any GPU
     workers: int = 0  # decoding/resizing threads; 0 = one per CPU core
     chunk_size: int = 256  # images per saved chunk: a killed run loses at most this much work
@@ -344,6 +347,7 @@ def set_value(config: Config, key: str, raw: Any) -> None:
     if field_name not in types:
         raise ConfigError(f"unknown config key {key!r} (known in {section_name}: {', '.join(types)})")
     value = _parse_value(key, raw, types[field_name])
+    value = RENAMED_VALUES.get((key, value), value) if isinstance(value, str) else value
     check_value(key, value)
     setattr(section, field_name, value)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner import cache
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,6 @@ def load_features(
 
 def save_features(path: str | Path, features: Mapping[str, np.ndarray]) -> None:
     """Atomically writes dict id -> float32 [D] as a pickle (the course's format, values (D,))."""
-    from captioner import cache
 
     plain = {str(key): np.asarray(value, dtype=np.float32) for key, value in features.items()}
     cache.atomic_write_bytes(path, pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL))
@@ -240,7 +240,6 @@ def feature_provenance(paths: str | Path | Sequence[str | Path]) -> dict[str, An
     ones (such as an `.npz` computed elsewhere): those cannot be recomputed on a
     new image, so `caption` refuses such a model.
     """
-    from captioner import cache
 
     if isinstance(paths, (str, Path)):
         paths = [paths]

@@ -37,6 +37,7 @@ _CHATTER = re.compile(
     r"|To enable the following instructions:"
     r"|This TensorFlow binary is optimized"
     r"|oneDNN custom operations are on"
+    r"|INFO: Created TensorFlow Lite \S+ delegate for CPU\."
     r"|\s*$)"
 )
 _started = False

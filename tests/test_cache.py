@@ -127,3 +127,13 @@ def test_the_lock_holds_across_processes(tmp_path):
         busy = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "being written by another run" in busy.stdout and free.stdout.strip() == "got it"
+
+
+def test_a_broken_symlink_added_to_an_input_folder_makes_the_stage_stale(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    before = cache.fingerprint(folder)
+    (folder / "b.jpg").symlink_to(tmp_path / "missing.jpg")
+    after = cache.fingerprint(folder)
+    assert after != before and after["files"] == 2

@@ -88,7 +88,7 @@ def test_cli_rejects_stray_arguments(capsys):
         ("--train.learning_rate=0", "train.learning_rate must be positive"),
         ("--train.learning_rate=nan", "train.learning_rate: expected a finite number"),
         ("--train.precision=float16", "train.precision must be one of float32, mixed_bfloat16, mixed_float16"),
-        ("--features.precision=mixed_bfloat16", "features.precision must be one of"),
+        ("--features.precision=float16", "features.precision must be one of float32, mixed_bfloat16, mixed_float16, auto"),
         ("--features.resample=cubic", "features.resample must be one of nearest"),
         ("--decode.beam_size=0", "decode.beam_size must be at least 1"),
         ("--decode.length_normalization=-1", "decode.length_normalization must be at least 0"),
@@ -137,3 +137,14 @@ def test_cli_range_errors_are_one_line_before_any_work(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: model.") and "Traceback" not in err
+
+
+def test_one_precision_vocabulary_and_the_old_extraction_name_still_loads():
+    assert set(config_lib.TRAIN_PRECISIONS) <= set(config_lib.FEATURE_PRECISIONS)
+    config = config_lib.from_dict({"features": {"precision": "bfloat16"}})
+    assert config.features.precision == "mixed_bfloat16"
+
+
+def test_min_word_count_zero_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="text.min_word_count must be at least 1, got 0"):
+        config_lib.apply_overrides(config_lib.Config(), ["--text.min_word_count=0"])

@@ -479,11 +479,12 @@ def test_keras_download_messages_never_reach_stdout(monkeypatch, capsys):
 def test_auto_precision(monkeypatch):
     import tensorflow as tf
 
-    assert resolve_precision("bfloat16") == "bfloat16" and resolve_precision("float32") == "float32"
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16" and resolve_precision("float32") == "float32"
+    assert resolve_precision("bfloat16") == "mixed_bfloat16"  # the name earlier versions recorded
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     assert resolve_precision("auto") == "mixed_float16"
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-    assert resolve_precision("auto") in ("float32", "bfloat16")  # bfloat16 only on a CPU with AMX/AVX512-BF16
+    assert resolve_precision("auto") in ("float32", "mixed_bfloat16")  # bfloat16 only on a CPU with AMX/AVX512-BF16
     with pytest.raises(CaptionerError, match="unknown precision 'float8'"):
         resolve_precision("float8")
 

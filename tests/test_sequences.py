@@ -241,6 +241,7 @@ def test_teacher_forcing_and_per_prefix_models_predict_the_same_next_word_everyw
     np.testing.assert_allclose(classic_probs, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # traces the LSTM for several batch shapes: about 5 s
 def test_for_fit_trains_over_batches_of_any_length_and_advances_the_epoch():
     # The first two batches share T=3; a PyDataset's inferred shape would then refuse T=6 later.
     caption_set = make_set([2, 2, 2, 1, 5, 3])

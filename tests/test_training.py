@@ -224,6 +224,7 @@ def test_learning_rate_decays_every_epoch(runs: dict) -> None:
     np.testing.assert_allclose(rates, [0.0095, 0.009025, 0.00857375, 0.0081450625], rtol=1e-5)
 
 
+@pytest.mark.slow  # resumes and retrains 2 epochs: about 7 s; CI runs it (make test-slow)
 def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) -> None:
     crashed = runs["crashed"]
     output = Path(crashed.train.output)
@@ -325,6 +326,7 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.slow  # a run of its own: about 5 s
 def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,6 +37,13 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "weights": "features.weights",
         "shard": "features.shard",
     },
+    "quantize": {
+        "backbone": "quantize.backbone",
+        "layer": "quantize.layer",
+        "weights": "quantize.weights",
+        "images": "quantize.images",
+        "output": "quantize.output",
+    },
     "prepare": {"captions": "text.captions", "splits": "text.splits", "output": "text.output"},
     "train": {"features": "train.features", "captions": "train.captions", "output": "train.output"},
     "evaluate": {
@@ -54,7 +61,7 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
 
 
 # Subcommands that run a Keras model (the others never import the backend).
-KERAS_COMMANDS = frozenset({"extract", "train", "evaluate", "serve"})
+KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "evaluate", "serve"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("extract", help="stage 1: image folder -> features cache")
     sub.add_argument("--images", metavar="DIR")
     sub.add_argument("--output", metavar="FILE.pkl")
-    sub.add_argument("--backbone", metavar="vgg16|vgg19")
-    sub.add_argument("--layer", metavar="fc2|fc1")
-    sub.add_argument("--weights", metavar="imagenet|none|PATH")
+    sub.add_argument("--backbone", metavar="NAME", help="vgg16 (default), vgg19, resnet50, inception_v3, "
+                     "mobilenet_v2, efficientnet_b0")
+    sub.add_argument("--layer", metavar="LAYER", help="default: the backbone's (fc2, or the pooled layer); "
+                     "with a .tflite: a tensor name")
+    sub.add_argument("--weights", metavar="imagenet|none|PATH.h5|PATH.tflite")
     sub.add_argument("--shard", metavar="i/N")
     sub.add_argument("--force", action="store_true", help="rerun even if up to date")
+
+    sub = commands.add_parser("quantize", help="a catalogue backbone -> a full-int8 .tflite feature extractor")
+    sub.add_argument("--backbone", metavar="NAME", help="default mobilenet_v2")
+    sub.add_argument("--layer", metavar="LAYER", help="the feature layer (default: the backbone's)")
+    sub.add_argument("--weights", metavar="imagenet|none|PATH.h5")
+    sub.add_argument("--images", metavar="DIR", help="photos to calibrate on (and to measure the int8 error)")
+    sub.add_argument("--output", metavar="FILE.tflite")
 
     sub = commands.add_parser("merge-features", help="join shard part files into one features cache")
     sub.add_argument("parts", nargs="+", metavar="PART.pkl")
@@ -131,6 +147,8 @@ def build_caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="MODEL_DIR", help="default: models/flickr8k (eval.model)")
     parser.add_argument("--beam", metavar="K")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    parser.add_argument("--backbone-weights", metavar="FILE",
+                        help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
     _add_common(parser)
     return parser
 
@@ -209,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from captioner.features import extract_stage
 
             return _print_summary(extract_stage(config, force=force))
+        if args.command == "quantize":
+            from captioner.quantize import quantize_config_stage
+
+            return _print_summary(quantize_config_stage(config))
         if args.command == "merge-features":
             from captioner.features import merge_feature_parts
 
@@ -245,7 +267,9 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         runtime.import_keras()
         from captioner.inference import caption_files
 
-        outcomes = caption_files(Path(config.eval.model), [Path(p) for p in args.images], config.decode)
+        outcomes = caption_files(
+            Path(config.eval.model), [Path(p) for p in args.images], config.decode, args.backbone_weights
+        )
         failed = 0
         for outcome in outcomes:
             if outcome.error is not None:

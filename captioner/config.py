@@ -61,16 +61,32 @@ class FeaturesConfig:
 
     images: str = "data/flickr8k/Flicker8k_Dataset"  # Flickr8k's own folder name (sic)
     output: str = "data/features/vgg16-fc2.pkl"  # dict id -> float32 (4096,), the course's format
-    backbone: str = "vgg16"  # vgg16 | vgg19, keras.applications with the top
-    layer: str = "fc2"  # fc2 (the classic choice) | fc1
-    weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5
-    resample: str = "nearest"  # RESAMPLE_FILTERS; resize filter; nearest is what keras load_img uses, so features match the course's
+    backbone: str = "vgg16"  # a captioner.backbones.CATALOGUE name: vgg16 | vgg19 | resnet50 | inception_v3 | mobilenet_v2 | efficientnet_b0
+    layer: str = ""  # "" = the backbone's default layer (vgg: fc2, the classic choice; the others: their global pool); vgg: fc1; with a .tflite: a tensor name
+    weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5 | PATH to a .tflite model of the backbone's family
+    resample: str = ""  # "" = the backbone's own (nearest for vgg, as keras load_img, so features match the course's; bilinear for the others) | RESAMPLE_FILTERS
     precision: str = "float32"  # FEATURE_PRECISIONS: float32 | mixed_bfloat16 (CPUs with AMX/AVX512-BF16) | mixed_float16 (GPU) | auto
     batch_size: int = 32  # images per network call; 32 saturates 2 CPU cores and fits any GPU
     workers: int = 0  # decoding/resizing threads; 0 = one per CPU core
     chunk_size: int = 256  # images per saved chunk: a killed run loses at most this much work
     max_failed_fraction: float = 0.05  # fail the stage when more than this share of images cannot be read
     shard: str = ""  # "i/N": extract only the i-th of N deterministic parts (0-based) into a part file
+
+
+@dataclass
+class QuantizeConfig:
+    """`captioner quantize`: a catalogue backbone -> a full-int8 TFLite feature extractor."""
+
+    backbone: str = "mobilenet_v2"  # the family whose int8 speed-up matters on a CPU (VGG16 gains 1.1-1.5x only)
+    layer: str = ""  # the feature layer that becomes the model's output; "" = the backbone's default
+    weights: str = "imagenet"  # imagenet | none (random: tests) | PATH to Keras .h5/.weights.h5 weights
+    images: str = "data/flickr8k/Flicker8k_Dataset"  # photos like the ones it will see: calibration and held-out
+    output: str = "data/backbones/mobilenet_v2-int8.tflite"  # the .tflite file written
+    calibration_images: int = 300  # images the converter calibrates activation ranges on: "a few hundred" is the usual advice
+    held_out_images: int = 50  # images kept out of calibration to measure the int8 error; enough for a stable mean
+    min_calibration_images: int = 100  # fewer calibrate on too little variety: refuse rather than write a poor model
+    input_type: str = "uint8"  # uint8 (raw pixels for [-1, 1] families) | int8
+    seed: int = 0  # which images of the folder are picked, and which held out
 
 
 @dataclass
@@ -161,6 +177,7 @@ class ServeConfig:
 class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,12 +226,23 @@ CHECKS: dict[str, Check] = {
     "demo.seed": _at_least(0),
     "features.images": _not_empty,
     "features.output": _not_empty,
-    "features.resample": _one_of(*RESAMPLE_FILTERS),
+    "features.resample": lambda value: None if value == "" or value in RESAMPLE_FILTERS else (
+        f"must be one of {', '.join(RESAMPLE_FILTERS)} (or empty: the backbone's own)"
+    ),
     "features.precision": _one_of(*FEATURE_PRECISIONS),
     "features.batch_size": _at_least(1),
     "features.workers": _at_least(0),
     "features.chunk_size": _at_least(1),
     "features.max_failed_fraction": _share,
+    "quantize.backbone": _not_empty,
+    "quantize.weights": _not_empty,
+    "quantize.images": _not_empty,
+    "quantize.output": lambda value: None if value.strip().lower().endswith(".tflite") else "must be a .tflite file name",
+    "quantize.calibration_images": _at_least(1),
+    "quantize.held_out_images": _at_least(1),
+    "quantize.min_calibration_images": _at_least(1),
+    "quantize.input_type": _one_of("uint8", "int8"),
+    "quantize.seed": _at_least(0),
     "text.captions": _not_empty,
     "text.output": _not_empty,
     "text.min_word_count": _at_least(1),

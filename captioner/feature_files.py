@@ -13,8 +13,9 @@ to leave out and report the images whose vectors are not finite.
 Pickles are read with an unpickler that admits only numpy arrays (and the dict
 holding them): a pickle that tries to call anything else is refused, never run.
 
-Provenance (how features were made: backbone, layer, weights, resample, precision)
-comes from the extraction manifest beside a features file (`captioner.cache`).
+Provenance (how features were made: backbone, layer, weights, weights_sha256,
+input_size, resample, precision; `captioner.backbones.extractor_params`) comes from the
+extraction manifest beside a features file (`captioner.cache`).
 """
 
 from __future__ import annotations
@@ -232,13 +233,19 @@ def save_features(path: str | Path, features: Mapping[str, np.ndarray]) -> None:
     cache.atomic_write_bytes(path, pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+PROVENANCE_KEYS = ("backbone", "layer", "weights", "resample", "precision")
+# Recorded since TFLite backbones: older manifests lack them (and give the five keys above).
+PROVENANCE_KEYS_SINCE_TFLITE = ("weights_sha256", "input_size")
+
+
 def feature_provenance(paths: str | Path | Sequence[str | Path]) -> dict[str, Any]:
     """How features were made, from the extraction manifest beside them.
 
-    Returns {"backbone", "layer", "weights", "resample", "precision"} for features
-    this project extracted, or {"backbone": None, "source": [...]} for imported
-    ones (such as an `.npz` computed elsewhere): those cannot be recomputed on a
-    new image, so `caption` refuses such a model.
+    Returns {"backbone", "layer", "weights", "resample", "precision"}, plus
+    "weights_sha256" and "input_size" when the manifest has them (extractions since
+    they were recorded), for features this project extracted, or {"backbone": None,
+    "source": [...]} for imported ones (such as an `.npz` computed elsewhere): those
+    cannot be recomputed on a new image, so `caption` refuses such a model.
     """
 
     if isinstance(paths, (str, Path)):
@@ -249,7 +256,9 @@ def feature_provenance(paths: str | Path | Sequence[str | Path]) -> dict[str, An
         if manifest is None or manifest.get("stage") not in {"features", "merge-features"}:
             return {"backbone": None, "source": [str(p) for p in paths]}
         params = manifest.get("params", {})
-        found.append({key: params.get(key) for key in ("backbone", "layer", "weights", "resample", "precision")})
+        record = {key: params.get(key) for key in PROVENANCE_KEYS}
+        record.update({key: params[key] for key in PROVENANCE_KEYS_SINCE_TFLITE if key in params})
+        found.append(record)
     if any(item != found[0] for item in found[1:]):
         raise CaptionerError("features files were extracted with different settings: " + json.dumps(found))
     return found[0]

@@ -1,22 +1,32 @@
-"""Stage 1: an image folder -> a features cache (dict image id -> float32 [4096]), and merging shards.
+"""Stage 1: an image folder -> a features cache (dict image id -> float32 [D]), and merging shards.
 
 Reads: the images directly in `features.images` (see `captioner.images` for formats,
-EXIF, colour modes and resizing), and the backbone weights (`features.weights`:
-"imagenet" = the Keras download cached in ~/.keras/models, a local .h5/.weights.h5
-file, or "none" = random weights, for tests and demos only).
+EXIF, colour modes and resizing), and the backbone (`features.backbone`, a
+`captioner.backbones.CATALOGUE` name) with its weights (`features.weights`: "imagenet"
+= the Keras download cached in ~/.keras/models, a local .h5/.weights.h5 file, a .tflite
+model of that family run by the LiteRT interpreter, or "none" = random weights, for
+tests and demos only).
 Writes: `features.output` (default data/features/vgg16-fc2.pkl), a pickle of
-dict image id (file name without extension) -> float32 [4096] (fc2 or fc1 of
-VGG16/VGG19), the course's `features.pkl` layout with (D,) values; beside it
-`<output>.manifest.json` (stage "features"; params backbone, layer, weights,
-resample, precision, shard; extra: counts, "failed" {file name: reason},
-"duplicates", per-file sizes/mtimes for incremental runs). While running,
-finished work is kept in `<output>.parts/` (one .npz per `features.chunk_size`
-images), removed at the end.
+dict image id (file name without extension) -> float32 [D] (D = 4096 for VGG fc2/fc1,
+2048 or 1280 for the pooled families), the course's `features.pkl` layout with (D,)
+values; beside it `<output>.manifest.json` (stage "features"; params: the
+`captioner.backbones.extractor_params` record (backbone, layer or TFLite tensor,
+weights, weights_sha256, input_size, resample, precision) and shard; extra: counts,
+"failed" {file name: reason}, "duplicates", per-file sizes/mtimes for incremental
+runs). While running, finished work is kept in `<output>.parts/` (one .npz per
+`features.chunk_size` images), removed at the end.
 Config used: the `features` section (backbone, layer, weights, resample, precision,
 batch_size, workers, chunk_size, max_failed_fraction, shard).
-Cost: VGG16 is about 15.5 GFLOPs per image. Flickr8k's 8,091 images give a 130 MB
-pickle; on a 2-core CPU that is one to two hours (README: `bench/extract.py`), on a
-GPU minutes. A rerun with unchanged inputs takes well under a second.
+Cost: VGG16 is about 15.5 GFLOPs per image: Flickr8k's 8,091 images give a 130 MB
+pickle in one to two hours on a 2-core CPU, minutes on a GPU; an int8 MobileNetV2
+(.tflite) takes about a minute on the same CPU (README: `bench/extract.py`). A rerun
+with unchanged inputs takes well under a second.
+
+A .tflite model (`--weights FILE.tflite`, `--layer TENSOR` or the pooled tensor by
+default) runs through the same stage: chunks, resume, shards, skipped images. Its
+interpreters (one per core, `features.workers` or all cores) take the images as uint8
+pixels, each image alone; the file is opened (and refused in one line if it is not a
+model of the backbone's family and input size) before anything is written.
 
 The backbone, its preprocessing and the pipelined, batched run of images through it
 are `captioner.backbones` (`caption` uses them without this stage). Fixed-size batches
@@ -70,9 +80,12 @@ from captioner import cache, feature_files, layout
 from captioner.backbones import (
     build_backbone,
     extract_features,
+    extractor_params,
     get_backbone,
+    is_tflite,
     make_predict_fn,
     normalize_weights,
+    open_tflite,
     resolve_precision,
 )
 from captioner.errors import CaptionerError
@@ -330,25 +343,29 @@ def extract_stage(
     started = time.monotonic()
     fc = config.features
     # Ranges (batch_size, chunk_size, resample, ...) are checked by the config; the rest here.
-    get_backbone(fc.backbone, fc.layer)
+    tflite_weights = is_tflite(fc.weights)
+    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
     weights = normalize_weights(fc.weights)
     shard = parse_shard(fc.shard)
     folder = Path(fc.images)
     output = Path(fc.output)
     if not folder.is_dir():
         raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
-    precision = resolve_precision(fc.precision)
+    tflite = None
+    if tflite_weights:
+        # Opened before anything is written: a file that is not a model, or not one of this
+        # family, is refused in one line. Milliseconds; the sha256 is computed once.
+        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers)
+        if fc.precision not in ("float32", "auto"):
+            log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision, weights)
+        precision = ""
+    else:
+        precision = resolve_precision(fc.precision)
 
     # One run per output: a second extraction into the same file refuses in one line.
-    with cache.output_lock(output):
-        params = {
-            "backbone": fc.backbone,
-            "layer": fc.layer,
-            "weights": weights,
-            "resample": fc.resample,
-            "precision": precision,
-            "shard": f"{shard[0]}/{shard[1]}" if shard else "",
-        }
+    with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
+        params = extractor_params(spec.name, fc.layer, weights, fc.resample, precision, tflite)
+        params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
         inputs: dict[str, Path] = {"images": folder}
         if weights not in ("imagenet", "none"):
             inputs["weights"] = Path(weights).expanduser()
@@ -406,16 +423,18 @@ def extract_stage(
 
         extracted = 0
         if todo:
-            if model_factory is not None:
-                model = model_factory()
+            if tflite is not None:
+                predict = tflite  # uint8 pixels in, each image computed alone
+            elif model_factory is not None:
+                predict = make_predict_fn(model_factory())
             else:
-                model = build_backbone(fc.backbone, fc.layer, weights, precision)
-            predict = make_predict_fn(model)
+                predict = make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
             pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
             written = 0
             run_start = time.monotonic()
             for path, vector, error in extract_features(
-                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=fc.resample, backbone=fc.backbone
+                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
+                backbone=spec.name, pixels=tflite is not None,
             ):
                 if vector is not None and not np.isfinite(vector).all():
                     # Saved, it would be refused by every reader (`feature_files`); a failed image instead.

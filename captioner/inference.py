@@ -17,9 +17,13 @@ construction it holds no mutable state, so one instance may serve several thread
 
 A caption is only meaningful when the image features are computed exactly as the
 training features were, so the backbone is rebuilt from the provenance recorded in
-the model directory (backbone, layer, weights, resample, precision), never from
-today's defaults; a field an old model directory lacks falls back to the backbone's
-catalogue entry (layer, resize filter) or `FeaturesConfig` (weights, precision).
+the model directory (backbone, layer, weights, resample, precision; see
+`captioner.backbones.build_extractor`), never from today's defaults; a field an old
+model directory lacks falls back to the backbone's catalogue entry (layer, resize
+filter) or `FeaturesConfig` (weights, precision). A weights file (.h5, or a .tflite
+model run by the LiteRT interpreter) is found at its recorded path or where
+`backbone_weights` (`caption --backbone-weights FILE`) says, and refused in one line
+when its SHA-256 differs from the recorded one.
 A model trained on imported features (an `.npz` made elsewhere, such as the shared
 MobileNetV2 features) has no backbone this project can run, and is refused with one
 line rather than fed features from the wrong network.
@@ -224,10 +228,17 @@ class Captioner:
     Attributes: model_dir, decode, tokenizer, config (the model's training config),
     feature_dim, provenance, backbone (the `captioner.backbones.Backbone` entry),
     resample (the resize filter), image_size ((height, width) the backbone takes),
-    batch_size (images per backbone call: the model's features.batch_size).
+    batch_size (images per backbone call: the model's features.batch_size), extractor
+    (the `captioner.backbones.Extractor` rebuilt from the provenance). backbone_weights:
+    where the recorded weights file is on this machine (None: its recorded path).
     """
 
-    def __init__(self, model_dir: str | Path, decode: DecodeConfig | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        decode: DecodeConfig | None = None,
+        backbone_weights: str | Path | None = None,
+    ) -> None:
         from captioner import backbones
         from captioner.images import resample_filter
 
@@ -242,34 +253,35 @@ class Captioner:
                 "compute from a photo; retrain on features from `captioner extract` to caption new images"
             )
         spec = backbones.get_backbone(str(provenance["backbone"]))
-        layer = provenance.get("layer") or spec.default_layer
-        weights = provenance.get("weights") or _FEATURES_DEFAULTS.weights
-        self.resample = str(provenance.get("resample") or spec.resample)
-        resample_filter(self.resample)  # an unknown filter is the model's fault, not an image's: refuse it now
-        precision = backbones.resolve_precision(provenance.get("precision") or _FEATURES_DEFAULTS.precision)
-        if str(weights).lower() == "none":
+        resample_filter(str(provenance.get("resample") or spec.resample))  # the model's fault, not an image's: refuse now
+        if str(provenance.get("weights") or _FEATURES_DEFAULTS.weights).lower() == "none":
             log.info(
                 "%s was trained on features of a randomly initialised %s (weights none): a demo model, "
                 "its captions describe colours and layout at best", self.model_dir, spec.name,
             )
-        network = backbones.build_backbone(spec.name, layer, weights, precision)
         self.feature_dim = feature_dim(loaded, self.model_dir)
-        width = int(network.output_shape[-1])
-        if width != self.feature_dim:
+        # No bigger than the training config's features.batch_size: VGG16 activations are ~60 MB/image.
+        self.batch_size = max(1, int(loaded.config.features.batch_size))
+        # Exactly the extractor the features were made with (a weights file is checked by its SHA-256).
+        self.extractor = backbones.build_extractor(
+            provenance,
+            weights_file=backbone_weights,
+            batch_size=self.batch_size,
+            defaults={"weights": _FEATURES_DEFAULTS.weights, "precision": _FEATURES_DEFAULTS.precision},
+        )
+        if self.extractor.feature_dim != self.feature_dim:
             raise CaptionerError(
-                f"{self.model_dir}: the recorded backbone {spec.name} {layer} gives {width}-d features "
-                f"but the model expects {self.feature_dim}-d"
+                f"{self.model_dir}: the recorded backbone {spec.name} {self.extractor.params['layer']} gives "
+                f"{self.extractor.feature_dim}-d features but the model expects {self.feature_dim}-d"
             )
-        self._predict = backbones.make_predict_fn(network)
+        self.resample = self.extractor.resample
         self._loaded = loaded
         self._stepper = _stepper(loaded, self.decode_config.allow_unk)
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.provenance = dict(provenance)
         self.backbone = spec
-        self.image_size = tuple(spec.input_size)
-        # No bigger than the training config's features.batch_size: VGG16 activations are ~60 MB/image.
-        self.batch_size = max(1, int(loaded.config.features.batch_size))
+        self.image_size = tuple(self.extractor.input_size)
 
     # ------------------------------------------------------------------ the three steps
 
@@ -305,23 +317,10 @@ class Captioner:
     def extract(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB [N, height, width, 3] (from `load_image`) -> image features float32 [N, D].
 
-        Runs the backbone on batches of at most `batch_size` images, each padded to a
-        power of two (so the traced network sees few shapes).
+        A Keras backbone runs on batches of at most `batch_size` images, each padded to a
+        power of two (so the traced network sees few shapes); a TFLite one on each image alone.
         """
-        images = np.asarray(images)
-        if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, 3):
-            height, width = self.image_size
-            raise CaptionerError(f"images have shape {images.shape}, expected [N, {height}, {width}, 3]")
-        outputs = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            size = min(self.batch_size, 1 << max(0, len(chunk) - 1).bit_length())
-            padded = np.zeros((size, *chunk.shape[1:]), dtype=chunk.dtype)
-            padded[: len(chunk)] = chunk
-            outputs.append(self._predict(self.backbone.preprocess(padded))[: len(chunk)])
-        if not outputs:
-            return np.zeros((0, self.feature_dim), dtype=np.float32)
-        return np.concatenate(outputs).astype(np.float32, copy=False)
+        return self.extractor(images)
 
     def decode(
         self,
@@ -406,11 +405,18 @@ class Captioner:
         return outcomes
 
 
-def caption_files(model_dir: Path, image_paths: Sequence[Path], decode: DecodeConfig) -> list[CaptionOutcome]:
+def caption_files(
+    model_dir: Path,
+    image_paths: Sequence[Path],
+    decode: DecodeConfig,
+    backbone_weights: str | Path | None = None,
+) -> list[CaptionOutcome]:
     """Captions each image with the model in `model_dir`; one outcome per path, in input order.
 
-    Raises CaptionerError for a missing or broken model directory and for a model
-    trained on imported features. An image that cannot be read gets its reason in
-    `.error` and the others are still captioned.
+    backbone_weights: where the weights file (.h5 or .tflite) the model's features were
+    made with is on this machine, when not at its recorded path. Raises CaptionerError for
+    a missing or broken model directory, a model trained on imported features, and a
+    weights file missing or other than the recorded one (SHA-256). An image that cannot
+    be read gets its reason in `.error` and the others are still captioned.
     """
-    return Captioner(model_dir, decode).caption([Path(p) for p in image_paths])
+    return Captioner(model_dir, decode, backbone_weights).caption([Path(p) for p in image_paths])

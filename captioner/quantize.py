@@ -8,7 +8,9 @@ family's PREPROCESSED image quantized to uint8 (or int8): preprocessing stays ou
 the model, as in the shared MobileNetV2, so `captioner.tflite.TFLiteBackbone` runs it
 with the same `preprocess` as the float model (and, for [-1, 1] families such as
 MobileNetV2, feeds raw pixels, which its uint8 input quantization maps exactly).
-Config used: none yet (the calibration defaults are the constants below).
+Config used: the `quantize` section (backbone, layer, weights, images, output, the
+calibration and held-out counts, input_type, seed); `quantize_config_stage` runs it,
+building the backbone from the catalogue (`catalogue_target`).
 Cost: converting and calibrating a MobileNetV2 on 300 images takes on the order of a
 minute on a laptop CPU; the file is about a quarter of the float model's size.
 
@@ -32,15 +34,17 @@ from typing import Any
 import numpy as np
 
 from captioner.cache import atomic_write_bytes, file_sha256, output_lock
+from captioner.config import QuantizeConfig
 from captioner.errors import CaptionerError
 from captioner.images import ImageError, list_images, load_image
 from captioner.tflite import Preprocess, TFLiteBackbone, captured_output
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_COUNT = 300  # images the converter calibrates activation ranges on: "a few hundred" is the usual advice
-HELD_OUT_COUNT = 50  # images kept out of calibration to measure the int8 error; enough for a stable mean
-MIN_CALIBRATION_IMAGES = 100  # fewer calibrate ranges on too little variety: refuse rather than write a poor model
+_DEFAULTS = QuantizeConfig()  # the counts' defaults, documented once in the config
+CALIBRATION_COUNT = _DEFAULTS.calibration_images
+HELD_OUT_COUNT = _DEFAULTS.held_out_images
+MIN_CALIBRATION_IMAGES = _DEFAULTS.min_calibration_images
 INPUT_TYPES = ("uint8", "int8")
 
 
@@ -312,3 +316,40 @@ def quantize_stage(
     report.unreadable_images = len(failed)
     log.info("quantize: %s", report.summary())
     return report
+
+
+def catalogue_target(backbone: str, weights: str, layer: str = "") -> QuantizeTarget:
+    """The `build` of `quantize_stage` for a catalogue backbone: its Keras network in float32,
+    cut at `layer` ("" = the default feature layer), its preprocessing, input size and resize.
+
+    weights: "imagenet", "none" (random: tests) or a Keras weights file; CaptionerError for
+    an unknown backbone or layer, or a .tflite (already quantized).
+    """
+    from captioner import backbones
+
+    spec = backbones.get_backbone(backbone, layer)
+    if backbones.is_tflite(weights):
+        raise CaptionerError(f"--weights {weights}: quantize takes Keras weights (imagenet, none or a .h5 file)")
+    model = backbones.build_backbone(spec.name, layer, weights, "float32")
+    return QuantizeTarget(model, None, spec.preprocess, tuple(spec.input_size), spec.resample)
+
+
+def quantize_config_stage(config: Any) -> QuantizeReport:
+    """`captioner quantize`: `config.quantize` -> an int8 .tflite file; see `quantize_stage`."""
+    qc = config.quantize
+    from captioner import backbones
+
+    backbones.get_backbone(qc.backbone, qc.layer)  # before reading any image
+    weights = backbones.normalize_weights(qc.weights)
+    return quantize_stage(
+        qc.backbone,
+        weights,
+        qc.images,
+        qc.output,
+        build=lambda name, chosen: catalogue_target(name, chosen, qc.layer),
+        calibration_count=qc.calibration_images,
+        held_out_count=qc.held_out_images,
+        min_calibration_images=qc.min_calibration_images,
+        input_type=qc.input_type,
+        seed=qc.seed,
+    )

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner.backbones import preprocess_tf
 from captioner.cache import file_sha256
 from captioner.errors import CaptionerError
 
@@ -70,9 +71,13 @@ _MAX_LISTED_CANDIDATES = 12  # keeps the "no such tensor" error one readable lin
 _LITERT_CHATTER = re.compile(r"^(?:INFO: Created TensorFlow Lite .* delegate for CPU\.|\s*)$")
 
 
-def mobilenet_v2_preprocess(images: np.ndarray) -> np.ndarray:
-    """MobileNetV2's preprocessing ("tf" mode): uint8/float RGB [..., 3] -> float32 in [-1, 1], x / 127.5 - 1."""
-    return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+# MobileNetV2's preprocessing ("tf" mode, declared in the catalogue): uint8/float RGB [..., 3]
+# -> float32 in [-1, 1], x / 127.5 - 1. The default for a TFLite model of unknown family.
+mobilenet_v2_preprocess: Preprocess = preprocess_tf
+# How far a quantized input's range may be from the preprocessed pixels' range (either way)
+# before the model is taken for one of another family: calibration on real photos can leave
+# a range somewhat narrower than the full pixel range, never a hundred times off.
+_INPUT_RANGE_RATIO = 3.0
 
 
 @contextlib.contextmanager
@@ -289,6 +294,30 @@ class TFLiteBackbone:
         scale, zero_point = self.input_quantization  # type: ignore[misc]
         quantized = real / scale + zero_point
         return real.shape == pixels.shape and float(np.abs(quantized - pixels).max()) <= 0.5 + 1e-3
+
+    def input_range_mismatch(self) -> str | None:
+        """Why `preprocess` does not fit the quantized input (one phrase), or None when it does.
+
+        A quantized input covers a range of real values, (q - zero_point) * scale over its
+        dtype; `preprocess` maps pixels 0..255 to its own range. When the two widths differ
+        by more than _INPUT_RANGE_RATIO, the model was made for another preprocessing (caffe
+        values clipped to [-1, 1], or [-1, 1] values crushed into a few steps): the features
+        would be garbage. Float models cannot be checked this way (None).
+        """
+        if self.input_quantization is None:
+            return None
+        scale, zero_point = self.input_quantization
+        info = np.iinfo(self.input_dtype)
+        low, high = (info.min - zero_point) * scale, (info.max - zero_point) * scale
+        extremes = np.array([[[[0, 0, 0], [255, 255, 255], [0, 255, 0], [255, 0, 255]]]], np.float32)
+        real = np.asarray(self.preprocess(extremes), dtype=np.float64)
+        width, wanted = high - low, float(real.max() - real.min())
+        if wanted <= 0 or not 1 / _INPUT_RANGE_RATIO <= width / wanted <= _INPUT_RANGE_RATIO:
+            return (
+                f"its input quantization covers [{low:.3g}, {high:.3g}] but the preprocessed pixels span "
+                f"[{real.min():.3g}, {real.max():.3g}]"
+            )
+        return None
 
     # ----------------------------------------------------------------- provenance
 

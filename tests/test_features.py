@@ -113,8 +113,8 @@ def test_extract_writes_features_and_manifest_then_is_up_to_date(tmp_path, tiny)
     manifest = cache.read_manifest(output)
     assert manifest["stage"] == "features"
     assert manifest["params"] == {
-        "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest",
-        "precision": "float32", "shard": "",
+        "backbone": "vgg16", "layer": "fc2", "weights": "none", "weights_sha256": None, "input_size": [224, 224],
+        "resample": "nearest", "precision": "float32", "shard": "",
     }
     assert manifest["extra"]["failed"] == {} and manifest["extra"]["images"] == 12
     assert not parts_folder_for(output).exists()
@@ -295,7 +295,8 @@ def test_duplicate_ids_are_reported(tmp_path, tiny):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("backbone", "resnet50", r"unknown backbone 'resnet50' \(features.backbone: vgg16, vgg19\)"),
+        ("backbone", "resnet51", r"unknown backbone 'resnet51' \(features.backbone: vgg16, vgg19, resnet50, "
+         r"inception_v3, mobilenet_v2, efficientnet_b0\)"),
         ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1\)"),
         ("shard", "2/2", r"bad shard '2/2'"),
         ("shard", "one/two", r"bad shard 'one/two'"),
@@ -359,6 +360,7 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
     assert manifest["stage"] == "merge-features" and "shard" not in manifest["params"]
     assert feature_files.feature_provenance(merged) == {
         "backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32",
+        "weights_sha256": None, "input_size": [224, 224],
     }
     assert merge_feature_parts(parts, merged).up_to_date
 

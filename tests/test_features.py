@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -614,3 +615,168 @@ def test_non_finite_network_output_is_a_failed_image_not_a_poisoned_file(tmp_pat
     result = extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=poisoned)
     assert set(result.failed) == {"white.jpg"} and "non-finite" in result.failed["white.jpg"]
     assert sorted(load(output)) == [f"img{i:03d}" for i in range(4)]
+
+
+# --------------------------------------------------------------------------- a TFLite backbone
+
+
+def convert_tiny_tflite(folder: Path) -> dict[str, Path]:
+    """A tiny random classifier at 224x224 (strided conv, pool, softmax) as a full-int8 .tflite
+    with a uint8 input calibrated on MobileNetV2's [-1, 1] preprocessing (raw pixels go in, as
+    in the shared model), and a model whose input is a vector, not an image."""
+    import keras
+    import tensorflow as tf
+
+    from captioner.backbones import preprocess_tf
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(8, 8, strides=8, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
+
+    def representative():
+        for seed in range(4):
+            pixels = np.random.default_rng(seed).integers(0, 256, (1, 224, 224, 3)).astype(np.uint8)
+            pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255  # the whole pixel range: raw pixels map exactly
+            yield [preprocess_tf(pixels)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    paths = {"int8": folder / "tiny-int8.tflite", "not_image": folder / "vector.tflite"}
+    vector_input = keras.Input((10,))
+    vector_model = keras.Model(vector_input, keras.layers.Dense(4)(vector_input))
+    with warnings.catch_warnings():  # the converter's "Statistics for quantized inputs were expected": not ours to fix
+        warnings.simplefilter("ignore", UserWarning)
+        paths["int8"].write_bytes(converter.convert())
+        paths["not_image"].write_bytes(tf.lite.TFLiteConverter.from_keras_model(vector_model).convert())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tmp_path_factory) -> dict[str, Path]:
+    return convert_tiny_tflite(tmp_path_factory.mktemp("tflite"))
+
+
+def extract_cli(images: Path, output: Path, *extra: str) -> int:
+    return cli_main(["extract", "--images", str(images), "--output", str(output), *extra,
+                     "--features.batch_size=4", "--features.chunk_size=5", "--features.workers=2"])
+
+
+def test_extract_with_a_tflite_model_runs_the_stage_and_records_its_provenance(tmp_path, tiny_tflite, capsys):
+    from captioner.backbones import get_backbone
+    from captioner.images import load_image
+    from captioner.tflite import TFLiteBackbone
+
+    images = tmp_path / "images"
+    paths = make_images(images, 9)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "out.pkl"
+    model = tiny_tflite["int8"]
+    flags = ("--backbone", "mobilenet_v2", "--weights", str(model), "--features.max_failed_fraction=0.2")
+    assert extract_cli(images, output, *flags) == 0
+    assert "extracted 9 new, 0 reused, 1 failed" in capsys.readouterr().out
+    features = load(output)
+
+    # The features: the model's pooled tensor on the photos resized bilinearly (mobilenet_v2's
+    # resize), fed one by one to an interpreter of our own.
+    alone = TFLiteBackbone(model, threads=1)
+    assert alone.raw_pixels and alone.feature_shape == (8,)  # the pool feeding the classifier, found by default
+    expected = {p.stem: alone(load_image(p, size=(224, 224), resample="bilinear")[None])[0] for p in paths}
+    assert_same(features, expected)
+
+    manifest = cache.read_manifest(output)
+    assert manifest["params"] == {
+        "backbone": "mobilenet_v2", "layer": alone.feature_tensor, "weights": str(model),
+        "weights_sha256": cache.file_sha256(model), "input_size": [224, 224], "resample": "bilinear",
+        "precision": "int8", "shard": "",
+    }
+    assert manifest["extra"]["failed"].keys() == {"broken.jpg"}
+    assert feature_files.feature_provenance(output)["weights_sha256"] == cache.file_sha256(model)
+    assert get_backbone("mobilenet_v2").resample == "bilinear"
+    assert extract_cli(images, output, *flags) == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_a_tflite_extraction_resumes_and_shards_like_a_keras_one(tmp_path, tiny_tflite):
+    images = tmp_path / "images"
+    make_images(images, 12)
+    weights = str(tiny_tflite["int8"])
+    reference = extract_stage(make_config(images, tmp_path / "ref.pkl", backbone="mobilenet_v2", weights=weights))
+    expected = load(reference.output)
+
+    output = tmp_path / "out.pkl"
+
+    def crash(chunks_written):
+        if chunks_written == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        extract_stage(make_config(images, output, backbone="mobilenet_v2", weights=weights), after_chunk=crash)
+    result = extract_stage(make_config(images, output, backbone="mobilenet_v2", weights=weights))
+    assert (result.resumed, result.extracted) == (10, 2)
+    assert_same(load(output), expected)
+
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part-{i}.pkl")
+        extract_stage(make_config(images, parts[-1], backbone="mobilenet_v2", weights=weights, shard=f"{i}/2"))
+    assert_same(load(merge_feature_parts(parts, tmp_path / "merged.pkl").output), expected)
+
+
+def test_bad_tflite_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_tflite, capsys):
+    images = tmp_path / "images"
+    make_images(images, 2)
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"this is not a flatbuffer" * 10)
+    model = str(tiny_tflite["int8"])
+    cases = [
+        (["--backbone", "mobilenet_v2", "--weights", str(garbage)], "not a TFLite model"),
+        (["--backbone", "mobilenet_v2", "--weights", str(tiny_tflite["not_image"])], "not an image model"),
+        (["--backbone", "mobilenet_v2", "--weights", model, "--layer", "no/such"], "no tensor named 'no/such'; candidates: "),
+        (["--backbone", "mobilenet_v3", "--weights", model], "unknown backbone 'mobilenet_v3' (features.backbone: vgg16, "),
+        (["--backbone", "inception_v3", "--weights", model], "its input is 224x224 but inception_v3 takes 299x299"),
+        # Right size, wrong family: VGG's caffe pixels (about -124 to 152) in an input made for [-1, 1].
+        (["--backbone", "vgg16", "--weights", model], "input quantization covers"),
+    ]
+    for flags, expected in cases:
+        output = tmp_path / "out.pkl"
+        assert extract_cli(images, output, *flags) == 2, flags
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (flags, captured.err)
+        assert captured.out == ""
+        assert not output.exists() and not cache.manifest_path_for(output).exists()
+        assert not parts_folder_for(output).exists()
+    # The candidates named include the pooled tensor, one line however many tensors there are.
+    assert extract_cli(images, tmp_path / "o.pkl", "--backbone", "mobilenet_v2", "--weights", model, "--layer", "x") == 2
+    assert "pool" in capsys.readouterr().err
+
+
+SHARED = ROOT.parent / "shared"
+
+
+def test_the_shared_int8_mobilenet_v2_reproduces_the_shared_features_through_extract(tmp_path, capsys):
+    model = SHARED / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+    if not model.is_file() or not (SHARED / "flickr8k" / "images-224").is_dir():
+        pytest.skip("../shared is not present")
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = {}
+    for split in ("train", "dev"):
+        stored = np.load(SHARED / "flickr8k" / "features" / f"mobilenetv2-gap1280-{split}.npz")
+        for row in (0, len(stored["ids"]) // 2, len(stored["ids"]) - 1):  # three ids spread over each split
+            image_id = str(stored["ids"][row])
+            shutil.copy(SHARED / "flickr8k" / "images-224" / f"{image_id}.jpg", images)
+            expected[image_id] = stored["features"][row].astype(np.float32)
+    output = tmp_path / "mobilenet.pkl"
+    assert extract_cli(images, output, "--backbone", "mobilenet_v2", "--weights", str(model)) == 0, capsys.readouterr().err
+    features = load(output)
+    assert sorted(features) == sorted(expected)
+    step = 0.018954262137413025  # the pooled tensor's quantization scale (../shared/backbones/README.md)
+    for image_id, vector in expected.items():
+        assert features[image_id].shape == (1280,)
+        assert np.abs(features[image_id] - vector).max() <= step, image_id

@@ -19,7 +19,7 @@ from PIL import Image
 
 from model_dirs import KNOWN_CAPTIONS, KNOWN_PROVENANCE, make_known_model_dir, make_model_dir
 
-from captioner import backbones, feature_files
+from captioner import backbones, cache, feature_files
 from captioner.cli import caption_main
 from captioner.config import Config, DecodeConfig
 from captioner.errors import CaptionerError
@@ -344,3 +344,102 @@ def test_missing_provenance_fields_come_from_the_backbone_catalogue_and_the_feat
     spec, features = backbones.get_backbone("vgg16"), Config().features
     assert mean_pixel_net == [("vgg16", spec.default_layer, features.weights, features.precision)]
     assert captioner.resample == spec.resample
+
+
+# --------------------------------------------------------------------------- backbone weights files
+
+
+def convert_tiny_tflite(path: Path) -> Path:
+    """A tiny random classifier at 224x224 as a full-int8 .tflite (uint8 raw-pixel input, [-1, 1]
+    calibration, as the shared MobileNetV2): its pooled tensor is 8 wide."""
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    from captioner.backbones import preprocess_tf
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(8, 8, strides=8, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
+
+    def representative():
+        for seed in range(4):
+            pixels = np.random.default_rng(seed).integers(0, 256, (1, 224, 224, 3)).astype(np.uint8)
+            pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255
+            yield [preprocess_tf(pixels)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        path.write_bytes(converter.convert())
+    return path
+
+
+def test_caption_rebuilds_a_tflite_extractor_found_by_path_or_flag_and_refuses_another_file(
+    tmp_path, colour_images, capsys
+):
+    from captioner.features import extract_stage
+
+    model_file = convert_tiny_tflite(tmp_path / "backbones" / "tiny.tflite")
+    images = tmp_path / "photos"
+    images.mkdir()
+    for path in colour_images.values():
+        path.rename(images / path.name)
+    config = Config()
+    config.features.images, config.features.output = str(images), str(tmp_path / "features.pkl")
+    config.features.backbone, config.features.weights = "mobilenet_v2", str(model_file)
+    extract_stage(config)
+    provenance = feature_files.feature_provenance(config.features.output)
+    assert provenance["weights"] == str(model_file) and provenance["precision"] == "int8"
+    model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 8)
+
+    # The model sees at caption time exactly the features it was trained on.
+    captioner = Captioner(model_dir)
+    assert captioner.extractor.tflite is not None and captioner.image_size == (224, 224)
+    assert captioner.resample == "bilinear"
+    photos = sorted(images.iterdir())
+    stored = feature_files.load_features(config.features.output)
+    computed = captioner.extract(np.stack([captioner.load_image(p) for p in photos]))
+    np.testing.assert_array_equal(computed, np.stack([stored[p.stem] for p in photos]))
+    base = ["--model", str(model_dir), "--beam", "1", str(photos[0])]
+    capsys.readouterr()  # the converter's own lines
+    assert caption_main(base) == 0 and capsys.readouterr().out.count("\n") == 1
+
+    # Moved away: one line saying how to point at it; found with --backbone-weights.
+    moved = model_file.rename(tmp_path / "elsewhere.tflite")
+    assert caption_main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(model_file) in err and "--backbone-weights" in err
+    assert caption_main([*base, "--backbone-weights", str(moved)]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+
+    # Another file (one byte more): refused by its hash, in one line, before anything is captioned.
+    other = tmp_path / "other.tflite"
+    other.write_bytes(moved.read_bytes() + b"\0")
+    assert caption_main([*base, "--backbone-weights", str(other)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "\n" not in captured.err.strip()
+    assert "SHA-256 differs" in captured.err and str(other) in captured.err and "tiny.tflite" in captured.err
+
+
+def test_a_keras_weights_file_is_checked_by_its_hash_too(tmp_path, tiny_net, colour_images, capsys):
+    weights = tmp_path / "vgg16.weights.h5"
+    weights.write_bytes(b"the weights the features were made with")
+    provenance = dict(PROVENANCE, weights="/gone/vgg16.weights.h5", weights_sha256=cache.file_sha256(weights))
+    model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 16)
+    image = str(colour_images["red"])
+    other = tmp_path / "other.weights.h5"
+    other.write_bytes(b"other weights")
+    assert caption_main(["--model", str(model_dir), "--backbone-weights", str(other), image]) == 2
+    assert "SHA-256 differs" in capsys.readouterr().err and tiny_net == []  # refused before building
+    assert caption_main(["--model", str(model_dir), "--backbone-weights", str(weights), image]) == 0
+    assert tiny_net == [("vgg16", "fc2", str(weights), "float32")]

@@ -291,6 +291,11 @@ def quantize_stage(
     if held_out_count < 1:
         raise CaptionerError(f"held-out count {held_out_count}: at least 1 image is needed to measure the error")
     paths = list_images(images)
+    if len(paths) < min_calibration_images + 1:  # before building the network: seconds saved on a plain mistake
+        raise CaptionerError(
+            f"{images}: only {len(paths)} images; quantize needs at least {min_calibration_images + 1} readable ones: "
+            f"{min_calibration_images} to calibrate and one or more held out"
+        )
     random.Random(seed).shuffle(paths)  # a spread of the folder, not its first names in order
     with output_lock(output):
         target = build(backbone, weights)

@@ -119,3 +119,62 @@ def test_quantize_stage_writes_an_int8_extractor_close_to_float32(keras, tmp_pat
     expected = np.asarray(pool(mobilenet_v2_preprocess(pixels)))
     relative = np.linalg.norm(backbone(pixels) - expected, axis=1) / np.linalg.norm(expected, axis=1)
     assert relative.max() < 0.1
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_quantize_command_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    from captioner.cli import main
+
+    _write_images(tmp_path / "images", 3)
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"already a tflite")
+    output = tmp_path / "out.tflite"
+    base = ["quantize", "--images", str(tmp_path / "images"), "--weights", "none"]
+    cases = [
+        ([*base, "--backbone", "mobilenet_v3", "--output", str(output)],
+         "unknown backbone 'mobilenet_v3' (features.backbone: vgg16, vgg19, resnet50, inception_v3, mobilenet_v2, "
+         "efficientnet_b0)"),
+        ([*base, "--backbone", "mobilenet_v2", "--output", str(tmp_path / "out.h5")],
+         "quantize.output must be a .tflite file name"),
+        ([*base, "--backbone", "mobilenet_v2", "--layer", "fc2", "--output", str(output)],
+         "unknown layer 'fc2' of mobilenet_v2"),
+        ([*base, "--backbone", "mobilenet_v2", "--output", str(output)],
+         "only 3 images; quantize needs at least 101 readable ones"),
+        ([*base, "--backbone", "mobilenet_v2", "--output", str(output), "--quantize.calibration_images=50"],
+         "calibration count 50 is below the minimum of 100"),
+        (["quantize", "--images", str(tmp_path / "nowhere"), "--weights", "none", "--output", str(output)],
+         "image folder not found"),
+        (["quantize", "--images", str(tmp_path / "images"), "--weights", str(model), "--output", str(output),
+          "--quantize.min_calibration_images=2"], "quantize takes Keras weights"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, captured.err)
+        assert captured.out == "" and not output.exists()
+
+
+@pytest.mark.slow  # converts and calibrates a random MobileNetV2: tens of seconds
+def test_quantize_command_makes_a_mobilenet_v2_that_extract_runs(tmp_path, capsys):
+    from captioner import cache, feature_files
+    from captioner.cli import main
+
+    _write_images(tmp_path / "images", 14, seed=3, size=64)
+    output = tmp_path / "mobilenet_v2-int8.tflite"
+    argv = ["quantize", "--backbone", "mobilenet_v2", "--weights", "none", "--images", str(tmp_path / "images"),
+            "--output", str(output), "--quantize.calibration_images=10", "--quantize.held_out_images=4",
+            "--quantize.min_calibration_images=8"]
+    assert main(argv) == 0
+    report = capsys.readouterr().out.strip().splitlines()[-1]
+    assert report.startswith(f"wrote {output}") and "1280 features" in report and "4 held-out images" in report
+    assert "cosine mean" in report and "relative error mean" in report
+
+    features = tmp_path / "features.pkl"
+    assert main(["extract", "--images", str(tmp_path / "images"), "--output", str(features),
+                 "--backbone", "mobilenet_v2", "--weights", str(output)]) == 0
+    loaded = feature_files.load_features(features)
+    assert len(loaded) == 14 and all(v.shape == (1280,) for v in loaded.values())
+    assert feature_files.feature_provenance(features)["weights_sha256"] == cache.file_sha256(output)

@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _split_overrides(extra)
         config = resolve_config(args.command, args, overrides)
         force = getattr(args, "force", False)
-        if args.command in KERAS_COMMANDS:
+        tflite_extract = args.command == "extract" and config.features.weights.strip().lower().endswith(".tflite")
+        if args.command in KERAS_COMMANDS and not tflite_extract:  # a .tflite runs in LiteRT, without TensorFlow
             runtime.import_keras()  # before the stage imports it: the backend's start-up chatter stays off stderr
 
         if args.command == "demo-data":

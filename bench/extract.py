@@ -1,24 +1,33 @@
 #!/usr/bin/env python3
-"""Benchmark: feature extraction images/s, the course's way against captioner's pipeline.
+"""Benchmark: feature extraction images/s, one table, one run, the same images for every row.
 
-Measured side by side in one run, on the same images, machine and weights, for each
-precision asked for (float32, mixed_bfloat16):
+Rows (each can be picked with --rows, by its key):
 
-- course: one image at a time, as the course does it: `load_img(target_size=(224, 224))`
-  -> `img_to_array` -> reshape (1, 224, 224, 3) -> `preprocess_input` -> `model.predict(verbose=0)`.
-- pipeline: `captioner.backbones.extract_features`: decoding/resizing in a thread pool
-  while the network runs on fixed-size batches (what `captioner extract` runs).
-- network alone: the same compiled network on batches of already-preprocessed
-  arrays: the ceiling the pipeline can reach on this machine.
+- course:         VGG16 fc2 the course's way, one image at a time: `load_img(target_size=(224, 224))`
+                  -> `img_to_array` -> reshape (1, 224, 224, 3) -> `preprocess_input` -> `model.predict`.
+- vgg16:          our pipeline (`captioner.backbones.extract_features`: decoding and resizing in a
+                  thread pool while the network runs on fixed-size batches), VGG16 fc2, float32.
+- vgg16-bf16:     the same under mixed_bfloat16.
+- vgg16-net:      the VGG16 network alone on batches of already-preprocessed arrays (the ceiling).
+- mobilenet:      our pipeline, Keras MobileNetV2 (pooled, 1280) in float32.
+- mobilenet-int8: our pipeline, the int8 MobileNetV2 .tflite (--tflite; LiteRT, one interpreter per core).
+- tflite-net:     that .tflite's interpreters alone on already-decoded 224x224 uint8 images.
+- efficientnet:   our pipeline, Keras EfficientNetB0 (pooled, 1280) in float32.
 
-Usage (from the repository root):
+Keras networks get random weights (`--weights none`; speed does not depend on them). Each
+row reports images/s, its speed-up over the course's loop, and the projected time to
+extract all 8,091 Flickr8k images at that rate.
 
-    python bench/extract.py [--images DIR] [--count N] [--batch-size B] [--weights none]
-                            [--precisions float32,mixed_bfloat16] [--course-count N]
+Usage (from the repository root; the README has the table of a full run):
 
---images defaults to ../shared/flickr8k/images when present, else N random 500x375
-JPEGs generated in a temporary folder. Prints a markdown table. Cost: VGG16 is about
-15.5 GFLOPs per image; the README has this script's table for the development machine.
+    python bench/extract.py [--images DIR] [--count N] [--course-count N] [--batch-size B]
+                            [--tflite FILE] [--rows course,vgg16,...]
+
+--images defaults to ../shared/flickr8k/images (60 original-resolution photos) when present,
+else N random 500x375 JPEGs generated in a temporary folder; images are repeated to make
+--count. A smoke run: `--count 4 --course-count 2 --rows course,mobilenet-int8,tflite-net`.
+Cost: VGG16 is about 15.5 GFLOPs per image, so on 2 CPU cores the VGG rows dominate
+(minutes for 60 images each); the MobileNetV2 rows take seconds.
 """
 
 from __future__ import annotations
@@ -29,15 +38,28 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED_IMAGES = ROOT.parent / "shared" / "flickr8k" / "images"
+SHARED = ROOT.parent / "shared"
+SHARED_IMAGES = SHARED / "flickr8k" / "images"
+SHARED_TFLITE = SHARED / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+FLICKR8K_IMAGES = 8091  # images in Flickr8k (the token file's 8,092 keys, one without an image)
 
-from captioner.backbones import BACKBONES  # noqa: E402 (after the path above; imports no TensorFlow)
+ROWS = {  # key -> what the table calls it
+    "course": "VGG16 fc2, the course's loop (1 image per predict)",
+    "vgg16": "VGG16 fc2 float32, our pipeline",
+    "vgg16-bf16": "VGG16 fc2 mixed_bfloat16, our pipeline",
+    "vgg16-net": "VGG16 fc2 float32, network alone",
+    "mobilenet": "MobileNetV2 pooled float32 (Keras), our pipeline",
+    "mobilenet-int8": "MobileNetV2 pooled int8 (TFLite), our pipeline",
+    "tflite-net": "MobileNetV2 pooled int8 (TFLite), interpreter alone",
+    "efficientnet": "EfficientNetB0 pooled float32 (Keras), our pipeline",
+}
 
 
 def _generated_images(folder: Path, count: int) -> list[Path]:
@@ -54,6 +76,13 @@ def _generated_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def _timed(run: Callable[[], int]) -> float:
+    """images/s of `run` (which returns how many images it did)."""
+    start = time.perf_counter()
+    done = run()
+    return done / (time.perf_counter() - start)
+
+
 def _course_rate(model, paths: list[Path]) -> float:
     import keras
     from keras.applications.vgg16 import preprocess_input
@@ -65,10 +94,13 @@ def _course_rate(model, paths: list[Path]) -> float:
         return model.predict(preprocess_input(array), verbose=0)
 
     one(paths[0])  # warm-up: builds predict's function
-    start = time.perf_counter()
-    for path in paths:
-        one(path)
-    return len(paths) / (time.perf_counter() - start)
+
+    def run() -> int:
+        for path in paths:
+            one(path)
+        return len(paths)
+
+    return _timed(run)
 
 
 def _network_rate(predict, paths: list[Path], batch_size: int, backbone: str) -> float:
@@ -80,39 +112,72 @@ def _network_rate(predict, paths: list[Path], batch_size: int, backbone: str) ->
     batch[: len(arrays)] = np.stack(arrays)
     predict(batch)  # warm-up: traces the function
     calls = max(1, math.ceil(len(paths) / batch_size))
-    start = time.perf_counter()
-    for _ in range(calls):
-        predict(batch)
-    return calls * batch_size / (time.perf_counter() - start)
+
+    def run() -> int:
+        for _ in range(calls):
+            predict(batch)
+        return calls * batch_size
+
+    return _timed(run)
 
 
-def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, backbone: str) -> float:
+def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, backbone: str, pixels: bool) -> float:
     from captioner.backbones import extract_features
 
-    start = time.perf_counter()
-    done = sum(1 for _, vector, _ in extract_features(
-        predict, paths, batch_size=batch_size, workers=workers, backbone=backbone, progress=False
-    ) if vector is not None)
-    return done / (time.perf_counter() - start)
+    def run(chosen: list[Path]) -> int:
+        return sum(1 for _, vector, _ in extract_features(
+            predict, chosen, batch_size=batch_size, workers=workers, backbone=backbone, progress=False, pixels=pixels
+        ) if vector is not None)
+
+    run(paths[: min(len(paths), batch_size)])  # warm-up: traces the function, starts the interpreters
+    return _timed(lambda: run(paths))
+
+
+def _interpreter_rate(tflite, paths: list[Path]) -> float:
+    from captioner.images import load_image
+
+    pixels = np.stack([load_image(p, size=tflite.input_size, resample="bilinear") for p in paths])
+    tflite(pixels[:2])  # warm-up: both interpreters made
+
+    def run() -> int:
+        tflite(pixels)
+        return len(pixels)
+
+    return _timed(run)
+
+
+def _keras_rate(backbone: str, precision: str, args, paths: list[Path], reference: dict) -> float:
+    from captioner.backbones import build_backbone, make_predict_fn
+
+    model = build_backbone(backbone, "", args.weights, precision)
+    if args.weights == "none" and backbone in reference:
+        model.set_weights(reference[backbone].get_weights())  # the same network under another precision
+    reference.setdefault(backbone, model)
+    return _pipeline_rate(make_predict_fn(model), paths, args.batch_size, args.workers, backbone, pixels=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, help="image folder (default: ../shared/flickr8k/images or generated)")
-    parser.add_argument("--count", type=int, default=64, help="images for the pipeline and network runs")
-    parser.add_argument("--course-count", type=int, default=0, help="images for the course's loop (0 = --count)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = one per core)")
-    parser.add_argument("--weights", default="none", help="none | imagenet | PATH (speed does not depend on it)")
-    parser.add_argument("--backbone", default="vgg16", choices=BACKBONES)
-    parser.add_argument("--precisions", default="float32,mixed_bfloat16")
+    parser.add_argument("--count", type=int, default=60, help="images for every row but the course's")
+    parser.add_argument("--course-count", type=int, default=20, help="images for the course's loop (slow)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per Keras network call")
+    parser.add_argument("--workers", type=int, default=0, help="decoding threads and interpreters (0 = one per core)")
+    parser.add_argument("--weights", default="none", help="Keras weights: none | imagenet (speed does not depend on them)")
+    parser.add_argument("--tflite", type=Path, default=SHARED_TFLITE, help="the int8 MobileNetV2 .tflite")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"which rows, in order: {', '.join(ROWS)}")
     args = parser.parse_args(argv)
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    if any(row in ("mobilenet-int8", "tflite-net") for row in rows) and not args.tflite.is_file():
+        parser.error(f"--tflite {args.tflite} not found (the int8 rows need it)")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    from captioner.backbones import build_backbone, make_predict_fn
     from captioner.images import list_images
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,29 +189,50 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{args.count} generated random 500x375 JPEGs"
         else:
             available = list_images(folder)
-            source = f"{folder}"
+            source = f"{len(available)} images in {folder}"
         paths = [available[i % len(available)] for i in range(args.count)]  # repeat when the folder is small
         course_paths = paths[: args.course_count or args.count]
 
-        print(f"# Feature extraction: {args.backbone} fc2, {args.count} images from {source}")
-        print(f"# batch size {args.batch_size}, {os.cpu_count()} CPU cores, course loop on {len(course_paths)} images")
+        print(f"# Feature extraction on {source}: {args.count} images per row ({len(course_paths)} for the "
+              f"course's loop), Keras batch {args.batch_size}, {os.cpu_count()} CPU cores")
         print()
-        print("| precision | course (1 image per predict) | pipeline | network alone | pipeline / course "
-              "| pipeline / network |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        reference = None
-        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-            model = build_backbone(args.backbone, "fc2", args.weights, precision)
-            if reference is None:
-                reference = model
-            elif args.weights == "none":
-                model.set_weights(reference.get_weights())
-            predict = make_predict_fn(model)
-            course = _course_rate(model, course_paths)
-            network = _network_rate(predict, paths, args.batch_size, args.backbone)
-            pipeline = _pipeline_rate(predict, paths, args.batch_size, args.workers, args.backbone)
-            print(f"| {precision} | {course:.2f} img/s | {pipeline:.2f} img/s | {network:.2f} img/s "
-                  f"| {pipeline / course:.2f}x | {pipeline / network:.0%} |", flush=True)
+        print(f"| backbone and path | images/s | vs the course's loop | all {FLICKR8K_IMAGES:,} Flickr8k images |")
+        print("| --- | ---: | ---: | ---: |")
+        reference: dict = {}
+        course = None
+        tflite = None
+        for row in rows:
+            if row == "course":
+                from captioner.backbones import build_backbone
+
+                reference.setdefault("vgg16", build_backbone("vgg16", "", args.weights, "float32"))
+                rate = _course_rate(reference["vgg16"], course_paths)
+                course = rate
+            elif row in ("vgg16", "vgg16-bf16"):
+                rate = _keras_rate("vgg16", "mixed_bfloat16" if row == "vgg16-bf16" else "float32", args, paths, reference)
+            elif row == "vgg16-net":
+                from captioner.backbones import build_backbone, make_predict_fn
+
+                reference.setdefault("vgg16", build_backbone("vgg16", "", args.weights, "float32"))
+                rate = _network_rate(make_predict_fn(reference["vgg16"]), paths, args.batch_size, "vgg16")
+            elif row == "mobilenet":
+                rate = _keras_rate("mobilenet_v2", "float32", args, paths, reference)
+            elif row == "efficientnet":
+                rate = _keras_rate("efficientnet_b0", "float32", args, paths, reference)
+            else:
+                from captioner.backbones import get_backbone, open_tflite
+
+                if tflite is None:
+                    tflite = open_tflite(get_backbone("mobilenet_v2"), args.tflite, threads=args.workers)
+                if row == "mobilenet-int8":
+                    rate = _pipeline_rate(tflite, paths, args.batch_size, args.workers, "mobilenet_v2", pixels=True)
+                else:
+                    rate = _interpreter_rate(tflite, paths)
+            versus = f"{rate / course:.1f}x" if course else "-"
+            minutes = FLICKR8K_IMAGES / rate / 60
+            print(f"| {ROWS[row]} | {rate:.2f} | {versus} | {minutes:.1f} min |", flush=True)
+        if tflite is not None:
+            tflite.close()
     return 0
 
 

@@ -188,3 +188,15 @@ def test_shared_mobilenet_v2_reproduces_the_shared_features():
         features = backbone(pixels)
         expected = stored["features"][rows].astype(np.float32)
         assert np.abs(features - expected).max() <= step
+
+
+def test_an_input_quantization_made_for_another_preprocessing_is_named(tiny):
+    from captioner.images import preprocess_caffe
+
+    paths = tiny[0]
+    # Calibrated on [-1, 1]: MobileNetV2's preprocessing fits, VGG's caffe values (about -124..152) do not.
+    for kind in ("uint8", "int8"):
+        assert TFLiteBackbone(paths[kind], threads=1).input_range_mismatch() is None
+        message = TFLiteBackbone(paths[kind], threads=1, preprocess=preprocess_caffe).input_range_mismatch()
+        assert message is not None and "input quantization covers [-0.9" in message and "span [-124, 151]" in message
+    assert TFLiteBackbone(paths["float"], threads=1, preprocess=preprocess_caffe).input_range_mismatch() is None

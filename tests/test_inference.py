@@ -209,7 +209,7 @@ def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path
     keras.utils.set_random_seed(1)
     extract_stage(config)
     provenance = feature_files.feature_provenance(config.features.output)
-    assert provenance == PROVENANCE
+    assert provenance == dict(PROVENANCE, weights_sha256=None, input_size=[224, 224])
     stored = feature_files.load_features(config.features.output)
 
     model_dir = make_model_dir(tmp_path / "m", CAPTIONS, provenance, 4096)

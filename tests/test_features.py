@@ -312,6 +312,19 @@ def test_bad_options_are_one_line_errors(tmp_path, field, value, message):
         extract_stage(make_config(images, tmp_path / "out.pkl", **{field: value}))
 
 
+def test_an_empty_layer_and_resample_mean_the_backbones_own(tmp_path, tiny):
+    images = tmp_path / "images"
+    make_images(images, 2)
+    config = make_config(images, tmp_path / "out.pkl", backbone="mobilenet_v2")
+    assert (config.features.layer, config.features.resample) == ("", "")  # the defaults
+    extract_stage(config, model_factory=tiny)
+    params = cache.read_manifest(tmp_path / "out.pkl")["params"]
+    assert (params["layer"], params["resample"], params["input_size"]) == ("global_average_pooling2d", "bilinear", [224, 224])
+    extract_stage(make_config(images, tmp_path / "vgg.pkl"), model_factory=tiny)  # vgg16: fc2 and nearest, as before
+    params = cache.read_manifest(tmp_path / "vgg.pkl")["params"]
+    assert (params["backbone"], params["layer"], params["resample"]) == ("vgg16", "fc2", "nearest")
+
+
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(CaptionerError, match="image folder not found: .*nowhere"):
         extract_stage(make_config(tmp_path / "nowhere", tmp_path / "out.pkl"))

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--course-count", type=int, default=20, help="images for the course's loop (slow)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per Keras network call")
     parser.add_argument("--workers", type=int, default=0, help="decoding threads and interpreters (0 = one per core)")
-    parser.add_argument("--weights", default="none", help="Keras weights: none | imagenet (speed does not depend on them)")
+    parser.add_argument("--weights", default="none", help="Keras weights: none | imagenet (speed is the same)")
     parser.add_argument("--tflite", type=Path, default=SHARED_TFLITE, help="the int8 MobileNetV2 .tflite")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"which rows, in order: {', '.join(ROWS)}")
     args = parser.parse_args(argv)
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate = _course_rate(reference["vgg16"], course_paths)
                 course = rate
             elif row in ("vgg16", "vgg16-bf16"):
-                rate = _keras_rate("vgg16", "mixed_bfloat16" if row == "vgg16-bf16" else "float32", args, paths, reference)
+                precision = "mixed_bfloat16" if row == "vgg16-bf16" else "float32"
+                rate = _keras_rate("vgg16", precision, args, paths, reference)
             elif row == "vgg16-net":
                 from captioner.backbones import build_backbone, make_predict_fn
 

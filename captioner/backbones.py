@@ -76,7 +76,7 @@ PREFETCH_BATCHES = 2  # batches decoded ahead of the network: enough to hide dec
 
 
 def preprocess_tf(images: np.ndarray) -> np.ndarray:
-    """"tf" preprocessing (MobileNetV2, InceptionV3): uint8/float RGB [..., 3] -> new float32 in [-1, 1], x / 127.5 - 1."""
+    """"tf" preprocessing (MobileNetV2, InceptionV3): uint8/float RGB [..., 3] -> new float32, x / 127.5 - 1."""
     return np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
@@ -458,7 +458,7 @@ def build_extractor(
                 f"({Path(recorded).name}, {expected[:12]}...); captions would be meaningless"
             )
     elif weights_file:
-        log.warning("--backbone-weights %s ignored: the model's features were made with weights %s", weights_file, weights)
+        log.warning("--backbone-weights %s ignored: the features were made with weights %s", weights_file, weights)
     weights = normalize_weights(weights)
     if is_tflite(weights):
         tflite = open_tflite(spec, weights, str(provenance.get("layer") or ""))

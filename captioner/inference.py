@@ -253,7 +253,8 @@ class Captioner:
                 "compute from a photo; retrain on features from `captioner extract` to caption new images"
             )
         spec = backbones.get_backbone(str(provenance["backbone"]))
-        resample_filter(str(provenance.get("resample") or spec.resample))  # the model's fault, not an image's: refuse now
+        # An unknown filter is the model's fault, not an image's: refuse it now.
+        resample_filter(str(provenance.get("resample") or spec.resample))
         if str(provenance.get("weights") or _FEATURES_DEFAULTS.weights).lower() == "none":
             log.info(
                 "%s was trained on features of a randomly initialised %s (weights none): a demo model, "

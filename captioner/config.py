@@ -131,6 +131,35 @@ class TrainConfig:
     val_split: str = "dev"
 
 
+# SCST baselines: what a sampled caption's reward is compared with.
+FINETUNE_BASELINES = ("mean", "greedy")
+
+
+@dataclass
+class FinetuneConfig:
+    """`captioner finetune`: self-critical sequence training (SCST, Rennie et al. 2017) on CIDEr-D.
+
+    Starts from a cross-entropy model directory and writes a new one of the same shape.
+    Sampled and greedy captions obey decode.max_generated_words and decode.allow_unk; the
+    best epoch is chosen by dev CIDEr-D decoded with the decode section (beam 3 by default).
+    """
+
+    model: str = "models/flickr8k"  # the cross-entropy model directory to start from (`captioner train`'s output); never written
+    features: list[str] = field(default_factory=lambda: ["data/features/vgg16-fc2.pkl"])  # the features that model was trained on
+    captions: str = "data/captions"  # the `prepare` folder: train references give the rewards and CIDEr-D's document frequencies; dev picks the epoch
+    output: str = "models/flickr8k-scst"  # a new model directory (model.keras, tokenizer.json, config.json, history.csv)
+    epochs: int = 20  # an upper bound: early stopping usually ends sooner
+    batch_size: int = 16  # images per step; each gives samples_per_image sampled captions (16 x 5 = 80 sequences)
+    samples_per_image: int = 5  # captions sampled per image and step; the "mean" baseline needs at least 2 (5 as in Luo's "new self-critical" recipe)
+    baseline: str = "mean"  # FINETUNE_BASELINES: mean (of the same image's other samples: no extra decoding) | greedy (the greedy caption's reward, Rennie et al.)
+    learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
+    clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off
+    patience: int = 3  # epochs without a better dev CIDEr-D before stopping; 0 turns early stopping off
+    seed: int = 0  # image order and sampling: the same seed samples the same captions, so a resumed run is exact
+    train_split: str = "train"  # the images fine-tuned on, and the document frequencies of the reward
+    val_split: str = "dev"  # the split whose CIDEr-D picks the best epoch
+
+
 @dataclass
 class DecodeConfig:
     """Caption generation, shared by `caption` and `captioner evaluate`."""
@@ -181,6 +210,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -266,6 +296,20 @@ CHECKS: dict[str, Check] = {
     "train.strategy": _one_of(*STRATEGIES),
     "train.train_split": _not_empty,
     "train.val_split": _not_empty,
+    "finetune.model": _not_empty,
+    "finetune.features": _paths,
+    "finetune.captions": _not_empty,
+    "finetune.output": _not_empty,
+    "finetune.epochs": _at_least(1),
+    "finetune.batch_size": _at_least(1),
+    "finetune.samples_per_image": _at_least(1),  # the "mean" baseline's need of 2 is checked with the baseline (finetune.py)
+    "finetune.baseline": _one_of(*FINETUNE_BASELINES),
+    "finetune.learning_rate": _positive,
+    "finetune.clipnorm": _at_least(0),  # 0 turns clipping off
+    "finetune.patience": _at_least(0),  # 0 turns early stopping off
+    "finetune.seed": _at_least(0),
+    "finetune.train_split": _not_empty,
+    "finetune.val_split": _not_empty,
     "decode.beam_size": _at_least(1),
     "decode.max_generated_words": _at_least(1),
     "decode.length_normalization": _at_least(0),

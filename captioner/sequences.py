@@ -332,6 +332,14 @@ class TeacherForcingBatches(keras.utils.PyDataset):
             permutation, self.lengths, self.batch_size, self.bucket_window, np.random.default_rng([self.seed, epoch, 1])
         )
 
+    def batch_targets(self, epoch: int) -> np.ndarray:
+        """int64 [num_batches]: the target words (n + 1 per caption) of each batch of epoch `epoch`,
+        in the order the epoch visits them (what a progress bar counts as words)."""
+        order = self.order(epoch)
+        per_caption = self.lengths[order] + 1
+        starts = np.arange(0, len(order), self.batch_size)
+        return np.add.reduceat(per_caption, starts).astype(np.int64)
+
     def batch(
         self, index: int, epoch: int, order: np.ndarray | None = None
     ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:

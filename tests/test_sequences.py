@@ -163,6 +163,16 @@ def test_length_bucketing_keeps_batches_random_but_cuts_padding():
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # batches shuffled, not a sort
 
 
+def test_batch_targets_count_the_weighted_positions_of_every_batch():
+    rng = np.random.default_rng(2)
+    caption_set = make_set(rng.integers(1, 12, size=70).tolist())
+    data = TeacherForcingBatches(caption_set, make_features(), batch_size=16, seed=4)
+    for epoch in (0, 3):
+        targets = data.batch_targets(epoch)
+        real = [int((data.batch(i, epoch)[2] > 0).sum()) for i in range(len(data))]  # 5 batches, the last of 6
+        assert targets.tolist() == real and int(targets.sum()) == data.num_targets
+
+
 def test_features_are_looked_up_per_caption_not_copied_per_word():
     features = make_features(images=4, dim=6)
     table = FeatureTable.from_dict(features)

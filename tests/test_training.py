@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_stage
 from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINED_FILES
 from captioner.tokenizer import Tokenizer
-from captioner.training import TrainResult, train_stage
+from captioner.training import ProgressBar, TrainResult, progress_stream, train_stage
 
 WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 
@@ -167,14 +168,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     # lr_decay on: the schedule follows the optimizer's step counter, which a resume must restore.
     straight = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
     straight.train.output = str(root / "straight")
-    result = train_stage(straight)
+    progress = io.StringIO()
+    result = train_stage(straight, progress=progress)
     crashed = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
     crashed.train.output = str(root / "crashed")
     with pytest.raises(Crash):
         train_stage(crashed, callbacks=[CrashInEpoch(crash_at=3)])
     shutil.copytree(root / "crashed", root / "crashed-snapshot")
     return {"root": root, "features": features, "captions": captions, "straight": straight, "result": result,
-            "crashed": crashed}
+            "crashed": crashed, "progress": progress.getvalue()}
 
 
 def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: dict) -> None:
@@ -213,6 +215,39 @@ def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: di
     assert again.up_to_date and again.epochs_run == 0 and again.best_epoch == result.best_epoch
     assert "up to date" in again.summary()
     assert (output / "model.keras").stat().st_mtime_ns == before
+
+
+def test_a_progress_bar_shows_batches_loss_and_words_per_second_while_each_epoch_runs(runs: dict) -> None:
+    drawn = runs["progress"]
+    # Every epoch draws its line and ends on its last batch (64 train captions in batches of 8),
+    # then clears it: the epoch's log line starts on a clean line.
+    for epoch in range(1, 5):
+        last = [line for line in drawn.split("\r") if line.startswith(f"epoch {epoch}/4  ")][-1]
+        assert "[####################]  8/8 batches  loss " in last and " words/s" in last, last
+        assert "ETA" not in last  # the epoch is over
+    assert drawn.endswith("\r") and drawn.rsplit("\r", 2)[-2].strip() == ""
+
+
+def test_the_progress_bar_line_is_computed_from_batches_done_and_their_words() -> None:
+    bar = ProgressBar(io.StringIO())
+    bar.start("epoch 2/5", [10, 20, 30, 40])  # 100 target words in 4 batches
+    # 2 batches = 30 words in 2 s: 15 words/s; 70 words left: 4.7 s.
+    assert bar.line(2, 3.14159, 2.0) == "epoch 2/5  [##########..........]  2/4 batches  loss 3.1416  15 words/s  ETA 0:04"
+    assert bar.line(0, None, 0.0) == "epoch 2/5  [....................]  0/4 batches"
+
+
+def test_the_progress_bar_goes_to_stderr_only_when_it_is_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert progress_stream(None) is terminal and progress_stream(False) is None
+    monkeypatch.setattr("sys.stderr", pipe)  # a log file, a pipe, CI: no bar by default
+    assert progress_stream(None) is None and progress_stream(True) is pipe
+    own = io.StringIO()
+    assert progress_stream(own) is own
 
 
 def test_learning_rate_decays_every_epoch(runs: dict) -> None:

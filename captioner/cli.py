@@ -46,6 +46,12 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
     },
     "prepare": {"captions": "text.captions", "splits": "text.splits", "output": "text.output"},
     "train": {"features": "train.features", "captions": "train.captions", "output": "train.output"},
+    "finetune": {
+        "model": "finetune.model",
+        "features": "finetune.features",
+        "captions": "finetune.captions",
+        "output": "finetune.output",
+    },
     "evaluate": {
         "model": "eval.model",
         "features": "eval.features",
@@ -61,7 +67,7 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
 
 
 # Subcommands that run a Keras model (the others never import the backend).
-KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "evaluate", "serve"})
+KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "finetune", "evaluate", "serve"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,8 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
     sub.add_argument("--force", action="store_true", help="start over even if up to date or resumable")
 
+    sub = commands.add_parser("finetune", help="self-critical training (SCST) on CIDEr-D: model -> new model directory")
+    sub.add_argument("--model", metavar="MODEL_DIR", help="the cross-entropy model to start from (never written)")
+    sub.add_argument("--features", nargs="+", metavar="FILE")
+    sub.add_argument("--captions", metavar="DIR")
+    sub.add_argument("--output", metavar="NEW_DIR")
+    sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    sub.add_argument("--force", action="store_true", help="start over even if up to date or resumable")
+
     sub = commands.add_parser("evaluate", help="stage 4: caption a split, BLEU/CIDEr, HTML report")
-    sub.add_argument("--model", metavar="MODEL_DIR")
+    sub.add_argument("--model", metavar="MODEL_DIR", action="append",
+                     help="repeat for an ensemble (--model A --model B: decoded together; needs --output)")
     sub.add_argument("--features", nargs="+", metavar="FILE")
     sub.add_argument("--captions", metavar="DIR")
     sub.add_argument("--split", metavar="dev|test")
@@ -154,13 +169,26 @@ def build_caption_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(command: str, args: argparse.Namespace, overrides: Sequence[str]) -> config_lib.Config:
-    """Defaults, then --config, then the flags, then dotted overrides."""
+    """Defaults, then --config, then the flags, then dotted overrides.
+
+    A repeatable --model (an ensemble) sets eval.model to its first value; `ensemble_members`
+    gives them all.
+    """
     config = config_lib.load_file(args.config) if args.config else config_lib.Config()
     for flag, key in FLAG_FIELDS.get(command, {}).items():
         value = getattr(args, flag, None)
+        if flag == "model" and isinstance(value, list):
+            value = value[0]
         if value is not None:
             config_lib.set_value(config, key, value)
     return config_lib.validate(config_lib.apply_overrides(config, list(overrides)))
+
+
+def ensemble_members(args: argparse.Namespace, config: config_lib.Config) -> list[str]:
+    """The model directories of a repeatable --model: eval.model (the first), then the other flags' values."""
+    values = getattr(args, "model", None)
+    extra = values[1:] if isinstance(values, list) else []
+    return [config.eval.model, *extra]
 
 
 def _split_overrides(extra: Sequence[str]) -> list[str]:
@@ -244,10 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from captioner.training import train_stage
 
             return _print_summary(train_stage(config, force=force, resume=args.resume))
+        if args.command == "finetune":
+            from captioner.finetune import finetune_stage
+
+            return _print_summary(finetune_stage(config, force=force, resume=args.resume))
         if args.command == "evaluate":
             from captioner.evaluation import evaluate_stage
 
-            return _print_summary(evaluate_stage(config, force=force))
+            return _print_summary(evaluate_stage(config, force=force, models=ensemble_members(args, config)))
         if args.command == "serve":
             from captioner.serve import serve
 

@@ -1,13 +1,16 @@
 """Stage 4: caption every image of a split and score the captions against all references.
 
-Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json),
+Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json), or
+several (an ensemble, `evaluate --model A --model B ...`: decoded together by
+`captioner.ensemble`, the log of the members' mean probability in one beam search),
 the prepared split `<eval.captions>/<eval.split>.json` ({image id: [reference
 caption, ...]}), and image features (`eval.features`: .pkl/.npz files, dict id ->
 float32 [D], D the model's feature width). Thumbnails come from `eval.images`, or
 when that is empty from the image folder recorded in the features manifest; with no
 folder known (imported `.npz` features) the report shows placeholders.
 
-Writes, into `eval.output` (default: the model directory), together (`cache.write_together`:
+Writes, into `eval.output` (default: the model directory; an ensemble needs one, so that
+no member's own report is replaced), together (`cache.write_together`:
 both or neither; a failed write is one CaptionerError line naming the file and the cause,
 and the previous report stays as it was), names from `captioner.layout.eval_report_files`:
 - `eval-<split>.json`: corpus metrics (BLEU-1..4 with uniform weights and CIDEr-D,
@@ -18,7 +21,8 @@ and the previous report stays as it was), names from `captioner.layout.eval_repo
   URIs, no external assets): the metric table, the best and worst 10 images by
   CIDEr-D, and every image (thumbnails for the first 500).
 - `eval-<split>.json.manifest.json`: the stage manifest, written last. The same model
-  files, split file, features files and decode settings do not rerun; `--force` does.
+  files (every member's, for an ensemble), split file, features files and decode settings
+  do not rerun; `--force` does.
 
 The run holds `cache.output_lock` on `eval-<split>.json`, so a second evaluation of the
 same split into the same folder refuses in one line. An image whose feature vector holds
@@ -53,8 +57,8 @@ from captioner.errors import CaptionerError
 log = logging.getLogger(__name__)
 
 # Bump when the report's content changes, so cached reports are rebuilt. 2: decode.max_generated_words
-# (was max_caption_length), counts.bad_features and bad_features.
-REPORT_VERSION = 2
+# (was max_caption_length), counts.bad_features and bad_features. 3: "models" (every ensemble member).
+REPORT_VERSION = 3
 THUMBNAIL_SIZE = 160  # pixels on the longer side: small enough for 500 of them in one page
 MAX_THUMBNAILS = 500  # thumbnails in the all-images section; keeps the page at a few MB
 EXAMPLES_SHOWN = 10  # best and worst examples by CIDEr-D
@@ -78,10 +82,14 @@ class EvalResult:
     examples: list[dict[str, Any]] = field(default_factory=list)  # id, caption, references, cider, label
     up_to_date: bool = False
     bad_features: dict[str, str] = field(default_factory=dict)  # image id -> why its features were unusable
+    model_dirs: list[Path] = field(default_factory=list)  # every model decoded (several: an ensemble)
 
     def summary(self) -> str:
         state = " (up to date; --force reruns)" if self.up_to_date else ""
-        lines = [f"evaluate: {self.model_dir} on the {self.split} split{state}"]
+        models = str(self.model_dir)
+        if len(self.model_dirs) > 1:
+            models = f"an ensemble of {len(self.model_dirs)} models ({', '.join(map(str, self.model_dirs))})"
+        lines = [f"evaluate: {models} on the {self.split} split{state}"]
         if self.missing_features:
             lines.append(
                 f"{self.missing_features} of {self.split_images} images have no features and were not scored"
@@ -294,8 +302,13 @@ def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image
             f"{counts['bad_features']} have features with NaN or inf values "
             f"({_esc(', '.join(report['bad_features']))})"
         )
+    members = report.get("models") or [report["model"]]
+    model_note = (
+        f"Model: {_esc(report['model'])}" if len(members) == 1
+        else f"Ensemble of {len(members)} models (the log of their mean probability): {_esc(', '.join(members))}"
+    )
     notes = [
-        f"Model: {_esc(report['model'])}. Split: {_esc(report['split'])}. Decoding: {_esc(settings)}.",
+        f"{model_note}. Split: {_esc(report['split'])}. Decoding: {_esc(settings)}.",
         f"{counts['scored']} of {counts['split_images']} images scored"
         + (f"; {' and '.join(skipped)}, and were skipped." if skipped else "."),
         "BLEU: corpus nltk BLEU with uniform weights on lower-cased word tokens, special tokens never scored; "
@@ -356,23 +369,34 @@ def _result_from_report(report: dict[str, Any], json_path: Path, html_path: Path
         examples=_pick_examples(report["images"]),
         up_to_date=up_to_date,
         bad_features=dict(report["bad_features"]),
+        model_dirs=[Path(p) for p in report.get("models") or [report["model"]]],
     )
 
 
-def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
+def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | Path] | None = None) -> EvalResult:
     """Captions and scores `eval.split`; writes eval-<split>.json and .html (cached).
 
+    models: the model directories to decode together (an ensemble, `captioner.ensemble`);
+    None: `eval.model` alone. An ensemble needs `eval.output`.
     Holds `cache.output_lock` on eval-<split>.json while it runs. Raises CaptionerError
     for bad inputs, another run on the same report, or a failed write (the previous
     report left as it was).
     """
-    model_dir = Path(config.eval.model)
-    if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found: {model_dir} (train one, or pass --model DIR)")
-    model_files = layout.model_files(model_dir)
-    for path in model_files:
-        if not path.is_file():
-            raise CaptionerError(f"{model_dir} is not a complete model directory: {path.name} is missing")
+    model_dirs = [Path(p) for p in models] if models else [Path(config.eval.model)]
+    model_dir = model_dirs[0]
+    model_files: list[Path] = []
+    for member in model_dirs:
+        if not member.is_dir():
+            raise CaptionerError(f"model directory not found: {member} (train one, or pass --model DIR)")
+        for path in layout.model_files(member):
+            if not path.is_file():
+                raise CaptionerError(f"{member} is not a complete model directory: {path.name} is missing")
+            model_files.append(path)
+    if len(model_dirs) > 1 and not config.eval.output:
+        raise CaptionerError(
+            f"evaluating an ensemble of {len(model_dirs)} models needs --output DIR (eval.output): "
+            "each model's own reports stay in its directory"
+        )
     if not config.eval.features:
         raise CaptionerError("no features files given (--features FILE...)")
     split = config.eval.split
@@ -404,7 +428,7 @@ def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
                 return _result_from_report(report, json_path, html_path, up_to_date=True)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
                 log.info("evaluate: cached report unreadable (%s); rerunning", error)
-        report = build_report(config, model_dir, split_path, references)
+        report = build_report(config, model_dir, split_path, references, model_dirs=model_dirs)
         log.info("evaluate: writing thumbnails and %s", html_path)
         thumbnails = _make_thumbnails(image_folder, report["images"])
         page = render_html(report, thumbnails, image_folder)
@@ -417,18 +441,29 @@ def evaluate_stage(config: Config, force: bool = False) -> EvalResult:
 
 
 def build_report(
-    config: Config, model_dir: Path, split_path: Path, references: dict[str, list[str]]
+    config: Config,
+    model_dir: Path,
+    split_path: Path,
+    references: dict[str, list[str]],
+    model_dirs: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """Captions every image of the split that has usable features and scores them; writes nothing.
 
     references: image id -> reference captions (the prepared split). Images without
     features, or whose vector holds NaN/inf, are named in the report and not scored.
-    Returns the report (what eval-<split>.json holds).
+    model_dirs: several model directories decode as one ensemble (`captioner.ensemble`);
+    None: `model_dir` alone. Returns the report (what eval-<split>.json holds).
     """
     from captioner import inference
 
     split = config.eval.split
-    loaded = inference.load_model(model_dir)
+    members = [Path(p) for p in model_dirs] if model_dirs else [Path(model_dir)]
+    if len(members) > 1:
+        from captioner.ensemble import load_ensemble
+
+        loaded = load_ensemble(members)  # refuses other tokenizers and feature widths in one line
+    else:
+        loaded = inference.load_model(members[0])
     width = inference.feature_dim(loaded, model_dir)
     unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
     features = feature_files.load_features(config.eval.features, skipped=unusable)
@@ -481,6 +516,7 @@ def build_report(
     return {
         "split": split,
         "model": str(model_dir),
+        "models": [str(p) for p in members],
         "features": [str(p) for p in config.eval.features],
         "decode": to_dict(config.decode),
         "metrics": corpus,

@@ -1,0 +1,360 @@
+"""Self-critical fine-tuning (SCST): sampling, rewards, baselines, the stage, resume, bad input.
+
+The pieces (sampling, teacher forcing, baselines) are tested against hand-built fakes and
+hand-computed values. The stage runs on tiny learnable data made here (32 train and 8 dev
+images whose 8-d features decide "a red circle", "a blue square", ...) from a tiny seeded
+model directory (`model_dirs.make_model_dir`, as `captioner train` writes one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_dirs import make_model_dir
+
+from captioner import cache, feature_files, layout
+from captioner.checkpoints import STAGING_DIR
+from captioner.cli import main as cli_main
+from captioner.config import Config
+from captioner.errors import CaptionerError, ConfigError
+from captioner.finetune import (
+    HISTORY_COLUMNS,
+    SampledCaptions,
+    baseline_rewards,
+    finetune_stage,
+    sample_captions,
+    teacher_forcing,
+)
+from captioner.rewards import CiderD
+
+START, END = 2, 3
+KINDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+FEATURE_DIM = 8
+
+
+# --------------------------------------------------------------------------- sampling, hand-built
+
+
+class Fixed:
+    """A step function over 6 words (pad, unk, start, end, x, y): after start p(x) = px,
+    p(y) = 1 - px; after x or y, <end>. Counts the rows of each step call."""
+
+    def __init__(self, px: float) -> None:
+        self.px, self.calls = px, []
+
+    def initial_state(self, image_features):
+        return [np.zeros((len(image_features), 1), dtype=np.float32)]
+
+    def step(self, last_ids, states):
+        self.calls.append(len(last_ids))
+        out = np.full((len(last_ids), 6), -np.inf, dtype=np.float32)
+        first = last_ids == START
+        with np.errstate(divide="ignore"):
+            out[first, 4], out[first, 5] = math.log(self.px) if self.px else -np.inf, math.log(1 - self.px) if self.px < 1 else -np.inf
+        out[~first, END] = 0.0
+        return out, states
+
+
+def test_sampling_runs_every_sample_of_every_image_in_one_step_call_per_word():
+    model = Fixed(px=1.0)
+    samples = sample_captions(model, np.zeros((3, 2), np.float32), 4, start_id=START, end_id=END,
+                              max_generated_words=5, rng=np.random.default_rng(0))
+    assert samples.ids.shape == (12, 6)
+    assert (samples.ids[:, :2] == [4, END]).all() and (samples.ids[:, 2:] == 0).all()
+    assert (samples.lengths == 1).all() and samples.finished.all()
+    assert model.calls == [12, 12]  # "x" for all 12 rows, then <end> for all 12: two calls
+
+
+def test_sampling_draws_from_the_model_distribution():
+    samples = sample_captions(Fixed(px=0.3), np.zeros((100, 2), np.float32), 20, start_id=START, end_id=END,
+                              max_generated_words=5, rng=np.random.default_rng(1))
+    share_x = float((samples.ids[:, 0] == 4).mean())
+    assert share_x == pytest.approx(0.3, abs=0.03)  # 2,000 draws: 3 standard errors is 0.031
+    assert set(np.unique(samples.ids[:, 0])) == {4, 5}  # never pad, unk, start or end (p = 0)
+
+
+def test_sampling_cuts_captions_at_max_words_and_rejects_nan():
+    class Forever(Fixed):
+        def step(self, last_ids, states):
+            out = np.full((len(last_ids), 6), -np.inf, dtype=np.float32)
+            out[:, 4] = 0.0  # always x, never the end
+            return out, states
+
+    samples = sample_captions(Forever(1.0), np.zeros((2, 2), np.float32), 1, start_id=START, end_id=END,
+                              max_generated_words=3, rng=np.random.default_rng(0))
+    assert (samples.lengths == 3).all() and not samples.finished.any()
+    assert (samples.ids == [4, 4, 4, 0]).all()
+
+    class Broken(Fixed):
+        def step(self, last_ids, states):
+            return np.full((len(last_ids), 6), np.nan, dtype=np.float32), states
+
+    with pytest.raises(FloatingPointError):
+        sample_captions(Broken(1.0), np.zeros((1, 2), np.float32), 2, start_id=START, end_id=END,
+                        max_generated_words=3, rng=np.random.default_rng(0))
+
+
+def test_teacher_forcing_of_sampled_captions():
+    # row 0: "x y" finished; row 1: "y" finished; row 2: "x x x" cut at 3 words (no end target)
+    samples = SampledCaptions(
+        ids=np.array([[4, 5, END, 0], [5, END, 0, 0], [4, 4, 4, 0]]),
+        lengths=np.array([2, 1, 3]),
+        finished=np.array([True, True, False]),
+    )
+    inputs, targets, mask = teacher_forcing(samples, START, END)
+    assert inputs.shape == targets.shape == mask.shape == (3, 8)  # longest 3 words + 1, rounded up to 8
+    assert inputs[:, :4].tolist() == [[START, 4, 5, 0], [START, 5, 0, 0], [START, 4, 4, 4]]
+    assert targets[:, :4].tolist() == [[4, 5, END, 0], [5, END, 0, 0], [4, 4, 4, 0]]
+    assert mask[:, :4].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert (inputs[:, 4:] == 0).all() and (targets[:, 4:] == 0).all() and (mask[:, 4:] == 0).all()
+
+
+def test_baselines():
+    rewards = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
+    # mean of the OTHER samples: (2+3)/2, (1+3)/2, (1+2)/2; (0+6)/2, (0+6)/2, 0
+    assert baseline_rewards(rewards, 3).tolist() == [2.5, 2.0, 1.5, 3.0, 3.0, 0.0]
+    assert baseline_rewards(rewards, 3, greedy_rewards=np.array([0.5, 4.0])).tolist() == [0.5] * 3 + [4.0] * 3
+    with pytest.raises(ConfigError, match="samples_per_image >= 2"):
+        baseline_rewards(rewards, 1)
+
+
+def test_the_reward_of_sampled_captions_by_hand():
+    # Samples of Fixed(px=1): "x" for every row. References: image p "x y", image q "y z".
+    # N = 2; "x", "x y" in p only (weight ln 2), "y" in both (weight 0).
+    # "x" vs "x y": order 1: dot ln2^2, norms ln2 and ln2 (y weighs 0) -> 1; order 2: 0;
+    # length 1 vs 2: exp(-1/72). Reward = 1 * exp(-1/72) / 4 * 10.
+    # Image q's sample "x": "x" is not in "y z": 0.
+    words = ["<pad>", "<unk>", "<start>", "<end>", "x", "y"]
+    samples = sample_captions(Fixed(px=1.0), np.zeros((2, 2), np.float32), 2, start_id=START, end_id=END,
+                              max_generated_words=4, rng=np.random.default_rng(0))
+    captions = [" ".join(words[i] for i in row if i > END) for row in samples.ids]
+    rewards = CiderD({"p": ["x y"], "q": ["y z"]}).score(["p", "p", "q", "q"], captions)
+    assert rewards.tolist() == pytest.approx([math.exp(-1 / 72) / 4 * 10] * 2 + [0.0, 0.0])
+    assert baseline_rewards(rewards, 2).tolist() == pytest.approx(rewards.tolist())  # equal samples: advantage 0
+
+
+# --------------------------------------------------------------------------- the stage on tiny data
+
+
+def make_data(root: Path) -> dict[str, Path]:
+    """features.pkl, captions/{train,dev,test}.json, and a tiny seeded cross-entropy model directory."""
+    rng = np.random.default_rng(0)
+    features, splits = {}, {"train": {}, "dev": {}, "test": {}}
+    for i in range(40):
+        kind = i % len(KINDS)
+        vector = rng.normal(size=FEATURE_DIM).astype(np.float32)
+        vector[kind] += 4.0
+        image_id = f"img{i:03d}"
+        features[image_id] = vector
+        colour, shape = KINDS[kind]
+        splits["train" if i < 32 else "dev"][image_id] = [f"a {colour} {shape}", f"{colour} {shape}"]
+    feature_files.save_features(root / "features.pkl", features)
+    captions = root / "captions"
+    for split, data in splits.items():
+        cache.atomic_write_json(layout.split_file(captions, split), data)
+    train_texts = [t for texts in splits["train"].values() for t in texts]
+    model = make_model_dir(root / "xe", train_texts, {"backbone": None, "source": ["features.pkl"]}, FEATURE_DIM)
+    return {"root": root, "features": root / "features.pkl", "captions": captions, "model": model}
+
+
+def make_config(data: dict[str, Path], output: Path, **finetune: object) -> Config:
+    config = Config()
+    ft = config.finetune
+    ft.model, ft.features, ft.captions, ft.output = str(data["model"]), [str(data["features"])], str(data["captions"]), str(output)
+    ft.epochs, ft.batch_size, ft.samples_per_image, ft.learning_rate, ft.patience = 3, 8, 4, 0.05, 0
+    config.decode.max_generated_words = 5
+    for key, value in finetune.items():
+        setattr(ft, key, value)
+    return config
+
+
+def history(model_dir: Path) -> list[dict[str, str]]:
+    with open(model_dir / layout.HISTORY_FILE, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def weights_of(model_dir: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.models.load_model(model_dir / layout.MODEL_FILE, compile=False).get_weights()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock" and STAGING_DIR not in p.relative_to(folder).parts}
+
+
+class Crash(Exception):
+    """Stands in for a kill in the middle of an epoch."""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One 3-epoch fine-tuning run on the tiny data."""
+    data = make_data(tmp_path_factory.mktemp("scst"))
+    config = make_config(data, data["root"] / "scst")
+    result = finetune_stage(config)
+    return {**data, "config": config, "result": result, "output": data["root"] / "scst"}
+
+
+def test_a_run_writes_a_model_directory_that_evaluate_takes(tuned: dict) -> None:
+    from captioner.evaluation import evaluate_stage
+    from captioner.model import load_model_dir
+
+    output, result = tuned["output"], tuned["result"]
+    assert result.epochs_run == 3 and not result.up_to_date
+    for name in layout.TRAINED_FILES:
+        assert (output / name).is_file(), name
+    assert (output / layout.TOKENIZER_FILE).read_bytes() == (tuned["model"] / layout.TOKENIZER_FILE).read_bytes()
+    loaded = load_model_dir(output)
+    assert loaded.model.get_layer("word_dropout").rate == 0.5  # dropout was off while tuning, not in the saved model
+    assert json.loads((output / layout.CONFIG_FILE).read_text())["config"]["finetune"]["samples_per_image"] == 4
+
+    rows = history(output)
+    assert tuple(rows[0]) == HISTORY_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["reward"] == "" and all(float(r["reward"]) >= 0 for r in rows[1:])
+    best = max(rows, key=lambda r: float(r["dev_cider"]))
+    assert result.best_epoch == int(best["epoch"]) and result.best_dev_cider == pytest.approx(float(best["dev_cider"]))
+
+    config = Config()
+    config.eval.model, config.eval.features = str(output), [str(tuned["features"])]
+    config.eval.captions, config.eval.split, config.decode.max_generated_words = str(tuned["captions"]), "dev", 5
+    report = evaluate_stage(config)
+    assert report.scored == 8
+    # evaluate decodes as the stage's dev evaluation did: same beam, same words
+    assert report.metrics["cider"] == pytest.approx(result.best_dev_cider, abs=1e-5)
+
+
+def test_the_sampled_reward_rises_on_the_toy_task(tuned: dict) -> None:
+    rows = history(tuned["output"])
+    rewards = [float(r["reward"]) for r in rows[1:]]
+    assert rewards[-1] > rewards[0] + 0.2, rewards
+    assert float(rows[-1]["dev_cider"]) > float(rows[0]["dev_cider"])
+
+
+def test_a_rerun_is_a_no_op_and_the_output_is_not_a_starting_point(tuned: dict, capsys) -> None:
+    before = snapshot(tuned["output"])
+    again = finetune_stage(make_config(tuned, tuned["output"]))
+    assert again.up_to_date and "up to date" in again.summary()
+    assert snapshot(tuned["output"]) == before
+    code = cli_main(["finetune", "--model", str(tuned["output"]), "--features", str(tuned["features"]),
+                     "--captions", str(tuned["captions"]), "--output", str(tuned["root"] / "again")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {tuned['output']} is already fine-tuned by `captioner finetune`; --model "
+                                 "takes the cross-entropy model written by `captioner train`"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(tuned: dict) -> None:
+    output = tuned["root"] / "crashed"
+    config = make_config(tuned, output)
+
+    def crash(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (2, 1):
+            raise Crash()
+
+    with pytest.raises(Crash):
+        finetune_stage(config, after_batch=crash)
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 1 and not (output / layout.MODEL_FILE).exists()
+    with pytest.raises(CaptionerError, match="unfinished fine-tuning run .*--resume continues it"):
+        finetune_stage(config)
+    resumed = finetune_stage(config, resume=True)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
+    def scores(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+    assert scores(history(output)) == scores(history(tuned["output"]))  # rewards, losses, dev scores
+    for a, b in zip(weights_of(output), weights_of(tuned["output"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_nan_reward_stops_in_one_line_and_keeps_the_finished_model(tuned: dict, monkeypatch) -> None:
+    output = tuned["root"] / "nan"
+    shutil.copytree(tuned["output"], output)
+    before = snapshot(output)
+    calls = {"n": 0}
+    real = CiderD.score
+
+    def score(self, image_ids, hypotheses):
+        calls["n"] += 1
+        values = real(self, image_ids, hypotheses)
+        return values * np.nan if calls["n"] == 1 else values
+
+    monkeypatch.setattr(CiderD, "score", score)
+    config = make_config(tuned, output, seed=1, epochs=1)
+    with pytest.raises(CaptionerError) as caught:
+        finetune_stage(config)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "epoch 1, batch 1: the reward became NaN" in message and "last good checkpoint (epoch 0)" in message
+    assert snapshot(output) == before  # the finished model and its checkpoints untouched
+    staged = json.loads((output / STAGING_DIR / "state.json").read_text())
+    assert staged["epoch"] == 0 and staged["best_weights"] == "epoch-0000.keras"
+
+
+# --------------------------------------------------------------------------- bad input, before anything loads
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> dict[str, Path]:
+    return make_data(tmp_path)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+    code = cli_main(["finetune", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_inputs_are_one_line(small: dict, tmp_path: Path, capsys) -> None:
+    common = ["--features", str(small["features"]), "--captions", str(small["captions"])]
+    not_ours = tmp_path / "not-a-model"
+    not_ours.mkdir()
+    (not_ours / "weights.h5").write_bytes(b"x")
+    code, err = run_cli(capsys, "--model", str(not_ours), *common, "--output", str(tmp_path / "out"))
+    assert code == 2 and err == [f"error: {not_ours} is not a model directory of ours (no model.keras, tokenizer.json, "
+                                 "config.json); --model takes a cross-entropy model written by `captioner train`"]
+
+    code, err = run_cli(capsys, "--model", str(small["model"]), *common, "--output", str(small["model"]))
+    assert code == 2 and len(err) == 1 and "is the starting model's directory" in err[0]
+
+    code, err = run_cli(capsys, "--model", str(small["model"]), *common, "--output", str(tmp_path / "out"),
+                        "--finetune.samples_per_image=1")
+    assert code == 2 and err == ["error: finetune.baseline=mean needs finetune.samples_per_image >= 2 (the other "
+                                 "samples' mean), got 1"]
+    code, err = run_cli(capsys, "--model", str(small["model"]), *common, "--finetune.baseline=best")
+    assert code == 2 and err == ["error: finetune.baseline must be one of mean, greedy, got 'best'"]
+
+    train = json.loads(layout.split_file(small["captions"], "train").read_text())
+    train["img005"] = []
+    cache.atomic_write_json(layout.split_file(small["captions"], "train"), train)
+    code, err = run_cli(capsys, "--model", str(small["model"]), *common, "--output", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1 and "train image 'img005' has no reference captions" in err[0]
+    assert not (tmp_path / "out" / layout.MODEL_FILE).exists()
+
+
+def test_features_of_another_width_are_refused(small: dict, tmp_path: Path) -> None:
+    wide = tmp_path / "wide.pkl"
+    feature_files.save_features(wide, {f"img{i:03d}": np.zeros(FEATURE_DIM + 1, np.float32) for i in range(40)})
+    config = make_config(small, tmp_path / "out")
+    config.finetune.features = [str(wide)]
+    with pytest.raises(CaptionerError, match=r"are 9-d but .* expects 8-d"):
+        finetune_stage(config)
+    assert not (tmp_path / "out" / layout.MODEL_FILE).exists()
+
+
+def test_a_foreign_output_folder_is_refused(small: dict, tmp_path: Path) -> None:
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    with pytest.raises(CaptionerError, match="is not empty and holds no fine-tuning run"):
+        finetune_stage(make_config(small, output))
+    assert (output / "notes.txt").read_text() == "keep me"

@@ -35,6 +35,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_PRECISIONS = PRECISIONS + ("auto",)
 TRAIN_PRECISIONS = PRECISIONS
 STRATEGIES = ("default", "mirrored", "multiworker")
+MODEL_KINDS = ("merge", "attention")  # captioner.model's merge model | captioner.attention's soft-attention model
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
 SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format names `serve.formats` may list
 # Values renamed since a config was saved (key, old value) -> new value.
@@ -102,13 +103,17 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    """The merge model: image and word paths meet by addition after the LSTM."""
+    """The decoder: the merge model (image and word paths meet by addition after the LSTM) or
+    the soft-attention model over a convolutional map (`captioner.attention`)."""
 
+    kind: str = "merge"  # MODEL_KINDS: merge (pooled vectors; the default until attention beats it on dev) | attention (spatial maps)
     embedding_dim: int = 256  # word embedding size
     units: int = 256  # LSTM units, also the size of the image projection they are added to
-    image_dropout: float = 0.5  # dropout on the image features before the projection
+    image_dropout: float = 0.5  # merge: dropout on the image features before the projection (attention: unused, the map is not dropped)
     word_dropout: float = 0.5  # dropout on the word embeddings before the LSTM
-    decoder_dropout: float = 0.0  # dropout on the merged vector before the hidden layer
+    decoder_dropout: float = 0.0  # dropout on the merged vector before the hidden layer (attention: on the deep output)
+    attention_dim: int = 256  # attention: width of the MLP that scores each map position against the LSTM state (the paper's A)
+    doubly_stochastic: float = 1.0  # attention: lambda of the penalty sum_positions (1 - sum_t alpha)^2, per target word; 1 keeps the paper's ratio to the loss
 
 
 @dataclass
@@ -282,6 +287,9 @@ CHECKS: dict[str, Check] = {
     "model.image_dropout": _fraction,
     "model.word_dropout": _fraction,
     "model.decoder_dropout": _fraction,
+    "model.kind": _one_of(*MODEL_KINDS),
+    "model.attention_dim": _at_least(1),
+    "model.doubly_stochastic": _at_least(0),  # 0 turns the penalty off
     "train.features": _paths,
     "train.captions": _not_empty,
     "train.output": _not_empty,

@@ -1,0 +1,281 @@
+"""The soft-attention model: the step model against the full model, attention weights,
+the doubly stochastic penalty, .keras round trips, a toy task only attention can learn,
+and the same model under JAX."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from captioner.attention import (  # noqa: E402
+    ATTENTION_EXTRA,
+    AttentionLSTM,
+    AttentionStepModel,
+    build_attention_model,
+    is_attention_model,
+    map_shape,
+)
+from captioner.config import ModelConfig  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+
+TINY = ModelConfig(kind="attention", embedding_dim=5, units=7, attention_dim=6, word_dropout=0.5, decoder_dropout=0.25)
+POSITIONS, CHANNELS, VOCAB = 4, 3, 11
+
+
+def perturbed_model(seed: int = 0, config: ModelConfig = TINY) -> keras.Model:
+    """A tiny model with random nonzero biases, so every weight matters to the outputs."""
+    keras.utils.set_random_seed(seed)
+    model = build_attention_model(POSITIONS, CHANNELS, VOCAB, config)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    return model
+
+
+def sample_inputs(batch: int = 3, length: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(maps float32 [B, P, C], right-padded ids int32 [B, T], lengths): ids start with 2 (start)."""
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(batch, POSITIONS, CHANNELS)).astype(np.float32)
+    lengths = np.array([length, 2, 4][:batch])
+    ids = np.zeros((batch, length), np.int32)
+    for b, n in enumerate(lengths):
+        ids[b, 0] = 2
+        ids[b, 1:n] = rng.integers(4, VOCAB, n - 1)
+    return maps, ids, lengths
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def full_attention(model: keras.Model, maps: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The full model's attention weights, float32 [B, T, P]."""
+    probe = keras.Model(model.inputs, model.get_layer("attention_lstm").output[2])
+    return keras.ops.convert_to_numpy(probe((maps, ids), training=False))
+
+
+def test_parameter_counts_match_a_hand_computation():
+    model = build_attention_model(POSITIONS, CHANNELS, VOCAB, TINY)
+    counts = {layer.name: layer.count_params() for layer in model.layers if layer.weights}
+    assert counts == {
+        "embedding": 11 * 5,
+        "init_h": 3 * 7 + 7,
+        "init_c": 3 * 7 + 7,
+        "map_projection": 3 * 6 + 6,
+        # gates from the word (5), the context (3), the state (7), a bias; the attention MLP's
+        # U_a (7 x 6) and bias, its scoring vector (6), the gate's vector (7) and bias
+        "attention_lstm": 4 * 7 * (5 + 3 + 7 + 1) + 7 * 6 + 6 + 6 + 7 + 1,
+        "deep_h": 7 * 5 + 5,
+        "deep_context": 3 * 5 + 5,
+        "logits": 5 * 11 + 11,
+    }
+    assert is_attention_model(model) and map_shape(model) == (POSITIONS, CHANNELS)
+    assert [t.name for t in model.inputs] == ["image_map", "input_ids"]
+
+
+def test_step_model_matches_the_full_model_at_every_position():
+    model = perturbed_model()
+    maps, ids, lengths = sample_inputs()
+    full = log_softmax(keras.ops.convert_to_numpy(model((maps, ids), training=False)))
+    full_alpha = full_attention(model, maps, ids)
+    stepper = AttentionStepModel(model)
+    states = stepper.initial_state(maps)
+    assert [s.shape for s in states] == [(3, 4, 3), (3, 4, 6), (3, 7), (3, 7)]
+    for t in range(ids.shape[1]):
+        log_probs, states, extras = stepper.step(ids[:, t], states)
+        assert log_probs.shape == (3, VOCAB) and log_probs.dtype == np.float32
+        alpha = extras[ATTENTION_EXTRA]
+        assert alpha.shape == (3, POSITIONS) and alpha.dtype == np.float32
+        np.testing.assert_allclose(alpha.sum(-1), 1.0, atol=1e-6)  # a distribution over positions
+        assert (alpha > 0).all()
+        real = t < lengths  # positions past a caption's end read padding in the full model
+        np.testing.assert_allclose(log_probs[real], full[real, t], atol=1e-5)
+        np.testing.assert_allclose(alpha[real], full_alpha[real, t], atol=1e-5)
+    np.testing.assert_allclose(full_alpha.sum(-1), 1.0, atol=1e-6)
+    # the weights are not uniform: the state does move them
+    assert np.abs(full_alpha - 1 / POSITIONS).max() > 0.05
+
+
+def test_step_model_rows_are_independent_and_take_h_by_w_maps():
+    model = perturbed_model()
+    maps, ids, _ = sample_inputs()
+    stepper = AttentionStepModel(model)
+    states = stepper.initial_state(maps)
+    # a map given as [N, H, W, C] is flattened row-major, as the map file stores it
+    grid = stepper.initial_state(maps.reshape(3, 2, 2, CHANNELS))
+    for a, b in zip(states, grid):
+        np.testing.assert_array_equal(a, b)
+    _, states, _ = stepper.step(ids[:, 0], states)
+    order = np.array([2, 2, 0, 1])  # repeated and permuted rows, as beam search does
+    next_ids = np.array([5, 6, 7, 8])
+    reordered, _, extras = stepper.step(next_ids, [s[order] for s in states])
+    for row, source in enumerate(order):
+        alone, _, alone_extras = stepper.step(next_ids[row : row + 1], [s[source : source + 1] for s in states])
+        np.testing.assert_allclose(reordered[row], alone[0], atol=1e-6)
+        np.testing.assert_allclose(extras[ATTENTION_EXTRA][row], alone_extras[ATTENTION_EXTRA][0], atol=1e-6)
+
+
+def test_step_model_names_expected_and_found_map_shapes():
+    stepper = AttentionStepModel(perturbed_model())
+    with pytest.raises(CaptionerError, match=r"shape \(2, 5, 3\).*\[N, 4 positions, 3 channels\]"):
+        stepper.initial_state(np.zeros((2, 5, 3), np.float32))
+    with pytest.raises(CaptionerError, match=r"shape \(2, 3\).*4 positions"):
+        stepper.initial_state(np.zeros((2, 3), np.float32))  # a pooled vector
+
+
+def test_keras_file_round_trip_gives_identical_outputs(tmp_path: Path):
+    model = perturbed_model()
+    path = tmp_path / "attention.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    maps, ids, _ = sample_inputs()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model((maps, ids), training=False)),
+        keras.ops.convert_to_numpy(loaded((maps, ids), training=False)),
+    )
+    assert loaded.get_layer("attention_lstm").get_config()["doubly_stochastic"] == TINY.doubly_stochastic
+    original, again = AttentionStepModel(model), AttentionStepModel(loaded)
+    a = original.step(ids[:, 0], original.initial_state(maps))
+    b = again.step(ids[:, 0], again.initial_state(maps))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[2][ATTENTION_EXTRA], b[2][ATTENTION_EXTRA])
+
+
+def test_doubly_stochastic_penalty_by_hand():
+    # One caption of two real words and a pad, two positions.
+    # alpha: t0 (.5, .5), t1 (1, 0), pad (0, 1). Sums over real t: (1.5, .5).
+    # (1 - 1.5)^2 + (1 - .5)^2 = .5, divided by the 2 real words: .25
+    alpha = np.array([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    assert float(AttentionLSTM.penalty(alpha, mask)) == pytest.approx(0.25)
+    # Keras passes the inputs' masks as a list, the words' first
+    assert float(AttentionLSTM.penalty(alpha, [mask, None])) == pytest.approx(0.25)
+    # no mask: the third step counts, sums (1.5, 1.5): (.25 + .25) / 3
+    assert float(AttentionLSTM.penalty(alpha, None)) == pytest.approx(0.5 / 3)
+
+
+def test_the_penalty_is_added_in_training_only_and_masked_by_the_padding():
+    # no dropout: the training-time call is deterministic, so its attention weights can be read back
+    config = ModelConfig(**{**vars(TINY), "word_dropout": 0.0, "decoder_dropout": 0.0, "doubly_stochastic": 2.0})
+    model = perturbed_model(config=config)
+    maps, ids, lengths = sample_inputs()
+    model((maps, ids), training=False)
+    assert not model.losses  # evaluation: the validation loss is the plain cross-entropy
+    model((maps, ids), training=True)
+    (added,) = model.losses
+    alpha = full_attention(model, maps, ids)  # [B, T, P]
+    real = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # [B, T]
+    totals = (alpha * real[..., None]).sum(1)  # [B, P]: each position's attention over the real words
+    assert float(added) == pytest.approx(2.0 * ((1 - totals) ** 2).sum() / real.sum(), rel=1e-5)
+    # the pads' weights do not count: with every step counted the value differs
+    assert float(added) != pytest.approx(2.0 * ((1 - alpha.sum(1)) ** 2).sum() / real.sum(), rel=1e-3)
+    off = perturbed_model(config=ModelConfig(**{**vars(config), "doubly_stochastic": 0.0}))
+    off((maps, ids), training=True)
+    assert not off.losses
+
+
+def test_logits_stay_float32_under_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_attention_model(POSITIONS, CHANNELS, VOCAB, TINY)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model.get_layer("attention_lstm").compute_dtype == "bfloat16"
+    maps, ids, _ = sample_inputs()
+    assert keras.ops.convert_to_numpy(model((maps, ids), training=False)).dtype == np.float32
+    log_probs, _, extras = AttentionStepModel(model).step(ids[:, 0], AttentionStepModel(model).initial_state(maps))
+    assert log_probs.dtype == np.float32 and extras[ATTENTION_EXTRA].dtype == np.float32
+
+
+# --------------------------------------------------------------------------- a task only attention can learn
+
+
+def permutation_maps() -> tuple[np.ndarray, np.ndarray]:
+    """Every way of putting 4 colours on 4 positions: maps float32 [24, 4, 8], captions int32 [24, 2].
+
+    Channels: the colour one-hot (4), then the position one-hot (4, scaled by 3 so that "where"
+    stands out from "what" at the start, as it does in a conv map), as a conv map's channels
+    carry both. Every map holds each colour once, so the mean of every map (the initial
+    state's only input) is the same: only the attended context can tell the images apart.
+    Caption: the colour at position 0, then the colour at position 3 (word ids 4 + colour).
+    """
+    maps, captions = [], []
+    for colours in itertools.permutations(range(4)):
+        grid = np.zeros((4, 8), np.float32)
+        grid[np.arange(4), colours] = 1.0
+        grid[np.arange(4), 4 + np.arange(4)] = 3.0
+        maps.append(grid)
+        captions.append([4 + colours[0], 4 + colours[3]])
+    return np.stack(maps), np.array(captions, np.int32)
+
+
+@pytest.mark.slow  # 150 training steps and a traced scan: a few seconds
+def test_a_tiny_model_learns_words_that_depend_on_one_position_of_the_map():
+    maps, captions = permutation_maps()
+    assert np.ptp(maps.mean(axis=1), axis=0).max() == 0  # the same mean for every image
+    start, end = 2, 3
+    input_ids = np.concatenate([np.full((24, 1), start), captions], axis=1).astype(np.int32)  # [24, 3]
+    targets = np.concatenate([captions, np.full((24, 1), end)], axis=1).astype(np.int32)
+    config = ModelConfig(kind="attention", embedding_dim=8, units=16, attention_dim=16, word_dropout=0.0,
+                         decoder_dropout=0.0, doubly_stochastic=0.0)
+    keras.utils.set_random_seed(0)
+    model = build_attention_model(4, 8, 8, config)
+    model.compile(optimizer=keras.optimizers.Adam(0.02),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps = 150  # one epoch of 150 batches: Keras' per-epoch overhead is paid once
+    model.fit((np.tile(maps, (steps, 1, 1)), np.tile(input_ids, (steps, 1))), np.tile(targets, (steps, 1)),
+              batch_size=24, epochs=1, shuffle=False, verbose=0)
+
+    stepper = AttentionStepModel(model)
+    states = stepper.initial_state(maps)
+    log_probs, states, first = stepper.step(input_ids[:, 0], states)
+    assert (log_probs.argmax(-1) == captions[:, 0]).all()  # the colour at position 0, every image
+    log_probs, _, _ = stepper.step(captions[:, 0], states)
+    assert (log_probs.argmax(-1) == captions[:, 1]).all()  # then the colour at position 3
+    # and it found the word where it was: position 0 (a model may also spread its attention and
+    # decode the mixture; this seed's model looks at position 0, over 0.99 for every image)
+    assert first[ATTENTION_EXTRA][:, 0].min() > 0.9
+
+
+# --------------------------------------------------------------------------- under JAX
+
+JAX_CHECK = """
+import numpy as np, keras
+assert keras.backend.backend() == "jax"
+from captioner.attention import AttentionStepModel, build_attention_model
+from captioner.config import ModelConfig
+keras.utils.set_random_seed(0)
+model = build_attention_model(4, 3, 11, ModelConfig(embedding_dim=5, units=7, attention_dim=6))
+rng = np.random.default_rng(0)
+maps = rng.normal(size=(2, 4, 3)).astype("float32")
+ids = np.array([[2, 5, 6], [2, 7, 0]], "int32")
+logits = keras.ops.convert_to_numpy(model((maps, ids), training=False)).astype("float64")
+full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+stepper = AttentionStepModel(model)
+states = stepper.initial_state(maps)
+for t in range(2):
+    log_probs, states, extras = stepper.step(ids[:, t], states)
+    np.testing.assert_allclose(log_probs, full[:, t], atol=1e-5)
+    np.testing.assert_allclose(extras["attention"].sum(-1), 1.0, atol=1e-6)
+model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit((maps, ids), ids, epochs=1, verbose=0)  # the penalty's add_loss under JAX's stateless call
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_the_model_runs_under_jax():
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

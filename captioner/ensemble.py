@@ -161,6 +161,24 @@ def check_members(model_dirs: Sequence[Path], members: Sequence[Any]) -> None:
             )
 
 
+@dataclass
+class _Described:
+    tokenizer: Any
+    info: dict[str, Any]
+
+
+def _described(model_dir: Path) -> _Described:
+    """A model directory's tokenizer and config.json facts, without loading its model."""
+    from captioner import model as model_lib
+    from captioner.layout import TOKENIZER_FILE
+    from captioner.tokenizer import Tokenizer
+
+    if not model_dir.is_dir():
+        raise CaptionerError(f"model directory not found: {model_dir}")
+    _, info = model_lib.read_model_config(model_dir)
+    return _Described(tokenizer=Tokenizer.load(model_dir / TOKENIZER_FILE), info=info)
+
+
 def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
     """Loads every model directory (`captioner.model.load_model_dir`) and checks they fit together.
 
@@ -178,8 +196,10 @@ def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
         if key in seen:
             raise CaptionerError(f"model directory {model_dir} is given twice; an ensemble's members must differ")
         seen.add(key)
+    # Vocabularies and widths first, from the small files: a misfit is refused before any model loads.
+    check_members(dirs, [_described(model_dir) for model_dir in dirs])
     members = [model_lib.load_model_dir(model_dir) for model_dir in dirs]
-    check_members(dirs, members)
+    check_members(dirs, members)  # the loaded models agree with their files (load_model_dir checks it)
     if len(dirs) > 1:
         log.info("ensemble of %d models: %s", len(dirs), ", ".join(map(str, dirs)))
     return Ensemble(model_dirs=dirs, members=members)

@@ -143,3 +143,98 @@ def test_check_members_refuses_other_tokenizers_and_feature_widths():
         check_members(dirs, [_loaded(WORDS, 8), _loaded(swapped, 8)])
     with pytest.raises(CaptionerError, match="different features: m/a 8-d, m/b 16-d"):
         check_members(dirs, [_loaded(WORDS, 8), _loaded(WORDS, 16)])
+
+
+# --------------------------------------------------------------------------- evaluate --model A --model B
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two model directories with one tokenizer, one with another tokenizer, one with wider features;
+    a features file and a captions folder of 6 dev images."""
+    import json
+    import shutil
+
+    from model_dirs import make_model_dir
+
+    from captioner import cache, feature_files, layout
+    from captioner.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("ensemble")
+    captions = ["a red circle", "a blue square", "two green triangles"]
+    provenance = {"backbone": None, "source": ["features.pkl"]}
+    a = make_model_dir(root / "a", captions, provenance, 8)
+    b = root / "b"
+    shutil.copytree(a, b)  # the same weights: the ensemble must decode exactly as one member
+    # Misfits are refused from their tokenizer.json and config.json, before any model loads:
+    # copies of `a` with another vocabulary, and with a config.json that says 9-d features.
+    other, wide = root / "other", root / "wide"
+    shutil.copytree(a, other)
+    Tokenizer.build(captions + ["a yellow star"], min_word_count=1).save(other / layout.TOKENIZER_FILE)
+    shutil.copytree(a, wide)
+    config = json.loads((wide / layout.CONFIG_FILE).read_text())
+    config["feature_dim"] = 9
+    (wide / layout.CONFIG_FILE).write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    feature_files.save_features(root / "features.pkl", {f"im{i}": rng.normal(size=8).astype(np.float32) for i in range(6)})
+    dev = {f"im{i}": [captions[i % 3]] for i in range(6)}
+    cache.atomic_write_json(layout.split_file(root / "captions", "dev"), dev)
+    return {"root": root, "a": a, "b": b, "other": other, "wide": wide}
+
+
+def evaluate(capsys, members, *models, output=None):
+    from captioner.cli import main
+
+    args = ["evaluate"] + [arg for m in models for arg in ("--model", str(members[m]))]
+    args += ["--features", str(members["root"] / "features.pkl"), "--captions", str(members["root"] / "captions"),
+             "--split", "dev", "--decode.max_generated_words=4"]
+    if output is not None:
+        args += ["--output", str(members["root"] / output)]
+    code = main(args)
+    return code, capsys.readouterr()
+
+
+def test_evaluate_decodes_several_models_as_one_and_caches_on_every_member(members, capsys):
+    import json
+
+    from captioner import cache, layout
+
+    code, single = evaluate(capsys, members, "a", output="single")
+    assert code == 0, single.err
+    code, both = evaluate(capsys, members, "a", "b", output="both")
+    assert code == 0, both.err
+    assert "an ensemble of 2 models" in both.out
+    one = json.loads((members["root"] / "single" / "eval-dev.json").read_text())
+    two = json.loads((members["root"] / "both" / "eval-dev.json").read_text())
+    assert two["models"] == [str(members["a"]), str(members["b"])]
+    assert [i["caption"] for i in two["images"]] == [i["caption"] for i in one["images"]]
+    assert [i["log_prob"] for i in two["images"]] == pytest.approx([i["log_prob"] for i in one["images"]], abs=1e-3)
+    assert not (members["a"] / "eval-dev.json").exists()  # no member's own report written
+
+    code, again = evaluate(capsys, members, "a", "b", output="both")
+    assert code == 0 and "up to date" in again.out
+    # the cached report depends on every member's files: a change to the second one is seen
+    (members["b"] / layout.MODEL_FILE).write_bytes((members["b"] / layout.MODEL_FILE).read_bytes()[:100])
+    stale = cache.read_manifest(members["root"] / "both" / "eval-dev.json")
+    assert str(members["b"] / layout.MODEL_FILE) in stale["input_paths"]["model"]
+    code, changed = evaluate(capsys, members, "a", "b", output="both")
+    assert code == 2 and f"{members['b'] / layout.MODEL_FILE}: corrupt" in changed.err  # rerun, not "up to date"
+
+
+def test_evaluate_refuses_members_that_cannot_decode_together(members, capsys):
+    code, out = evaluate(capsys, members, "a", "other", output="x")
+    assert code == 2 and out.err.strip().splitlines() == [  # no model was loaded (nothing logged)
+        f"error: ensemble members {members['a']} and {members['other']} have different tokenizers (12 vs 14 words); "
+        "an ensemble's models must be trained on one prepared captions folder"
+    ]
+    code, out = evaluate(capsys, members, "a", "wide", output="x")
+    assert code == 2 and out.err.strip().splitlines() == [
+        f"error: ensemble members take different features: {members['a']} 8-d, {members['wide']} 9-d; "
+        "an ensemble's models must be trained on the same features"
+    ]
+    code, out = evaluate(capsys, members, "a", "b")
+    assert code == 2 and len(out.err.strip().splitlines()) == 1
+    assert "ensemble of 2 models needs --output DIR" in out.err
+    code, out = evaluate(capsys, members, "a", "a", output="x")
+    assert code == 2 and "is given twice" in out.err
+    assert not (members["root"] / "x" / "eval-dev.json").exists()

@@ -18,8 +18,10 @@ subprocess (so each has its own peak RSS):
   teacher-forcing batch has target words (`--classic-matched`), to show that the
   gap is not just per-step overhead.
 
-Data: Flickr8k-sized and synthetic. `--captions` captions (30,000 = Flickr8k's
-train split) over `--images` images (5 each), caption lengths drawn from the real
+Data: real with `--prepared DIR --features FILE...` (a `captioner prepare` folder and feature
+files: the train split's captions and tokenizer, e.g. Flickr8k with the shared MobileNetV2
+features; the README's numbers), otherwise Flickr8k-sized and synthetic: `--captions`
+captions (30,000 = Flickr8k's train split) over `--images` images (5 each), caption lengths drawn from the real
 Flickr8k length distribution (read from ../shared/flickr8k/Flickr8k.token.txt
 through the project's caption cleaning when present, otherwise the same
 histogram built in below), words drawn from a Zipf law over a `--vocab`
@@ -33,7 +35,8 @@ computes what fully expanded classic arrays (the course's non-generator
 max_length ids + feature_dim floats) x 4 bytes.
 
 Prints a markdown table. Reads nothing but the optional token file; writes nothing.
-Usage: python bench/train.py [--captions 30000] [--steps 0 (= a whole epoch)] [--classic-steps 60]
+Usage: python bench/train.py [--prepared DIR --features FILE...] [--captions 30000] [--steps 0 (= a whole epoch)]
+       [--classic-steps 60]
 `--classic-steps` applies to batches of `--batch-size` prefixes; the matched classic
 row times a quarter as many (its steps are ~12x bigger).
 Cost: a few minutes on 2 CPU cores with the defaults (a whole teacher-forcing epoch);
@@ -71,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from captioner.config import TrainConfig  # no TensorFlow: cheap in the parent process
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepared", help="a `captioner prepare` folder: train on its train split (real data)")
+    parser.add_argument("--features", nargs="+", default=[], help="feature files for --prepared")
     parser.add_argument("--captions", type=int, default=30000, help="training captions (Flickr8k train: 30,000)")
     parser.add_argument("--images", type=int, default=6000, help="images (Flickr8k train: 6,000)")
     parser.add_argument("--vocab", type=int, default=7500, help="vocabulary size")
@@ -111,9 +116,30 @@ def length_distribution() -> tuple[dict[int, int], str]:
     return dict(FLICKR8K_LENGTHS), "built-in Flickr8k histogram"
 
 
+def real_data(args: argparse.Namespace):
+    """(CaptionSet, FeatureTable, source) of the train split of a prepared captions folder."""
+    from captioner import feature_files
+    from captioner.config import TextConfig, TrainConfig
+    from captioner.datasets import read_prepared_split
+    from captioner.layout import TOKENIZER_FILE, split_file
+    from captioner.sequences import FeatureTable, encode_captions
+    from captioner.tokenizer import Tokenizer
+
+    folder = Path(args.prepared)
+    captions = read_prepared_split(split_file(folder, TrainConfig().train_split))
+    tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
+    caption_set = encode_captions(captions, tokenizer, TextConfig().max_prepared_words)
+    table = FeatureTable.from_dict(feature_files.load_features([Path(f) for f in args.features]), list(captions))
+    return caption_set, table, f"{folder} (real captions), {', '.join(Path(f).name for f in args.features)}"
+
+
 def make_data(args: argparse.Namespace):
-    """(CaptionSet, FeatureTable, length source) of the synthetic Flickr8k-sized split."""
+    """(CaptionSet, FeatureTable, data source): the real train split with --prepared, else the
+    synthetic Flickr8k-sized one."""
     from captioner.sequences import CaptionSet, FeatureTable
+
+    if args.prepared:
+        return real_data(args)
 
     rng = np.random.default_rng(args.seed)
     histogram, source = length_distribution()
@@ -132,7 +158,7 @@ def make_data(args: argparse.Namespace):
     caption_set = CaptionSet(image_ids, caption_ids, start_id=2, end_id=3, vocab_size=args.vocab)
     matrix = np.abs(rng.standard_normal((args.images, args.feature_dim), dtype=np.float32))
     table = FeatureTable(matrix, {f"im{i}": i for i in range(args.images)})
-    return caption_set, table, source
+    return caption_set, table, f"synthetic, lengths from {source}"
 
 
 # --------------------------------------------------------------------------- one variant (a subprocess)
@@ -158,6 +184,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(args.seed)
     caption_set, table, source = make_data(args)
+    args.vocab, args.feature_dim = caption_set.vocab_size, table.feature_dim  # the real data's, with --prepared
     train = TrainConfig()
     optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm)
     batch_end_times: list[float] = []
@@ -221,6 +248,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         "peak_rss_before_fit": rss_before,
         "peak_rss": peak_rss_bytes(),
         "length_source": source,
+        "vocab": args.vocab,
+        "feature_dim": args.feature_dim,
+        "num_captions": len(caption_set),
         "mean_words": float(caption_set.lengths.mean()),
         "max_prefix_length": reference.max_prefix_length(caption_set),
     }
@@ -275,17 +305,17 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         for r in results
         if r["variant"] == "classic"
     )
-    expanded = expanded_classic_bytes(first["epoch_targets"], args.vocab, first["max_prefix_length"], args.feature_dim)
+    vocab, feature_dim = first["vocab"], first["feature_dim"]
+    expanded = expanded_classic_bytes(first["epoch_targets"], vocab, first["max_prefix_length"], feature_dim)
     lines += [
         "",
-        f"Data: {args.captions:,} synthetic captions over {args.images:,} images, lengths from "
-        f"{first['length_source']} (mean {first['mean_words']:.1f} words, "
+        f"Data: {first['num_captions']:,} captions, {first['length_source']} (mean {first['mean_words']:.1f} words, "
         f"longest prefix {first['max_prefix_length']}), "
-        f"{args.vocab:,}-word vocabulary, {args.feature_dim}-d features; "
+        f"{vocab:,}-word vocabulary, {feature_dim}-d features; "
         f"{first['epoch_targets']:,} target words per epoch.",
         f"Teacher forcing: {speedups}, in target words per second.",
         f"Fully expanded classic arrays for this split ({first['epoch_targets']:,} prefixes x "
-        f"({args.vocab:,} one-hot + {first['max_prefix_length']} ids + {args.feature_dim} features) x 4 bytes): "
+        f"({vocab:,} one-hot + {first['max_prefix_length']} ids + {feature_dim} features) x 4 bytes): "
         f"{expanded / 1e9:.1f} GB.",
         "Peak RSS is VmHWM of each variant's own process (TensorFlow itself takes about 1 GB). "
         "Words per CPU-second divide by the process's CPU time (all threads), which other processes' "

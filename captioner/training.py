@@ -45,7 +45,11 @@ logical CPU devices when there is no GPU), multiworker (MultiWorkerMirroredStrat
 from TF_CONFIG; only the chief writes files and holds the lock). TensorFlow is imported only
 for those two.
 
-Cost: see the README for measured times per epoch. Disk: model.keras holds the Adam moments
+Progress: while an epoch runs, a person at a terminal sees one line on stderr (`ProgressBar`:
+batches, running loss, target words/s, time left), cleared before the epoch's log line; with
+stderr not a terminal (a log file, a pipe, CI) there is none, only the log line per epoch.
+
+Cost: see the README for measured times per epoch (`bench/train.py --prepared`). Disk: model.keras holds the Adam moments
 as well as the weights (about 3x the weights alone); each kept checkpoint (last, best) is the
 same size. XLA (jit_compile) measured slower per step on CPUs, so Keras' "auto" (XLA on GPUs
 only) is kept.

@@ -232,7 +232,8 @@ def test_the_progress_bar_line_is_computed_from_batches_done_and_their_words() -
     bar = ProgressBar(io.StringIO())
     bar.start("epoch 2/5", [10, 20, 30, 40])  # 100 target words in 4 batches
     # 2 batches = 30 words in 2 s: 15 words/s; 70 words left: 4.7 s.
-    assert bar.line(2, 3.14159, 2.0) == "epoch 2/5  [##########..........]  2/4 batches  loss 3.1416  15 words/s  ETA 0:04"
+    expected = "epoch 2/5  [##########..........]  2/4 batches  loss 3.1416  15 words/s  ETA 0:04"
+    assert bar.line(2, 3.14159, 2.0) == expected
     assert bar.line(0, None, 0.0) == "epoch 2/5  [....................]  0/4 batches"
 
 

@@ -12,6 +12,10 @@ Reads
   finetune.captions  the `prepare` folder: `<train_split>.json` (the references rewarded against,
                      and CIDEr-D's document frequencies: train only) and `<val_split>.json`
 
+While an epoch runs, a terminal shows a progress bar on stderr (batches, running reward and
+loss, sampled words/s, ETA; tqdm, hidden when stderr is not a terminal); each epoch ends with a
+log line.
+
 Writes (finetune.output, a new folder; names from `captioner.layout`): a model directory of the
 same shape as `train`'s, so `evaluate` and `caption` take it unchanged
   model.keras      the weights of the epoch with the best dev CIDEr-D (epoch 0: the starting model)
@@ -67,7 +71,6 @@ cross-entropy epoch plus a dev evaluation (README: measured times). Disk: as `tr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import dataclasses
@@ -198,7 +201,9 @@ def teacher_forcing(samples: SampledCaptions, start_id: int, end_id: int) -> tup
     return input_ids.astype(np.int32), target_ids.astype(np.int32), mask
 
 
-def baseline_rewards(rewards: np.ndarray, samples_per_image: int, greedy_rewards: np.ndarray | None = None) -> np.ndarray:
+def baseline_rewards(
+    rewards: np.ndarray, samples_per_image: int, greedy_rewards: np.ndarray | None = None
+) -> np.ndarray:
     """The baseline of each sample: float64 [N * K] for rewards float64 [N * K] (image-major).
 
     With `greedy_rewards` (float64 [N]): each sample's image's greedy reward. Without: the
@@ -336,7 +341,8 @@ class FinetuneResult:
                 + (f", from {self.start_dev_cider:.4f}" if self.start_dev_cider is not None else "") + ")"
                 if self.best_epoch is not None and self.best_dev_cider is not None else "no best epoch")
         if self.up_to_date:
-            return f"fine-tuned model in {self.output} is up to date ({self.epochs_done} epochs, {best}); --force reruns"
+            return (f"fine-tuned model in {self.output} is up to date ({self.epochs_done} epochs, {best}); "
+                    "--force reruns")
         parts = [f"fine-tuned {self.epochs_run} epochs (SCST)"]
         if self.resumed_from is not None:
             parts[0] += f" (resumed after epoch {self.resumed_from}, {self.epochs_done} in all)"
@@ -390,7 +396,9 @@ def _input_paths(config: Config) -> _Inputs:
     ft = config.finetune
     model_dir, output = Path(ft.model), Path(ft.output)
     if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found (finetune.model / --model): {model_dir}; train one with `captioner train`")
+        raise CaptionerError(
+            f"model directory not found (finetune.model / --model): {model_dir}; train one with `captioner train`"
+        )
     missing = [name for name in layout.MODEL_DIR_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CaptionerError(
@@ -408,7 +416,9 @@ def _input_paths(config: Config) -> _Inputs:
         raise CaptionerError(f"--output {output} is the starting model's directory; fine-tuning writes a new one")
     captions = Path(ft.captions)
     if not captions.is_dir():
-        raise CaptionerError(f"captions folder not found (finetune.captions / --captions): {captions}; run `captioner prepare`")
+        raise CaptionerError(
+            f"captions folder not found (finetune.captions / --captions): {captions}; run `captioner prepare`"
+        )
     paths = _Inputs(
         model_dir=model_dir,
         output=output,
@@ -418,7 +428,9 @@ def _input_paths(config: Config) -> _Inputs:
     )
     for path in (paths.train_json, paths.val_json):
         if not path.is_file():
-            raise CaptionerError(f"captions folder {captions} lacks {path.name} (finetune.captions; run `captioner prepare`)")
+            raise CaptionerError(
+                f"captions folder {captions} lacks {path.name} (finetune.captions; run `captioner prepare`)"
+            )
     for path in paths.feature_files:
         if not path.is_file():
             raise CaptionerError(f"features file not found (finetune.features / --features): {path}")
@@ -431,7 +443,9 @@ def _references(path: Path, split: str) -> dict[str, list[str]]:
     empty = [image_id for image_id, refs in data.items() if not refs or not any(r.strip() for r in refs)]
     if empty:
         more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
-        raise CaptionerError(f"{path}: {split} image {empty[0]!r}{more} has no reference captions; rerun `captioner prepare`")
+        raise CaptionerError(
+            f"{path}: {split} image {empty[0]!r}{more} has no reference captions; rerun `captioner prepare`"
+        )
     if not data:
         raise CaptionerError(f"{path}: the {split} split has no images")
     return data
@@ -488,7 +502,8 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     sizes = {vector.shape[0] for vector in features.values()}
     if sizes and sizes != {width}:
         raise CaptionerError(
-            f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d but {paths.model_dir} expects {width}-d"
+            f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d "
+            f"but {paths.model_dir} expects {width}-d"
         )
 
     def usable(refs: dict[str, list[str]], split: str) -> tuple[list[str], np.ndarray]:
@@ -551,7 +566,9 @@ def _choose_run(output: Path, force: bool, resume: bool) -> _Run:
             return _Run(folder, state, staged=folder is staging)
         if resume:
             log.info("finetune: nothing to resume in %s; starting from epoch 1", output)
-        owned = {ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR, ckpt.CHECKPOINTS_DIR + ".old", cache.lock_path_for(output).name}
+        owned = {
+            ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR, ckpt.CHECKPOINTS_DIR + ".old", cache.lock_path_for(output).name
+        }
         foreign = sorted(p.name for p in output.iterdir() if p.name not in owned) if output.is_dir() else []
         if foreign and not _holds_run(output):
             raise CaptionerError(
@@ -617,13 +634,16 @@ def _finetune(
         _refuse_changes(output, run.state.conflicts(stage.params, stage.input_fingerprints()))
     data = _load_data(config, paths)
     if run.state is not None and (run.state.feature_dim, run.state.vocab_hash) != (data.feature_dim, data.vocab_hash):
-        raise CaptionerError(f"cannot resume {output}: its checkpoint was made from another model (--force starts over)")
+        raise CaptionerError(
+            f"cannot resume {output}: its checkpoint was made from another model (--force starts over)"
+        )
 
     import keras
 
     if run.state is None:
         if run.staged:
-            log.info("finetune: working in %s; the finished model in %s stays until this run finishes", run.folder.path, output)
+            log.info("finetune: working in %s; the finished model in %s stays until this run finishes",
+                     run.folder.path, output)
         else:
             cache.manifest_path_for(output).unlink(missing_ok=True)
         run.folder.clear()
@@ -733,8 +753,9 @@ class _NonFinite(Exception):
 
 
 def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: np.ndarray,
-                 rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray]:
-    """One SCST step on train images `images` (int [B]); returns (loss, rewards [B*K], baselines [B*K])."""
+                 rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray, int]:
+    """One SCST step on train images `images` (int [B]); returns (loss, rewards float64 [B*K],
+    baselines float64 [B*K], target words trained on)."""
     from captioner.decoding import greedy
 
     ft, decode, tokenizer = config.finetune, config.decode, data.loaded.tokenizer
@@ -765,7 +786,7 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
     loss = float(np.asarray(loss).reshape(-1)[0])
     if not math.isfinite(loss):
         raise _NonFinite(f"the loss became {loss}")
-    return loss, rewards, baselines
+    return loss, rewards, baselines, int(mask.sum())
 
 
 def _epochs(model: Any, stepper: Any, state: FinetuneState, folder: FinetuneFolder, data: _Data, config: Config,
@@ -782,13 +803,15 @@ def _epochs(model: Any, stepper: Any, state: FinetuneState, folder: FinetuneFold
         started = time.perf_counter()
         order = np.random.default_rng([ft.seed, epoch]).permutation(n)
         losses, rewards, baselines = [], [], []
+        words = 0  # sampled target words so far (words and end tokens): the bar's words/s
         with tqdm(total=batches, desc=f"finetune epoch {epoch}/{ft.epochs}", unit="batch", leave=False,
                   disable=None) as bar:
             for b in range(batches):
                 images = order[b * ft.batch_size : (b + 1) * ft.batch_size]
                 try:
-                    loss, reward, baseline = _train_batch(model, stepper, data, config, images,
-                                                          np.random.default_rng([ft.seed, epoch, b]))
+                    loss, reward, baseline, batch_words = _train_batch(
+                        model, stepper, data, config, images, np.random.default_rng([ft.seed, epoch, b])
+                    )
                 except _NonFinite as error:
                     raise CaptionerError(
                         f"finetune stopped in epoch {epoch}, batch {b + 1}: {error}; the last good checkpoint "
@@ -798,8 +821,12 @@ def _epochs(model: Any, stepper: Any, state: FinetuneState, folder: FinetuneFold
                 losses.append(loss)
                 rewards.append(reward)
                 baselines.append(baseline)
+                words += batch_words
                 bar.update(1)
-                bar.set_postfix(reward=f"{np.concatenate(rewards).mean():.3f}", loss=f"{np.mean(losses):.4f}")
+                bar.set_postfix_str(
+                    f"reward {np.concatenate(rewards).mean():.3f}, loss {np.mean(losses):.4f}, "
+                    f"{words / max(time.perf_counter() - started, 1e-9):,.0f} words/s"
+                )
                 if after_batch is not None:
                     after_batch(epoch, b)
         cider, bleu4 = _dev_scores(stepper, data, config)

@@ -128,7 +128,9 @@ class CiderD:
                 for word in tokens:
                     self._words.setdefault(word, len(self._words) + 1)
         if len(self._words) > MAX_WORDS:
-            raise CaptionerError(f"the references hold {len(self._words)} distinct words; CIDEr-D rewards take at most {MAX_WORDS}")
+            raise CaptionerError(
+                f"the references hold {len(self._words)} distinct words; CIDEr-D rewards take at most {MAX_WORDS}"
+            )
         ref_tokens = self._ids(tokenised, self._words)
         self.ref_image = np.asarray(owners, dtype=np.int64)  # int64 [R]: the image of each reference
         self.ref_length = (ref_tokens != 0).sum(axis=1).astype(np.float64)  # float64 [R]: words
@@ -154,7 +156,8 @@ class CiderD:
         self._entry_ref = rows[order]
         self._entry_weight = weights[order]
         self._entry_order = orders[order]
-        log.debug("CIDEr-D rewards: %d images, %d references, %d n-grams", len(self.image_ids), len(tokenised), len(self._keys))
+        log.debug("CIDEr-D rewards: %d images, %d references, %d n-grams",
+                  len(self.image_ids), len(tokenised), len(self._keys))
 
     @staticmethod
     def _ids(tokenised: Sequence[Sequence[str]], words: Mapping[str, int]) -> np.ndarray:
@@ -215,12 +218,14 @@ class CiderD:
         high = np.searchsorted(self._entry_composite, composite, side="right")
         matches = high - low
         hyp_entry = np.repeat(entries, matches)
-        ref_entry = np.repeat(low, matches) + (np.arange(hyp_entry.size) - np.repeat(np.cumsum(matches) - matches, matches))
+        within = np.arange(hyp_entry.size) - np.repeat(np.cumsum(matches) - matches, matches)  # 0.. per n-gram
+        ref_entry = np.repeat(low, matches) + within
         ref = self._entry_ref[ref_entry]
         hyp_row = rows[hyp_entry]
         pair = pair_start[hyp_row] + (ref - self.ref_start[images[hyp_row]])
         ref_weight = self._entry_weight[ref_entry]
-        clipped = np.minimum(weights[hyp_entry], ref_weight) * ref_weight  # hypothesis weights clipped to the reference's
+        # the hypothesis weights clipped to the reference's
+        clipped = np.minimum(weights[hyp_entry], ref_weight) * ref_weight
         dots = np.bincount(
             pair * CIDER_MAX_N + (orders[hyp_entry] - 1), weights=clipped, minlength=pair_hyp.size * CIDER_MAX_N
         ).reshape(-1, CIDER_MAX_N)  # float64 [pairs, CIDER_MAX_N]

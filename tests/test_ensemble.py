@@ -176,7 +176,8 @@ def members(tmp_path_factory):
     config["feature_dim"] = 9
     (wide / layout.CONFIG_FILE).write_text(json.dumps(config))
     rng = np.random.default_rng(0)
-    feature_files.save_features(root / "features.pkl", {f"im{i}": rng.normal(size=8).astype(np.float32) for i in range(6)})
+    vectors = {f"im{i}": rng.normal(size=8).astype(np.float32) for i in range(6)}
+    feature_files.save_features(root / "features.pkl", vectors)
     dev = {f"im{i}": [captions[i % 3]] for i in range(6)}
     cache.atomic_write_json(layout.split_file(root / "captions", "dev"), dev)
     return {"root": root, "a": a, "b": b, "other": other, "wide": wide}

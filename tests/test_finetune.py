@@ -57,7 +57,8 @@ class Fixed:
         out = np.full((len(last_ids), 6), -np.inf, dtype=np.float32)
         first = last_ids == START
         with np.errstate(divide="ignore"):
-            out[first, 4], out[first, 5] = math.log(self.px) if self.px else -np.inf, math.log(1 - self.px) if self.px < 1 else -np.inf
+            out[first, 4] = np.log(self.px)
+            out[first, 5] = np.log(1 - self.px)
         out[~first, END] = 0.0
         return out, states
 
@@ -167,7 +168,8 @@ def make_data(root: Path) -> dict[str, Path]:
 def make_config(data: dict[str, Path], output: Path, **finetune: object) -> Config:
     config = Config()
     ft = config.finetune
-    ft.model, ft.features, ft.captions, ft.output = str(data["model"]), [str(data["features"])], str(data["captions"]), str(output)
+    ft.model, ft.features = str(data["model"]), [str(data["features"])]
+    ft.captions, ft.output = str(data["captions"]), str(output)
     ft.epochs, ft.batch_size, ft.samples_per_image, ft.learning_rate, ft.patience = 3, 8, 4, 0.05, 0
     config.decode.max_generated_words = 5
     for key, value in finetune.items():

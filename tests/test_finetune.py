@@ -360,3 +360,13 @@ def test_a_foreign_output_folder_is_refused(small: dict, tmp_path: Path) -> None
     with pytest.raises(CaptionerError, match="is not empty and holds no fine-tuning run"):
         finetune_stage(make_config(small, output))
     assert (output / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_write_is_one_line_and_installs_nothing(small: dict, tmp_path: Path, file_size_limit) -> None:
+    output = tmp_path / "out"
+    with file_size_limit(4096), pytest.raises(CaptionerError) as caught:  # the first weights file is larger
+        finetune_stage(make_config(small, output))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write {output / 'checkpoints' / 'epoch-0000.keras'}: File too large")
+    assert not (output / layout.MODEL_FILE).exists() and not cache.manifest_path_for(output).exists()

@@ -370,3 +370,19 @@ def test_a_failed_write_is_one_line_and_installs_nothing(small: dict, tmp_path: 
     assert "\n" not in message
     assert message.startswith(f"cannot write {output / 'checkpoints' / 'epoch-0000.keras'}: File too large")
     assert not (output / layout.MODEL_FILE).exists() and not cache.manifest_path_for(output).exists()
+
+
+def test_the_pipeline_script_takes_the_subcommand_flags(small: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "05_finetune.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--model", str(tmp_path / "nowhere"), "--features",
+                                     str(small["features"]), "--captions", str(small["captions"]),
+                                     "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as caught:
+        runpy.run_path(str(script), run_name="__main__")
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: model directory not found (finetune.model / --model): {tmp_path / 'nowhere'}; "
+        "train one with `captioner train`"
+    ]

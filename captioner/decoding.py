@@ -49,13 +49,21 @@ The search (the im2txt `CaptionGenerator` algorithm, batched):
 
 Special tokens are ids (`start_id`, `end_id`), never strings; returned ids
 exclude both.
+
+Per-step extras. A step function may return a third item, a dict name -> array with one
+row per input row (`{"attention": float32 [N, P]}` from the attention model's step). The
+search carries each live beam's history of them and hands the chosen beam's back with its
+caption, `DecodedCaption.extras[name]`: one row per step that produced a token of the
+caption, [len(ids) + 1, ...] for a finished caption (the words, then the end token) and
+[len(ids), ...] for an unfinished one. A step function that returns two items costs nothing
+more than before, and its captions have `extras` None.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -70,15 +78,30 @@ _DEFAULTS = DecodeConfig()
 
 
 class StepFunction(Protocol):
-    """The two methods a decoder needs (im2txt's feed_image / inference_step)."""
+    """The two methods a decoder needs (im2txt's feed_image / inference_step).
+
+    `step` may also return a third item, per-step extras: dict name -> array [N, ...]
+    (see the module docstring); wrappers of a step function must pass it on.
+    """
 
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
         """float32 [N, D] -> the decoder state, a list of arrays each with leading dim N."""
         ...
 
     def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """int [N] previous word ids + state -> (log-probabilities float32 [N, V], new state)."""
+        """int [N] previous word ids + state -> (log-probabilities float32 [N, V], new state[, extras])."""
         ...
+
+
+Extras = dict[str, np.ndarray]  # name -> array [rows, ...]: one step's per-row extra outputs
+
+
+def split_step_output(output: tuple) -> tuple[np.ndarray, list[np.ndarray], Extras | None]:
+    """A step function's return value -> (log_probs, states, extras or None), whether it has two items or three."""
+    if len(output) == 3:
+        return output[0], output[1], output[2]
+    log_probs, states = output
+    return log_probs, states, None
 
 
 @dataclass
@@ -89,6 +112,9 @@ class DecodedCaption:
     log_prob: float  # sum of the log-probabilities of the words (and of the end token when finished)
     score: float  # log_prob / length**alpha, the ranking key; equals log_prob when alpha = 0
     finished: bool = True  # False: max_generated_words was reached and no hypothesis ended
+    # name -> array [len(ids) + finished, ...]: the step function's extras at each step of this
+    # caption (e.g. "attention": float32 [steps, P]); None when the step function gives none
+    extras: Extras | None = field(default=None, compare=False, repr=False)
 
 
 def _check_arguments(
@@ -157,6 +183,7 @@ def _decode_chunk(
     row_words = np.zeros((n, 0), dtype=np.int64)  # int [R, t] words so far, without start
     last_ids = np.full(n, start_id, dtype=np.int64)
 
+    row_extras: Extras | None = None  # name -> [R, t, ...] each live beam's extras so far (step functions with extras)
     finished: list[list[tuple[float, int, DecodedCaption]]] = [[] for _ in range(n)]  # (score, order, caption)
     found = 0  # order in which finished hypotheses were found, for tie-breaking
     fallback: dict[int, DecodedCaption] = {}
@@ -164,7 +191,7 @@ def _decode_chunk(
     for step in range(max_length):  # at this step live beams hold `step` words
         if row_image.size == 0:
             break
-        log_probs, states = stepper.step(last_ids, states)
+        log_probs, states, step_extras = split_step_output(stepper.step(last_ids, states))
         log_probs = np.asarray(log_probs)
         rows = row_image.size
         if log_probs.ndim != 2 or log_probs.shape[0] != rows:
@@ -172,6 +199,10 @@ def _decode_chunk(
         if np.isnan(log_probs).any():
             raise CaptionerError("step function returned NaN log-probabilities")
         states = [np.asarray(s) for s in states]
+        if step_extras is not None:
+            step_extras = _check_extras(step_extras, rows)
+            if row_extras is None:  # the first step: empty histories
+                row_extras = {name: np.zeros((rows, 0, *a.shape[1:]), a.dtype) for name, a in step_extras.items()}
 
         word_ids, word_log_probs = _top_words(log_probs, k)  # [R, kw]
         candidate = row_log_prob[:, None] + word_log_probs  # float64 [R, kw]
@@ -186,6 +217,7 @@ def _decode_chunk(
                 ids=[int(x) for x in row_words[r]],
                 log_prob=log_prob,
                 score=log_prob / length**alpha if alpha else log_prob,
+                extras=_history(row_extras, step_extras, r, with_step=True),
             )
             finished[row_image[r]].append((caption.score, found, caption))
             found += 1
@@ -203,6 +235,7 @@ def _decode_chunk(
                         log_prob=log_prob,
                         score=log_prob / max(step, 1) ** alpha if alpha else log_prob,
                         finished=False,
+                        extras=_history(row_extras, step_extras, r, with_step=False),
                     )
             break
 
@@ -239,6 +272,11 @@ def _decode_chunk(
         row_words = np.concatenate([row_words[parent], new_words[:, None]], axis=1)
         last_ids = new_words
         states = [s[parent] for s in states]
+        if row_extras is not None and step_extras is not None:
+            row_extras = {
+                name: np.concatenate([history[parent], step_extras[name][parent][:, None]], axis=1)
+                for name, history in row_extras.items()
+            }
 
     results = []
     for image in range(n):
@@ -250,6 +288,26 @@ def _decode_chunk(
             captions = [fallback[image]]
         results.append(captions)
     return results
+
+
+def _check_extras(extras: Extras, rows: int) -> Extras:
+    """A step's extras as numpy arrays with one row per live beam; CaptionerError otherwise."""
+    checked = {}
+    for name, value in extras.items():
+        array = np.asarray(value)
+        if array.ndim < 1 or array.shape[0] != rows:
+            raise CaptionerError(f"step function returned extra {name!r} of shape {array.shape}, expected ({rows}, ...)")
+        checked[name] = array
+    return checked
+
+
+def _history(row_extras: Extras | None, step_extras: Extras | None, row: int, *, with_step: bool) -> Extras | None:
+    """One beam's extras: its history [t, ...], plus this step's row when the step made a token of the caption."""
+    if row_extras is None or step_extras is None:
+        return None
+    if not with_step:
+        return {name: history[row].copy() for name, history in row_extras.items()}
+    return {name: np.concatenate([history[row], step_extras[name][row][None]]) for name, history in row_extras.items()}
 
 
 class BannedWords:
@@ -266,12 +324,13 @@ class BannedWords:
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
         return self.stepper.initial_state(image_features)
 
-    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        log_probs, states = self.stepper.step(last_ids, states)
+    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple:
+        """As the wrapped step function: (log_probs, states) or (log_probs, states, extras)."""
+        log_probs, states, extras = split_step_output(self.stepper.step(last_ids, states))
         log_probs = np.array(log_probs, dtype=np.float32, copy=True)  # float32 [N, V]
         if self.banned.size:
             log_probs[:, self.banned] = -np.inf
-        return log_probs, states
+        return (log_probs, states) if extras is None else (log_probs, states, extras)
 
 
 def beam_search_n_best(
@@ -376,8 +435,10 @@ def greedy(
 
 __all__: Sequence[str] = [
     "DecodedCaption",
+    "Extras",
     "StepFunction",
     "beam_search",
     "beam_search_n_best",
     "greedy",
+    "split_step_output",
 ]

@@ -401,3 +401,102 @@ def test_banned_words_are_never_proposed():
     assert caption.log_prob == pytest.approx(math.log(0.4 * 0.9))
     (unbanned,) = greedy(TableModel(), features(0), start_id=START, end_id=END, max_generated_words=5, length_normalization=0.0)
     assert words(unbanned) == "a"
+
+
+# ---------------------------------------------------------------- per-step extras (attention weights)
+
+
+class TracingTableModel(TableModel):
+    """TableModel whose step also returns an extra per row: {"trace": float32 [N, 2]} holding
+    (the word id it was fed, the number of words before it), as an attention model returns
+    where it looked. The chosen beam's traces spell its own path, so a search that kept
+    another beam's history, or shifted it by a step, returns the wrong rows."""
+
+    def step(self, last_ids, states):
+        log_probs, states = super().step(last_ids, states)
+        position = states[1].shape[1]  # words in the prefix, the fed one included (<start>: 0)
+        trace = np.stack([np.asarray(last_ids, np.float32), np.full(len(last_ids), position, np.float32)], axis=1)
+        return log_probs, states, {"trace": trace}
+
+
+def trace(*fed: str) -> list[list[float]]:
+    """The expected trace of a caption: one row per step, (word fed, its position)."""
+    return [[float(ID[word]), float(i)] for i, word in enumerate(fed)]
+
+
+def test_the_chosen_beams_extras_come_back_with_each_caption():
+    # kind 0, beam 2: "b" wins (see above). Its steps: fed <start> (-> b), fed b (-> <end>):
+    # two rows, one per token of the caption including the end. The losing beam "a" was fed
+    # <start>, a: a search that kept its history would return a's id in the second row.
+    (caption,) = beam_search(TracingTableModel(), features(0), start_id=START, end_id=END, beam_size=2,
+                             max_generated_words=5, length_normalization=0.0)
+    assert words(caption) == "b"
+    np.testing.assert_array_equal(caption.extras["trace"], trace("<start>", "b"))
+    # greedy: "a"
+    (first,) = greedy(TracingTableModel(), features(0), start_id=START, end_id=END, max_generated_words=5,
+                      length_normalization=0.0)
+    np.testing.assert_array_equal(first.extras["trace"], trace("<start>", "a"))
+    # the three best of beam 3: "b", "a", "a c" (the last one three steps: <start>, a, c)
+    (three,) = beam_search_n_best(TracingTableModel(), features(0), start_id=START, end_id=END, beam_size=3,
+                                  max_generated_words=5, length_normalization=0.0)
+    assert [words(c) for c in three] == ["b", "a", "a c"]
+    for caption, fed in zip(three, [("<start>", "b"), ("<start>", "a"), ("<start>", "a", "c")]):
+        np.testing.assert_array_equal(caption.extras["trace"], trace(*fed))
+        assert caption.extras["trace"].dtype == np.float32
+    # kind 1, beam 2, alpha 1: "b c" wins. At step 2 the beams swap places: "b c" (p .4, from the
+    # second beam) ranks above "a c" (.24, from the first), so each new beam's history comes from
+    # the other row.
+    (swapped,) = beam_search(TracingTableModel(), features(1), start_id=START, end_id=END, beam_size=2,
+                             max_generated_words=5, length_normalization=1.0)
+    assert words(swapped) == "b c"
+    np.testing.assert_array_equal(swapped.extras["trace"], trace("<start>", "b", "c"))
+
+
+def test_an_unfinished_caption_has_one_extras_row_per_word():
+    # kind 2 never ends: "c c c" after 3 words, fed <start>, c, c (the step fed the last c only
+    # proposed more words, which did not become part of the caption)
+    (caption,) = decode_tracing([2], beam_size=2, max_generated_words=3)
+    assert words(caption) == "c c c" and not caption.finished
+    np.testing.assert_array_equal(caption.extras["trace"], trace("<start>", "c", "c"))
+    # kind 3 ends after exactly max_generated_words: the end row is there
+    (exact,) = decode_tracing([3], beam_size=2, max_generated_words=2)
+    assert words(exact) == "a b" and exact.finished
+    np.testing.assert_array_equal(exact.extras["trace"], trace("<start>", "a", "b"))
+
+
+def decode_tracing(kinds, **kwargs):
+    return beam_search(TracingTableModel(), features(*kinds), start_id=START, end_id=END,
+                       length_normalization=0.0, **kwargs)
+
+
+def test_extras_in_a_batch_and_in_chunks_match_each_image_alone():
+    kinds = (1, 0, 2, 3, 0, 4)
+    for beam_size in (1, 2, 3):
+        together = decode_tracing(kinds, beam_size=beam_size, max_generated_words=8, batch_size=4)
+        for kind, caption in zip(kinds, together):
+            (alone,) = decode_tracing([kind], beam_size=beam_size, max_generated_words=8)
+            assert caption.ids == alone.ids
+            np.testing.assert_array_equal(caption.extras["trace"], alone.extras["trace"])
+            fed = ["<start>"] + [WORDS[i] for i in caption.ids]
+            if not caption.finished:
+                fed = fed[:-1]
+            np.testing.assert_array_equal(caption.extras["trace"], trace(*fed))
+
+
+def test_a_step_function_without_extras_gives_none_and_banned_words_pass_extras_on():
+    (plain,) = decode([0], beam_size=2)
+    assert plain.extras is None
+    (banned,) = greedy(BannedWords(TracingTableModel(), [ID["a"]]), features(0), start_id=START, end_id=END,
+                       max_generated_words=5, length_normalization=0.0)
+    assert words(banned) == "b"
+    np.testing.assert_array_equal(banned.extras["trace"], trace("<start>", "b"))
+
+
+def test_extras_of_the_wrong_length_are_refused():
+    class Short(TableModel):
+        def step(self, last_ids, states):
+            log_probs, states = super().step(last_ids, states)
+            return log_probs, states, {"attention": np.zeros((len(last_ids) + 1, 4), np.float32)}
+
+    with pytest.raises(CaptionerError, match=r"extra 'attention' of shape \(2, 4\), expected \(1, \.\.\.\)"):
+        beam_search(Short(), features(0), start_id=START, end_id=END)

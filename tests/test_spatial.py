@@ -1,0 +1,205 @@
+"""Spatial map files: written in batches, resumed after a kill, a truncated file redone,
+read in batches by id or row, and shape errors that name both shapes."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from captioner.cache import WriteError
+from captioner.errors import CaptionerError
+from captioner.spatial import (
+    MapFile,
+    check_map_shape,
+    expect_map_file,
+    is_map_file,
+    open_map_writer,
+    refuse_map_file,
+)
+
+GRID, CHANNELS = (2, 3), 4
+PROVENANCE = {"backbone": "mobilenet_v2", "layer": "out_relu", "input_size": 224}
+
+
+def generated_maps(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """ids img0.. and float32 [n, 2, 3, 4] maps, exactly representable in float16 (multiples of 1/8)."""
+    rng = np.random.default_rng(seed)
+    maps = np.round(rng.uniform(0, 6, size=(n, *GRID, CHANNELS)) * 8) / 8
+    return [f"img{seed}_{i}" for i in range(n)], maps.astype(np.float32)
+
+
+def write(path: Path, batches: list[tuple[list[str], np.ndarray]], **kwargs) -> None:
+    with open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE, **kwargs) as writer:
+        for ids, maps in batches:
+            writer.append(ids, maps)
+
+
+def test_written_maps_read_back_by_id_by_row_and_in_batches(tmp_path: Path):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(7)
+    write(path, [(ids[:3], maps[:3]), (ids[3:], maps[3:])])
+    with MapFile(path) as reader:
+        assert reader.ids == ids and len(reader) == 7
+        assert reader.grid == GRID and reader.channels == CHANNELS and reader.positions == 6
+        assert reader.shape == (7, 6, 4)
+        assert reader.provenance == PROVENANCE
+        flat = maps.reshape(7, 6, 4)  # positions row-major: (row 0: cols 0, 1, 2), (row 1: ...)
+        got = reader.read(["img0_5", "img0_1", "img0_5"])  # any order, repeats allowed
+        assert got.dtype == np.float32 and got.shape == (3, 6, 4)
+        np.testing.assert_array_equal(got, flat[[5, 1, 5]])
+        np.testing.assert_array_equal(reader[np.array([6, 0, 0, 3])], flat[[6, 0, 0, 3]])
+        np.testing.assert_array_equal(got[0, 4], maps[5, 1, 1])  # position 4 is row 1, column 1
+        batches = list(reader.batches(ids[::-1], batch_size=3))
+        assert [b for b, _ in batches] == [ids[6:3:-1], ids[3:0:-1], ids[:1]]
+        np.testing.assert_array_equal(np.concatenate([m for _, m in batches]), flat[::-1])
+        with pytest.raises(CaptionerError, match="no map for image 'nope'"):
+            reader.read(["img0_1", "nope"])
+    with h5py.File(path, "r") as raw:  # the layout the module docstring promises
+        assert raw["maps"].dtype == np.float16 and raw["maps"].chunks == (1, *GRID, CHANNELS)
+
+
+def test_a_rerun_resumes_after_the_committed_rows(tmp_path: Path):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(6)
+    write(path, [(ids[:2], maps[:2])])
+    with open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE) as writer:
+        assert writer.ids == ids[:2]  # what an extraction skips
+        writer.append(ids[2:], maps[2:])
+        with pytest.raises(CaptionerError, match="'img0_0' is already in the map file"):
+            writer.append(["img0_0"], maps[:1])
+    with MapFile(path) as reader:
+        assert reader.ids == ids
+        np.testing.assert_array_equal(reader.read(ids), maps.reshape(6, 6, 4))
+
+
+def test_rows_of_a_killed_append_are_never_read_and_a_rerun_drops_them(tmp_path: Path):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(5)
+    write(path, [(ids[:3], maps[:3])])
+    # A kill after an append wrote its rows but before it committed them: rows 3, 4 exist, committed is 3.
+    with h5py.File(path, "r+") as raw:
+        for name in ("ids", "maps"):
+            raw[name].resize(5, axis=0)
+        raw["maps"][3:] = 99.0
+        raw["ids"][3:] = ["junk_a", "junk_b"]
+    with MapFile(path) as reader:
+        assert reader.ids == ids[:3]
+        with pytest.raises(IndexError):
+            reader.rows([3])
+    with open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE) as writer:
+        assert writer.ids == ids[:3]
+        writer.append(ids[3:], maps[3:])
+    with MapFile(path) as reader:
+        assert reader.ids == ids
+        np.testing.assert_array_equal(reader.read(ids[3:]), maps[3:].reshape(2, 6, 4))
+
+
+def test_a_truncated_file_is_refused_by_the_reader_and_redone_by_the_writer(tmp_path: Path, caplog):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(6)
+    write(path, [(ids, maps)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the process died while the file was being written
+    with pytest.raises(CaptionerError, match=r"maps\.h5: truncated or not an HDF5 map file .*rerun extract") as error:
+        MapFile(path)
+    assert "\n" not in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="captioner.spatial"):
+        with open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE) as writer:
+            assert writer.ids == []  # started over
+            writer.append(ids, maps)
+    assert "truncated or damaged" in caplog.text and "starting it over" in caplog.text
+    with MapFile(path) as reader:
+        np.testing.assert_array_equal(reader.read(ids), maps.reshape(6, 6, 4))
+
+
+def test_a_file_of_another_shape_or_provenance_is_refused_unless_forced(tmp_path: Path):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(2)
+    write(path, [(ids, maps)])
+    with pytest.raises(CaptionerError, match=r"holds maps of 2x3x4, this extraction makes 7x7x4; --force"):
+        open_map_writer(path, grid=(7, 7), channels=4, provenance=PROVENANCE)
+    with pytest.raises(CaptionerError, match=r"other settings \(layer differ\)"):
+        open_map_writer(path, grid=GRID, channels=CHANNELS, provenance={**PROVENANCE, "layer": "block_16"})
+    with MapFile(path) as reader:
+        assert reader.ids == ids  # nothing was destroyed
+    with open_map_writer(path, grid=(7, 7), channels=4, provenance=PROVENANCE, force=True) as writer:
+        assert writer.ids == [] and writer.grid == (7, 7)
+
+
+def test_an_hdf5_file_that_is_not_a_map_file_is_not_destroyed(tmp_path: Path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as raw:
+        raw["weights"] = np.arange(3)
+    with pytest.raises(CaptionerError, match="an HDF5 file but not a captioner map file; --force"):
+        open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE)
+    with h5py.File(path, "r") as raw:
+        assert list(raw) == ["weights"]
+    with pytest.raises(CaptionerError, match="not a captioner map file"):
+        MapFile(path)
+    with pytest.raises(CaptionerError, match="map file not found"):
+        MapFile(tmp_path / "missing.h5")
+
+
+def test_appended_maps_are_checked(tmp_path: Path):
+    ids, maps = generated_maps(2)
+    with open_map_writer(tmp_path / "maps.h5", grid=GRID, channels=CHANNELS, provenance=PROVENANCE) as writer:
+        with pytest.raises(CaptionerError, match=r"maps of shape \(2, 3, 2, 4\) cannot be added.*\[N, 2, 3, 4\]"):
+            writer.append(ids, maps.transpose(0, 2, 1, 3))
+        big = maps.copy()
+        big[1, 0, 0, 0] = 1e6  # beyond float16's range
+        with pytest.raises(CaptionerError, match="the map of 'img0_1' has values that are not finite in float16"):
+            writer.append(ids, big)
+        assert writer.ids == []  # nothing half-added
+
+
+# After a failed write HDF5 retries flushing the broken file when its last object is freed, and
+# reports that failure too (as "Exception ignored in __dealloc__"): expected here, not a leak.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_failed_write_is_one_line_and_keeps_the_committed_rows(tmp_path: Path, file_size_limit):
+    path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(2)
+    write(path, [(ids, maps)])
+    size = path.stat().st_size
+    more_ids, more = generated_maps(200, seed=1)
+    writer = open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE)
+    try:
+        with file_size_limit(size + 1024):
+            with pytest.raises(WriteError, match=r"cannot write .*maps\.h5") as error:
+                writer.append(more_ids, more)
+            assert "\n" not in str(error.value)
+    finally:
+        writer.close()  # after a failed write: closes without a second error
+    with MapFile(path) as reader:
+        assert reader.ids == ids
+        np.testing.assert_array_equal(reader.read(ids), maps.reshape(2, 6, 4))
+
+
+def test_shape_errors_name_expected_and_found_shapes(tmp_path: Path):
+    check_map_shape("maps.h5", (7, 7, 1280), 49, 1280)  # matches: no error
+    with pytest.raises(CaptionerError, match=r"maps of 14x14x512 \(196 positions, 512 channels\); the model takes 7x7x1280"):
+        check_map_shape("maps.h5", (14, 14, 512), 49, 1280)
+    # a pooled-vector file given to an attention model
+    pooled = tmp_path / "features.pkl"
+    pooled.write_bytes(pickle.dumps({"a": np.zeros(1280, np.float32), "b": np.ones(1280, np.float32)}))
+    assert not is_map_file(pooled)
+    with pytest.raises(CaptionerError, match=r"features\.pkl: pooled feature vectors \[2, 1280\]; the attention model takes spatial maps \[N, 49, 1280\]"):
+        expect_map_file(pooled, 49, 1280)
+    # a map file given to the merge model
+    maps_path = tmp_path / "maps.h5"
+    ids, maps = generated_maps(3)
+    write(maps_path, [(ids, maps)])
+    assert is_map_file(maps_path)
+    expect_map_file(maps_path, 6, 4)
+    with pytest.raises(CaptionerError, match=r"maps of 2x3x4 \(6 positions, 4 channels\); the model takes 7x7x4 \(49 positions"):
+        expect_map_file(maps_path, 49, 4)
+    with pytest.raises(CaptionerError, match=r"maps\.h5: spatial maps \[3, 2, 3, 4\]; the merge model takes pooled feature vectors \[N, 1280\]"):
+        refuse_map_file(maps_path, 1280)
+    refuse_map_file(pooled, 1280)  # a vector file is what the merge model takes
+    renamed = tmp_path / "maps.bin"  # an HDF5 map file under another suffix is still recognised
+    renamed.write_bytes(maps_path.read_bytes())
+    assert is_map_file(renamed)

@@ -1,0 +1,120 @@
+"""Where the attention model looked: a strip of the photo with each word's attention overlaid.
+
+`attention_strip(image, words, weights, grid)` draws, left to right, the photo and then one
+panel per word: the photo lit by that word's attention weights (upsampled from the map's grid
+to the photo bilinearly, scaled so the word's largest weight is full brightness; the parts it
+did not look at are dimmed) with the word written under it, as in Xu et al.'s figures.
+`save_attention_strip` writes it as a PNG, atomically.
+
+Inputs: image uint8 [H, W, 3] (the photo as loaded, any size); words: the caption's words;
+weights float [len(words), P], P = grid h * grid w, the attention of the step that produced
+each word (`DecodedCaption.extras["attention"][:len(words)]`), positions row-major as in the
+map file. Output: a PIL RGB image (1 + len(words)) panels wide.
+
+Pillow and numpy only (no plotting library): `caption --explain` and the HTML report use it.
+Cost: milliseconds per caption.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from captioner import cache
+from captioner.errors import CaptionerError
+
+log = logging.getLogger(__name__)
+
+PANEL_WIDTH = 160  # pixels per panel: a 15-word caption stays under 2,600 pixels wide
+LABEL_HEIGHT = 22  # the strip of white under each panel that holds its word
+GAP = 4  # white pixels between panels
+DIM = 0.3  # brightness where a word's attention is zero (1 where it is largest): the photo stays legible
+GLOW = 0.35  # white added where attention is largest, so it shows on dark photos too
+
+
+def _check(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise CaptionerError(f"the photo must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    height, width = (int(x) for x in grid)
+    weights = np.asarray(weights, dtype=np.float64)
+    if height < 1 or width < 1:
+        raise CaptionerError(f"the attention grid must be positive, got {grid}")
+    expected = (len(words), height * width)
+    if weights.shape != expected:
+        raise CaptionerError(
+            f"attention weights have shape {weights.shape}, expected {expected} "
+            f"({len(words)} words x {height}x{width} positions)"
+        )
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise CaptionerError("attention weights must be finite and non-negative")
+    return image, weights.reshape(len(words), height, width)
+
+
+def upsampled_attention(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One word's weights float [h, w] -> float32 [H, W] in [0, 1] (bilinear, largest = 1; size = (W, H))."""
+    grid = np.asarray(weights, dtype=np.float32)
+    peak = float(grid.max())
+    scaled = grid / peak if peak > 0 else np.zeros_like(grid)
+    # Pillow's bilinear resize of a float32 (mode F) image: each grid cell's weight sits at the centre of
+    # its patch of the photo and falls off linearly to the neighbouring cells'
+    upsampled = np.asarray(Image.fromarray(scaled).resize(size, Image.Resampling.BILINEAR))
+    return np.clip(upsampled, 0.0, 1.0)
+
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font only
+        return ImageFont.load_default()
+
+
+def attention_strip(
+    image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int], panel_width: int = PANEL_WIDTH
+) -> Image.Image:
+    """The photo, then one panel per word with its attention overlaid and the word under it.
+
+    image uint8 [H, W, 3]; words [n]; weights float [n, P] (P = grid[0] * grid[1]); grid (h, w).
+    Returns an RGB image: n + 1 panels of `panel_width` x round(panel_width * H / W) pixels, GAP
+    apart, each above a LABEL_HEIGHT strip (the first one's empty). CaptionerError, one line,
+    when the shapes do not fit together.
+    """
+    image, maps = _check(image, words, weights, grid)
+    panel_height = max(1, round(panel_width * image.shape[0] / image.shape[1]))
+    photo = np.asarray(
+        Image.fromarray(image).resize((panel_width, panel_height), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    count = len(words) + 1
+    strip = Image.new("RGB", (count * panel_width + (count - 1) * GAP, panel_height + LABEL_HEIGHT), "white")
+    strip.paste(Image.fromarray(photo.astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(strip)
+    font = _font()
+    for k, (word, word_map) in enumerate(zip(words, maps), start=1):
+        light = upsampled_attention(word_map, (panel_width, panel_height))[..., None]  # [H, W, 1]
+        lit = photo * (DIM + (1 - DIM) * light) + 255.0 * GLOW * light
+        left = k * (panel_width + GAP)
+        strip.paste(Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8)), (left, 0))
+        text_width = draw.textlength(word, font=font)
+        draw.text((left + (panel_width - text_width) / 2, panel_height + 3), word, fill="black", font=font)
+    return strip
+
+
+def save_attention_strip(
+    path: str | Path, image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]
+) -> Path:
+    """Draws `attention_strip` and writes it to `path` as a PNG, atomically (cache.WriteError on failure)."""
+    strip = attention_strip(image, words, weights, grid)
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    path = Path(path)
+    cache.atomic_write_bytes(path, buffer.getvalue())
+    log.debug("wrote %s (%d words)", path, len(words))
+    return path
+
+
+__all__ = ["GAP", "LABEL_HEIGHT", "PANEL_WIDTH", "attention_strip", "save_attention_strip", "upsampled_attention"]

@@ -1,0 +1,90 @@
+"""The attention strip: one panel per word after the photo, the light where the weight is,
+the word under its panel, one-line errors, an atomic PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.cache import WriteError
+from captioner.errors import CaptionerError
+from captioner.explain import GAP, LABEL_HEIGHT, PANEL_WIDTH, attention_strip, save_attention_strip
+
+GRID = (3, 4)  # 3 rows, 4 columns of positions
+PHOTO = np.full((120, 160, 3), 90, np.uint8)  # flat grey, 4:3 like the grid: a panel is 160 x 120
+
+
+def one_hot(row: int, column: int) -> np.ndarray:
+    weights = np.zeros(GRID[0] * GRID[1])
+    weights[row * GRID[1] + column] = 1.0  # positions are row-major
+    return weights
+
+
+def panel(strip: Image.Image, k: int) -> np.ndarray:
+    """Panel k (0 = the photo) without its label, int [120, 160, 3]."""
+    left = k * (PANEL_WIDTH + GAP)
+    return np.asarray(strip, dtype=np.int64)[:120, left : left + PANEL_WIDTH]
+
+
+def label(strip: Image.Image, k: int) -> np.ndarray:
+    left = k * (PANEL_WIDTH + GAP)
+    return np.asarray(strip, dtype=np.int64)[120:, left : left + PANEL_WIDTH]
+
+
+def test_the_strip_has_the_photo_then_one_panel_per_word_with_the_word_under_it():
+    words = ["a", "dog", "runs"]
+    weights = np.stack([one_hot(0, 0), one_hot(1, 2), np.full(12, 1 / 12)])
+    strip = attention_strip(PHOTO, words, weights, GRID)
+    assert strip.mode == "RGB"
+    assert strip.size == (4 * PANEL_WIDTH + 3 * GAP, 120 + LABEL_HEIGHT)
+    np.testing.assert_array_equal(panel(strip, 0), PHOTO.astype(np.int64))  # the photo as it is
+    assert (label(strip, 0) == 255).all()  # no word under the photo
+    for k in (1, 2, 3):
+        assert (label(strip, k) < 128).any()  # a word is written under every word panel
+    # uniform attention lights the whole photo alike; a one-hot lights part of it
+    assert np.ptp(panel(strip, 3)) == 0 and panel(strip, 3).min() > 90
+    assert np.ptp(panel(strip, 1)) > 100
+    # a longer word takes more ink than "a"
+    assert (label(strip, 2) < 128).sum() > (label(strip, 1) < 128).sum()
+
+
+@pytest.mark.parametrize("row, column", [(1, 2), (2, 0), (0, 3)])
+def test_the_brightest_region_sits_where_the_weight_is(row, column):
+    strip = attention_strip(PHOTO, ["here"], one_hot(row, column)[None], GRID)
+    brightness = panel(strip, 1).sum(-1)  # [120, 160]
+    ys, xs = np.nonzero(brightness == brightness.max())
+    # the grid cell (row, column) covers rows 40*row..40*row+40, columns 40*column..40*column+40
+    assert (40 * row <= ys).all() and (ys < 40 * row + 40).all()
+    assert (40 * column <= xs).all() and (xs < 40 * column + 40).all()
+    # and the other cells' centres are dimmer than the photo
+    far = (40 * ((row + 1) % 3) + 20, 40 * ((column + 2) % 4) + 20)
+    assert brightness[far] < 3 * 90
+
+
+def test_shapes_that_do_not_fit_are_one_line_errors():
+    with pytest.raises(CaptionerError, match=r"shape \(2, 12\), expected \(3, 12\) \(3 words x 3x4 positions\)"):
+        attention_strip(PHOTO, ["a", "b", "c"], np.ones((2, 12)), GRID)
+    with pytest.raises(CaptionerError, match=r"shape \(1, 49\), expected \(1, 12\)"):
+        attention_strip(PHOTO, ["a"], np.ones((1, 49)), GRID)
+    with pytest.raises(CaptionerError, match=r"uint8 \[H, W, 3\]"):
+        attention_strip(PHOTO.astype(np.float32), ["a"], np.ones((1, 12)), GRID)
+    with pytest.raises(CaptionerError, match="finite and non-negative"):
+        attention_strip(PHOTO, ["a"], np.full((1, 12), np.nan), GRID)
+
+
+def test_save_writes_a_png_atomically(tmp_path: Path, disk_full):
+    path = tmp_path / "explain" / "photo.png"
+    weights = np.stack([one_hot(0, 0), one_hot(2, 3)])
+    assert save_attention_strip(path, PHOTO, ["a", "b"], weights, GRID) == path
+    with Image.open(path) as saved:
+        assert saved.format == "PNG"
+        assert saved.size == (3 * PANEL_WIDTH + 2 * GAP, 120 + LABEL_HEIGHT)
+        first = np.asarray(saved.convert("RGB"))
+    disk_full(path)
+    with pytest.raises(WriteError, match=r"cannot write .*photo\.png: No space left on device"):
+        save_attention_strip(path, PHOTO, ["a", "b"], weights[::-1], GRID)
+    with Image.open(path) as kept:
+        np.testing.assert_array_equal(np.asarray(kept.convert("RGB")), first)  # the previous strip is intact

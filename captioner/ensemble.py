@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner.decoding import split_step_output
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,34 @@ class EnsembleStep:
             begin += size
         return out
 
-    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """int [N] + state -> (log of the members' mean probability, float32 [N, V]; new state).
+    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple:
+        """int [N] + state -> (log of the members' mean probability, float32 [N, V]; new state[, extras]).
 
-        One `step` call per member. Raises CaptionerError when members return
-        different shapes (different vocabularies).
+        One `step` call per member. Per-step extras (`captioner.decoding`) are passed on: an
+        extra that several members give (an attention model's "attention" [N, P]) is their
+        mean, when their shapes agree, else the first member's. Raises CaptionerError when
+        members return log-probabilities of different shapes (different vocabularies).
         """
         all_log_probs, new_states = [], []
+        given: dict[str, list[np.ndarray]] = {}
         for member, own in zip(self.members, self._split(states)):
-            log_probs, own = member.step(last_ids, own)
+            log_probs, own, extras = split_step_output(member.step(last_ids, own))
             all_log_probs.append(np.asarray(log_probs, dtype=np.float64))
             new_states.extend(own)
+            for name, value in (extras or {}).items():
+                given.setdefault(name, []).append(np.asarray(value))
         shapes = {lp.shape for lp in all_log_probs}
         if len(shapes) != 1:
             raise CaptionerError(f"ensemble members return log-probabilities of different shapes: {sorted(shapes)}")
         # log(mean p) = logsumexp over members - log M; logaddexp keeps -inf where every member has p = 0.
         combined = np.logaddexp.reduce(np.stack(all_log_probs), axis=0) - np.log(len(self.members))
-        return combined.astype(np.float32), new_states
+        if not given:
+            return combined.astype(np.float32), new_states
+        extras = {
+            name: np.mean(np.stack(values), axis=0) if len({v.shape for v in values}) == 1 else values[0]
+            for name, values in given.items()
+        }
+        return combined.astype(np.float32), new_states, extras
 
 
 @dataclass

@@ -92,6 +92,7 @@ from captioner import checkpoints as ckpt
 from captioner import config as config_lib
 from captioner.config import Config
 from captioner.datasets import read_prepared_split
+from captioner.decoding import split_step_output
 from captioner.errors import CaptionerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def sample_captions(
     for position in range(max_generated_words + 1):
         if alive.size == 0:
             break
-        log_probs, states = stepper.step(last, states)
+        log_probs, states, _ = split_step_output(stepper.step(last, states))  # per-step extras are not needed here
         log_probs = np.asarray(log_probs, dtype=np.float64)
         if np.isnan(log_probs).any():
             raise FloatingPointError("the model returned NaN log-probabilities")

@@ -28,6 +28,16 @@ TABLE_A = {"": {"x": 0.7, "y": 0.3}, "x": {"<end>": 0.4, "z": 0.6}, "*": {"<end>
 TABLE_B = {"": {"x": 0.05, "y": 0.3, "z": 0.65}, "x": {"<end>": 0.2, "z": 0.8}, "*": {"<end>": 1.0}}
 
 
+@pytest.fixture(autouse=True)
+def no_stale_log_handler():
+    """The CLI's log handler writes to the stderr pytest captured for that test, closed after it:
+    removed after each test, so later tests' log lines do not fail on a closed stream."""
+    import logging
+
+    yield
+    logging.getLogger().handlers.clear()
+
+
 class Table:
     """A step function over a table. State: [prefix int [N, t]] plus, with `extra`, a
     per-row counter float [N, 3] (members with different state shapes)."""
@@ -118,6 +128,28 @@ def test_an_ensemble_of_copies_decodes_as_its_member():
                                 length_normalization=0.5)
         assert double.ids == single.ids
         assert double.log_prob == pytest.approx(single.log_prob, rel=1e-6)
+
+
+def test_per_step_extras_of_the_members_are_passed_on():
+    # member A reports an "attention" row per step: 1s; member B: 3s; the ensemble's is their mean, 2s
+    class Attending(Table):
+        def __init__(self, table, value):
+            super().__init__(table)
+            self.value = value
+
+        def step(self, last_ids, states):
+            log_probs, states = super().step(last_ids, states)
+            return log_probs, states, {"attention": np.full((len(last_ids), 4), self.value, np.float32)}
+
+    (caption,) = greedy(EnsembleStep([Attending(TABLE_A, 1.0), Attending(TABLE_B, 3.0)]), features(),
+                        start_id=START, end_id=END, max_generated_words=5, length_normalization=0.0)
+    assert text(caption) == "x z"
+    assert caption.extras["attention"].shape == (3, 4)  # x, z and the end token
+    assert (caption.extras["attention"] == 2.0).all()
+    # members without extras: none
+    (plain,) = greedy(EnsembleStep([Table(TABLE_A), Table(TABLE_B)]), features(), start_id=START, end_id=END,
+                      max_generated_words=5, length_normalization=0.0)
+    assert plain.extras is None
 
 
 def test_members_with_different_vocabulary_sizes_fail_in_one_line():

@@ -199,6 +199,36 @@ def test_logits_stay_float32_under_mixed_precision():
     assert log_probs.dtype == np.float32 and extras[ATTENTION_EXTRA].dtype == np.float32
 
 
+def test_teacher_forced_batches_stream_maps_from_a_map_file_into_the_model(tmp_path: Path):
+    # The merge model's training contract: the same batches, with a map file as the feature table.
+    from captioner.sequences import FeatureTable, TeacherForcingBatches, encode_captions
+    from captioner.spatial import MapFile, open_map_writer
+    from captioner.tokenizer import Tokenizer
+
+    captions = {"img0": ["a red dog", "a dog"], "img1": ["two cats on a mat"], "img2": ["grass"]}
+    tokenizer = Tokenizer.build([c for texts in captions.values() for c in texts], min_word_count=1)
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 6, size=(3, 2, 2, CHANNELS)).astype(np.float16).astype(np.float32)
+    with open_map_writer(tmp_path / "maps.h5", grid=(2, 2), channels=CHANNELS, provenance={}) as writer:
+        writer.append(["img0", "img1", "img2"], maps)
+    with MapFile(tmp_path / "maps.h5") as table:
+        batches = TeacherForcingBatches(
+            encode_captions(captions, tokenizer, 40), FeatureTable(table, table.index), batch_size=4, shuffle=False
+        )
+        (image_map, input_ids), targets, weights = batches[0]
+    assert image_map.shape == (4, POSITIONS, CHANNELS) and image_map.dtype == np.float32
+    np.testing.assert_array_equal(image_map[0], maps[0].reshape(4, CHANNELS))  # caption 0 is img0's
+    np.testing.assert_array_equal(image_map[2], maps[1].reshape(4, CHANNELS))
+    model = build_attention_model(POSITIONS, CHANNELS, tokenizer.vocab_size, TINY)
+    logits = keras.ops.convert_to_numpy(model((image_map, input_ids), training=False))
+    assert logits.shape == (*input_ids.shape, tokenizer.vocab_size)
+    # the loss Keras computes with the batches' sample weights is the mean cross-entropy per real word
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(targets, logits, sample_weight=weights)
+    real = weights > 0
+    per_word = -np.take_along_axis(log_softmax(logits), targets[..., None], -1)[..., 0]
+    assert float(loss) == pytest.approx(per_word[real].mean(), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- a task only attention can learn
 
 

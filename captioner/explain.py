@@ -4,7 +4,8 @@
 panel per word: the photo lit by that word's attention weights (upsampled from the map's grid
 to the photo bilinearly, scaled so the word's largest weight is full brightness; the parts it
 did not look at are dimmed) with the word written under it, as in Xu et al.'s figures.
-`save_attention_strip` writes it as a PNG, atomically.
+`save_attention_strip` writes it as a PNG, atomically (`caption --explain`); `strip_data_uri`
+gives it as a data URI for the HTML evaluation report.
 
 Inputs: image uint8 [H, W, 3] (the photo as loaded, any size); words: the caption's words;
 weights float [len(words), P], P = grid h * grid w, the attention of the step that produced
@@ -17,6 +18,7 @@ Cost: milliseconds per caption.
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 from collections.abc import Sequence
@@ -104,17 +106,35 @@ def attention_strip(
     return strip
 
 
+def strip_png(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> bytes:
+    """`attention_strip` encoded as PNG bytes."""
+    buffer = io.BytesIO()
+    attention_strip(image, words, weights, grid).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def strip_data_uri(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> str:
+    """`attention_strip` as a "data:image/png;base64,..." URI, for a self-contained HTML page."""
+    return "data:image/png;base64," + base64.b64encode(strip_png(image, words, weights, grid)).decode("ascii")
+
+
 def save_attention_strip(
     path: str | Path, image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]
 ) -> Path:
     """Draws `attention_strip` and writes it to `path` as a PNG, atomically (cache.WriteError on failure)."""
-    strip = attention_strip(image, words, weights, grid)
-    buffer = io.BytesIO()
-    strip.save(buffer, format="PNG")
     path = Path(path)
-    cache.atomic_write_bytes(path, buffer.getvalue())
+    cache.atomic_write_bytes(path, strip_png(image, words, weights, grid))
     log.debug("wrote %s (%d words)", path, len(words))
     return path
 
 
-__all__ = ["GAP", "LABEL_HEIGHT", "PANEL_WIDTH", "attention_strip", "save_attention_strip", "upsampled_attention"]
+__all__ = [
+    "GAP",
+    "LABEL_HEIGHT",
+    "PANEL_WIDTH",
+    "attention_strip",
+    "save_attention_strip",
+    "strip_data_uri",
+    "strip_png",
+    "upsampled_attention",
+]

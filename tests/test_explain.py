@@ -3,6 +3,8 @@ the word under its panel, one-line errors, an atomic PNG."""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 
 from captioner.cache import WriteError
 from captioner.errors import CaptionerError
-from captioner.explain import GAP, LABEL_HEIGHT, PANEL_WIDTH, attention_strip, save_attention_strip
+from captioner.explain import GAP, LABEL_HEIGHT, PANEL_WIDTH, attention_strip, save_attention_strip, strip_data_uri
 
 GRID = (3, 4)  # 3 rows, 4 columns of positions
 PHOTO = np.full((120, 160, 3), 90, np.uint8)  # flat grey, 4:3 like the grid: a panel is 160 x 120
@@ -88,3 +90,15 @@ def test_save_writes_a_png_atomically(tmp_path: Path, disk_full):
         save_attention_strip(path, PHOTO, ["a", "b"], weights[::-1], GRID)
     with Image.open(path) as kept:
         np.testing.assert_array_equal(np.asarray(kept.convert("RGB")), first)  # the previous strip is intact
+
+
+def test_the_data_uri_holds_the_same_strip_for_an_html_page():
+    weights = np.stack([one_hot(1, 1)])
+    uri = strip_data_uri(PHOTO, ["dog"], weights, GRID)
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    with Image.open(io.BytesIO(base64.b64decode(uri[len(prefix):]))) as decoded:
+        assert decoded.format == "PNG"
+        np.testing.assert_array_equal(
+            np.asarray(decoded.convert("RGB")), np.asarray(attention_strip(PHOTO, ["dog"], weights, GRID))
+        )

@@ -1,7 +1,9 @@
 """Greedy and beam search over a step function that carries the decoder state.
 
-Reads: image features, float32 [N, D], and a `StepFunction` (in practice
-`captioner.model.StepModel`, which shares the trained model's weights).
+Reads: image features, float32 [N, D] (or maps [N, P, C]: any array with one row per
+image, which only the step function looks into), and a `StepFunction` (in practice
+`captioner.model.StepModel` or `captioner.attention.AttentionStepModel`, which share the
+trained model's weights).
 Writes nothing; returns one `DecodedCaption` per image (or the n best).
 Config used: `captioner.config.DecodeConfig` (beam_size, max_generated_words,
 length_normalization, batch_size), passed in as keyword arguments.
@@ -85,7 +87,7 @@ class StepFunction(Protocol):
     """
 
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
-        """float32 [N, D] -> the decoder state, a list of arrays each with leading dim N."""
+        """float32 [N, D] (or maps [N, P, C]) -> the decoder state, a list of arrays each with leading dim N."""
         ...
 
     def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -121,8 +123,11 @@ def _check_arguments(
     image_features: np.ndarray, beam_size: int, max_generated_words: int, length_normalization: float, batch_size: int
 ) -> np.ndarray:
     features = np.asarray(image_features)
-    if features.ndim != 2:
-        raise CaptionerError(f"image features must be a 2-D array [images, dim], got shape {features.shape}")
+    if features.ndim < 2:
+        raise CaptionerError(
+            f"image features must be an array with one row per image ([images, dim] vectors or "
+            f"[images, positions, channels] maps: 2-D or more), got shape {features.shape}"
+        )
     if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
         raise CaptionerError(f"decode.beam_size must be an integer >= 1, got {beam_size!r}")
     if isinstance(max_generated_words, bool) or not isinstance(max_generated_words, (int, np.integer)) or max_generated_words < 1:
@@ -170,7 +175,7 @@ def _decode_chunk(
     alpha: float,
     n_best: int,
 ) -> list[list[DecodedCaption]]:
-    """Beam search for one chunk of images, float32 [n, D]; see the module docstring."""
+    """Beam search for one chunk of images, float32 [n, ...]; see the module docstring."""
     n = features.shape[0]
     k = beam_size
     max_length = max_generated_words + 1  # words + end token: the longest a finished hypothesis can be
@@ -347,7 +352,7 @@ def beam_search_n_best(
 ) -> list[list[DecodedCaption]]:
     """The `n_best` (default beam_size, at most beam_size) best captions of each image, best first.
 
-    image_features: float32 [N, D]. Returns N lists in input order; a list is
+    image_features: float32 [N, D] (or [N, P, C] maps). Returns N lists in input order; a list is
     shorter than n_best when fewer hypotheses finished, and holds the single
     best unfinished beam when none did. Images are decoded in chunks of
     `batch_size`, each chunk's live beams stepped together.
@@ -389,8 +394,8 @@ def beam_search(
 ) -> list[DecodedCaption]:
     """The best caption of each image, in input order.
 
-    image_features: float32 [N, D] -> N `DecodedCaption`s (ids without start/end,
-    log_prob, score). N = 0 gives [] without calling the step function.
+    image_features: float32 [N, D] or [N, P, C] -> N `DecodedCaption`s (ids without start/end,
+    log_prob, score, extras). N = 0 gives [] without calling the step function.
     """
     n_best = beam_search_n_best(
         stepper,

@@ -309,3 +309,19 @@ def test_the_model_runs_under_jax():
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     result = subprocess.run([sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_beam_search_returns_the_attention_the_model_paid_to_each_word_of_its_caption():
+    from captioner.decoding import beam_search
+
+    model = perturbed_model()
+    maps, _, _ = sample_inputs(batch=3)
+    start, end = 2, 3
+    captions = beam_search(AttentionStepModel(model), maps, start_id=start, end_id=end, beam_size=3,
+                           max_generated_words=5, length_normalization=0.0)
+    for row, caption in enumerate(captions):
+        alpha = caption.extras[ATTENTION_EXTRA]  # [len(ids) + finished, P]
+        assert alpha.shape == (len(caption.ids) + caption.finished, POSITIONS)
+        # the full model, fed the same caption, paid the same attention at each step
+        ids = np.array([[start, *caption.ids]], np.int32)
+        np.testing.assert_allclose(alpha, full_attention(model, maps[row : row + 1], ids)[0, : len(alpha)], atol=1e-5)

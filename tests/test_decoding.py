@@ -249,7 +249,7 @@ def test_bad_arguments_are_refused_by_name():
         decode([0], length_normalization=-1.0)
     with pytest.raises(CaptionerError, match="batch_size"):
         decode([0], batch_size=0)
-    with pytest.raises(CaptionerError, match="2-D"):
+    with pytest.raises(CaptionerError, match=r"one row per image .*got shape \(3,\)"):
         beam_search(TableModel(), np.zeros(3, np.float32), start_id=START, end_id=END)
 
 
@@ -500,3 +500,21 @@ def test_extras_of_the_wrong_length_are_refused():
 
     with pytest.raises(CaptionerError, match=r"extra 'attention' of shape \(2, 4\), expected \(1, \.\.\.\)"):
         beam_search(Short(), features(0), start_id=START, end_id=END)
+
+
+def test_maps_with_one_row_per_image_are_decoded_like_vectors():
+    class MapsModel(TracingTableModel):
+        """Takes maps [N, P, C] (the attention model's input); the kind is at position 0, channel 0."""
+
+        def initial_state(self, image_maps):
+            assert image_maps.ndim == 3
+            return super().initial_state(image_maps[:, 0, :])
+
+    kinds = (1, 0, 2)
+    maps = np.repeat(features(*kinds)[:, None, :], 4, axis=1)  # [3, 4 positions, 3 channels]
+    got = beam_search(MapsModel(), maps, start_id=START, end_id=END, beam_size=2, max_generated_words=3,
+                      length_normalization=0.0)
+    expected = decode_tracing(kinds, beam_size=2, max_generated_words=3)
+    assert [c.ids for c in got] == [c.ids for c in expected]
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a.extras["trace"], b.extras["trace"])

@@ -14,6 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
 
 
+@pytest.fixture(autouse=True)
+def no_stale_log_handler():
+    """The CLI installs a log handler on the stderr pytest captured for that test, which is closed
+    after it: removed after every test, so later tests' log lines do not fail on a closed stream."""
+    import logging
+
+    yield
+    logging.getLogger().handlers.clear()
+
+
 @pytest.fixture
 def shared_flickr8k() -> Path:
     """../shared/flickr8k when it exists beside the checkout; the test is skipped otherwise."""

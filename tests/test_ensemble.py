@@ -28,15 +28,6 @@ TABLE_A = {"": {"x": 0.7, "y": 0.3}, "x": {"<end>": 0.4, "z": 0.6}, "*": {"<end>
 TABLE_B = {"": {"x": 0.05, "y": 0.3, "z": 0.65}, "x": {"<end>": 0.2, "z": 0.8}, "*": {"<end>": 1.0}}
 
 
-@pytest.fixture(autouse=True)
-def no_stale_log_handler():
-    """The CLI's log handler writes to the stderr pytest captured for that test, closed after it:
-    removed after each test, so later tests' log lines do not fail on a closed stream."""
-    import logging
-
-    yield
-    logging.getLogger().handlers.clear()
-
 
 class Table:
     """A step function over a table. State: [prefix int [N, t]] plus, with `extra`, a

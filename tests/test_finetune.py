@@ -39,15 +39,6 @@ KINDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow"
 FEATURE_DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def no_stale_log_handler():
-    """The CLI's log handler writes to the stderr pytest captured for that test, closed after it:
-    removed after each test, so later tests' log lines do not fail on a closed stream."""
-    import logging
-
-    yield
-    logging.getLogger().handlers.clear()
-
 
 # --------------------------------------------------------------------------- sampling, hand-built
 

@@ -24,7 +24,6 @@ Cost: about `--duration` seconds plus ~15 s per `--caption-images` on 2 CPU core
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil

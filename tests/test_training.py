@@ -26,7 +26,7 @@ from captioner.checkpoints import STAGING_DIR
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_stage
-from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINED_FILES
+from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE
 from captioner.tokenizer import Tokenizer
 from captioner.training import ProgressBar, TrainResult, progress_stream, train_stage
 

@@ -26,7 +26,13 @@ A model directory (written by training, read by `load_model_dir`; file names in
     model.keras     the trained model (Keras 3 format: a zip of config.json and weights)
     tokenizer.json  captioner.tokenizer.Tokenizer
     config.json     {"format_version": 1, "config": <Config as dict>, "feature_dim": D,
-                     "vocab_size": V, "features_provenance": {...}}
+                     "vocab_size": V, "features_provenance": {...}}; an attention model
+                     (model.kind "attention", `captioner.attention`) also "map_grid": [H, W],
+                     and its feature_dim is the maps' channels C
+
+`load_model_dir` loads either kind; `LoadedModel.step_model()` is the matching step
+function (`StepModel`, or `captioner.attention.AttentionStepModel`, whose steps also
+return the attention weights).
 
 Loading checks what it reads and says what is wrong in one line naming the file:
 a missing file, a `model.keras` that is corrupt or not a Keras model file (Keras
@@ -55,6 +61,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from captioner import attention as attention_lib  # registers AttentionLSTM: attention .keras files load
 from captioner import cache
 from captioner import config as config_lib
 from captioner.config import Config, ModelConfig
@@ -211,20 +218,29 @@ def save_model(model: keras.Model, model_dir: str | Path) -> Path:
 
 
 def write_model_config(
-    model_dir: str | Path, config: Config, feature_dim: int, vocab_size: int, provenance: dict[str, Any]
+    model_dir: str | Path,
+    config: Config,
+    feature_dim: int,
+    vocab_size: int,
+    provenance: dict[str, Any],
+    map_grid: tuple[int, int] | None = None,
 ) -> Path:
-    """Writes `model_dir/config.json` atomically (layout in the module docstring)."""
+    """Writes `model_dir/config.json` atomically (layout in the module docstring).
+
+    An attention model (config.model.kind "attention") also records `map_grid` [H, W], the
+    grid of the maps it takes; its feature_dim is their channels C.
+    """
     path = Path(model_dir) / CONFIG_FILE
-    cache.atomic_write_json(
-        path,
-        {
-            "format_version": FORMAT_VERSION,
-            "config": config_lib.to_dict(config),
-            "feature_dim": int(feature_dim),
-            "vocab_size": int(vocab_size),
-            "features_provenance": provenance,
-        },
-    )
+    data = {
+        "format_version": FORMAT_VERSION,
+        "config": config_lib.to_dict(config),
+        "feature_dim": int(feature_dim),
+        "vocab_size": int(vocab_size),
+        "features_provenance": provenance,
+    }
+    if map_grid is not None:
+        data["map_grid"] = [int(x) for x in map_grid]
+    cache.atomic_write_json(path, data)
     return path
 
 
@@ -238,7 +254,15 @@ class LoadedModel:
     config: Config
     info: dict[str, Any] = field(default_factory=dict)
 
-    def step_model(self) -> StepModel:
+    @property
+    def kind(self) -> str:
+        """"attention" for a `captioner.attention` model, else "merge" (ModelConfig.kind)."""
+        return "attention" if attention_lib.is_attention_model(self.model) else "merge"
+
+    def step_model(self) -> Any:
+        """The decoding step function: `StepModel`, or `captioner.attention.AttentionStepModel`."""
+        if self.kind == "attention":
+            return attention_lib.AttentionStepModel(self.model)
         return StepModel(self.model)
 
 
@@ -348,6 +372,22 @@ def load_keras_model(path: str | Path) -> keras.Model:
         raise corrupt(lines[0] if lines else type(error).__name__) from None
 
 
+def _check_map_grid(model_dir: Path, model: keras.Model, info: dict[str, Any]) -> None:
+    """An attention model's maps (positions, channels) against config.json's map_grid and feature_dim."""
+    positions, channels = attention_lib.map_shape(model)
+    grid = info.get("map_grid")
+    if (
+        not isinstance(grid, list) or len(grid) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid)
+    ):
+        raise CaptionerError(f"{Path(model_dir) / CONFIG_FILE}: an attention model needs map_grid [H, W], got {grid!r}")
+    if grid[0] * grid[1] != positions or channels != info["feature_dim"]:
+        raise CaptionerError(
+            f"model directory {model_dir}: the model takes maps of {positions} positions x {channels} channels, "
+            f"{CONFIG_FILE} says {grid[0]}x{grid[1]}x{info['feature_dim']}"
+        )
+
+
 def load_model_dir(model_dir: str | Path) -> LoadedModel:
     """Loads model.keras, tokenizer.json and config.json from `model_dir`.
 
@@ -368,20 +408,32 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     model_path = model_dir / MODEL_FILE
     model = load_keras_model(model_path)
     present = {layer.name for layer in model.layers}
-    absent = [name for name in MERGE_LAYERS if name not in present]
+    attention = attention_lib.is_attention_model(model)
+    expected_layers = attention_lib.ATTENTION_LAYERS if attention else MERGE_LAYERS
+    absent = [name for name in expected_layers if name not in present]
     if absent:
-        raise CaptionerError(f"{model_path}: a Keras model, but not a captioner merge model (no layer {absent[0]!r})")
+        what = "attention" if attention else "merge"
+        raise CaptionerError(f"{model_path}: a Keras model, but not a captioner {what} model (no layer {absent[0]!r})")
+    if attention != (config.model.kind == "attention"):
+        raise CaptionerError(
+            f"model directory {model_dir}: model.keras is {'an attention' if attention else 'a merge'} model, "
+            f"{CONFIG_FILE} says model.kind {config.model.kind!r}"
+        )
     vocab_size = int(model.get_layer("logits").units)
     if vocab_size != info["vocab_size"] or vocab_size != tokenizer.vocab_size:
         raise CaptionerError(
             f"model directory {model_dir}: the model has {vocab_size} words, {CONFIG_FILE} says "
             f"{info['vocab_size']}, {TOKENIZER_FILE} has {tokenizer.vocab_size}"
         )
-    feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
-    if feature_dim != info["feature_dim"]:
-        raise CaptionerError(
-            f"model directory {model_dir}: the model takes {feature_dim}-d features, "
-            f"{CONFIG_FILE} says {info['feature_dim']}"
-        )
-    log.info("loaded %s (%d words, %d-d features)", model_dir, vocab_size, info["feature_dim"])
+    if attention:
+        _check_map_grid(model_dir, model, info)
+    else:
+        feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
+        if feature_dim != info["feature_dim"]:
+            raise CaptionerError(
+                f"model directory {model_dir}: the model takes {feature_dim}-d features, "
+                f"{CONFIG_FILE} says {info['feature_dim']}"
+            )
+    log.info("loaded %s (%s model, %d words, %d-d features)", model_dir, "attention" if attention else "merge",
+             vocab_size, info["feature_dim"])
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)

@@ -140,7 +140,12 @@ def encode_captions(
 
 @dataclass
 class FeatureTable:
-    """Image features stored once: float32 [num_images, D] and image id -> row."""
+    """Image features stored once: float32 [num_images, D] and image id -> row.
+
+    `matrix` may also be any object with `shape` and numpy-style row gathering
+    (`matrix[rows]` -> float32 [len(rows), ...]), such as a `captioner.spatial.MapFile`
+    whose maps [num_images, P, C] are read from disk a batch at a time.
+    """
 
     matrix: np.ndarray
     index: dict[str, int] = field(default_factory=dict)
@@ -158,7 +163,13 @@ class FeatureTable:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.matrix.shape[1])
+        """D for vectors; for maps [N, P, C], the channels C."""
+        return int(self.matrix.shape[-1])
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features: (D,), or (P, C) for maps."""
+        return tuple(int(n) for n in self.matrix.shape[1:])
 
 
 def feature_table(features: FeatureTable | Mapping[str, np.ndarray], ids: Sequence[str]) -> FeatureTable:
@@ -391,7 +402,7 @@ class TeacherForcingBatches(keras.utils.PyDataset):
 
         signature = (
             (
-                tf.TensorSpec((None, self.feature_dim), tf.float32),
+                tf.TensorSpec((None, *self.table.row_shape), tf.float32),
                 tf.TensorSpec((None, None), tf.int32),
             ),
             tf.TensorSpec((None, None), tf.int32),

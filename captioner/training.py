@@ -2,7 +2,8 @@
 
 Reads
   train.features   one or more feature files (`captioner.feature_files.load_features`: dict image id
-                   -> float32 [D], any D), merged
+                   -> float32 [D], any D), merged; with model.kind=attention, one HDF5 map file
+                   (`captioner.spatial`: float16 [N, H, W, C], read a batch at a time, never whole)
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
 
@@ -18,7 +19,8 @@ Writes (train.output, a folder; see `captioner.layout`)
   manifest.json    `captioner.cache.Stage` "train": a rerun with unchanged inputs and
                    params is a no-op
 
-Config: train (all of it), model (the architecture), text.max_prepared_words (captions are cut
+Config: train (all of it), model (the architecture: model.kind merge, `captioner.model`, or
+attention, `captioner.attention`), text.max_prepared_words (captions are cut
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
 batches' sample weights are 0 there, see `captioner.sequences`), on float32 logits.
 
@@ -73,7 +75,7 @@ from typing import Any, TextIO
 from captioner import cache
 from captioner import checkpoints as ckpt
 from captioner import config as config_lib
-from captioner import feature_files
+from captioner import feature_files, spatial
 from captioner.checkpoints import EpochRecord, Run, TrainState
 from captioner.config import Config
 from captioner.datasets import read_prepared_split
@@ -172,6 +174,10 @@ def _input_paths(config: Config) -> _Inputs:
     return paths
 
 
+# Model fields that only the attention model reads (captioner.config.ModelConfig), left out of a merge run's params.
+_ATTENTION_ONLY = frozenset({"kind", "attention_dim", "doubly_stochastic"})
+
+
 def stage_params(config: Config) -> dict[str, Any]:
     """Everything the trained model depends on besides the input files, as flat dotted keys.
 
@@ -183,6 +189,8 @@ def stage_params(config: Config) -> dict[str, Any]:
         if key not in {"features", "captions", "output"}:
             params[f"train.{key}"] = value
     for key, value in config_lib.to_dict(config.model).items():
+        if config.model.kind == "merge" and key in _ATTENTION_ONLY:
+            continue  # a merge model's params (and so its manifests and checkpoints) are as before attention
         params[f"model.{key}"] = value
     params["text.max_prepared_words"] = config.text.max_prepared_words
     params["state_version"] = ckpt.STATE_VERSION
@@ -214,6 +222,25 @@ class _Data:
     train_batches: Any  # captioner.sequences.TeacherForcingBatches
     val_batches: Any
     skipped: dict[str, int]  # split -> captions without features
+    map_grid: tuple[int, int] | None = None  # model.kind attention: the maps' grid (H, W); feature_dim is C
+    maps: Any = None  # model.kind attention: the open captioner.spatial.MapFile the batches read from
+    provenance: dict[str, Any] | None = None  # model.kind attention: the map file's own provenance
+
+
+def _open_maps(paths: _Inputs) -> spatial.MapFile:
+    """The one map file an attention model trains on (train.features), checked to hold maps."""
+    if len(paths.feature_files) != 1:
+        raise CaptionerError(
+            f"model.kind=attention trains on one map file (train.features), got {len(paths.feature_files)}: "
+            f"{', '.join(map(str, paths.feature_files))}"
+        )
+    path = paths.feature_files[0]
+    spatial.expect_map_file(path)  # a pooled-vector file is named with its shape
+    maps = spatial.MapFile(path)
+    if len(maps) == 0:
+        maps.close()
+        raise CaptionerError(f"map file {path} holds no images")
+    return maps
 
 
 def _load_data(config: Config, paths: _Inputs) -> _Data:
@@ -223,15 +250,24 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
 
     train = config.train
     tokenizer = Tokenizer.load(paths.tokenizer_json)
-    log.info("train: loading features %s", ", ".join(map(str, paths.feature_files)))
-    features = feature_files.load_features(paths.feature_files)
-    if not features:
-        raise CaptionerError(f"features files hold no images: {', '.join(map(str, paths.feature_files))}")
-    feature_dim = int(next(iter(features.values())).shape[0])
     splits = {train.train_split: read_prepared_split(paths.train_json), train.val_split: read_prepared_split(paths.val_json)}
-    used_ids = [image_id for captions in splits.values() for image_id in captions]
-    table = FeatureTable.from_dict(features, used_ids)  # only the images the splits use, stored once
-    del features
+    maps = None
+    if config.model.kind == "attention":
+        maps = _open_maps(paths)  # read a batch at a time, never loaded whole
+        log.info("train: reading maps %s (%d images, %dx%dx%d)", maps.path, len(maps), *maps.grid, maps.channels)
+        table = FeatureTable(maps, maps.index)
+        feature_dim = maps.channels
+    else:
+        for path in paths.feature_files:
+            spatial.refuse_map_file(path)  # a map file is named with its shape
+        log.info("train: loading features %s", ", ".join(map(str, paths.feature_files)))
+        features = feature_files.load_features(paths.feature_files)
+        if not features:
+            raise CaptionerError(f"features files hold no images: {', '.join(map(str, paths.feature_files))}")
+        feature_dim = int(next(iter(features.values())).shape[0])
+        used_ids = [image_id for captions in splits.values() for image_id in captions]
+        table = FeatureTable.from_dict(features, used_ids)  # only the images the splits use, stored once
+        del features
     batches: dict[str, Any] = {}
     skipped: dict[str, int] = {}
     for split, captions in splits.items():
@@ -273,6 +309,9 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         train_batches=train_batches,
         val_batches=val_batches,
         skipped=skipped,
+        map_grid=maps.grid if maps is not None else None,
+        maps=maps,
+        provenance=maps.provenance if maps is not None else None,
     )
 
 
@@ -621,6 +660,25 @@ def _train(
     if run.state is not None:
         _refuse_changes(output, run.state.conflicts(stage.params))  # before loading anything
     data = _load_data(config, paths)
+    try:
+        return _train_loaded(config, paths, output, stage, run, data, callbacks, chief, bar)
+    finally:
+        if data.maps is not None:
+            data.maps.close()
+
+
+def _train_loaded(
+    config: Config,
+    paths: _Inputs,
+    output: Path,
+    stage: cache.Stage,
+    run: Run,
+    data: _Data,
+    callbacks: Sequence[Any],
+    chief: bool,
+    bar: ProgressBar | None,
+) -> TrainResult:
+    """The stage once its data is loaded: resume checks, the model, the epochs, the files."""
     if run.state is not None:
         _check_resumable(output, run.state, data, paths, stage)
 
@@ -689,7 +747,13 @@ def _build_model(config: Config, strategy: Any, data: _Data, run: Run) -> Any:
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        model = model_lib.build_model(data.feature_dim, data.tokenizer.vocab_size, config.model)
+        if data.map_grid is not None:
+            from captioner.attention import build_attention_model
+
+            positions = data.map_grid[0] * data.map_grid[1]
+            model = build_attention_model(positions, data.feature_dim, data.tokenizer.vocab_size, config.model)
+        else:
+            model = model_lib.build_model(data.feature_dim, data.tokenizer.vocab_size, config.model)
         # "auto": Keras' choice (XLA on GPUs, not on CPUs, where it measured no faster here).
         _compile(model, config.train, jit_compile="auto", steps_per_epoch=len(data.train_batches))
         if run.state is not None and run.state.weights is not None:
@@ -819,8 +883,13 @@ def _finish(
     folder = run.folder
     folder.load_weights(model, state.best_weights)
     model_lib.save_model(model, folder.path)  # a failed write is a one-line WriteError there
-    provenance = feature_files.feature_provenance(paths.feature_files)
-    model_lib.write_model_config(folder.path, config, data.feature_dim, data.tokenizer.vocab_size, provenance)
+    if data.provenance is not None:  # a map file records its own provenance
+        provenance = data.provenance
+    else:
+        provenance = feature_files.feature_provenance(paths.feature_files)
+    model_lib.write_model_config(
+        folder.path, config, data.feature_dim, data.tokenizer.vocab_size, provenance, map_grid=data.map_grid
+    )
     cache.write_together(
         {
             folder.path / TOKENIZER_FILE: paths.tokenizer_json.read_bytes(),

@@ -325,3 +325,137 @@ def test_beam_search_returns_the_attention_the_model_paid_to_each_word_of_its_ca
         # the full model, fed the same caption, paid the same attention at each step
         ids = np.array([[start, *caption.ids]], np.int32)
         np.testing.assert_allclose(alpha, full_attention(model, maps[row : row + 1], ids)[0, : len(alpha)], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the train stage with maps
+
+SHAPES = ["circle", "square", "triangle", "star"]
+
+
+def make_map_data(root: Path, images: int = 20) -> tuple[Path, Path, Path]:
+    """(map file .h5, pooled .pkl of the same images, captions folder): 16 train and 4 dev images.
+
+    Maps 2x2x4: the shape's word is decided by which position holds the brightest value.
+    """
+    from captioner import cache, feature_files
+    from captioner.spatial import open_map_writer
+    from captioner.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 1, size=(images, 2, 2, CHANNELS)).astype(np.float32)
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}, "test": {}}
+    ids = [f"img{i:03d}" for i in range(images)]
+    for i, image_id in enumerate(ids):
+        kind = i % 4
+        maps[i, kind // 2, kind % 2] += 3.0
+        splits["train" if i < images * 4 // 5 else "dev"][image_id] = [f"a {SHAPES[kind]}", f"one {SHAPES[kind]} here"]
+    map_path = root / "maps.h5"
+    with open_map_writer(map_path, grid=(2, 2), channels=CHANNELS, provenance={"backbone": "test", "layer": "conv"}) as w:
+        w.append(ids, maps)
+    pooled = root / "pooled.pkl"
+    feature_files.save_features(pooled, {i: m.mean(axis=(0, 1)) for i, m in zip(ids, maps)})
+    captions = root / "captions"
+    for split, data in splits.items():
+        cache.atomic_write_json(captions / f"{split}.json", data)
+    Tokenizer.build((c for caps in splits["train"].values() for c in caps), min_word_count=1).save(
+        captions / "tokenizer.json"
+    )
+    return map_path, pooled, captions
+
+
+def attention_config(root: Path, features: Path, captions: Path, output: str = "model", **train: object):
+    from captioner import config as config_lib
+
+    config = config_lib.Config()
+    config.train.features = [str(features)]
+    config.train.captions = str(captions)
+    config.train.output = str(root / output)
+    config.train.epochs = 2
+    config.train.batch_size = 8
+    config.train.learning_rate = 0.01
+    config.model = ModelConfig(kind="attention", embedding_dim=8, units=8, attention_dim=8)
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from captioner.training import train_stage
+
+    root = tmp_path_factory.mktemp("attention-train")
+    map_path, pooled, captions = make_map_data(root)
+    config = attention_config(root, map_path, captions)
+    result = train_stage(config)
+    return {"root": root, "maps": map_path, "pooled": pooled, "captions": captions, "config": config, "result": result}
+
+
+@pytest.mark.slow  # a training run (the module's fixture): about 8 s
+def test_train_with_model_kind_attention_writes_a_model_dir_that_loads_and_captions(trained: dict):
+    import json
+
+    from captioner.decoding import beam_search
+    from captioner.layout import CONFIG_FILE
+    from captioner.model import load_model_dir
+    from captioner.spatial import MapFile
+
+    result, config = trained["result"], trained["config"]
+    assert result.epochs_done == 2 and result.best_val_loss is not None
+    model_dir = Path(config.train.output)
+    info = json.loads((model_dir / CONFIG_FILE).read_text())
+    assert info["map_grid"] == [2, 2] and info["feature_dim"] == CHANNELS
+    assert info["config"]["model"]["kind"] == "attention"
+    assert info["features_provenance"] == {"backbone": "test", "layer": "conv"}  # from the map file
+    loaded = load_model_dir(model_dir)
+    assert loaded.kind == "attention"
+    stepper = loaded.step_model()
+    assert isinstance(stepper, AttentionStepModel)
+    with MapFile(trained["maps"]) as maps:
+        images = maps.read(["img016", "img017"])  # dev images
+    tokenizer = loaded.tokenizer
+    captions = beam_search(stepper, images, start_id=tokenizer.start_id, end_id=tokenizer.end_id, beam_size=2,
+                           max_generated_words=4)
+    for caption in captions:
+        assert caption.extras[ATTENTION_EXTRA].shape[1] == 4
+    from captioner.training import train_stage
+
+    assert train_stage(config).up_to_date  # a rerun with the same inputs is a no-op
+
+
+def test_a_pooled_file_for_an_attention_model_and_a_map_file_for_a_merge_model_are_refused(tmp_path: Path):
+    from captioner.errors import CaptionerError
+    from captioner.training import train_stage
+
+    maps, pooled, captions = make_map_data(tmp_path)
+    trained = {"maps": maps, "pooled": pooled}
+    pooled_config = attention_config(tmp_path, trained["pooled"], captions)
+    with pytest.raises(CaptionerError, match=r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps"):
+        train_stage(pooled_config)
+    merge_config = attention_config(tmp_path, trained["maps"], captions)
+    merge_config.model.kind = "merge"
+    with pytest.raises(CaptionerError, match=r"maps\.h5: spatial maps \[20, 2, 2, 3\]; the merge model takes pooled"):
+        train_stage(merge_config)
+    two = attention_config(tmp_path, trained["maps"], captions)
+    two.train.features = [str(trained["maps"]), str(trained["maps"])]
+    with pytest.raises(CaptionerError, match="model.kind=attention trains on one map file"):
+        train_stage(two)
+    from captioner.cache import lock_path_for
+
+    left = {p.name for p in (tmp_path / "model").iterdir()} if (tmp_path / "model").exists() else set()
+    assert left <= {lock_path_for(tmp_path / "model").name}  # refused before anything was written
+
+
+@pytest.mark.slow  # two more runs: a few seconds
+def test_a_resumed_attention_run_ends_where_the_uninterrupted_run_ends(trained: dict, tmp_path: Path):
+    from captioner.model import load_model_dir
+    from captioner.training import train_stage
+
+    first = attention_config(tmp_path, trained["maps"], trained["captions"], output="resumed", epochs=1)
+    train_stage(first)
+    more = attention_config(tmp_path, trained["maps"], trained["captions"], output="resumed", epochs=2)
+    resumed = train_stage(more, resume=True)
+    assert resumed.resumed_from == 1 and resumed.epochs_done == 2
+    straight = load_model_dir(trained["config"].train.output).model.get_weights()
+    again = load_model_dir(more.train.output).model.get_weights()
+    for a, b in zip(straight, again):
+        np.testing.assert_array_equal(a, b)

@@ -459,3 +459,18 @@ def test_a_resumed_attention_run_ends_where_the_uninterrupted_run_ends(trained: 
     again = load_model_dir(more.train.output).model.get_weights()
     for a, b in zip(straight, again):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_merge_runs_params_are_as_before_the_attention_fields_existed():
+    # Manifests and checkpoints of merge runs made before model.kind existed stay valid:
+    # the attention-only fields are not among a merge run's params, and are among an attention run's.
+    from captioner.config import Config
+    from captioner.training import stage_params
+
+    merge = {key for key in stage_params(Config()) if key.startswith("model.")}
+    assert merge == {"model.embedding_dim", "model.units", "model.image_dropout", "model.word_dropout",
+                     "model.decoder_dropout"}
+    config = Config()
+    config.model.kind = "attention"
+    attention = {key for key in stage_params(config) if key.startswith("model.")}
+    assert attention - merge == {"model.kind", "model.attention_dim", "model.doubly_stochastic"}

@@ -15,6 +15,15 @@ weights, weights_sha256, input_size, resample, precision) and shard; extra: coun
 "failed" {file name: reason}, "duplicates", per-file sizes/mtimes for incremental
 runs). While running, finished work is kept in `<output>.parts/` (one .npz per
 `features.chunk_size` images), removed at the end.
+Maps for the attention model: with an output named .h5/.hdf5 and a convolutional `--layer`
+(a Keras layer such as VGG16's block5_conv3, or a TFLite tensor such as the int8
+MobileNetV2's `mobilenetv2_1.00_224/out_relu/Relu6`, 7x7x1280), each image's map [H, W, C]
+goes into an HDF5 map file (`captioner.spatial`: float16, chunked per image, provenance in
+its attributes), written beside the output and renamed over it at the end; the chunks give
+resume as for vectors, and a truncated map file is not reused but redone. A map layer into a
+vector file, or a pooled layer into a map file, is refused in one line; sharding maps is not
+supported. Memory: the maps of the run are held in float16 until written (Flickr8k at
+7x7x1280: about 1 GB).
 Config used: the `features` section (backbone, layer, weights, resample, precision,
 batch_size, workers, chunk_size, max_failed_fraction, shard).
 Cost: VGG16 is about 15.5 GFLOPs per image: Flickr8k's 8,091 images give a 130 MB
@@ -76,7 +85,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache, feature_files, layout
+from captioner import cache, feature_files, layout, spatial
 from captioner.backbones import (
     build_backbone,
     extract_features,
@@ -318,11 +327,60 @@ def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) ->
     if recorded.get("size") != stat.st_size or recorded.get("mtime_ns") != stat.st_mtime_ns:
         return {}, {}
     try:
-        features = feature_files.load_features_file(output)
+        features = _load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
     except CaptionerError as error:
         log.warning("features: not reusing %s: %s", output, error)
         return {}, {}
     return features, previous.get("extra", {}).get("files", {})
+
+
+def _load_maps(path: Path) -> dict[str, np.ndarray]:
+    """A map file's maps, id -> float16 [H, W, C] (as stored; a truncated file is a CaptionerError)."""
+    with spatial.MapFile(path) as maps:
+        loaded: dict[str, np.ndarray] = {}
+        for ids, batch in maps.batches(maps.ids, 256):
+            for image_id, grid in zip(ids, batch):
+                loaded[image_id] = grid.reshape(maps.height, maps.width, maps.channels).astype(spatial.MAP_DTYPE)
+        return loaded
+
+
+def _fits_float16(vector: np.ndarray) -> bool:
+    """Whether a map survives the map file's float16 (no value beyond its range)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(vector.astype(spatial.MAP_DTYPE)).all())
+
+
+def _check_kind(output: Path, maps_out: bool, vector: np.ndarray, layer: str) -> None:
+    """A convolutional map goes to a map file (.h5), a pooled vector to a vector file; else one line naming both."""
+    if vector.ndim == 3 and not maps_out:
+        raise CaptionerError(
+            f"layer {layer!r} gives maps of {'x'.join(map(str, vector.shape))}, not pooled vectors; write them to "
+            f"an HDF5 map file (--output {output.with_suffix('.h5')}) for model.kind=attention"
+        )
+    if vector.ndim != 3 and maps_out:
+        raise CaptionerError(
+            f"layer {layer!r} gives {list(vector.shape)} vectors, not [H, W, C] maps; {output} is a map file: "
+            "name a convolutional layer with --layer (or write pooled vectors to a .pkl)"
+        )
+
+
+def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[str, Any], batch: int) -> None:
+    """Writes id -> [H, W, C] maps into the map file `output`, atomically: a temporary file beside it
+    is written and only then renamed over it (a killed run leaves the previous file as it was)."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    first = next(iter(features.values()))
+    height, width, channels = first.shape
+    ids = list(features)
+    try:
+        with spatial.open_map_writer(tmp, grid=(height, width), channels=channels, provenance=provenance,
+                                     force=True) as writer:
+            for begin in range(0, len(ids), batch):
+                part = ids[begin : begin + batch]
+                writer.append(part, np.stack([features[i] for i in part]))
+        with cache.reporting_write_errors(output):
+            tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def extract_stage(
@@ -349,8 +407,11 @@ def extract_stage(
     shard = parse_shard(fc.shard)
     folder = Path(fc.images)
     output = Path(fc.output)
+    maps_out = spatial.is_map_file(output)  # a convolutional map per image, into an HDF5 map file
     if not folder.is_dir():
         raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
+    if maps_out and shard is not None:
+        raise CaptionerError(f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors")
     tflite = None
     if tflite_weights:
         # Opened before anything is written: a file that is not a model, or not one of this
@@ -431,17 +492,24 @@ def extract_stage(
                 predict = make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
             pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
             written = 0
+            kind_checked = False
             run_start = time.monotonic()
             for path, vector, error in extract_features(
                 predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
                 backbone=spec.name, pixels=tflite is not None,
             ):
+                if vector is not None and not kind_checked:
+                    _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
+                    kind_checked = True
                 if vector is not None and not np.isfinite(vector).all():
                     # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
                     vector, error = None, "the network gave non-finite features (NaN or inf)"
+                elif vector is not None and maps_out and not _fits_float16(vector):
+                    vector, error = None, "the network gave values beyond float16's range for the map file"
                 pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
                 if vector is not None:
-                    features[layout.image_id(path)] = vector
+                    # maps are kept as stored (float16): half the memory of a whole folder's maps
+                    features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
                     extracted += 1
                 else:
                     failed[path.name] = error or "unreadable"
@@ -473,12 +541,20 @@ def extract_stage(
             )
 
         ordered = {image_id: features[image_id] for image_id in sorted(features)}
-        dims = {vector.shape[0] for vector in ordered.values()}
+        dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
         feature_dim = dims.pop() if dims else 0
-        feature_files.save_features(output, ordered)
+        extra_maps: dict[str, Any] = {}
+        if maps_out:
+            if not ordered:
+                raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
+            _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
+            extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
+        else:
+            feature_files.save_features(output, ordered)
         stage.finish(
             config,
             extra={
+                **extra_maps,
                 "images": len(ordered),
                 "feature_dim": feature_dim,
                 "extracted": extracted,

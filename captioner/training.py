@@ -883,10 +883,9 @@ def _finish(
     folder = run.folder
     folder.load_weights(model, state.best_weights)
     model_lib.save_model(model, folder.path)  # a failed write is a one-line WriteError there
-    if data.provenance is not None:  # a map file records its own provenance
+    provenance = feature_files.feature_provenance(paths.feature_files)
+    if provenance.get("backbone") is None and data.provenance:  # a map file without a manifest: its own record
         provenance = data.provenance
-    else:
-        provenance = feature_files.feature_provenance(paths.feature_files)
     model_lib.write_model_config(
         folder.path, config, data.feature_dim, data.tokenizer.vocab_size, provenance, map_grid=data.map_grid
     )

@@ -203,3 +203,109 @@ def test_shape_errors_name_expected_and_found_shapes(tmp_path: Path):
     renamed = tmp_path / "maps.bin"  # an HDF5 map file under another suffix is still recognised
     renamed.write_bytes(maps_path.read_bytes())
     assert is_map_file(renamed)
+
+
+# --------------------------------------------------------------------------- extract into a map file
+
+
+def tiny_map_model():
+    """A seeded stand-in for a backbone cut at a convolutional layer: [B, 224, 224, 3] -> [B, 7, 7, 4]."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.AveragePooling2D(32)(inputs)  # [B, 7, 7, 3]
+    x = keras.layers.Conv2D(4, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(x)
+    return keras.Model(inputs, x)
+
+
+def make_photos(folder: Path, count: int) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(folder / f"img{i:03d}.jpg", quality=90)
+    return sorted(folder.glob("*.jpg"))
+
+
+def extract_config(images: Path, output: Path):
+    from captioner.config import Config
+
+    config = Config()
+    config.features.images = str(images)
+    config.features.output = str(output)
+    config.features.weights = "none"
+    config.features.batch_size = 4
+    config.features.chunk_size = 3
+    config.features.workers = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def map_model():
+    model = tiny_map_model()
+    return lambda: model
+
+
+def test_extract_writes_a_map_file_that_resumes_after_a_crash_and_redoes_a_truncated_one(tmp_path: Path, map_model):
+    from captioner.cache import read_manifest
+    from captioner.features import extract_stage
+
+    images = tmp_path / "images"
+    make_photos(images, 7)
+    straight = tmp_path / "straight.h5"
+    result = extract_stage(extract_config(images, straight), model_factory=map_model)
+    assert result.images == 7 and result.feature_dim == 4
+    assert read_manifest(straight)["extra"]["map_shape"] == [7, 7, 4]
+    with MapFile(straight) as maps:
+        assert maps.ids == [f"img{i:03d}" for i in range(7)] and maps.grid == (7, 7) and maps.channels == 4
+        assert maps.provenance["backbone"] == "vgg16" and "shard" not in maps.provenance
+        expected = maps.read(maps.ids)
+    assert np.abs(expected).max() > 0
+
+    # killed after the first chunk of 3: the rerun resumes from it and writes the same file
+    crashed = tmp_path / "crashed.h5"
+
+    def crash(written: int) -> None:
+        if written == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_stage(extract_config(images, crashed), model_factory=map_model, after_chunk=crash)
+    assert not crashed.exists()  # nothing half-written
+    resumed = extract_stage(extract_config(images, crashed), model_factory=map_model)
+    assert resumed.resumed == 3 and resumed.extracted == 4
+    with MapFile(crashed) as maps:
+        np.testing.assert_array_equal(maps.read(maps.ids), expected)
+
+    # a truncated map file is detected and redone, not reused
+    data = straight.read_bytes()
+    straight.write_bytes(data[: len(data) // 2])
+    redone = extract_stage(extract_config(images, straight), model_factory=map_model)
+    assert redone.extracted == 7 and redone.reused == 0
+    with MapFile(straight) as maps:
+        np.testing.assert_array_equal(maps.read(maps.ids), expected)
+
+
+def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp_path: Path, map_model):
+    import keras
+
+    from captioner.features import extract_stage
+
+    images = tmp_path / "images"
+    make_photos(images, 2)
+    with pytest.raises(CaptionerError, match=r"layer 'fc2' gives maps of 7x7x4, not pooled vectors; .*--output .*out\.h5"):
+        extract_stage(extract_config(images, tmp_path / "out.pkl"), model_factory=map_model)
+    assert not (tmp_path / "out.pkl").exists()
+
+    def pooled():
+        inputs = keras.Input((224, 224, 3))
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+
+    with pytest.raises(CaptionerError, match=r"layer 'fc2' gives \[3\] vectors, not \[H, W, C\] maps; .*maps\.h5 is a map file"):
+        extract_stage(extract_config(images, tmp_path / "maps.h5"), model_factory=pooled)
+    assert not (tmp_path / "maps.h5").exists()
+    config = extract_config(images, tmp_path / "maps.h5")
+    config.features.shard = "0/2"
+    with pytest.raises(CaptionerError, match="features.shard with a map file"):
+        extract_stage(config, model_factory=map_model)

@@ -312,10 +312,11 @@ def build_backbone(
 # --------------------------------------------------------------------------- TFLite, provenance, rebuilding
 
 
-def open_tflite(spec: Backbone, path: str | Path, tensor: str = "", threads: int = 0) -> Any:
+def open_tflite(spec: Backbone, path: str | Path, tensor: str = "", threads: int = 0, maps: bool = False) -> Any:
     """A `captioner.tflite.TFLiteBackbone` for a .tflite model of `spec`'s family.
 
-    uint8 RGB [B, H, W, 3] -> float32 [B, D]. tensor: the feature tensor's name ("" or a
+    uint8 RGB [B, H, W, 3] -> float32 [B, D] (maps=True: a convolutional map [B, h, w, C],
+    for an attention model's map file). tensor: the feature tensor's name ("" or a
     catalogue layer name: the pooled features, found in the model). threads: interpreters
     run in parallel (0 = one per CPU core). The model is fed `spec`'s preprocessing (then
     its input quantization). CaptionerError (one line) for a file that is not a TFLite
@@ -338,10 +339,15 @@ def open_tflite(spec: Backbone, path: str | Path, tensor: str = "", threads: int
             f"{path}: {model.input_range_mismatch()} with {spec.name}'s {spec.preprocessing!r} preprocessing "
             f"(features.backbone: is it the right family? {', '.join(BACKBONES)})"
         )
-    if len(model.feature_shape) != 1:
+    if maps and len(model.feature_shape) != 3:
         raise CaptionerError(
             f"{path}: tensor {model.feature_tensor!r} has shape {list(model.feature_shape)} per image; "
-            "features must be vectors (name a pooled, rank-2 tensor)"
+            "a map file needs a convolutional map [H, W, C] (name a rank-4 tensor)"
+        )
+    if not maps and len(model.feature_shape) != 1:
+        raise CaptionerError(
+            f"{path}: tensor {model.feature_tensor!r} has shape {list(model.feature_shape)} per image; "
+            "features must be vectors (name a pooled, rank-2 tensor; a map goes into an .h5 map file)"
         )
     return model
 
@@ -430,8 +436,12 @@ def build_extractor(
     weights_file: str | Path | None = None,
     batch_size: int = 32,
     defaults: Mapping[str, str] | None = None,
+    maps: bool = False,
 ) -> Extractor:
     """Rebuilds exactly the extractor `provenance` (an `extractor_params` record) describes.
+
+    maps: the features are convolutional maps (an attention model's): a TFLite model's
+    recorded tensor may then be [H, W, C].
 
     weights_file: where the recorded weights file is on this machine (`--backbone-weights`;
     None: the recorded path). defaults: "weights" and "precision" for an old record that
@@ -461,7 +471,7 @@ def build_extractor(
         log.warning("--backbone-weights %s ignored: the features were made with weights %s", weights_file, weights)
     weights = normalize_weights(weights)
     if is_tflite(weights):
-        tflite = open_tflite(spec, weights, str(provenance.get("layer") or ""))
+        tflite = open_tflite(spec, weights, str(provenance.get("layer") or ""), maps=maps)
         return Extractor(spec, extractor_params(spec.name, "", weights, resample, "", tflite),
                          tflite, tflite.feature_width, tflite)
     layer = str(provenance.get("layer") or spec.default_layer)

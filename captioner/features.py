@@ -416,7 +416,7 @@ def extract_stage(
     if tflite_weights:
         # Opened before anything is written: a file that is not a model, or not one of this
         # family, is refused in one line. Milliseconds; the sha256 is computed once.
-        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers)
+        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers, maps=maps_out)
         if fc.precision not in ("float32", "auto"):
             log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision, weights)
         precision = ""

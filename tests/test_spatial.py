@@ -309,3 +309,30 @@ def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp
     config.features.shard = "0/2"
     with pytest.raises(CaptionerError, match="features.shard with a map file"):
         extract_stage(config, model_factory=map_model)
+
+
+SHARED_TFLITE = Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+MOBILENET_MAP = "mobilenetv2_1.00_224/out_relu/Relu6"  # the shared int8 MobileNetV2's last convolutional map
+
+
+@pytest.mark.skipif(not SHARED_TFLITE.is_file(), reason="../shared/backbones is not present")
+def test_extract_the_shared_int8_mobilenet_v2_map_by_its_tflite_tensor_name(tmp_path: Path):
+    from captioner.features import extract_stage
+
+    images = tmp_path / "images"
+    make_photos(images, 3)
+    config = extract_config(images, tmp_path / "maps.h5")
+    config.features.backbone = "mobilenet_v2"
+    config.features.weights = str(SHARED_TFLITE)
+    config.features.layer = MOBILENET_MAP
+    result = extract_stage(config)
+    assert result.images == 3 and result.feature_dim == 1280
+    with MapFile(tmp_path / "maps.h5") as maps:
+        assert maps.grid == (7, 7) and maps.channels == 1280
+        assert MOBILENET_MAP in maps.provenance["layer"] and maps.provenance["weights_sha256"]
+        values = maps.read(maps.ids)
+    assert 0 <= values.min() and values.max() <= 6  # a ReLU6 output
+    # the same tensor into a vector file: refused in one line, naming the shape
+    config.features.output = str(tmp_path / "pooled.pkl")
+    with pytest.raises(CaptionerError, match=r"has shape \[7, 7, 1280\] per image; features must be vectors .*\.h5 map file"):
+        extract_stage(config)

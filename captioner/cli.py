@@ -162,6 +162,8 @@ def build_caption_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="MODEL_DIR", help="default: models/flickr8k (eval.model)")
     parser.add_argument("--beam", metavar="K")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    parser.add_argument("--explain", metavar="OUT_DIR",
+                        help="attention models: write a PNG per caption with each word's attention on the photo")
     parser.add_argument("--backbone-weights", metavar="FILE",
                         help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
     _add_common(parser)
@@ -301,7 +303,8 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         from captioner.inference import caption_files
 
         outcomes = caption_files(
-            Path(config.eval.model), [Path(p) for p in args.images], config.decode, args.backbone_weights
+            Path(config.eval.model), [Path(p) for p in args.images], config.decode, args.backbone_weights,
+            explain_dir=Path(args.explain) if args.explain else None,
         )
         failed = 0
         for outcome in outcomes:

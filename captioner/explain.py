@@ -128,7 +128,21 @@ def save_attention_strip(
     return path
 
 
+def strip_file_names(images: Sequence[str | Path]) -> list[str]:
+    """The PNG name of each image's strip in an explain folder: "<image name without suffix>.png";
+    a name met again gets "-2", "-3", ... (photos of the same name from different folders)."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for image in images:
+        stem = Path(image).stem
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        names.append(f"{stem}.png" if count == 1 else f"{stem}-{count}.png")
+    return names
+
+
 __all__ = [
+    "strip_file_names",
     "GAP",
     "LABEL_HEIGHT",
     "PANEL_WIDTH",

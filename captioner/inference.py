@@ -50,7 +50,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -76,6 +76,8 @@ class Beam:
 
     caption: str
     log_prob: float | None
+    # an attention model's weights for each word: float32 [words, positions] (None for a merge model)
+    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class CaptionOutcome:
     log_prob: float | None = None  # natural log-probability of the words (and of the end token, when reached)
     error: str | None = None
     beams: list[Beam] | None = None
+    attention: np.ndarray | None = None  # attention model: the caption's weights per word, float32 [words, positions]
+    pixels: np.ndarray | None = None  # with explain=True: the image as the network saw it, uint8 [height, width, 3]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: path, caption, log_prob (6 decimals), error, and beams when present."""
@@ -185,10 +189,22 @@ def _beam_search(
             batch_size=decode.batch_size,
             n_best=n_best,
         )
-        results.extend([Beam(tokenizer.decode(c.ids), _finite(c.log_prob)) for c in beams] for beams in decoded)
+        results.extend([_beam(tokenizer, c) for c in beams] for beams in decoded)
         if progress is not None:
             progress(len(chunk))
     return results
+
+
+def _beam(tokenizer: Any, caption: Any) -> Beam:
+    """A `decoding.DecodedCaption` as a Beam; an attention model's weights kept for its words only
+    (the end token's row dropped)."""
+    from captioner.attention import ATTENTION_EXTRA
+
+    extras = caption.extras or {}
+    attention = extras.get(ATTENTION_EXTRA)
+    if attention is not None:
+        attention = np.asarray(attention, dtype=np.float32)[: len(caption.ids)]
+    return Beam(tokenizer.decode(caption.ids), _finite(caption.log_prob), attention)
 
 
 def decode_features(
@@ -264,11 +280,15 @@ class Captioner:
         # No bigger than the training config's features.batch_size: VGG16 activations are ~60 MB/image.
         self.batch_size = max(1, int(loaded.config.features.batch_size))
         # Exactly the extractor the features were made with (a weights file is checked by its SHA-256).
+        self.kind = loaded.kind  # "merge" or "attention" (ModelConfig.kind)
+        # attention: the grid (h, w) of the maps the model takes; their channels are feature_dim
+        self.map_grid = tuple(loaded.info["map_grid"]) if self.kind == "attention" else None
         self.extractor = backbones.build_extractor(
             provenance,
             weights_file=backbone_weights,
             batch_size=self.batch_size,
             defaults={"weights": _FEATURES_DEFAULTS.weights, "precision": _FEATURES_DEFAULTS.precision},
+            maps=self.kind == "attention",
         )
         if self.extractor.feature_dim != self.feature_dim:
             raise CaptionerError(
@@ -360,8 +380,13 @@ class Captioner:
         max_generated_words: int | None = None,
         n_best: int | None = None,
         max_pixels: int | None = -1,
+        explain: bool = False,
     ) -> list[CaptionOutcome]:
         """Captions each image; one `CaptionOutcome` per image, in input order.
+
+        An attention model's outcomes carry the caption's attention weights per word
+        (`.attention`); explain=True also keeps each image as the network saw it
+        (`.pixels`) for `captioner.explain` (CaptionerError for a merge model, which has none).
 
         Images are decoded in a thread pool, the next batch while the backbone runs on
         the current one, then all their features are decoded together. n_best: also
@@ -370,6 +395,10 @@ class Captioner:
         """
         from captioner.images import ImageError
 
+        if explain and self.kind != "attention":
+            raise CaptionerError(
+                f"--explain needs an attention model (model.kind=attention); {self.model_dir} is a {self.kind} model"
+            )
         items = list(images)
         decode = self._decode_settings(beam_size, max_generated_words)
         outcomes = [CaptionOutcome(path=_name_of(item)) for item in items]
@@ -390,6 +419,8 @@ class Captioner:
                     try:
                         pixels.append(future.result())
                         kept.append(k)
+                        if explain:
+                            outcomes[k].pixels = pixels[-1]
                     except ImageError as error:
                         name = outcomes[k].path.name if outcomes[k].path is not None else "array"
                         outcomes[k].error = str(error).removeprefix(f"{name}: ")
@@ -401,6 +432,7 @@ class Captioner:
             decoded = _beam_search(self._stepper, self.tokenizer, np.stack(rows), decode, n_best or 1)
             for k, beams in zip(good, decoded):
                 outcomes[k].caption, outcomes[k].log_prob = beams[0].caption, beams[0].log_prob
+                outcomes[k].attention = beams[0].attention
                 if n_best is not None:
                     outcomes[k].beams = beams
         return outcomes
@@ -411,8 +443,13 @@ def caption_files(
     image_paths: Sequence[Path],
     decode: DecodeConfig,
     backbone_weights: str | Path | None = None,
+    explain_dir: str | Path | None = None,
 ) -> list[CaptionOutcome]:
     """Captions each image with the model in `model_dir`; one outcome per path, in input order.
+
+    explain_dir: also write, for each captioned image, a PNG of the photo with each word's
+    attention overlaid (`captioner.explain`; an attention model only) into that folder,
+    named by `captioner.explain.strip_file_names`.
 
     backbone_weights: where the weights file (.h5 or .tflite) the model's features were
     made with is on this machine, when not at its recorded path. Raises CaptionerError for
@@ -420,4 +457,17 @@ def caption_files(
     weights file missing or other than the recorded one (SHA-256). An image that cannot
     be read gets its reason in `.error` and the others are still captioned.
     """
-    return Captioner(model_dir, decode, backbone_weights).caption([Path(p) for p in image_paths])
+    captioner = Captioner(model_dir, decode, backbone_weights)
+    paths = [Path(p) for p in image_paths]
+    outcomes = captioner.caption(paths, explain=explain_dir is not None)
+    if explain_dir is not None:
+        from captioner.explain import save_attention_strip, strip_file_names
+
+        assert captioner.map_grid is not None  # caption(explain=True) refused any other model
+        for outcome, name in zip(outcomes, strip_file_names(paths)):
+            if outcome.caption is None or outcome.attention is None or outcome.pixels is None:
+                continue  # an image that could not be captioned has its error instead
+            words = outcome.caption.split()
+            save_attention_strip(Path(explain_dir) / name, outcome.pixels, words, outcome.attention, captioner.map_grid)
+        log.info("wrote attention strips to %s", explain_dir)
+    return outcomes

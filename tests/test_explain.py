@@ -102,3 +102,85 @@ def test_the_data_uri_holds_the_same_strip_for_an_html_page():
         np.testing.assert_array_equal(
             np.asarray(decoded.convert("RGB")), np.asarray(attention_strip(PHOTO, ["dog"], weights, GRID))
         )
+
+
+# --------------------------------------------------------------------------- caption --explain
+
+SHARED_TFLITE = Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+needs_shared_tflite = pytest.mark.skipif(not SHARED_TFLITE.is_file(), reason="../shared/backbones is not present")
+
+
+def extracted_provenance(tmp_path: Path, output: str, layer: str) -> dict:
+    """The provenance `captioner extract` records for 2 photos through the shared int8 MobileNetV2."""
+    from captioner.config import Config
+    from captioner.feature_files import feature_provenance
+    from captioner.features import extract_stage
+
+    images = tmp_path / "extract-images"
+    images.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(images / f"x{i}.png")
+    config = Config()
+    config.features.images = str(images)
+    config.features.output = str(tmp_path / output)
+    config.features.backbone = "mobilenet_v2"
+    config.features.weights = str(SHARED_TFLITE)
+    config.features.layer = layer
+    extract_stage(config)
+    return feature_provenance(tmp_path / output)
+
+
+@needs_shared_tflite
+def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_path: Path, capsys):
+    import keras
+
+    from captioner.attention import build_attention_model
+    from captioner.cli import caption_main
+    from captioner.config import Config, ModelConfig
+    from captioner.layout import TOKENIZER_FILE
+    from captioner.model import save_model, write_model_config
+    from captioner.tokenizer import Tokenizer
+
+    provenance = extracted_provenance(tmp_path, "maps.h5", "mobilenetv2_1.00_224/out_relu/Relu6")
+    config = Config()
+    config.model = ModelConfig(kind="attention", embedding_dim=4, units=4, attention_dim=4)
+    tokenizer = Tokenizer.build(["a dog runs on grass", "a red ball"], min_word_count=1)
+    keras.utils.set_random_seed(0)
+    model_dir = tmp_path / "model"
+    save_model(build_attention_model(49, 1280, tokenizer.vocab_size, config.model), model_dir)
+    tokenizer.save(model_dir / TOKENIZER_FILE)
+    write_model_config(model_dir, config, 1280, tokenizer.vocab_size, provenance, map_grid=(7, 7))
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.fromarray(np.full((90, 120, 3), colour, np.uint8)).save(photos / f"{name}.jpg")
+    out = tmp_path / "explain"
+    code = caption_main(["--model", str(model_dir), "--explain", str(out), "--decode.max_generated_words=3",
+                         str(photos / "red.jpg"), str(photos / "blue.jpg")])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("red", "blue")):
+        caption = line.partition("\t")[2]  # may be empty: an untrained model can end at once
+        with Image.open(out / f"{name}.png") as strip:
+            words = len(caption.split())
+            # the network's 224 x 224 input in panels of PANEL_WIDTH: the photo, then one per word
+            assert strip.size == ((words + 1) * PANEL_WIDTH + words * GAP, PANEL_WIDTH + LABEL_HEIGHT)
+
+
+@needs_shared_tflite
+def test_caption_explain_with_a_merge_model_is_one_line(tmp_path: Path, capsys):
+    from captioner.cli import caption_main
+    from model_dirs import make_model_dir
+
+    provenance = extracted_provenance(tmp_path, "pooled.pkl", "")
+    model_dir = make_model_dir(tmp_path / "merge", ["a dog runs", "a red ball"], provenance, 1280)
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(photo)
+    code = caption_main(["--model", str(model_dir), "--explain", str(tmp_path / "out"), str(photo)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--explain needs an attention model (model.kind=attention); " f"{model_dir} is a merge model")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache, feature_files, layout
+from captioner import cache, feature_files, layout, spatial
 from captioner.config import Config, to_dict
 from captioner.datasets import read_prepared_split
 from captioner.errors import CaptionerError
@@ -250,6 +250,7 @@ table { border-collapse: collapse; margin-bottom: 1.5em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img, .noimg { width: 160px; }
+img.strip { width: auto; max-width: 100%; }
 .noimg { height: 60px; background: #eee; color: #888; display: flex; align-items: center;
          justify-content: center; font-size: 12px; }
 .gen { font-weight: bold; }
@@ -278,8 +279,33 @@ def _image_rows(entries: list[dict[str, Any]], thumbnails: dict[str, str | None]
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image_folder: Path | None) -> str:
-    """The self-contained report page (all text escaped; images as data URIs)."""
+def _strip_rows(report: dict[str, Any], strips: dict[str, str]) -> str:
+    """The attention strips of the best, median and worst examples, one per row."""
+    rows = []
+    for item in _pick_examples(report["images"]):
+        if item["id"] in strips:
+            rows.append(
+                f"<tr><td>{_esc(item['label'])}<br>{_esc(item['id'])}<br>CIDEr-D {item['cider']:.3f}</td>"
+                f'<td><div class="gen">{_esc(item["caption"] or "(empty caption)")}</div>'
+                f'<img class="strip" src="{strips[item["id"]]}" alt="attention of {_esc(item["id"])}"></td></tr>'
+            )
+    if not rows:
+        return ""
+    return (
+        "<h2>Where the model looked (best, median, worst by CIDEr-D)</h2>\n"
+        "<p>Each word's attention over the photo, upsampled from the map's grid: brighter is more weight.</p>\n"
+        f"<table>{''.join(rows)}</table>\n"
+    )
+
+
+def render_html(
+    report: dict[str, Any],
+    thumbnails: dict[str, str | None],
+    image_folder: Path | None,
+    strips: dict[str, str] | None = None,
+) -> str:
+    """The self-contained report page (all text escaped; images as data URIs). strips: an attention
+    model's strips (image id -> data URI) for its best, median and worst examples."""
     images = report["images"]
     ranked = sorted(images, key=lambda item: (-item["cider"], item["id"]))
     best = ranked[:EXAMPLES_SHOWN]
@@ -331,11 +357,44 @@ def render_html(report: dict[str, Any], thumbnails: dict[str, str | None], image
         + "".join(f"<p>{note}</p>\n" for note in notes)
         + f"<h2>Metrics</h2>\n<table><tr><th>metric</th><th>score</th></tr>{metric_rows}"
         f'<tr><td>images</td><td class="num">{counts["scored"]}</td></tr></table>\n'
-        f"<h2>Best {len(best)} by CIDEr-D</h2>\n{_image_rows(best, thumbnails, len(best))}\n"
+        + _strip_rows(report, strips or {})
+        + f"<h2>Best {len(best)} by CIDEr-D</h2>\n{_image_rows(best, thumbnails, len(best))}\n"
         f"<h2>Worst {len(worst)} by CIDEr-D</h2>\n{_image_rows(worst, thumbnails, len(worst))}\n"
         f"<h2>All images</h2>\n<p>{_esc(all_note)}</p>\n{_image_rows(images, thumbnails, MAX_THUMBNAILS)}\n"
         "</body></html>\n"
     )
+
+
+def _attention_strips(
+    folder: Path | None, report: dict[str, Any], attention: dict[str, np.ndarray], model_dir: Path
+) -> dict[str, str]:
+    """image id -> the attention strip (`captioner.explain`) as a data URI, for the best, median and
+    worst examples; the photo is drawn at the size the network took it. Empty without an image folder."""
+    if folder is None:
+        return {}
+    from PIL import Image, ImageOps
+
+    from captioner.explain import strip_data_uri
+    from captioner.model import read_model_config
+
+    _, info = read_model_config(model_dir)
+    grid = tuple(info["map_grid"])
+    height, width = (info.get("features_provenance") or {}).get("input_size") or (224, 224)
+    examples = [item for item in _pick_examples(report["images"]) if item["id"] in attention]
+    files = _index_images(folder, [item["id"] for item in examples])
+    strips: dict[str, str] = {}
+    for item in examples:
+        path = files.get(item["id"])
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as image:
+                photo = np.asarray(ImageOps.exif_transpose(image).convert("RGB").resize((width, height)), np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            log.warning("no attention strip for %s: %s", path, error)
+            continue
+        strips[item["id"]] = strip_data_uri(photo, item["caption"].split(), attention[item["id"]], grid)
+    return strips
 
 
 def _make_thumbnails(folder: Path | None, images: list[dict[str, Any]]) -> dict[str, str | None]:
@@ -428,10 +487,12 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
                 return _result_from_report(report, json_path, html_path, up_to_date=True)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
                 log.info("evaluate: cached report unreadable (%s); rerunning", error)
-        report = build_report(config, model_dir, split_path, references, model_dirs=model_dirs)
+        attention: dict[str, np.ndarray] = {}
+        report = build_report(config, model_dir, split_path, references, model_dirs=model_dirs, attention_out=attention)
         log.info("evaluate: writing thumbnails and %s", html_path)
         thumbnails = _make_thumbnails(image_folder, report["images"])
-        page = render_html(report, thumbnails, image_folder)
+        strips = _attention_strips(image_folder, report, attention, model_dir) if attention else None
+        page = render_html(report, thumbnails, image_folder, strips)
         cache.write_together({
             json_path: (json.dumps(report, indent=2) + "\n").encode("utf-8"),
             html_path: page.encode("utf-8"),
@@ -446,13 +507,17 @@ def build_report(
     split_path: Path,
     references: dict[str, list[str]],
     model_dirs: Sequence[Path] | None = None,
+    attention_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Captions every image of the split that has usable features and scores them; writes nothing.
 
     references: image id -> reference captions (the prepared split). Images without
     features, or whose vector holds NaN/inf, are named in the report and not scored.
     model_dirs: several model directories decode as one ensemble (`captioner.ensemble`);
-    None: `model_dir` alone. Returns the report (what eval-<split>.json holds).
+    None: `model_dir` alone. An attention model reads one HDF5 map file (`captioner.spatial`)
+    and, when `attention_out` is given, fills it with image id -> the caption's attention
+    weights float32 [words, positions] (kept out of the JSON report). Returns the report
+    (what eval-<split>.json holds).
     """
     from captioner import inference
 
@@ -465,11 +530,18 @@ def build_report(
     else:
         loaded = inference.load_model(members[0])
     width = inference.feature_dim(loaded, model_dir)
-    unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
-    features = feature_files.load_features(config.eval.features, skipped=unusable)
-    ids = [image_id for image_id in references if image_id in features]
-    bad = {image_id: unusable[image_id] for image_id in references if image_id in unusable}
-    missing = [image_id for image_id in references if image_id not in features and image_id not in unusable]
+    attention = getattr(loaded, "kind", "merge") == "attention"
+    if attention:
+        ids, missing, matrix = _map_rows(config.eval.features, references, loaded)
+        bad: dict[str, str] = {}  # a map file holds no NaN/inf: its writer refuses them
+    else:
+        for path in config.eval.features:
+            spatial.refuse_map_file(path, width)  # one line naming both shapes
+        unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
+        features = feature_files.load_features(config.eval.features, skipped=unusable)
+        ids = [image_id for image_id in references if image_id in features]
+        bad = {image_id: unusable[image_id] for image_id in references if image_id in unusable}
+        missing = [image_id for image_id in references if image_id not in features and image_id not in unusable]
     if missing:
         log.warning(
             "%d of %d %s images have no features and are not scored (e.g. %s)",
@@ -487,18 +559,25 @@ def build_report(
             f"none of the {len(references)} {split} images in {split_path} has features in "
             f"{', '.join(config.eval.features)}{unusable_note}"
         )
-    matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
-    if matrix.shape[1] != width:
-        raise CaptionerError(
-            f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d but {model_dir} expects {width}-d"
-        )
+    if not attention:
+        matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
+        if matrix.shape[1] != width:
+            raise CaptionerError(
+                f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d but {model_dir} expects {width}-d"
+            )
     _warn_on_provenance_mismatch(loaded.info.get("features_provenance"), config.eval.features)
 
     from tqdm import tqdm
 
     log.info("evaluate: captioning %d %s images (beam %d)", len(ids), split, config.decode.beam_size)
     with tqdm(total=len(ids), desc=f"captioning {split}", unit="img", leave=False, disable=None) as bar:
-        decoded = inference.decode_features(loaded, matrix, config.decode, progress=bar.update)
+        if attention:  # the best beams, with the caption's attention per word
+            beams = inference.decode_beams(loaded, matrix, config.decode, progress=bar.update)
+            decoded = [(beam.caption, -np.inf if beam.log_prob is None else beam.log_prob) for beam in beams]
+            if attention_out is not None:
+                attention_out.update({i: beam.attention for i, beam in zip(ids, beams) if beam.attention is not None})
+        else:
+            decoded = inference.decode_features(loaded, matrix, config.decode, progress=bar.update)
     hypotheses = {image_id: caption for image_id, (caption, _) in zip(ids, decoded)}
     corpus, per_image = score_captions(references, hypotheses)
 
@@ -526,6 +605,22 @@ def build_report(
         "bad_features": bad,
         "images": images,
     }
+
+
+def _map_rows(paths: Sequence[str], references: dict[str, list[str]], loaded: Any) -> tuple[list[str], list[str], np.ndarray]:
+    """An attention model's maps for the split: (ids with a map, ids without, float32 [N, P, C])."""
+    if len(paths) != 1:
+        raise CaptionerError(
+            f"an attention model is evaluated on one map file (--features FILE.h5), got {len(paths)}: {', '.join(paths)}"
+        )
+    grid = loaded.info["map_grid"]
+    spatial.expect_map_file(paths[0], grid[0] * grid[1], int(loaded.info["feature_dim"]))  # shapes, in one line
+    with spatial.MapFile(paths[0]) as maps:
+        ids = [image_id for image_id in references if image_id in maps.index]
+        missing = [image_id for image_id in references if image_id not in maps.index]
+        # the split's maps only (Flickr8k dev at 7x7x1280: 250 MB in float32)
+        matrix = maps.read(ids) if ids else np.zeros((0, maps.positions, maps.channels), np.float32)
+    return ids, missing, matrix
 
 
 def _warn_on_provenance_mismatch(trained: Any, eval_features: Sequence[str]) -> None:

@@ -213,13 +213,25 @@ def decode_features(
     decode: DecodeConfig,
     progress: Callable[[int], None] | None = None,
 ) -> list[tuple[str, float]]:
-    """Beam-searches a caption for each row of `image_features` (float32 [N, D]).
+    """Beam-searches a caption for each row of `image_features` (float32 [N, D], or maps [N, P, C]).
 
     Returns (caption text, natural log-probability) per row, in order. `progress(n)` is
     called after each chunk of `decode.batch_size` images (for a progress bar).
     """
+    return [(beam.caption, -math.inf if beam.log_prob is None else beam.log_prob)
+            for beam in decode_beams(loaded, image_features, decode, progress)]
+
+
+def decode_beams(
+    loaded: Any,
+    image_features: np.ndarray,
+    decode: DecodeConfig,
+    progress: Callable[[int], None] | None = None,
+) -> list[Beam]:
+    """As `decode_features`, the best `Beam` of each row: with an attention model (maps
+    float32 [N, P, C]), `Beam.attention` holds the caption's weights per word [words, P]."""
     decoded = _beam_search(_stepper(loaded, decode.allow_unk), loaded.tokenizer, image_features, decode, 1, progress)
-    return [(beams[0].caption, -math.inf if beams[0].log_prob is None else beams[0].log_prob) for beams in decoded]
+    return [beams[0] for beams in decoded]
 
 
 # --------------------------------------------------------------------------- one load, many captions

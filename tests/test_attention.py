@@ -474,3 +474,64 @@ def test_a_merge_runs_params_are_as_before_the_attention_fields_existed():
     config.model.kind = "attention"
     attention = {key for key in stage_params(config) if key.startswith("model.")}
     assert attention - merge == {"model.kind", "model.attention_dim", "model.doubly_stochastic"}
+
+
+# --------------------------------------------------------------------------- evaluate an attention model
+
+
+def untrained_model_dir(root: Path, captions: Path) -> Path:
+    """An attention model directory as training writes it (seeded, untrained) for maps 2x2x3."""
+    from captioner.config import Config
+    from captioner.layout import TOKENIZER_FILE
+    from captioner.model import save_model, write_model_config
+    from captioner.tokenizer import Tokenizer
+
+    config = Config()
+    config.model = ModelConfig(kind="attention", embedding_dim=4, units=4, attention_dim=4)
+    tokenizer = Tokenizer.load(captions / TOKENIZER_FILE)
+    keras.utils.set_random_seed(0)
+    model_dir = root / "attention-model"
+    save_model(build_attention_model(4, CHANNELS, tokenizer.vocab_size, config.model), model_dir)
+    tokenizer.save(model_dir / TOKENIZER_FILE)
+    write_model_config(model_dir, config, CHANNELS, tokenizer.vocab_size, {"backbone": "test", "input_size": [32, 32]},
+                       map_grid=(2, 2))
+    return model_dir
+
+
+def test_evaluate_an_attention_model_on_a_map_file_with_strips_in_the_report(tmp_path: Path):
+    from PIL import Image
+
+    from captioner import config as config_lib
+    from captioner.errors import CaptionerError
+    from captioner.evaluation import evaluate_stage
+
+    maps, pooled, captions = make_map_data(tmp_path)
+    model_dir = untrained_model_dir(tmp_path, captions)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(16, 20):  # the dev images
+        Image.fromarray(np.full((40, 40, 3), 50 * (i - 15), np.uint8)).save(photos / f"img{i:03d}.jpg")
+    config = config_lib.Config()
+    config.eval.model = str(model_dir)
+    config.eval.features = [str(maps)]
+    config.eval.captions = str(captions)
+    config.eval.split = "dev"
+    config.eval.images = str(photos)
+    config.decode.max_generated_words = 3
+    result = evaluate_stage(config)
+    assert result.scored == 4 and result.missing_features == 0
+    page = result.html_path.read_text()
+    section = page.split("<h2>Where the model looked")[1].split("<h2>Best")[0]
+    assert section.count('<img class="strip" src="data:image/png;base64,') == 3  # best, median, worst
+    # a pooled-vector file for the attention model: one line naming both shapes
+    config.eval.features = [str(pooled)]
+    with pytest.raises(CaptionerError, match=r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps \[N, 4, 3\]"):
+        evaluate_stage(config)
+    # and a map file for a merge model
+    from model_dirs import make_model_dir
+
+    merge_dir = make_model_dir(tmp_path / "merge", ["a circle", "one star here"], {"backbone": "test"}, CHANNELS)
+    config.eval.model = str(merge_dir)
+    config.eval.features = [str(maps)]
+    with pytest.raises(CaptionerError, match=r"maps\.h5: spatial maps \[20, 2, 2, 3\]; the merge model takes pooled feature vectors \[N, 3\]"):
+        evaluate_stage(config)

@@ -61,7 +61,9 @@ from captioner.errors import CaptionerError
 log = logging.getLogger(__name__)
 
 # The layers `AttentionStepModel` and model loading look up: a Keras file without them is another model.
-ATTENTION_LAYERS = ("init_h", "init_c", "map_projection", "embedding", "attention_lstm", "deep_h", "deep_context", "logits")
+ATTENTION_LAYERS = (
+    "init_h", "init_c", "map_projection", "embedding", "attention_lstm", "deep_h", "deep_context", "logits"
+)
 # The per-step extra output the step model returns, and `DecodedCaption.extras` then holds.
 ATTENTION_EXTRA = "attention"
 
@@ -101,9 +103,10 @@ class AttentionLSTM(keras.layers.Layer):
         words_shape, map_shape = input_shape[0], input_shape[1]
         embedding_dim, channels = int(words_shape[-1]), int(map_shape[-1])
         gates = 4 * self.units
-        self.word_kernel = self.add_weight(name="word_kernel", shape=(embedding_dim, gates), initializer="glorot_uniform")
-        self.context_kernel = self.add_weight(name="context_kernel", shape=(channels, gates), initializer="glorot_uniform")
-        self.recurrent_kernel = self.add_weight(name="recurrent_kernel", shape=(self.units, gates), initializer="orthogonal")
+        weight = self.add_weight
+        self.word_kernel = weight(name="word_kernel", shape=(embedding_dim, gates), initializer="glorot_uniform")
+        self.context_kernel = weight(name="context_kernel", shape=(channels, gates), initializer="glorot_uniform")
+        self.recurrent_kernel = weight(name="recurrent_kernel", shape=(self.units, gates), initializer="orthogonal")
 
         def bias_initializer(shape: Any, dtype: Any = None) -> Any:
             # Keras' unit_forget_bias: the forget gate starts open
@@ -116,7 +119,7 @@ class AttentionLSTM(keras.layers.Layer):
             name="state_kernel", shape=(self.units, self.attention_dim), initializer="glorot_uniform"
         )  # U_a
         self.attention_bias = self.add_weight(name="attention_bias", shape=(self.attention_dim,), initializer="zeros")
-        self.score_kernel = self.add_weight(name="score_kernel", shape=(self.attention_dim, 1), initializer="glorot_uniform")
+        self.score_kernel = weight(name="score_kernel", shape=(self.attention_dim, 1), initializer="glorot_uniform")
         self.gate_kernel = self.add_weight(name="gate_kernel", shape=(self.units, 1), initializer="glorot_uniform")
         self.gate_bias = self.add_weight(name="gate_bias", shape=(1,), initializer="zeros")
         self.built = True
@@ -234,7 +237,11 @@ def build_attention_model(positions: int, channels: int, vocab_size: int, model:
     )([words, image_map, projected, h0, c0])
 
     deep = layers.Add(name="deep_add")(
-        [layers.Dense(model.embedding_dim, name="deep_h")(h), layers.Dense(model.embedding_dim, name="deep_context")(context), words]
+        [
+            layers.Dense(model.embedding_dim, name="deep_h")(h),
+            layers.Dense(model.embedding_dim, name="deep_context")(context),
+            words,
+        ]
     )
     deep = layers.Activation("tanh", name="deep_tanh")(deep)
     deep = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(deep)

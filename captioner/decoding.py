@@ -130,7 +130,11 @@ def _check_arguments(
         )
     if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
         raise CaptionerError(f"decode.beam_size must be an integer >= 1, got {beam_size!r}")
-    if isinstance(max_generated_words, bool) or not isinstance(max_generated_words, (int, np.integer)) or max_generated_words < 1:
+    if (
+        isinstance(max_generated_words, bool)
+        or not isinstance(max_generated_words, (int, np.integer))
+        or max_generated_words < 1
+    ):
         raise CaptionerError(f"decode.max_generated_words must be an integer >= 1, got {max_generated_words!r}")
     if not np.isfinite(length_normalization) or length_normalization < 0:
         raise CaptionerError(f"decode.length_normalization must be a number >= 0, got {length_normalization!r}")
@@ -200,7 +204,9 @@ def _decode_chunk(
         log_probs = np.asarray(log_probs)
         rows = row_image.size
         if log_probs.ndim != 2 or log_probs.shape[0] != rows:
-            raise CaptionerError(f"step function returned log-probabilities of shape {log_probs.shape}, expected ({rows}, V)")
+            raise CaptionerError(
+                f"step function returned log-probabilities of shape {log_probs.shape}, expected ({rows}, V)"
+            )
         if np.isnan(log_probs).any():
             raise CaptionerError("step function returned NaN log-probabilities")
         states = [np.asarray(s) for s in states]
@@ -301,7 +307,9 @@ def _check_extras(extras: Extras, rows: int) -> Extras:
     for name, value in extras.items():
         array = np.asarray(value)
         if array.ndim < 1 or array.shape[0] != rows:
-            raise CaptionerError(f"step function returned extra {name!r} of shape {array.shape}, expected ({rows}, ...)")
+            raise CaptionerError(
+                f"step function returned extra {name!r} of shape {array.shape}, expected ({rows}, ...)"
+            )
         checked[name] = array
     return checked
 

@@ -563,7 +563,8 @@ def build_report(
         matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
         if matrix.shape[1] != width:
             raise CaptionerError(
-                f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d but {model_dir} expects {width}-d"
+                f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d "
+                f"but {model_dir} expects {width}-d"
             )
     _warn_on_provenance_mismatch(loaded.info.get("features_provenance"), config.eval.features)
 
@@ -607,11 +608,14 @@ def build_report(
     }
 
 
-def _map_rows(paths: Sequence[str], references: dict[str, list[str]], loaded: Any) -> tuple[list[str], list[str], np.ndarray]:
+def _map_rows(
+    paths: Sequence[str], references: dict[str, list[str]], loaded: Any
+) -> tuple[list[str], list[str], np.ndarray]:
     """An attention model's maps for the split: (ids with a map, ids without, float32 [N, P, C])."""
     if len(paths) != 1:
         raise CaptionerError(
-            f"an attention model is evaluated on one map file (--features FILE.h5), got {len(paths)}: {', '.join(paths)}"
+            f"an attention model is evaluated on one map file (--features FILE.h5), got {len(paths)}: "
+            f"{', '.join(paths)}"
         )
     grid = loaded.info["map_grid"]
     spatial.expect_map_file(paths[0], grid[0] * grid[1], int(loaded.info["feature_dim"]))  # shapes, in one line

@@ -39,7 +39,9 @@ DIM = 0.3  # brightness where a word's attention is zero (1 where it is largest)
 GLOW = 0.35  # white added where attention is largest, so it shows on dark photos too
 
 
-def _check(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _check(
+    image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
         raise CaptionerError(f"the photo must be uint8 [H, W, 3], got {image.dtype} {image.shape}")

@@ -411,7 +411,9 @@ def extract_stage(
     if not folder.is_dir():
         raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
     if maps_out and shard is not None:
-        raise CaptionerError(f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors")
+        raise CaptionerError(
+            f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors"
+        )
     tflite = None
     if tflite_weights:
         # Opened before anything is written: a file that is not a model, or not one of this

@@ -327,12 +327,16 @@ class MapFile:
         if int(self._file.attrs.get("format_version", -1)) != FORMAT_VERSION:
             version = self._file.attrs.get("format_version")
             self._file.close()
-            raise CaptionerError(f"{self.path}: map file format_version {version!r} (this version reads {FORMAT_VERSION})")
+            raise CaptionerError(
+                f"{self.path}: map file format_version {version!r} (this version reads {FORMAT_VERSION})"
+            )
         self._maps = self._file[_MAPS]
         committed = int(self._file.attrs["committed"])
         if self._maps.shape[0] < committed or self._file[_IDS].shape[0] < committed:
             self._file.close()
-            raise CaptionerError(f"{self.path}: truncated map file (fewer rows than committed); rerun extract to redo it")
+            raise CaptionerError(
+                f"{self.path}: truncated map file (fewer rows than committed); rerun extract to redo it"
+            )
         raw = self._file[_IDS][:committed]
         self.ids: list[str] = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in raw]
         self.index = {image_id: row for row, image_id in enumerate(self.ids)}
@@ -367,7 +371,9 @@ class MapFile:
         try:
             data = self._maps[unique]  # float16 [u, H, W, C]
         except OSError as error:
-            raise CaptionerError(f"{self.path}: cannot read maps ({_first_line(error)}); rerun extract to redo it") from None
+            raise CaptionerError(
+                f"{self.path}: cannot read maps ({_first_line(error)}); rerun extract to redo it"
+            ) from None
         return data[inverse].astype(np.float32).reshape(len(indices), self.positions, self.channels)
 
     __getitem__ = rows  # so a teacher-forced batch can gather `table[rows]` as from a matrix
@@ -408,7 +414,8 @@ def check_map_shape(path: str | Path, found: tuple[int, int, int], positions: in
         side = math.isqrt(positions)
         grid = f"{side}x{side}" if side * side == positions else f"{positions} positions"
         raise CaptionerError(
-            f"{path}: maps of {height}x{width}x{found_channels} ({height * width} positions, {found_channels} channels); "
+            f"{path}: maps of {height}x{width}x{found_channels} "
+            f"({height * width} positions, {found_channels} channels); "
             f"the model takes {grid}x{channels} ({positions} positions, {channels} channels)"
         )
 

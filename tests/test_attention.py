@@ -350,8 +350,9 @@ def make_map_data(root: Path, images: int = 20) -> tuple[Path, Path, Path]:
         maps[i, kind // 2, kind % 2] += 3.0
         splits["train" if i < images * 4 // 5 else "dev"][image_id] = [f"a {SHAPES[kind]}", f"one {SHAPES[kind]} here"]
     map_path = root / "maps.h5"
-    with open_map_writer(map_path, grid=(2, 2), channels=CHANNELS, provenance={"backbone": "test", "layer": "conv"}) as w:
-        w.append(ids, maps)
+    provenance = {"backbone": "test", "layer": "conv"}
+    with open_map_writer(map_path, grid=(2, 2), channels=CHANNELS, provenance=provenance) as writer:
+        writer.append(ids, maps)
     pooled = root / "pooled.pkl"
     feature_files.save_features(pooled, {i: m.mean(axis=(0, 1)) for i, m in zip(ids, maps)})
     captions = root / "captions"
@@ -429,7 +430,12 @@ def test_a_pooled_file_for_an_attention_model_and_a_map_file_for_a_merge_model_a
     maps, pooled, captions = make_map_data(tmp_path)
     trained = {"maps": maps, "pooled": pooled}
     pooled_config = attention_config(tmp_path, trained["pooled"], captions)
-    with pytest.raises(CaptionerError, match=r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps"
+        ),
+    ):
         train_stage(pooled_config)
     merge_config = attention_config(tmp_path, trained["maps"], captions)
     merge_config.model.kind = "merge"
@@ -525,7 +531,13 @@ def test_evaluate_an_attention_model_on_a_map_file_with_strips_in_the_report(tmp
     assert section.count('<img class="strip" src="data:image/png;base64,') == 3  # best, median, worst
     # a pooled-vector file for the attention model: one line naming both shapes
     config.eval.features = [str(pooled)]
-    with pytest.raises(CaptionerError, match=r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps \[N, 4, 3\]"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps "
+            r"\[N, 4, 3\]"
+        ),
+    ):
         evaluate_stage(config)
     # and a map file for a merge model
     from model_dirs import make_model_dir
@@ -533,5 +545,11 @@ def test_evaluate_an_attention_model_on_a_map_file_with_strips_in_the_report(tmp
     merge_dir = make_model_dir(tmp_path / "merge", ["a circle", "one star here"], {"backbone": "test"}, CHANNELS)
     config.eval.model = str(merge_dir)
     config.eval.features = [str(maps)]
-    with pytest.raises(CaptionerError, match=r"maps\.h5: spatial maps \[20, 2, 2, 3\]; the merge model takes pooled feature vectors \[N, 3\]"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"maps\.h5: spatial maps \[20, 2, 2, 3\]; the merge model takes pooled feature vectors \[N, "
+            r"3\]"
+        ),
+    ):
         evaluate_stage(config)

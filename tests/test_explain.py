@@ -106,7 +106,9 @@ def test_the_data_uri_holds_the_same_strip_for_an_html_page():
 
 # --------------------------------------------------------------------------- caption --explain
 
-SHARED_TFLITE = Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+SHARED_TFLITE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+)
 needs_shared_tflite = pytest.mark.skipif(not SHARED_TFLITE.is_file(), reason="../shared/backbones is not present")
 
 

@@ -181,13 +181,24 @@ def test_a_failed_write_is_one_line_and_keeps_the_committed_rows(tmp_path: Path,
 
 def test_shape_errors_name_expected_and_found_shapes(tmp_path: Path):
     check_map_shape("maps.h5", (7, 7, 1280), 49, 1280)  # matches: no error
-    with pytest.raises(CaptionerError, match=r"maps of 14x14x512 \(196 positions, 512 channels\); the model takes 7x7x1280"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"maps of 14x14x512 \(196 positions, 512 channels\); the model takes 7x7x1280"
+        ),
+    ):
         check_map_shape("maps.h5", (14, 14, 512), 49, 1280)
     # a pooled-vector file given to an attention model
     pooled = tmp_path / "features.pkl"
     pooled.write_bytes(pickle.dumps({"a": np.zeros(1280, np.float32), "b": np.ones(1280, np.float32)}))
     assert not is_map_file(pooled)
-    with pytest.raises(CaptionerError, match=r"features\.pkl: pooled feature vectors \[2, 1280\]; the attention model takes spatial maps \[N, 49, 1280\]"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"features\.pkl: pooled feature vectors \[2, 1280\]; the attention model takes spatial maps "
+            r"\[N, 49, 1280\]"
+        ),
+    ):
         expect_map_file(pooled, 49, 1280)
     # a map file given to the merge model
     maps_path = tmp_path / "maps.h5"
@@ -195,9 +206,20 @@ def test_shape_errors_name_expected_and_found_shapes(tmp_path: Path):
     write(maps_path, [(ids, maps)])
     assert is_map_file(maps_path)
     expect_map_file(maps_path, 6, 4)
-    with pytest.raises(CaptionerError, match=r"maps of 2x3x4 \(6 positions, 4 channels\); the model takes 7x7x4 \(49 positions"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"maps of 2x3x4 \(6 positions, 4 channels\); the model takes 7x7x4 \(49 positions"
+        ),
+    ):
         expect_map_file(maps_path, 49, 4)
-    with pytest.raises(CaptionerError, match=r"maps\.h5: spatial maps \[3, 2, 3, 4\]; the merge model takes pooled feature vectors \[N, 1280\]"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"maps\.h5: spatial maps \[3, 2, 3, 4\]; the merge model takes pooled feature vectors \[N, "
+            r"1280\]"
+        ),
+    ):
         refuse_map_file(maps_path, 1280)
     refuse_map_file(pooled, 1280)  # a vector file is what the merge model takes
     renamed = tmp_path / "maps.bin"  # an HDF5 map file under another suffix is still recognised
@@ -294,7 +316,12 @@ def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp
 
     images = tmp_path / "images"
     make_photos(images, 2)
-    with pytest.raises(CaptionerError, match=r"layer 'fc2' gives maps of 7x7x4, not pooled vectors; .*--output .*out\.h5"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"layer 'fc2' gives maps of 7x7x4, not pooled vectors; .*--output .*out\.h5"
+        ),
+    ):
         extract_stage(extract_config(images, tmp_path / "out.pkl"), model_factory=map_model)
     assert not (tmp_path / "out.pkl").exists()
 
@@ -302,7 +329,12 @@ def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp
         inputs = keras.Input((224, 224, 3))
         return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
 
-    with pytest.raises(CaptionerError, match=r"layer 'fc2' gives \[3\] vectors, not \[H, W, C\] maps; .*maps\.h5 is a map file"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"layer 'fc2' gives \[3\] vectors, not \[H, W, C\] maps; .*maps\.h5 is a map file"
+        ),
+    ):
         extract_stage(extract_config(images, tmp_path / "maps.h5"), model_factory=pooled)
     assert not (tmp_path / "maps.h5").exists()
     config = extract_config(images, tmp_path / "maps.h5")
@@ -311,7 +343,9 @@ def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp
         extract_stage(config, model_factory=map_model)
 
 
-SHARED_TFLITE = Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+SHARED_TFLITE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
+)
 MOBILENET_MAP = "mobilenetv2_1.00_224/out_relu/Relu6"  # the shared int8 MobileNetV2's last convolutional map
 
 
@@ -334,5 +368,10 @@ def test_extract_the_shared_int8_mobilenet_v2_map_by_its_tflite_tensor_name(tmp_
     assert 0 <= values.min() and values.max() <= 6  # a ReLU6 output
     # the same tensor into a vector file: refused in one line, naming the shape
     config.features.output = str(tmp_path / "pooled.pkl")
-    with pytest.raises(CaptionerError, match=r"has shape \[7, 7, 1280\] per image; features must be vectors .*\.h5 map file"):
+    with pytest.raises(
+        CaptionerError,
+        match=(
+            r"has shape \[7, 7, 1280\] per image; features must be vectors .*\.h5 map file"
+        ),
+    ):
         extract_stage(config)

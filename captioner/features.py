@@ -22,8 +22,8 @@ goes into an HDF5 map file (`captioner.spatial`: float16, chunked per image, pro
 its attributes), written beside the output and renamed over it at the end; the chunks give
 resume as for vectors, and a truncated map file is not reused but redone. A map layer into a
 vector file, or a pooled layer into a map file, is refused in one line; sharding maps is not
-supported. Memory: the maps of the run are held in float16 until written (Flickr8k at
-7x7x1280: about 1 GB).
+supported. Memory and disk: the maps of the run are held, and chunked, in float16 until
+written (Flickr8k at 7x7x1280: about 1 GB each).
 Config used: the `features` section (backbone, layer, weights, resample, precision,
 batch_size, workers, chunk_size, max_failed_fraction, shard).
 Cost: VGG16 is about 15.5 GFLOPs per image: Flickr8k's 8,091 images give a 130 MB
@@ -198,6 +198,15 @@ def _chunk_digest(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _stacked(vectors: list[np.ndarray]) -> np.ndarray:
+    """A chunk's features: vectors float32 [n, D]; maps float16 [n, H, W, C] (half the disk: the map
+    file stores float16 anyway, so resuming from them gives the same file)."""
+    if not vectors:
+        return np.zeros((0, 0), np.float32)
+    stacked = np.stack(vectors)
+    return stacked.astype(spatial.MAP_DTYPE if stacked.ndim == 4 else np.float32)
+
+
 class _Chunks:
     """Finished work of an unfinished run: `<output>.parts/chunk-NNNNNN.npz` + `params.json`.
 
@@ -259,7 +268,9 @@ class _Chunks:
         for i, name in enumerate(names):
             key = (int(sizes[i]), int(mtimes[i]))
             if ok[i]:
-                records[str(name)] = (key, features[row].astype(np.float32), None)
+                value = features[row]
+                # vectors as float32 (what a features file holds); maps as stored (float16, as the map file holds)
+                records[str(name)] = (key, value if value.ndim == 3 else value.astype(np.float32), None)
                 row += 1
             else:
                 records[str(name)] = (key, None, str(reasons[i]))
@@ -273,7 +284,7 @@ class _Chunks:
             "mtimes": np.array([key[1] for _, key, _, _ in items], dtype=np.int64),
             "ok": np.array([vector is not None for _, _, vector, _ in items], dtype=bool),
             "reasons": np.array([reason or "" for _, _, _, reason in items], dtype=str),
-            "features": np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32),
+            "features": _stacked(vectors),
         }
         arrays["sha256"] = np.array(_chunk_digest(arrays))
         buffer = io.BytesIO()

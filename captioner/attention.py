@@ -33,7 +33,11 @@ Doubly stochastic regularisation (paper, section 4.2.1): during training the lay
 loss, with t over the real (unpadded) words. The paper adds lambda * sum_i(...)^2 to a
 caption's summed log-likelihood; dividing both by the number of words keeps its ratio for
 our per-word mean loss, so lambda = 1 is the paper's setting. Not added at evaluation, so
-the validation loss is the plain per-word cross-entropy, comparable with the merge model's.
+the validation loss is the plain per-word cross-entropy, comparable with the merge model's;
+the training loss (history.csv "loss") includes it. With fewer words T than positions P the
+penalty cannot reach 0: its least value, attention spread evenly, is P (1 - T/P)^2 / T per
+word (7x7 positions and 12 words: about 2.3), so the training loss sits that far above the
+cross-entropy.
 
 Only `keras.layers` and `keras.ops`, plus one registered `keras.layers.Layer` subclass
 (`AttentionLSTM`, with `get_config`): the model runs under any Keras backend and `.keras`

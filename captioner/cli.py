@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_caption_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="caption", description="Caption images with a trained model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--model", metavar="MODEL_DIR", help="default: models/flickr8k (eval.model)")
+    parser.add_argument("--model", metavar="MODEL_DIR", action="append",
+                        help="default: models/flickr8k (eval.model); repeat it for an ensemble")
     parser.add_argument("--beam", metavar="K")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument("--explain", metavar="OUT_DIR",
@@ -302,8 +303,10 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         runtime.import_keras()
         from captioner.inference import caption_files
 
+        models = [Path(m) for m in ensemble_members(args, config)]
         outcomes = caption_files(
-            Path(config.eval.model), [Path(p) for p in args.images], config.decode, args.backbone_weights,
+            models if len(models) > 1 else models[0], [Path(p) for p in args.images], config.decode,
+            args.backbone_weights,
             explain_dir=Path(args.explain) if args.explain else None,
         )
         failed = 0

@@ -133,6 +133,11 @@ class Ensemble:
         first = self.members[0]
         self.tokenizer, self.config, self.info = first.tokenizer, first.config, dict(first.info)
 
+    @property
+    def kind(self) -> str:
+        """The first member's model kind ("merge" or "attention"); `caption` checks they agree."""
+        return str(self.members[0].kind)
+
     def step_model(self) -> Any:
         """One member's step model when there is one member, else an `EnsembleStep` over all of them."""
         steps = [member.step_model() for member in self.members]

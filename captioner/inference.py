@@ -153,6 +153,44 @@ def feature_dim(loaded: Any, model_dir: Path) -> int:
 # --------------------------------------------------------------------------- decoding
 
 
+def _model_dirs(model_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(model_dir, (str, Path)):
+        return [Path(model_dir)]
+    dirs = [Path(d) for d in model_dir]
+    if not dirs:
+        raise CaptionerError("no model directory given (--model DIR)")
+    return dirs
+
+
+def _load_models(model_dirs: list[Path]) -> Any:
+    """One model directory (`load_model`), or an ensemble of several that can caption together:
+    one tokenizer, one feature width (`captioner.ensemble`), one kind, and features from one
+    extractor (a photo goes through one backbone for all of them)."""
+    if len(model_dirs) == 1:
+        return load_model(model_dirs[0])
+    from captioner.ensemble import load_ensemble
+    from captioner.model import read_model_config
+
+    for model_dir in model_dirs:
+        if not model_dir.is_dir():
+            load_model(model_dir)  # the one-line "model directory not found"
+    # From the small config.json files first: a misfit is refused before any model loads.
+    described = [read_model_config(model_dir) for model_dir in model_dirs]
+    first_dir, (first_config, first_info) = model_dirs[0], described[0]
+    for model_dir, (config, info) in zip(model_dirs[1:], described[1:]):
+        if config.model.kind != first_config.model.kind:
+            raise CaptionerError(
+                f"ensemble members {first_dir} ({first_config.model.kind}) and {model_dir} ({config.model.kind}) "
+                "are models of different kinds; an ensemble's models must be of one kind"
+            )
+        if info.get("features_provenance") != first_info.get("features_provenance"):
+            raise CaptionerError(
+                f"ensemble members {first_dir} and {model_dir} were trained on features of different extractors "
+                "(see features_provenance in their config.json); captioning a photo needs one backbone for all"
+            )
+    return load_ensemble(model_dirs)
+
+
 def _stepper(loaded: Any, allow_unk: bool) -> Any:
     """The model's step function, never proposing pad, start (and unk unless allowed)."""
     from captioner.decoding import BannedWords
@@ -247,7 +285,9 @@ def _name_of(image: ImageInput) -> Path | None:
 class Captioner:
     """A model directory and the backbone its features came from, loaded once.
 
-    model_dir: a directory written by `captioner train`. decode: the default decode
+    model_dir: a directory written by `captioner train`, or several (an ensemble: their
+    log-probabilities averaged in one beam search, `captioner.ensemble`; they must share
+    one tokenizer and the features of one extractor). decode: the default decode
     settings (`DecodeConfig()` when None); `caption` and `decode` may override the beam
     size and the caption length per call. Raises CaptionerError (one line) for a
     missing or broken model directory, a model trained on imported features, or a
@@ -263,16 +303,17 @@ class Captioner:
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | Sequence[str | Path],
         decode: DecodeConfig | None = None,
         backbone_weights: str | Path | None = None,
     ) -> None:
         from captioner import backbones
         from captioner.images import resample_filter
 
-        self.model_dir = Path(model_dir)
+        self.model_dirs = _model_dirs(model_dir)
+        self.model_dir = self.model_dirs[0]
         self.decode_config = decode if decode is not None else DecodeConfig()
-        loaded = load_model(self.model_dir)
+        loaded = _load_models(self.model_dirs)
         provenance = features_provenance(loaded, self.model_dir)
         if provenance.get("backbone") is None:
             sources = ", ".join(str(s) for s in provenance.get("source") or []) or "an unknown source"
@@ -451,7 +492,7 @@ class Captioner:
 
 
 def caption_files(
-    model_dir: Path,
+    model_dir: Path | Sequence[Path],
     image_paths: Sequence[Path],
     decode: DecodeConfig,
     backbone_weights: str | Path | None = None,

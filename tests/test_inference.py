@@ -443,3 +443,30 @@ def test_a_keras_weights_file_is_checked_by_its_hash_too(tmp_path, tiny_net, col
     assert "SHA-256 differs" in capsys.readouterr().err and tiny_net == []  # refused before building
     assert caption_main(["--model", str(model_dir), "--backbone-weights", str(weights), image]) == 0
     assert tiny_net == [("vgg16", "fc2", str(weights), "float32")]
+
+
+def test_caption_with_an_ensemble_of_two_models(known_model_dir, mean_pixel_net, colour_images, capsys, tmp_path):
+    import json as json_lib
+    import shutil
+
+    from captioner import layout
+
+    twin = tmp_path / "twin"
+    shutil.copytree(known_model_dir, twin)
+    # Two copies decode as one (the mean of two equal distributions is that distribution).
+    argv = ["--model", str(known_model_dir), "--model", str(twin), "--json", "--beam", "1", str(colour_images["red"])]
+    assert caption_main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["caption"] == "a red circle"
+    assert record["log_prob"] == pytest.approx(known_log_prob("red"), abs=1e-4)
+    assert len(mean_pixel_net) == 1  # one backbone for the whole ensemble
+
+    # Members whose features came from different extractors cannot caption one photo together.
+    other = tmp_path / "other"
+    shutil.copytree(known_model_dir, other)
+    info = json_lib.loads((other / layout.CONFIG_FILE).read_text())
+    info["features_provenance"]["resample"] = "bicubic"
+    (other / layout.CONFIG_FILE).write_text(json_lib.dumps(info))
+    assert caption_main(["--model", str(known_model_dir), "--model", str(other), str(colour_images["red"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained on features of different extractors" in err

@@ -61,6 +61,7 @@ import numpy as np
 
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.stepping import compile_step, run_step
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +268,6 @@ def map_shape(model: keras.Model) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the step model
 
 
-def _bucket(n: int) -> int:
-    """Batch sizes are rounded up to a power of two under JAX, which compiles once per shape."""
-    return max(8, 1 << (n - 1).bit_length())
-
-
 class AttentionStepModel:
     """One word at a time with the trained attention model's layers (the decoding protocol).
 
@@ -294,9 +290,8 @@ class AttentionStepModel:
         self.units = self._cell.units
         self.vocab_size = int(self._logits.units)
         self.positions, self.channels = map_shape(model)
-        self._backend = keras.backend.backend()
-        self._initial_fn = self._compile(self._initial, initial=True)
-        self._step_fn = self._compile(self._step, initial=False)
+        self._initial_fn = compile_step(self._initial, lambda: self._signature(initial=True))
+        self._step_fn = compile_step(self._step, lambda: self._signature(initial=False))
 
     # The pure functions: keras layers and keras.ops only; dropout layers are skipped (inference).
     def _initial(self, image_map: Any) -> tuple[Any, Any, Any]:
@@ -317,38 +312,16 @@ class AttentionStepModel:
         log_probs = ops.log_softmax(self._logits(deep), axis=-1)  # float32 [N, V]
         return log_probs, ops.cast(h, "float32"), ops.cast(c, "float32"), ops.cast(alpha, "float32")
 
-    def _compile(self, function: Any, initial: bool) -> Any:
-        """A traced version of `function`: per-call overhead is what matters at ~1,000 steps."""
-        if self._backend == "tensorflow":
-            import tensorflow as tf
+    def _signature(self, initial: bool) -> list[Any]:
+        """The traced functions' inputs, N unknown (TensorFlow only)."""
+        import tensorflow as tf
 
-            image_map = tf.TensorSpec((None, self.positions, self.channels), tf.float32)
-            if initial:
-                signature = [image_map]
-            else:
-                units = tf.TensorSpec((None, self.units), tf.float32)
-                projected = tf.TensorSpec((None, self.positions, self._cell.attention_dim), tf.float32)
-                signature = [tf.TensorSpec((None,), tf.int32), image_map, projected, units, units]
-            return tf.function(function, input_signature=signature)  # N unknown: traced once
-        if self._backend == "jax":
-            import jax
-
-            return jax.jit(function)
-        return function  # torch / numpy: eager
-
-    def _run(self, function: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        n = arrays[0].shape[0]
-        if self._backend == "jax":
-            size = _bucket(n)
-            arrays = [np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]) for a in arrays]
-        if self._backend == "torch":
-            import torch
-
-            with torch.no_grad():
-                outputs = function(*arrays)
-        else:
-            outputs = function(*arrays)
-        return [keras.ops.convert_to_numpy(x)[:n] for x in outputs]
+        image_map = tf.TensorSpec((None, self.positions, self.channels), tf.float32)
+        if initial:
+            return [image_map]
+        units = tf.TensorSpec((None, self.units), tf.float32)
+        projected = tf.TensorSpec((None, self.positions, self._cell.attention_dim), tf.float32)
+        return [tf.TensorSpec((None,), tf.int32), image_map, projected, units, units]
 
     def initial_state(self, image_maps: np.ndarray) -> list[np.ndarray]:
         """image_maps float32 [N, P, C] (or [N, H, W, C] with H * W = P) ->
@@ -361,7 +334,7 @@ class AttentionStepModel:
                 f"image maps have shape {np.asarray(image_maps).shape}, the attention model expects "
                 f"[N, {self.positions} positions, {self.channels} channels]"
             )
-        projected, h, c = self._run(self._initial_fn, [maps])
+        projected, h, c = run_step(self._initial_fn, [maps])
         return [maps, projected, h, c]
 
     def step(
@@ -370,7 +343,7 @@ class AttentionStepModel:
         """last_ids int [N], states -> (log_probs float32 [N, V], new states, {"attention": float32 [N, P]})."""
         image_map, projected, h, c = (np.asarray(s, dtype=np.float32) for s in states)
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        log_probs, h, c, alpha = self._run(self._step_fn, [ids, image_map, projected, h, c])
+        log_probs, h, c, alpha = run_step(self._step_fn, [ids, image_map, projected, h, c])
         return log_probs, [image_map, projected, h, c], {ATTENTION_EXTRA: alpha}
 
 

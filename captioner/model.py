@@ -67,6 +67,7 @@ from captioner import config as config_lib
 from captioner.config import Config, ModelConfig
 from captioner.errors import CaptionerError, ConfigError
 from captioner.layout import CONFIG_FILE, MODEL_DIR_FILES, MODEL_FILE, TOKENIZER_FILE
+from captioner.stepping import compile_step, run_step
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,6 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
 # --------------------------------------------------------------------------- the step model
 
 
-def _bucket(n: int) -> int:
-    """Batch sizes are rounded up to a power of two under JAX, which compiles once per shape."""
-    return max(8, 1 << (n - 1).bit_length())
-
-
 class StepModel:
     """One word at a time with the trained model's layers (the decoding protocol).
 
@@ -120,9 +116,8 @@ class StepModel:
         self.units = int(model.get_layer("lstm").units)
         self.vocab_size = int(self._logits.units)
         self.feature_dim = int(self._image_dense.kernel.shape[0])
-        self._backend = keras.backend.backend()
-        self._initial_fn = self._compile(self._initial, feature_input=True)
-        self._step_fn = self._compile(self._step, feature_input=False)
+        self._initial_fn = compile_step(self._initial, lambda: self._signature(feature_input=True))
+        self._step_fn = compile_step(self._step, lambda: self._signature(feature_input=False))
 
     # The pure functions: keras layers and keras.ops only; dropout layers are skipped (inference).
     def _initial(self, image_features: Any) -> Any:
@@ -138,39 +133,14 @@ class StepModel:
         log_probs = keras.ops.log_softmax(logits, axis=-1)
         return log_probs, keras.ops.cast(h, "float32"), keras.ops.cast(c, "float32")
 
-    def _compile(self, function: Any, feature_input: bool) -> Any:
-        """A traced version of `function`: per-call overhead is what matters at ~1,000 steps."""
-        if self._backend == "tensorflow":
-            import tensorflow as tf
+    def _signature(self, feature_input: bool) -> list[Any]:
+        """The traced functions' inputs, N unknown (TensorFlow only)."""
+        import tensorflow as tf
 
-            if feature_input:
-                signature = [tf.TensorSpec((None, self.feature_dim), tf.float32)]
-            else:
-                units = tf.TensorSpec((None, self.units), tf.float32)
-                signature = [tf.TensorSpec((None,), tf.int32), units, units, units]
-            # A fixed signature with N unknown: traced once, whatever the number of beams.
-            return tf.function(function, input_signature=signature)
-        if self._backend == "jax":
-            import jax
-
-            return jax.jit(function)
-        return function  # torch / numpy: eager
-
-    def _run(self, function: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        n = arrays[0].shape[0]
-        if self._backend == "jax":
-            size = _bucket(n)
-            arrays = [np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]) for a in arrays]
-        if self._backend == "torch":
-            import torch
-
-            with torch.no_grad():
-                outputs = function(*arrays)
-        else:
-            outputs = function(*arrays)
-        if not isinstance(outputs, (tuple, list)):
-            outputs = [outputs]
-        return [keras.ops.convert_to_numpy(x)[:n] for x in outputs]
+        if feature_input:
+            return [tf.TensorSpec((None, self.feature_dim), tf.float32)]
+        units = tf.TensorSpec((None, self.units), tf.float32)
+        return [tf.TensorSpec((None,), tf.int32), units, units, units]
 
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
         """image_features float32 [N, D] -> [image_projection, h, c], each float32 [N, units]."""
@@ -179,7 +149,7 @@ class StepModel:
             raise CaptionerError(
                 f"image features have shape {image_features.shape}, the model expects [N, {self.feature_dim}]"
             )
-        (projection,) = self._run(self._initial_fn, [image_features])
+        (projection,) = run_step(self._initial_fn, [image_features])
         zeros = np.zeros((len(image_features), self.units), dtype=np.float32)
         return [projection, zeros, zeros.copy()]
 
@@ -187,7 +157,7 @@ class StepModel:
         """last_ids int [N], states from `initial_state`/`step` -> (log_probs float32 [N, V], new states)."""
         projection, h, c = (np.asarray(s, dtype=np.float32) for s in states)
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        log_probs, h, c = self._run(self._step_fn, [ids, projection, h, c])
+        log_probs, h, c = run_step(self._step_fn, [ids, projection, h, c])
         return log_probs, [projection, h, c]
 
 

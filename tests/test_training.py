@@ -161,8 +161,7 @@ def last_weights(model_dir: Path) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """An uninterrupted 4-epoch run, and the same run killed inside epoch 3 (a copy of its
-    output folder as the crash left it is kept for the refusal tests)."""
+    """An uninterrupted 4-epoch run; with `crashed_run`, the same run killed inside epoch 3."""
     root = tmp_path_factory.mktemp("runs")
     features, captions = make_data(root)
     # lr_decay on: the schedule follows the optimizer's step counter, which a resume must restore.
@@ -170,13 +169,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     straight.train.output = str(root / "straight")
     progress = io.StringIO()
     result = train_stage(straight, progress=progress)
-    crashed = make_config(root, features, captions, epochs=4, patience=0, lr_decay=0.95)
+    return {"root": root, "features": features, "captions": captions, "straight": straight, "result": result,
+            "progress": progress.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def crashed_run(runs: dict) -> dict[str, object]:
+    """`runs` plus the same run killed inside epoch 3 ("crashed"); a copy of its output folder as
+    the crash left it ("crashed-snapshot" under root) is kept for the refusal tests."""
+    root = runs["root"]
+    crashed = make_config(root, runs["features"], runs["captions"], epochs=4, patience=0, lr_decay=0.95)
     crashed.train.output = str(root / "crashed")
     with pytest.raises(Crash):
         train_stage(crashed, callbacks=[CrashInEpoch(crash_at=3)])
     shutil.copytree(root / "crashed", root / "crashed-snapshot")
-    return {"root": root, "features": features, "captions": captions, "straight": straight, "result": result,
-            "crashed": crashed, "progress": progress.getvalue()}
+    return {**runs, "crashed": crashed}
 
 
 def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: dict) -> None:
@@ -261,7 +268,8 @@ def test_learning_rate_decays_every_epoch(runs: dict) -> None:
 
 
 @pytest.mark.slow  # resumes and retrains 2 epochs: about 7 s; CI runs it (make test-slow)
-def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) -> None:
+def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(crashed_run: dict) -> None:
+    runs = crashed_run
     crashed = runs["crashed"]
     output = Path(crashed.train.output)
     state = json.loads((output / "checkpoints" / "state.json").read_text())
@@ -293,7 +301,9 @@ def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(runs: dict) 
     assert more.resumed_from == 4 and more.epochs_run == 1 and more.epochs_done == 5
 
 
-def test_resume_refusals_name_what_changed_and_force_starts_over(runs: dict, tmp_path: Path) -> None:
+@pytest.mark.slow  # a resume and a restart: about 6 s; CI runs it (make test-slow)
+def test_resume_refusals_name_what_changed_and_force_starts_over(crashed_run: dict, tmp_path: Path) -> None:
+    runs = crashed_run
     features, captions = runs["features"], runs["captions"]
     output = tmp_path / "model"
     shutil.copytree(runs["root"] / "crashed-snapshot", output)  # 2 epochs done, killed in epoch 3
@@ -399,6 +409,7 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
 # --------------------------------------------------------------------------- nothing finished is lost
 
 
+@pytest.mark.slow  # four failed retrains and a resumed one: about 12 s; CI runs it (make test-slow)
 def test_a_failed_retrain_leaves_the_finished_run_intact_until_a_resumed_one_replaces_it(
     runs: dict, tmp_path: Path, file_size_limit, disk_full, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -738,11 +738,8 @@ def create_app(
         description=f"longest caption in words (default {decode.max_generated_words}; at most serve.max_generated_words)",
     )
 
-    @app.post(
-        "/v1/captions", response_model=CaptionsResponse, responses=refusals, openapi_extra=_MULTIPART_BODY,
-        summary="Caption one or more images (repeated multipart field `image`)",
-    )
-    async def captions(request: Request, beam_size: int | None = beam_query, max_words: int | None = words_query) -> Any:
+    async def caption_request(request: Request, beam_size: int | None, max_words: int | None) -> Any:
+        """(beam_size, max_words, uploads, outcomes) of a captioning request, or the response to send instead."""
         if state.model is None:
             return not_ready()
         beam_size = beam_size or decode.beam_size
@@ -753,6 +750,17 @@ def create_app(
             return _error(error.status, error.message)
         except Exception as error:  # noqa: BLE001 - the batcher logged it; answer and keep serving
             return model_failure(error)
+        return beam_size, max_words, uploads, outcomes
+
+    @app.post(
+        "/v1/captions", response_model=CaptionsResponse, responses=refusals, openapi_extra=_MULTIPART_BODY,
+        summary="Caption one or more images (repeated multipart field `image`)",
+    )
+    async def captions(request: Request, beam_size: int | None = beam_query, max_words: int | None = words_query) -> Any:
+        done = await caption_request(request, beam_size, max_words)
+        if not isinstance(done, tuple):
+            return done  # not ready, a refused request, or a model failure
+        beam_size, max_words, uploads, outcomes = done
         images = []
         for index, (upload, outcome) in enumerate(zip(uploads, outcomes)):
             slot: dict[str, Any] = {"index": index, "file_name": upload.file_name, "caption": None,
@@ -772,16 +780,10 @@ def create_app(
         summary="IBM MAX Image Caption Generator compatible: one `image`, one prediction per beam",
     )
     async def predict(request: Request, beam_size: int | None = beam_query, max_words: int | None = words_query) -> Any:
-        if state.model is None:
-            return not_ready()
-        beam_size = beam_size or decode.beam_size
-        max_words = max_words or decode.max_generated_words
-        try:
-            uploads, outcomes = await caption_uploads(request, beam_size, max_words)
-        except RequestError as error:
-            return _error(error.status, error.message)
-        except Exception as error:  # noqa: BLE001
-            return model_failure(error)
+        done = await caption_request(request, beam_size, max_words)
+        if not isinstance(done, tuple):
+            return done  # not ready, a refused request, or a model failure
+        beam_size, max_words, uploads, outcomes = done
         if len(uploads) != 1:
             return _error(400, f"/model/predict takes exactly one {_IMAGE_FIELD!r}; use /v1/captions for several")
         outcome = outcomes[0]

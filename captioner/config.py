@@ -157,6 +157,7 @@ class FinetuneConfig:
     batch_size: int = 16  # images per step; each gives samples_per_image sampled captions (16 x 5 = 80 sequences)
     samples_per_image: int = 5  # captions sampled per image and step; the "mean" baseline needs at least 2 (5 as in Luo's "new self-critical" recipe)
     baseline: str = "mean"  # FINETUNE_BASELINES: mean (of the same image's other samples: no extra decoding) | greedy (the greedy caption's reward, Rennie et al.)
+    end_in_reward: bool = True  # the end token counts in the CIDEr-D reward (captioner.rewards, mark_end): without it SCST learns to stop mid-phrase
     learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
     clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off
     patience: int = 3  # epochs without a better dev CIDEr-D before stopping; 0 turns early stopping off

@@ -34,7 +34,9 @@ One step, for a batch of `finetune.batch_size` train images:
      in numpy from the step model's log-probabilities, pad/start and, unless decode.allow_unk,
      unk never drawn), each caption up to decode.max_generated_words words;
   2. rewards: CIDEr-D of every sampled caption against its image's train references, in one
-     vectorised call (`captioner.rewards.CiderD`, document frequencies from train only);
+     vectorised call (`captioner.rewards.CiderD`, document frequencies from train only); with
+     finetune.end_in_reward (the default) the end token is a word of the reward, so a caption
+     that stops mid-phrase loses its last n-grams;
   3. baseline (finetune.baseline): "mean", the mean reward of the image's OTHER samples (no extra
      decoding; unbiased, as it does not depend on the sample it is subtracted from), or "greedy",
      the reward of the image's greedy caption (the paper's "self-critical" baseline);
@@ -521,7 +523,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
 
     train_ids, train_features = usable(train_refs, ft.train_split)
     val_ids, val_features = usable(val_refs, ft.val_split)
-    scorer = CiderD({image_id: train_refs[image_id] for image_id in train_ids})
+    scorer = CiderD({image_id: train_refs[image_id] for image_id in train_ids}, mark_end=config.finetune.end_in_reward)
     words = "\n".join(loaded.tokenizer.words)
     log.info("finetune: %d %s images, %d %s images; %d-d features, vocab_size %d",
              len(train_ids), ft.train_split, len(val_ids), ft.val_split, width, loaded.tokenizer.vocab_size)
@@ -769,12 +771,12 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
         raise _NonFinite(str(error)) from None
     ids = [data.train_ids[i] for i in images]
     captions = [tokenizer.decode(row) for row in samples.ids]
-    rewards = data.scorer.score([image_id for image_id in ids for _ in range(k)], captions)  # float64 [B*K]
+    rewards = data.scorer.score([image_id for image_id in ids for _ in range(k)], captions, samples.finished)  # float64 [B*K]
     greedy_rewards = None
     if ft.baseline == "greedy":
         best = greedy(stepper, features, start_id=tokenizer.start_id, end_id=tokenizer.end_id,
                       max_generated_words=decode.max_generated_words, length_normalization=decode.length_normalization)
-        greedy_rewards = data.scorer.score(ids, [tokenizer.decode(c.ids) for c in best])
+        greedy_rewards = data.scorer.score(ids, [tokenizer.decode(c.ids) for c in best], [c.finished for c in best])
     baselines = baseline_rewards(rewards, k, greedy_rewards)
     if not (np.isfinite(rewards).all() and np.isfinite(baselines).all()):
         raise _NonFinite("the reward became NaN")

@@ -15,6 +15,15 @@ references and the train corpus only, not on the other captions in its batch, an
 or test reference ever shapes training. Scoring a set against the document references
 themselves gives exactly `metrics.cider_d`'s per-image values (the tests check it).
 
+The end of a caption can count too (`mark_end=True`, what `finetune` uses): every reference,
+and every hypothesis that finished (the model chose the end token), gets one more word, an
+end marker no caption can contain, so n-grams such as "the grass <end>" are rewarded like any
+other. Without it a caption cut short ("a dog runs through the") loses only its missing
+n-grams, and SCST learns to stop mid-phrase: on Flickr8k two epochs without the marker made
+beam-3 captions 2 words shorter and lowered dev CIDEr-D from 0.43 to 0.36, while greedy
+captions improved. Self-critical implementations (Rennie et al.'s, ruotianluo's
+self-critical.pytorch) score the end token for this reason.
+
 How it is vectorised. Words get integer ids (1..W; 0 pads), and an n-gram is one uint64
 key, its word ids packed 16 bits each (w1 | w2 << 16 | w3 << 32 | w4 << 48); words are
 never 0, so the key also tells the order. Every reference n-gram gets a dense id (its
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 _LANE_BITS = 16  # bits per word in an n-gram key: CIDER_MAX_N * 16 = 64 bits, a uint64
 MAX_WORDS = (1 << _LANE_BITS) - 1  # distinct words (references and one call's hypotheses) a key can hold
 _CIDER_SCALE = 10.0  # CIDEr-D is published x10 (coco-caption)
+END_MARKER = "<end>"  # the end word of `mark_end`: `scoring_tokens` never produces it (letters only)
 
 
 def _ngram_keys(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,11 +114,15 @@ class CiderD:
     references: {image id: [reference caption, ...]}, usually the prepared TRAIN split.
     They are the document set (N = number of images, df = in how many images' references
     an n-gram occurs) and the references a hypothesis of that image is scored against.
+    With `mark_end`, every reference ends with END_MARKER, and so does every hypothesis
+    `score` is told finished (module docstring).
     Raises CaptionerError naming the first image without a reference (or with only empty
     ones after tokenisation), or when the references hold more than MAX_WORDS words.
     """
 
-    def __init__(self, references: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, references: Mapping[str, Sequence[str]], *, mark_end: bool = False) -> None:
+        self.mark_end = bool(mark_end)
+        end = [END_MARKER] if self.mark_end else []
         if not references:
             raise CaptionerError("no reference captions to score against")
         self.image_ids = [str(image_id) for image_id in references]
@@ -122,6 +136,7 @@ class CiderD:
             own = [scoring_tokens(caption) for caption in captions]
             if not any(own):
                 raise CaptionerError(f"image {image_id!r} has only empty reference captions")
+            own = [tokens + end for tokens in own]
             tokenised.extend(own)
             owners.extend([index] * len(own))
             for tokens in own:
@@ -168,15 +183,21 @@ class CiderD:
             out[row, : len(tokens)] = [words[word] for word in tokens]
         return out
 
-    def score(self, image_ids: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
+    def score(
+        self, image_ids: Sequence[str], hypotheses: Sequence[str], finished: Sequence[bool] | np.ndarray | None = None
+    ) -> np.ndarray:
         """CIDEr-D of each hypothesis against its image's references: float64 [S].
 
         image_ids: S ids among the constructor's images (repeats allowed: several samples
-        of one image); hypotheses: S caption strings (tokenised with `scoring_tokens`).
-        A CaptionerError names an id without references.
+        of one image); hypotheses: S caption strings (tokenised with `scoring_tokens`);
+        finished: S bools, whether each hypothesis ended with the end token (None: all did),
+        read only with `mark_end`. A CaptionerError names an id without references.
         """
         if len(image_ids) != len(hypotheses):
             raise CaptionerError(f"{len(hypotheses)} hypotheses but {len(image_ids)} image ids: they must pair up")
+        ended = np.ones(len(hypotheses), dtype=bool) if finished is None else np.asarray(finished, dtype=bool)
+        if ended.shape != (len(hypotheses),):
+            raise CaptionerError(f"{ended.size} finished flags for {len(hypotheses)} hypotheses: they must pair up")
         missing = [image_id for image_id in image_ids if image_id not in self.image_index]
         if missing:
             raise CaptionerError(f"image {missing[0]!r} has no reference captions to score against")
@@ -188,6 +209,8 @@ class CiderD:
         # Words the references never use cannot match; they only need ids distinct from each other.
         words = dict(self._words)
         tokenised = [scoring_tokens(text) for text in hypotheses]
+        if self.mark_end:
+            tokenised = [tokens + [END_MARKER] if end else tokens for tokens, end in zip(tokenised, ended)]
         for tokens in tokenised:
             for word in tokens:
                 words.setdefault(word, len(words) + 1)
@@ -239,4 +262,4 @@ class CiderD:
         return total / CIDER_MAX_N / self.ref_count[images] * _CIDER_SCALE
 
 
-__all__: Sequence[str] = ["CiderD", "MAX_WORDS"]
+__all__: Sequence[str] = ["END_MARKER", "CiderD", "MAX_WORDS"]

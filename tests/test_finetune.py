@@ -287,9 +287,9 @@ def test_a_nan_reward_stops_in_one_line_and_keeps_the_finished_model(tuned: dict
     calls = {"n": 0}
     real = CiderD.score
 
-    def score(self, image_ids, hypotheses):
+    def score(self, image_ids, hypotheses, finished=None):
         calls["n"] += 1
-        values = real(self, image_ids, hypotheses)
+        values = real(self, image_ids, hypotheses, finished)
         return values * np.nan if calls["n"] == 1 else values
 
     monkeypatch.setattr(CiderD, "score", score)

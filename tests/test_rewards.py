@@ -90,3 +90,35 @@ def test_bad_input_is_one_line():
         scorer.score(["q"], ["a"])
     with pytest.raises(CaptionerError, match="pair up"):
         scorer.score(["x", "x"], ["a"])
+
+
+def test_end_marker_counts_the_end_of_finished_captions():
+    # mark_end: the references become "a b <end>" and "c d <end>". N = 2: "<end>" is in both
+    # images (df 2, weight ln2 - ln2 = 0); "b <end>" and "a b <end>" in one (weight ln2).
+    scorer = CiderD({"x": ["a b"], "y": ["c d"]}, mark_end=True)
+    whole, cut, short = scorer.score(["x", "x", "x"], ["a b", "a b", "a"], finished=[True, False, True])
+    # "a b <end>" is the reference itself: cosine 1 for orders 1, 2, 3; order 4 has no n-grams.
+    assert whole == pytest.approx(3 / 4 * 10)
+    # "a b" that never ended: order 1 matches fully (the marker weighs 0); order 2 holds "a b"
+    # but not "b <end>": ln2^2 / (ln2 * sqrt(2) ln2); nothing of order 3; 2 words vs 3.
+    assert cut == pytest.approx((1 + 1 / math.sqrt(2)) / 4 * 10 * math.exp(-1 / 72))
+    # "a <end>": order 1 as "a" alone (1/sqrt 2); "a <end>" is no reference bigram; 2 vs 3.
+    assert short == pytest.approx(1 / math.sqrt(2) / 4 * 10 * math.exp(-1 / 72))
+    # without the marker a finished caption and a cut one are the same string, the same score
+    plain = CiderD({"x": ["a b"], "y": ["c d"]})
+    assert plain.score(["x", "x"], ["a b", "a b"], finished=[True, False]).tolist() == [pytest.approx(5.0)] * 2
+
+
+def test_end_marker_rewards_a_complete_phrase_over_one_cut_short():
+    refs = {"x": ["a dog runs on the grass", "the dog runs on grass"], "y": ["a man rides a bike"]}
+    marked, plain = CiderD(refs, mark_end=True), CiderD(refs)
+    hyps = ["a dog runs on the", "a dog runs on the grass"]
+    gap_marked = np.diff(marked.score(["x", "x"], hyps))[0]
+    gap_plain = np.diff(plain.score(["x", "x"], hyps))[0]
+    assert gap_marked > gap_plain > 0
+
+
+def test_finished_flags_must_pair_with_hypotheses():
+    scorer = CiderD({"x": ["a b"]}, mark_end=True)
+    with pytest.raises(CaptionerError, match="finished flags"):
+        scorer.score(["x"], ["a b"], finished=[True, False])

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Training speed and memory, side by side: teacher forcing against the classic per-prefix generator.
+"""Training speed and memory, side by side: teacher forcing, the classic per-prefix generator, the attention model.
 
 Same data, same model sizes, same batch size, one run, each variant in its own
 subprocess (so each has its own peak RSS):
 
-- teacher forcing (`captioner.sequences.TeacherForcingBatches`): one right-padded
-  caption per sample, batches padded to their own longest caption, loss masked
-  by sample weights, image features gathered per caption; `build_model`, sparse
-  cross-entropy from logits. Runs a whole epoch by default.
+- the merge model with teacher forcing (`captioner.sequences.TeacherForcingBatches`):
+  one right-padded caption per sample, batches padded to their own longest caption,
+  loss masked by sample weights, image features gathered per caption; `build_model`,
+  sparse cross-entropy from logits. Runs a whole epoch by default.
 - the classic generator (the course's way): every caption expanded into one
   sample per prefix, pre-padded to the longest prefix, the image features copied
   into every sample, one-hot float32 targets (`captioner.reference.per_prefix_batches`);
@@ -17,6 +17,17 @@ subprocess (so each has its own peak RSS):
   By default also a second classic row with batches of as many prefixes as a
   teacher-forcing batch has target words (`--classic-matched`), to show that the
   gap is not just per-step overhead.
+- with `--attention`, the soft-attention model (`captioner.attention.build_attention_model`,
+  default `ModelConfig`) trained exactly like the merge row (the same captions and
+  batches, loss, optimizer and batch size) on spatial maps float32 [B, H*W, C] in place
+  of the pooled vectors. Timed over `--attention-steps` steps and extrapolated to the
+  epoch. Its maps are read as `captioner train --model.kind=attention` reads them: a
+  `captioner.spatial.MapFile` in a `FeatureTable`, each batch's maps read from the HDF5
+  file, never the whole file. With `--maps FILE` (a map file of `captioner extract
+  --layer ...`; needs `--prepared`) the real maps; otherwise random non-negative maps of
+  `--map-shape` (7x7x1280, MobileNetV2's last conv map) for every image the captions
+  use, written first to a map file in a temporary folder (float16: 6,000 images of
+  7x7x1280 take 750 MB there) and deleted at the end.
 
 Data: real with `--prepared DIR --features FILE...` (a `captioner prepare` folder and feature
 files: the train split's captions and tokenizer, e.g. Flickr8k with the shared MobileNetV2
@@ -34,13 +45,18 @@ computes what fully expanded classic arrays (the course's non-generator
 `create_sequences` on the whole split) would take: prefixes x (vocab one-hot +
 max_length ids + feature_dim floats) x 4 bytes.
 
-Prints a markdown table. Reads nothing but the optional token file; writes nothing.
+Prints a markdown table. Reads nothing but the optional token file and the given
+inputs; writes nothing but the temporary synthetic map file.
 Usage: python bench/train.py [--prepared DIR --features FILE...] [--captions 30000] [--steps 0 (= a whole epoch)]
-       [--classic-steps 60]
+       [--classic-steps 60] [--attention [--attention-steps 40] [--maps FILE.h5 | --map-shape 7x7x1280]]
 `--classic-steps` applies to batches of `--batch-size` prefixes; the matched classic
 row times a quarter as many (its steps are ~12x bigger).
 Cost: a few minutes on 2 CPU cores with the defaults (a whole teacher-forcing epoch);
 `--captions 2000 --images 400 --steps 20 --classic-steps 20` takes about a minute.
+`--attention` adds a process that runs its 40 steps (each several times a merge step's
+time) and, without `--maps`, first writes the synthetic map file (seconds; 750 MB of disk
+for 6,000 images of 7x7x1280); the tiny run above with `--attention --attention-steps 10`
+takes under two minutes.
 """
 
 from __future__ import annotations
@@ -50,6 +66,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +87,15 @@ FLICKR8K_LENGTHS = {
 }  # fmt: skip
 
 
+def map_shape(text: str) -> tuple[int, int, int]:
+    """"7x7x1280" -> (7, 7, 1280): a map's height, width and channels."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxWxC of positive integers, e.g. 7x7x1280, got {text!r}")
+    height, width, channels = (int(p) for p in parts)
+    return height, width, channels
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from captioner.config import TrainConfig  # no TensorFlow: cheap in the parent process
 
@@ -80,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=6000, help="images (Flickr8k train: 6,000)")
     parser.add_argument("--vocab", type=int, default=7500, help="vocabulary size")
     parser.add_argument("--feature-dim", type=int, default=4096, help="feature width (VGG16 fc2: 4096)")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="train.batch_size, for both")
-    parser.add_argument("--steps", type=int, default=0, help="teacher-forcing steps to time; 0 = a whole epoch")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="train.batch_size, for all")
+    parser.add_argument("--steps", type=int, default=0, help="merge model steps to time; 0 = a whole epoch")
     parser.add_argument("--classic-steps", type=int, default=60, help="classic generator steps to time")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (tracing)")
     parser.add_argument(
@@ -90,10 +116,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also time the classic generator with as many prefixes per batch as teacher-forcing targets",
     )
+    parser.add_argument(
+        "--attention",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time the soft-attention model on spatial maps, beside the merge model",
+    )
+    parser.add_argument("--attention-steps", type=int, default=40, help="attention model steps to time")
+    parser.add_argument("--maps", help="with --prepared --attention: a map file (`captioner extract --layer ...`)")
+    parser.add_argument(
+        "--map-shape",
+        type=map_shape,
+        default=(7, 7, 1280),
+        metavar="HxWxC",
+        help="synthetic maps' shape, without --maps (default 7x7x1280: MobileNetV2's last conv map)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", choices=["teacher", "classic"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["teacher", "attention", "classic"], help=argparse.SUPPRESS)
     parser.add_argument("--variant-batch-size", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.maps and not args.attention:
+        parser.error("--maps is read only by the attention variant: add --attention")
+    if args.maps and not args.prepared:
+        parser.error("--maps needs --prepared: the maps are of a prepared split's images")
+    if args.maps and not Path(args.maps).is_file():
+        parser.error(f"--maps: file not found: {args.maps}")
+    return args
 
 
 # --------------------------------------------------------------------------- data
@@ -116,32 +164,25 @@ def length_distribution() -> tuple[dict[int, int], str]:
     return dict(FLICKR8K_LENGTHS), "built-in Flickr8k histogram"
 
 
-def real_data(args: argparse.Namespace):
-    """(CaptionSet, FeatureTable, source) of the train split of a prepared captions folder."""
-    from captioner import feature_files
+def real_captions(args: argparse.Namespace):
+    """(captions dict image id -> list[str], CaptionSet, source) of the train split of --prepared."""
     from captioner.config import TextConfig, TrainConfig
     from captioner.datasets import read_prepared_split
     from captioner.layout import TOKENIZER_FILE, split_file
-    from captioner.sequences import FeatureTable, encode_captions
+    from captioner.sequences import encode_captions
     from captioner.tokenizer import Tokenizer
 
     folder = Path(args.prepared)
     captions = read_prepared_split(split_file(folder, TrainConfig().train_split))
     tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
     caption_set = encode_captions(captions, tokenizer, TextConfig().max_prepared_words)
-    table = FeatureTable.from_dict(feature_files.load_features([Path(f) for f in args.features]), list(captions))
-    return caption_set, table, f"{folder} (real captions), {', '.join(Path(f).name for f in args.features)}"
+    return captions, caption_set, f"{folder} (real captions)"
 
 
-def make_data(args: argparse.Namespace):
-    """(CaptionSet, FeatureTable, data source): the real train split with --prepared, else the
-    synthetic Flickr8k-sized one."""
-    from captioner.sequences import CaptionSet, FeatureTable
+def synthetic_captions(args: argparse.Namespace, rng: np.random.Generator):
+    """(CaptionSet, source): `--captions` Flickr8k-like captions over `--images` images "im0"..."""
+    from captioner.sequences import CaptionSet
 
-    if args.prepared:
-        return real_data(args)
-
-    rng = np.random.default_rng(args.seed)
     histogram, source = length_distribution()
     lengths = np.array(sorted(histogram))
     probabilities = np.array([histogram[n] for n in lengths], dtype=np.float64)
@@ -156,9 +197,64 @@ def make_data(args: argparse.Namespace):
     per_image = max(1, args.captions // args.images)
     image_ids = [f"im{min(k // per_image, args.images - 1)}" for k in range(args.captions)]
     caption_set = CaptionSet(image_ids, caption_ids, start_id=2, end_id=3, vocab_size=args.vocab)
+    return caption_set, f"synthetic, lengths from {source}"
+
+
+def make_data(args: argparse.Namespace):
+    """(CaptionSet, FeatureTable of pooled vectors, data source): the real train split with
+    --prepared, else the synthetic Flickr8k-sized one."""
+    from captioner import feature_files
+    from captioner.sequences import FeatureTable
+
+    if args.prepared:
+        captions, caption_set, source = real_captions(args)
+        table = FeatureTable.from_dict(feature_files.load_features([Path(f) for f in args.features]), list(captions))
+        return caption_set, table, f"{source}, {', '.join(Path(f).name for f in args.features)}"
+    rng = np.random.default_rng(args.seed)
+    caption_set, source = synthetic_captions(args, rng)
     matrix = np.abs(rng.standard_normal((args.images, args.feature_dim), dtype=np.float32))
     table = FeatureTable(matrix, {f"im{i}": i for i in range(args.images)})
-    return caption_set, table, f"synthetic, lengths from {source}"
+    return caption_set, table, source
+
+
+def write_synthetic_maps(path: Path, image_ids: list[str], shape: tuple[int, int, int], seed: int) -> None:
+    """A map file at `path` of random non-negative maps float16 [len(image_ids), H, W, C]
+    (like a conv map after ReLU), written 64 images at a time so that memory stays small."""
+    from captioner import spatial
+
+    height, width, channels = shape
+    rng = np.random.default_rng([seed, 1])
+    provenance = {"source": "bench/train.py, synthetic", "seed": seed}
+    with spatial.open_map_writer(path, grid=(height, width), channels=channels, provenance=provenance) as writer:
+        for begin in range(0, len(image_ids), 64):
+            chunk = image_ids[begin : begin + 64]
+            writer.append(chunk, np.abs(rng.standard_normal((len(chunk), height, width, channels), dtype=np.float32)))
+
+
+def make_map_data(args: argparse.Namespace, scratch: Path):
+    """(CaptionSet, FeatureTable over an open MapFile, data source) for the attention variant:
+    the same captions as `make_data`, and maps read a batch at a time from the HDF5 file, as
+    `captioner.training` reads them (--maps, or synthetic maps written to `scratch`)."""
+    from captioner import spatial
+    from captioner.sequences import FeatureTable
+
+    if args.prepared:
+        _, caption_set, source = real_captions(args)
+    else:
+        caption_set, source = synthetic_captions(args, np.random.default_rng(args.seed))
+    if args.maps:
+        path = Path(args.maps)
+        maps_source = f"{path.name} (real maps)"
+    else:
+        path = scratch / "synthetic-maps.h5"
+        write_synthetic_maps(path, list(dict.fromkeys(caption_set.image_ids)), args.map_shape, args.seed)
+        maps_source = "synthetic maps"
+    spatial.expect_map_file(path)  # what training checks first: a pooled-vector file is refused with its shape
+    maps = spatial.MapFile(path)
+    if len(maps) == 0:
+        raise SystemExit(f"map file {path} holds no images")
+    table = FeatureTable(maps, maps.index)  # as captioner.training._load_data: never loaded whole
+    return caption_set, table, f"{source}, {maps_source}"
 
 
 # --------------------------------------------------------------------------- one variant (a subprocess)
@@ -175,7 +271,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_variant(args: argparse.Namespace) -> dict:
+def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
+    """Times `args.variant` in this process; `scratch`: a folder for the synthetic map file."""
     import keras
 
     from captioner import model as model_lib
@@ -183,7 +280,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from captioner.config import ModelConfig, TrainConfig
 
     keras.utils.set_random_seed(args.seed)
-    caption_set, table, source = make_data(args)
+    caption_set, table, source = make_map_data(args, scratch) if args.variant == "attention" else make_data(args)
     args.vocab, args.feature_dim = caption_set.vocab_size, table.feature_dim  # the real data's, with --prepared
     train = TrainConfig()
     optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm)
@@ -197,16 +294,24 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     batch_size = args.variant_batch_size or args.batch_size
     whole_epoch = False
-    if args.variant == "teacher":
+    if args.variant in ("teacher", "attention"):
         data = sequences.TeacherForcingBatches(caption_set, table, batch_size=batch_size, seed=args.seed)
-        model = model_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
+        if args.variant == "teacher":
+            model = model_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
+            steps = min(args.steps or len(data), len(data))
+        else:
+            from captioner.attention import build_attention_model
+
+            positions, channels = table.row_shape  # maps float32 [N, P, C]
+            model = build_attention_model(positions, channels, args.vocab, ModelConfig())
+            steps = min(args.attention_steps, len(data))
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        steps = min(args.steps or len(data), len(data))
         whole_epoch = steps == len(data)
         order = data.order(0)
         chosen = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
         words = [int(data.lengths[c].sum()) + len(c) for c in chosen]  # n + 1 targets per caption
-        padded = [data.batch(i, 0, order)[1].size for i in range(steps)]
+        # T = the batch's longest caption + 1 (pad_to_multiple is 1 here); not data.batch(), which would read maps
+        padded = [len(c) * (int(data.lengths[c].max()) + 1) for c in chosen]
         epoch_targets = data.num_targets
         fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
     else:
@@ -253,6 +358,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         "num_captions": len(caption_set),
         "mean_words": float(caption_set.lengths.mean()),
         "max_prefix_length": reference.max_prefix_length(caption_set),
+        "skipped_captions": data.skipped_captions if args.variant != "classic" else 0,  # no features (maps)
+        "map_grid": list(table.matrix.grid) if args.variant == "attention" else None,
     }
 
 
@@ -279,14 +386,19 @@ def expanded_classic_bytes(prefixes: int, vocab: int, max_length: int, feature_d
 def format_table(results: list[dict], args: argparse.Namespace) -> str:
     classic = next(r for r in results if r["variant"] == "classic")
     base, base_cpu = classic["words_per_second"], classic["words_per_cpu_second"]
+    versus = f"classic, batch {classic['batch_size']}"  # the row the ratio columns divide by
     lines = [
         "| variant | batch | steps timed | target words / step | padding | words/s | epoch (extrapolated) "
-        "| peak RSS | words/s vs classic | words per CPU-s | per CPU-s vs classic |",
+        f"| peak RSS | words/s vs {versus} | words per CPU-s | per CPU-s vs {versus} |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    names = {"teacher": "teacher forcing (right-padded, masked)", "classic": "classic per-prefix generator, one-hot"}
+    names = {
+        "teacher": "merge model, teacher forcing (right-padded, masked)",
+        "attention": "attention model, teacher forcing (right-padded, masked)",
+        "classic": "classic per-prefix generator, one-hot",
+    }
     for r in results:
-        unit = "captions" if r["variant"] == "teacher" else "prefixes"
+        unit = "prefixes" if r["variant"] == "classic" else "captions"
         epoch = f"{r['epoch_seconds_extrapolated']:,.0f} s"
         if r["whole_epoch"]:
             epoch += f" (whole epoch run: {r['fit_wall_seconds']:.0f} s)"
@@ -317,6 +429,23 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         f"Fully expanded classic arrays for this split ({first['epoch_targets']:,} prefixes x "
         f"({vocab:,} one-hot + {first['max_prefix_length']} ids + {feature_dim} features) x 4 bytes): "
         f"{expanded / 1e9:.1f} GB.",
+    ]
+    attention = next((r for r in results if r["variant"] == "attention"), None)
+    if attention is not None:
+        height, width = attention["map_grid"]
+        skipped = attention["skipped_captions"]
+        lines.append(
+            "Attention beside merge, same captions and batches: "
+            f"{attention['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
+            f"({attention['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
+            f"an epoch of {attention['epoch_seconds_extrapolated']:,.0f} s against "
+            f"{teacher['epoch_seconds_extrapolated']:,.0f} s, peak RSS {attention['peak_rss'] / 1e9:.2f} GB against "
+            f"{teacher['peak_rss'] / 1e9:.2f} GB. Maps {height}x{width}x{attention['feature_dim']} "
+            f"({Path(args.maps).name if args.maps else 'synthetic'}) read from the HDF5 file a batch at a time, "
+            "as `captioner train --model.kind=attention` reads them"
+            + (f"; {skipped:,} captions without a map skipped." if skipped else ".")
+        )
+    lines += [
         "Peak RSS is VmHWM of each variant's own process (TensorFlow itself takes about 1 GB). "
         "Words per CPU-second divide by the process's CPU time (all threads), which other processes' "
         "load disturbs less than wall time; on a quiet machine the two ratios agree.",
@@ -329,10 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.variant:
         sys.path.insert(0, str(ROOT))
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+            print("RESULT " + json.dumps(run_variant(args, Path(scratch))), flush=True)
         return 0
     results = [run_subprocess(argv, ["--variant", "teacher"])]
     print(f"teacher forcing: {results[0]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
+    if args.attention:
+        results.append(run_subprocess(argv, ["--variant", "attention"]))
+        print(f"attention: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
     classic_sizes = [args.batch_size]
     if args.classic_matched:
         classic_sizes.append(int(round(results[0]["words_per_step"])))

@@ -146,7 +146,8 @@ class FinetuneConfig:
 
     Starts from a cross-entropy model directory and writes a new one of the same shape.
     Sampled and greedy captions obey decode.max_generated_words and decode.allow_unk; the
-    best epoch is chosen by dev CIDEr-D decoded with the decode section (beam 3 by default).
+    best epoch is chosen by dev CIDEr-D decoded with finetune.select_beam_size (greedy by
+    default) and the rest of the decode section.
     """
 
     model: str = "models/flickr8k"  # the cross-entropy model directory to start from (`captioner train`'s output); never written
@@ -161,6 +162,7 @@ class FinetuneConfig:
     learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
     clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off
     patience: int = 3  # epochs without a better dev CIDEr-D before stopping; 0 turns early stopping off
+    select_beam_size: int = 1  # the beam that decodes dev to pick the epoch: 1 (greedy), the policy SCST trains; beam search over an SCST model finds shorter, blander captions (README)
     seed: int = 0  # image order and sampling: the same seed samples the same captions, so a resumed run is exact
     train_split: str = "train"  # the images fine-tuned on, and the document frequencies of the reward
     val_split: str = "dev"  # the split whose CIDEr-D picks the best epoch
@@ -317,6 +319,7 @@ CHECKS: dict[str, Check] = {
     "finetune.clipnorm": _at_least(0),  # 0 turns clipping off
     "finetune.patience": _at_least(0),  # 0 turns early stopping off
     "finetune.seed": _at_least(0),
+    "finetune.select_beam_size": _at_least(1),
     "finetune.train_split": _not_empty,
     "finetune.val_split": _not_empty,
     "decode.beam_size": _at_least(1),

@@ -23,7 +23,7 @@ same shape as `train`'s, so `evaluate` and `caption` take it unchanged
   config.json      the starting model's config (its architecture) with this run's finetune and
                    decode sections, feature_dim, vocab_size, features_provenance
   history.csv      HISTORY_COLUMNS: epoch, loss, reward (mean CIDEr-D of the sampled train captions),
-                   baseline (mean baseline reward), dev_cider, dev_bleu4 (beam search with the decode
+                   baseline (mean baseline reward), dev_cider, dev_bleu4 (finetune.select_beam_size with the decode
                    section), seconds, lr; epoch 0 is the starting model
   checkpoints/     state.json (`FinetuneState`), the last and best epoch's weights with the Adam state
   manifest.json    `captioner.cache.Stage` "finetune": a rerun with unchanged inputs and params is a no-op
@@ -47,9 +47,13 @@ One step, for a batch of `finetune.batch_size` train images:
      its gradient under every backend, so no backend-specific gradient code is needed. Dropout is
      off during fine-tuning: the samples come from the model without dropout, and the gradient
      must be of that same policy's log-probabilities (the saved model keeps its dropout rates).
-After each epoch the dev split is decoded (decode section: beam 3 by default) and scored as
-`evaluate` scores it; the best dev CIDEr-D is kept, and `finetune.patience` epochs without a
-better one stop the run. The starting model is epoch 0: a run that never beats it writes it back.
+After each epoch the dev split is decoded with finetune.select_beam_size (1, greedy, by default;
+the rest of the decode section as given) and scored as `evaluate` scores it; the best dev CIDEr-D
+is kept, and `finetune.patience` epochs without a better one stop the run. The starting model is
+epoch 0: a run that never beats it writes it back. Greedy, because SCST trains the sampled
+policy, whose mode greedy decoding follows: on Flickr8k one epoch raised greedy dev CIDEr-D while
+beam 3 found shorter, blander captions and scored lower (README), so picking by beam 3 would
+keep the starting model.
 
 Exact resume. Epoch e's image order is a permutation drawn from (seed, e) and batch b's samples
 from (seed, e, b), and dropout is off, so an epoch depends only on the weights and Adam state it
@@ -64,7 +68,7 @@ dev images whose reference list is empty (named); features of another width than
 --output equal to --model; a non-finite reward or loss (the run stops at once; the last committed
 epoch stays, and nothing in the model directory changes).
 
-Config: finetune (all), decode (beam_size, max_generated_words, length_normalization, allow_unk).
+Config: finetune (all), decode (max_generated_words, length_normalization, allow_unk, batch_size).
 Cost per epoch: sampling is about samples_per_image x (one greedy decoding of the train split),
 plus a teacher-forced step on samples_per_image x the train captions' images, plus one beam
 decoding of the dev split; with the default 5 samples that is roughly the cost of one
@@ -232,7 +236,7 @@ class EpochRecord:
     loss: float | None  # mean policy-gradient loss per word over the epoch's steps
     reward: float | None  # mean CIDEr-D of the sampled train captions
     baseline: float | None  # mean baseline reward
-    dev_cider: float  # CIDEr-D of the val split, decoded with the decode section
+    dev_cider: float  # CIDEr-D of the val split, decoded with finetune.select_beam_size
     dev_bleu4: float
     seconds: float
     lr: float | None
@@ -724,14 +728,15 @@ def _stepper(loaded: Any, allow_unk: bool) -> Any:
 
 
 def _dev_scores(stepper: Any, data: _Data, config: Config) -> tuple[float, float]:
-    """(CIDEr-D, BLEU-4) of the val split decoded with the decode section, scored as `evaluate` does."""
+    """(CIDEr-D, BLEU-4) of the val split decoded with finetune.select_beam_size and the decode
+    section's other settings, scored as `evaluate` does."""
     from captioner import metrics
     from captioner.decoding import beam_search
 
     decode = config.decode
     tokenizer = data.loaded.tokenizer
     decoded = beam_search(stepper, data.val_features, start_id=tokenizer.start_id, end_id=tokenizer.end_id,
-                          beam_size=decode.beam_size, max_generated_words=decode.max_generated_words,
+                          beam_size=config.finetune.select_beam_size, max_generated_words=decode.max_generated_words,
                           length_normalization=decode.length_normalization, batch_size=decode.batch_size)
     hypotheses = {image_id: tokenizer.decode(c.ids) for image_id, c in zip(data.val_ids, decoded)}
     scores = metrics.score(data.val_references, hypotheses)

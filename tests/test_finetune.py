@@ -230,9 +230,11 @@ def test_a_run_writes_a_model_directory_that_evaluate_takes(tuned: dict) -> None
     config = Config()
     config.eval.model, config.eval.features = str(output), [str(tuned["features"])]
     config.eval.captions, config.eval.split, config.decode.max_generated_words = str(tuned["captions"]), "dev", 5
+    # the stage picks by greedy dev CIDEr-D (finetune.select_beam_size 1): evaluate --beam 1 scores it the same
+    assert config.finetune.select_beam_size == 1
+    config.decode.beam_size = 1
     report = evaluate_stage(config)
     assert report.scored == 8
-    # evaluate decodes as the stage's dev evaluation did: same beam, same words
     assert report.metrics["cider"] == pytest.approx(result.best_dev_cider, abs=1e-5)
 
 

@@ -70,8 +70,8 @@ epoch stays, and nothing in the model directory changes).
 
 Config: finetune (all), decode (max_generated_words, length_normalization, allow_unk, batch_size).
 Cost per epoch: sampling is about samples_per_image x (one greedy decoding of the train split),
-plus a teacher-forced step on samples_per_image x the train captions' images, plus one beam
-decoding of the dev split; with the default 5 samples that is roughly the cost of one
+plus a teacher-forced step on samples_per_image x the train captions' images, plus one
+decoding of the dev split (greedy by default, finetune.select_beam_size); with the default 5 samples that is roughly the cost of one
 cross-entropy epoch plus a dev evaluation (README: measured times). Disk: as `train`.
 """
 

@@ -128,6 +128,7 @@ class TrainConfig:
     learning_rate: float = 1e-3  # Adam
     lr_decay: float = 0.8  # the learning rate is multiplied by this after every epoch; on Flickr8k dev: BLEU-4 0.172 -> 0.190 (README)
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
+    label_smoothing: float = 0.0  # epsilon: the target is (1 - eps) on the word + eps spread evenly over the vocabulary; 0 = plain cross-entropy
     patience: int = 3  # epochs without a better dev loss before stopping; 0 turns early stopping off
     seed: int = 0  # weights, dropout and shuffling
     precision: str = "float32"  # TRAIN_PRECISIONS: float32 | mixed_bfloat16 | mixed_float16
@@ -301,6 +302,7 @@ CHECKS: dict[str, Check] = {
     "train.learning_rate": _positive,
     "train.lr_decay": lambda value: None if 0 < value <= 1 else "must be in (0, 1]",
     "train.clipnorm": _at_least(0),  # 0 turns clipping off
+    "train.label_smoothing": lambda value: None if 0 <= value < 1 else "must be in [0, 1)",
     "train.patience": _at_least(0),  # 0 turns early stopping off
     "train.seed": _at_least(0),
     "train.precision": _one_of(*TRAIN_PRECISIONS),

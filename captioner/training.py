@@ -186,8 +186,11 @@ def stage_params(config: Config) -> dict[str, Any]:
     """
     params: dict[str, Any] = {}
     for key, value in config_lib.to_dict(config.train).items():
-        if key not in {"features", "captions", "output"}:
-            params[f"train.{key}"] = value
+        if key in {"features", "captions", "output"}:
+            continue
+        if key == "label_smoothing" and value == 0:
+            continue  # plain cross-entropy: params (manifests, checkpoints) are as before the option
+        params[f"train.{key}"] = value
     for key, value in config_lib.to_dict(config.model).items():
         if config.model.kind == "merge" and key in _ATTENTION_ONLY:
             continue  # a merge model's params (and so its manifests and checkpoints) are as before attention
@@ -441,6 +444,8 @@ def _reseed_epoch(model: Any, seed: int, epoch: int) -> None:
 def _compile(model: Any, train: Any, jit_compile: Any, steps_per_epoch: int) -> None:
     import keras
 
+    from captioner import losses
+
     learning_rate: Any = train.learning_rate
     if train.lr_decay != 1.0:
         # A function of the optimizer's step counter, which checkpoints keep: resume stays exact.
@@ -453,7 +458,7 @@ def _compile(model: Any, train: Any, jit_compile: Any, steps_per_epoch: int) -> 
     # Sample weights (0 on pads) make this the mean cross-entropy per real word; logits are float32.
     model.compile(
         optimizer=keras.optimizers.Adam(**optimizer_args),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=losses.word_loss(train.label_smoothing),
         jit_compile=jit_compile,
     )
 

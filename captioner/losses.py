@@ -1,0 +1,49 @@
+"""The per-word training loss: sparse cross-entropy on logits, optionally label-smoothed.
+
+Keras smooths labels only for one-hot targets (`CategoricalCrossentropy(label_smoothing=)`);
+our targets are word ids, and one-hot targets of a 2,500-word vocabulary would cost a
+[batch, length, vocab] tensor per batch. `SmoothedSparseCrossentropy` computes the same value
+from the ids: the cross-entropy against (1 - eps) on the target word plus eps / V on every word
+(Szegedy et al. 2016, "Rethinking the Inception Architecture"),
+
+    (1 - eps) * -log p(target) + eps * mean over the V words of -log p(word).
+
+Sample weights and the reduction are Keras' own (`keras.losses.Loss`), as for the plain loss:
+pads weigh 0. Importing this module imports Keras.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Label-smoothed cross-entropy of integer targets against logits (float32 inside)."""
+
+    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        logits = ops.cast(y_pred, "float32")
+        log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+        target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
+        target_nll = -ops.squeeze(ops.take_along_axis(log_probs, target, axis=-1), -1)
+        uniform_nll = -ops.mean(log_probs, axis=-1)
+        return (1.0 - self.label_smoothing) * target_nll + self.label_smoothing * uniform_nll
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def word_loss(label_smoothing: float) -> keras.losses.Loss:
+    """`train.label_smoothing` 0: Keras' sparse cross-entropy (the classic loss, unchanged);
+    above 0: `SmoothedSparseCrossentropy`. Validation uses the same loss, so early stopping
+    watches the smoothed loss."""
+    if label_smoothing == 0:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return SmoothedSparseCrossentropy(label_smoothing)

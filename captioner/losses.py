@@ -47,3 +47,30 @@ def word_loss(label_smoothing: float) -> keras.losses.Loss:
     if label_smoothing == 0:
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return SmoothedSparseCrossentropy(label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class AllowedWordsCrossentropy(keras.losses.Loss):
+    """Sparse cross-entropy of integer targets against logits, over the allowed words only:
+    -log p(target | not a banned word), the log-probability of the distribution a sampler that
+    never draws `banned_ids` (pad, start, usually unk; `captioner.decoding.BannedWords`) draws
+    from. Self-critical training needs this: with the full softmax, lowering log p of a
+    poorly rewarded sample is cheapest by moving probability onto words the sampler never
+    draws, which changes no sample but leaks mass that beam search then counts (README)."""
+
+    def __init__(self, banned_ids: list[int], name: str = "allowed_words_crossentropy", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.banned_ids = sorted({int(i) for i in banned_ids})
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        logits = ops.cast(y_pred, "float32")
+        if self.banned_ids:
+            vocab_size = ops.shape(logits)[-1]
+            banned = ops.sum(ops.one_hot(ops.convert_to_tensor(self.banned_ids, "int32"), vocab_size), axis=0)
+            logits = logits - 1e9 * banned  # exp() of a banned logit is 0, and so is its gradient
+        log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+        target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
+        return -ops.squeeze(ops.take_along_axis(log_probs, target, axis=-1), -1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "banned_ids": self.banned_ids}

@@ -10,7 +10,7 @@ import pytest
 
 from captioner import config as config_lib
 from captioner.errors import CaptionerError
-from captioner.losses import SmoothedSparseCrossentropy, word_loss
+from captioner.losses import AllowedWordsCrossentropy, SmoothedSparseCrossentropy, word_loss
 from captioner.training import stage_params, train_stage
 from tests.test_training import make_config, make_data
 
@@ -60,3 +60,20 @@ def test_training_minimises_the_smoothed_loss_and_plain_runs_keep_their_params(t
 def test_label_smoothing_outside_zero_to_one_is_refused(tmp_path: Path, value: float) -> None:
     with pytest.raises(CaptionerError, match="train.label_smoothing"):
         config_lib.set_value(config_lib.Config(), "train.label_smoothing", value)
+
+
+def test_allowed_words_cross_entropy_renormalises_over_the_words_a_sampler_may_draw() -> None:
+    # Vocabulary of 4, p = (0.4, 0.1, 0.3, 0.2); words 0 and 1 banned: p(2 | allowed) = 0.3 / 0.5.
+    logits = np.log(np.array([[0.4, 0.1, 0.3, 0.2]], dtype=np.float32))
+    loss = AllowedWordsCrossentropy([0, 1])
+    assert float(loss(np.array([2]), logits)) == pytest.approx(-math.log(0.6), rel=1e-6)
+    assert float(AllowedWordsCrossentropy([])(np.array([2]), logits)) == pytest.approx(-math.log(0.3), rel=1e-6)
+    # The banned words' logits get no gradient: nothing pushes probability onto them or off them.
+    import tensorflow as tf
+
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = loss(np.array([3]), variable)
+    gradient = tape.gradient(value, variable).numpy()[0]
+    assert gradient[0] == 0 and gradient[1] == 0
+    np.testing.assert_allclose(gradient[2:], [0.6, 0.4 - 1.0], rtol=1e-5)  # softmax over allowed - one-hot

@@ -163,7 +163,7 @@ class FinetuneConfig:
     learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
     clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off
     patience: int = 3  # epochs without a better dev CIDEr-D before stopping; 0 turns early stopping off
-    select_beam_size: int = 1  # the beam that decodes dev to pick the epoch: 1 (greedy), the policy SCST trains; beam search over an SCST model finds shorter, blander captions (README)
+    select_beam_size: int = 1  # the beam that decodes dev to pick the epoch: 1 (greedy), the policy SCST trains and the cheapest; beam 3 scores alike on an SCST model (README)
     seed: int = 0  # image order and sampling: the same seed samples the same captions, so a resumed run is exact
     train_split: str = "train"  # the images fine-tuned on, and the document frequencies of the reward
     val_split: str = "dev"  # the split whose CIDEr-D picks the best epoch

@@ -56,9 +56,9 @@ After each epoch the dev split is decoded with finetune.select_beam_size (1, gre
 the rest of the decode section as given) and scored as `evaluate` scores it; the best dev CIDEr-D
 is kept, and `finetune.patience` epochs without a better one stop the run. The starting model is
 epoch 0: a run that never beats it writes it back. Greedy, because SCST trains the sampled
-policy, whose mode greedy decoding follows: on Flickr8k one epoch raised greedy dev CIDEr-D while
-beam 3 found shorter, blander captions and scored lower (README), so picking by beam 3 would
-keep the starting model.
+policy, whose mode greedy decoding follows, and it is the cheapest decoding of dev per epoch.
+(Beam 3 once scored far below greedy over SCST models; that was the probability leaked onto
+unk by a full-softmax policy gradient, see step 4, and with it gone the two score alike.)
 
 Exact resume. Epoch e's image order is a permutation drawn from (seed, e) and batch b's samples
 from (seed, e, b), and dropout is off, so an epoch depends only on the weights and Adam state it

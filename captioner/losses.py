@@ -1,4 +1,5 @@
-"""The per-word training loss: sparse cross-entropy on logits, optionally label-smoothed.
+"""Per-word losses on logits and word ids: training's (sparse cross-entropy, optionally
+label-smoothed) and fine-tuning's (`AllowedWordsCrossentropy`, over the words a sampler may draw).
 
 Keras smooths labels only for one-hot targets (`CategoricalCrossentropy(label_smoothing=)`);
 our targets are word ids, and one-hot targets of a 2,500-word vocabulary would cost a
@@ -20,6 +21,13 @@ import keras
 from keras import ops
 
 
+def _log_softmax_and_target_nll(logits: Any, y_true: Any) -> tuple[Any, Any]:
+    """(log-probabilities float32 [..., V], -log p(target) [...]) of logits and word ids."""
+    log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+    target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
+    return log_probs, -ops.squeeze(ops.take_along_axis(log_probs, target, axis=-1), -1)
+
+
 @keras.saving.register_keras_serializable(package="captioner")
 class SmoothedSparseCrossentropy(keras.losses.Loss):
     """Label-smoothed cross-entropy of integer targets against logits (float32 inside)."""
@@ -29,10 +37,7 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        logits = ops.cast(y_pred, "float32")
-        log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
-        target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
-        target_nll = -ops.squeeze(ops.take_along_axis(log_probs, target, axis=-1), -1)
+        log_probs, target_nll = _log_softmax_and_target_nll(ops.cast(y_pred, "float32"), y_true)
         uniform_nll = -ops.mean(log_probs, axis=-1)
         return (1.0 - self.label_smoothing) * target_nll + self.label_smoothing * uniform_nll
 
@@ -68,9 +73,7 @@ class AllowedWordsCrossentropy(keras.losses.Loss):
             vocab_size = ops.shape(logits)[-1]
             banned = ops.sum(ops.one_hot(ops.convert_to_tensor(self.banned_ids, "int32"), vocab_size), axis=0)
             logits = logits - 1e9 * banned  # exp() of a banned logit is 0, and so is its gradient
-        log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
-        target = ops.expand_dims(ops.cast(y_true, "int32"), -1)
-        return -ops.squeeze(ops.take_along_axis(log_probs, target, axis=-1), -1)
+        return _log_softmax_and_target_nll(logits, y_true)[1]
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "banned_ids": self.banned_ids}

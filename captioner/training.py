@@ -22,7 +22,8 @@ Writes (train.output, a folder; see `captioner.layout`)
 Config: train (all of it), model (the architecture: model.kind merge, `captioner.model`, or
 attention, `captioner.attention`), text.max_prepared_words (captions are cut
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
-batches' sample weights are 0 there, see `captioner.sequences`), on float32 logits.
+batches' sample weights are 0 there, see `captioner.sequences`), on float32 logits; with
+train.label_smoothing > 0, the label-smoothed one (`captioner.losses`).
 
 Nothing finished is lost. A new run into a directory that holds a finished model trains in
 `checkpoints.next/`; the old model, manifest and checkpoints stay as they were (and usable)

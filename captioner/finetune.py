@@ -8,7 +8,10 @@ Reads
   finetune.model     a cross-entropy model directory (`captioner train`'s output: model.keras,
                      tokenizer.json, config.json); never written. A directory that is not a model
                      of ours, or that `finetune` wrote (already SCST-tuned), is refused
-  finetune.features  feature files (dict image id -> float32 [D], D the model's width), merged
+  finetune.features  feature files (dict image id -> float32 [D], D the model's width), merged; for
+                     an attention model (model.kind attention), its one HDF5 map file
+                     (`captioner.spatial`), whose train maps are held as float16 (6,000 Flickr8k
+                     images of 7x7x320: 190 MB) and its dev maps as float32
   finetune.captions  the `prepare` folder: `<train_split>.json` (the references rewarded against,
                      and CIDEr-D's document frequencies: train only) and `<val_split>.json`
 
@@ -52,6 +55,8 @@ One step, for a batch of `finetune.batch_size` train images:
      its gradient under every backend, so no backend-specific gradient code is needed. Dropout is
      off during fine-tuning: the samples come from the model without dropout, and the gradient
      must be of that same policy's log-probabilities (the saved model keeps its dropout rates).
+     So is an attention model's doubly stochastic penalty (`captioner.attention`): added to the
+     policy loss it would pull towards spreading the attention, not towards better captions.
 After each epoch the dev split is decoded with finetune.select_beam_size (1, greedy, by default;
 the rest of the decode section as given) and scored as `evaluate` scores it; the best dev CIDEr-D
 is kept, and `finetune.patience` epochs without a better one stop the run. The starting model is
@@ -70,6 +75,7 @@ finished (`captioner.checkpoints.install`); the stage holds `cache.output_lock(o
 
 Bad input, each one line: a model directory that is not a cross-entropy model of ours; train or
 dev images whose reference list is empty (named); features of another width than the model's;
+a map file for a merge model, pooled vectors or several files for an attention model;
 --output equal to --model; a non-finite reward or loss (the run stops at once; the last committed
 epoch stays, and nothing in the model directory changes).
 
@@ -98,7 +104,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner import cache, feature_files, layout
+from captioner import cache, feature_files, layout, spatial
 from captioner import checkpoints as ckpt
 from captioner import config as config_lib
 from captioner.config import Config
@@ -497,11 +503,12 @@ class _Data:
     vocab_hash: str
     feature_dim: int
     train_ids: list[str]
-    train_features: np.ndarray  # float32 [N, D]
+    train_features: np.ndarray  # float32 [N, D]; an attention model's maps float16 [N, P, C] (see `_train_batch`)
     val_ids: list[str]
-    val_features: np.ndarray
+    val_features: np.ndarray  # float32 [N, D] or [N, P, C]
     val_references: dict[str, list[str]]
     scorer: Any  # captioner.rewards.CiderD over the train references
+    map_grid: tuple[int, int] | None = None  # an attention model's (H, W), recorded in the new config.json
 
 
 def _load_data(config: Config, paths: _Inputs) -> _Data:
@@ -513,28 +520,27 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     val_refs = _references(paths.val_json, ft.val_split)
     loaded = model_lib.load_model_dir(paths.model_dir)
     width = int(loaded.info["feature_dim"])
-    features = feature_files.load_features(paths.feature_files)
-    sizes = {vector.shape[0] for vector in features.values()}
-    if sizes and sizes != {width}:
-        raise CaptionerError(
-            f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d "
-            f"but {paths.model_dir} expects {width}-d"
-        )
-
-    def usable(refs: dict[str, list[str]], split: str) -> tuple[list[str], np.ndarray]:
-        ids = [image_id for image_id in refs if image_id in features]
-        if not ids:
+    map_grid = None
+    if loaded.kind == "attention":
+        map_grid = tuple(loaded.info["map_grid"])
+        train_ids, train_maps = _maps_of(paths, loaded, train_refs, ft.train_split)
+        train_features = train_maps.astype(np.float16)  # as stored in the file: half the memory, exact
+        del train_maps
+        val_ids, val_features = _maps_of(paths, loaded, val_refs, ft.val_split)
+    else:
+        for path in paths.feature_files:
+            spatial.refuse_map_file(path, width)  # a map file is named with its shape
+        features = feature_files.load_features(paths.feature_files)
+        sizes = {vector.shape[0] for vector in features.values()}
+        if sizes and sizes != {width}:
             raise CaptionerError(
-                f"none of the {len(refs)} {split} images has features in {', '.join(map(str, paths.feature_files))}"
+                f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d "
+                f"but {paths.model_dir} expects {width}-d"
             )
-        if len(ids) < len(refs):
-            absent = [i for i in refs if i not in features]
-            log.warning("finetune: %d of %d %s images have no features and are left out (first: %s)",
-                        len(absent), len(refs), split, ", ".join(absent[:5]))
-        return ids, np.stack([features[i] for i in ids]).astype(np.float32)
-
-    train_ids, train_features = usable(train_refs, ft.train_split)
-    val_ids, val_features = usable(val_refs, ft.val_split)
+        train_ids = _usable(train_refs, features, ft.train_split, paths.feature_files)
+        train_features = np.stack([features[i] for i in train_ids]).astype(np.float32)
+        val_ids = _usable(val_refs, features, ft.val_split, paths.feature_files)
+        val_features = np.stack([features[i] for i in val_ids]).astype(np.float32)
     scorer = CiderD({image_id: train_refs[image_id] for image_id in train_ids}, mark_end=config.finetune.end_in_reward)
     words = "\n".join(loaded.tokenizer.words)
     log.info("finetune: %d %s images, %d %s images; %d-d features, vocab_size %d",
@@ -542,8 +548,37 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     return _Data(
         loaded=loaded, vocab_hash=hashlib.sha256(words.encode()).hexdigest()[:16], feature_dim=width,
         train_ids=train_ids, train_features=train_features, val_ids=val_ids, val_features=val_features,
-        val_references={i: val_refs[i] for i in val_ids}, scorer=scorer,
+        val_references={i: val_refs[i] for i in val_ids}, scorer=scorer, map_grid=map_grid,
     )
+
+
+def _usable(refs: dict[str, list[str]], available: Any, split: str, files: Sequence[Path]) -> list[str]:
+    """The ids of `refs` that `available` (a dict or an index of ids) holds; a warning names those left out,
+    and a split with none of them is refused."""
+    ids = [image_id for image_id in refs if image_id in available]
+    if not ids:
+        raise CaptionerError(f"none of the {len(refs)} {split} images has features in {', '.join(map(str, files))}")
+    if len(ids) < len(refs):
+        absent = [i for i in refs if i not in available]
+        log.warning("finetune: %d of %d %s images have no features and are left out (first: %s)",
+                    len(absent), len(refs), split, ", ".join(absent[:5]))
+    return ids
+
+
+def _maps_of(paths: _Inputs, loaded: Any, refs: dict[str, list[str]], split: str) -> tuple[list[str], np.ndarray]:
+    """An attention model's maps of a split's images: (ids, float32 [N, P, C]) from its one map file,
+    whose shape must be the model's."""
+    if len(paths.feature_files) != 1:
+        raise CaptionerError(
+            f"an attention model is fine-tuned on one map file (--features FILE.h5), got {len(paths.feature_files)}: "
+            f"{', '.join(map(str, paths.feature_files))}"
+        )
+    path = paths.feature_files[0]
+    grid = loaded.info["map_grid"]
+    spatial.expect_map_file(path, grid[0] * grid[1], int(loaded.info["feature_dim"]))  # shapes, in one line
+    with spatial.MapFile(path) as maps:
+        ids = _usable(refs, maps.index, split, paths.feature_files)
+        return ids, maps.read(ids)
 
 
 # --------------------------------------------------------------------------- choosing a run
@@ -664,7 +699,7 @@ def _finetune(
         run.folder.clear()
     keras.utils.set_random_seed(config.finetune.seed)
     model = data.loaded.model
-    rates = _dropout_off(model)
+    rates = _regularisers_off(model)
     try:
         _compile(model, config.finetune, _banned_ids(data.loaded.tokenizer, config.decode.allow_unk))
         model.optimizer.build(model.trainable_variables)  # every checkpoint, epoch 0's too, holds the Adam state
@@ -683,7 +718,7 @@ def _finetune(
         seconds = _epochs(model, stepper, state, run.folder, data, config, after_batch)
         _finish(model, rates, state, run.folder, data, config, paths, stage)
     finally:
-        _restore_dropout(rates)
+        _restore_regularisers(rates)
     first = state.history[0] if state.history else None
     return FinetuneResult(
         output=output, epochs_run=len(seconds), epochs_done=state.epoch, best_epoch=state.best_epoch,
@@ -700,19 +735,24 @@ def _refuse_changes(output: Path, changed: list[str]) -> None:
         )
 
 
-def _dropout_off(model: Any) -> list[tuple[Any, float]]:
-    """Sets every Dropout layer's rate to 0 (see the module docstring); returns what to restore."""
+def _regularisers_off(model: Any) -> list[tuple[Any, str, float]]:
+    """Sets every Dropout layer's rate, and an attention model's doubly stochastic penalty, to 0
+    (see the module docstring); returns (layer, attribute, value) to restore."""
     import keras
 
-    rates = [(layer, layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-    for layer, _ in rates:
-        layer.rate = 0.0
-    return rates
+    from captioner.attention import AttentionLSTM
+
+    saved = [(layer, "rate", layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    saved += [(layer, "doubly_stochastic", layer.doubly_stochastic)
+              for layer in model.layers if isinstance(layer, AttentionLSTM)]
+    for layer, attribute, _ in saved:
+        setattr(layer, attribute, 0.0)
+    return saved
 
 
-def _restore_dropout(rates: list[tuple[Any, float]]) -> None:
-    for layer, rate in rates:
-        layer.rate = rate
+def _restore_regularisers(saved: list[tuple[Any, str, float]]) -> None:
+    for layer, attribute, value in saved:
+        setattr(layer, attribute, value)
 
 
 def _compile(model: Any, ft: Any, banned_ids: list[int]) -> None:
@@ -782,7 +822,7 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
 
     ft, decode, tokenizer = config.finetune, config.decode, data.loaded.tokenizer
     k = ft.samples_per_image
-    features = data.train_features[images]  # float32 [B, D]
+    features = data.train_features[images].astype(np.float32)  # float32 [B, D] or [B, P, C] (maps kept as float16)
     try:
         samples = sample_captions(stepper, features, k, start_id=tokenizer.start_id, end_id=tokenizer.end_id,
                                   max_generated_words=decode.max_generated_words, rng=rng)
@@ -886,7 +926,7 @@ def _record_epoch(state: FinetuneState, record: EpochRecord, patience: int) -> b
     return improved
 
 
-def _finish(model: Any, rates: list[tuple[Any, float]], state: FinetuneState, folder: FinetuneFolder, data: _Data,
+def _finish(model: Any, rates: list[tuple[Any, str, float]], state: FinetuneState, folder: FinetuneFolder, data: _Data,
             config: Config, paths: _Inputs, stage: cache.Stage) -> None:
     """Writes the best epoch's model directory files into the run folder, marks it finished, installs it."""
     from captioner import model as model_lib
@@ -896,13 +936,13 @@ def _finish(model: Any, rates: list[tuple[Any, float]], state: FinetuneState, fo
         log.warning("finetune: no epoch beat the starting model's %s CIDEr-D; its weights are written back",
                     config.finetune.val_split)
     folder.load_weights(model, state.best_weights)
-    _restore_dropout(rates)  # the saved model keeps the dropout rates it was trained with
+    _restore_regularisers(rates)  # the saved model keeps the dropout rates (and penalty) it was trained with
     model_lib.save_model(model, folder.path)
     saved = copy.deepcopy(data.loaded.config)  # the architecture and training the weights came from
     saved.finetune = copy.deepcopy(config.finetune)
     saved.decode = copy.deepcopy(config.decode)
     model_lib.write_model_config(folder.path, saved, data.feature_dim, data.loaded.tokenizer.vocab_size,
-                                 data.loaded.info.get("features_provenance") or {})
+                                 data.loaded.info.get("features_provenance") or {}, map_grid=data.map_grid)
     cache.write_together({
         folder.path / layout.TOKENIZER_FILE: (paths.model_dir / layout.TOKENIZER_FILE).read_bytes(),
         folder.path / layout.HISTORY_FILE: history_csv(state.history).encode("utf-8"),

@@ -408,3 +408,86 @@ def test_the_pipeline_script_takes_the_subcommand_flags(small: dict, tmp_path: P
         f"error: model directory not found (finetune.model / --model): {tmp_path / 'nowhere'}; "
         "train one with `captioner train`"
     ]
+
+
+# --------------------------------------------------------------------------- an attention model
+
+
+def make_attention_data(root: Path, doubly_stochastic: float) -> dict[str, Path]:
+    """The tiny data of `make_data` as 2x2 maps (the kind's signal at one position, the other three
+    noise) in a map file, and a tiny seeded attention model directory with `doubly_stochastic`."""
+    import keras
+
+    from captioner import model as model_lib
+    from captioner.attention import build_attention_model
+    from captioner.spatial import open_map_writer
+    from captioner.tokenizer import Tokenizer
+
+    data = make_data(root)  # the captions (and a merge model, unused here)
+    features = feature_files.load_features([data["features"]])
+    ids = sorted(features)
+    maps = np.random.default_rng(1).normal(size=(len(ids), 2, 2, FEATURE_DIM)).astype(np.float32)
+    for row, image_id in enumerate(ids):
+        maps[row, row % 2, (row // 2) % 2] = features[image_id]
+    with open_map_writer(root / "maps.h5", grid=(2, 2), channels=FEATURE_DIM, provenance={}) as writer:
+        writer.append(ids, maps)
+    train = json.loads(layout.split_file(data["captions"], "train").read_text())
+    config = Config()
+    config.model.kind, config.model.embedding_dim, config.model.units, config.model.attention_dim = "attention", 8, 8, 8
+    config.model.doubly_stochastic = doubly_stochastic
+    tokenizer = Tokenizer.build([t for texts in train.values() for t in texts], min_word_count=1)
+    keras.utils.set_random_seed(0)
+    model = build_attention_model(4, FEATURE_DIM, tokenizer.vocab_size, config.model)
+    model_dir = root / "xe-attention"
+    model_lib.save_model(model, model_dir)
+    tokenizer.save(model_dir / layout.TOKENIZER_FILE)
+    model_lib.write_model_config(model_dir, config, FEATURE_DIM, tokenizer.vocab_size, {}, map_grid=(2, 2))
+    return {**data, "features": root / "maps.h5", "model": model_dir, "merge_features": data["features"]}
+
+
+def test_an_attention_model_is_fine_tuned_on_its_map_file_without_its_penalty(tmp_path: Path) -> None:
+    from captioner.evaluation import evaluate_stage
+    from captioner.model import load_model_dir
+
+    # A penalty of 100 would dominate the policy loss (|loss| well above 1) if it were left on.
+    data = make_attention_data(tmp_path, doubly_stochastic=100.0)
+    output = tmp_path / "scst"
+    result = finetune_stage(make_config(data, output, epochs=2))
+
+    rows = history(output)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert all(abs(float(r["loss"])) < 1.0 for r in rows[1:]), [r["loss"] for r in rows]
+    saved = json.loads((output / layout.CONFIG_FILE).read_text())
+    assert saved["map_grid"] == [2, 2] and saved["feature_dim"] == FEATURE_DIM
+    loaded = load_model_dir(output)
+    assert loaded.kind == "attention"
+    assert loaded.model.get_layer("attention_lstm").doubly_stochastic == 100.0  # restored in the saved model
+    assert loaded.model.get_layer("word_dropout").rate == 0.5
+    if result.best_epoch > 0:
+        changed = [not np.array_equal(a, b) for a, b in zip(weights_of(data["model"]), weights_of(output))]
+        assert any(changed)
+
+    config = Config()
+    config.eval.model, config.eval.features = str(output), [str(data["features"])]
+    config.eval.captions, config.eval.split = str(data["captions"]), "dev"
+    config.decode.max_generated_words, config.decode.beam_size = 5, 1
+    report = evaluate_stage(config)
+    assert report.scored == 8
+    assert report.metrics["cider"] == pytest.approx(result.best_dev_cider, abs=1e-5)
+
+
+def test_maps_and_vectors_are_refused_where_the_other_is_needed(tmp_path: Path) -> None:
+    data = make_attention_data(tmp_path, doubly_stochastic=1.0)
+    config = make_config(data, tmp_path / "out")
+    config.finetune.features = [str(data["merge_features"])]
+    with pytest.raises(CaptionerError, match=r"the attention model takes spatial maps \[N, 4, 8\]"):
+        finetune_stage(config)
+    config = make_config(data, tmp_path / "out")
+    config.finetune.model = str(tmp_path / "xe")  # the merge model make_data wrote
+    with pytest.raises(CaptionerError, match=r"the merge model takes pooled feature vectors \[N, 8\]"):
+        finetune_stage(config)
+    config = make_config(data, tmp_path / "out")
+    config.finetune.features = [str(data["features"]), str(data["features"])]
+    with pytest.raises(CaptionerError, match="an attention model is fine-tuned on one map file"):
+        finetune_stage(config)
+    assert not (tmp_path / "out" / layout.MODEL_FILE).exists()

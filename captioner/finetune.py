@@ -699,7 +699,7 @@ def _finetune(
         run.folder.clear()
     keras.utils.set_random_seed(config.finetune.seed)
     model = data.loaded.model
-    rates = _regularisers_off(model)
+    regularisers = _regularisers_off(model)
     try:
         _compile(model, config.finetune, _banned_ids(data.loaded.tokenizer, config.decode.allow_unk))
         model.optimizer.build(model.trainable_variables)  # every checkpoint, epoch 0's too, holds the Adam state
@@ -716,9 +716,9 @@ def _finetune(
             run.folder.load_weights(model, state.weights)
             log.info("finetune: resuming %s after epoch %d", run.folder.path, state.epoch)
         seconds = _epochs(model, stepper, state, run.folder, data, config, after_batch)
-        _finish(model, rates, state, run.folder, data, config, paths, stage)
+        _finish(model, regularisers, state, run.folder, data, config, paths, stage)
     finally:
-        _restore_regularisers(rates)
+        _restore_regularisers(regularisers)
     first = state.history[0] if state.history else None
     return FinetuneResult(
         output=output, epochs_run=len(seconds), epochs_done=state.epoch, best_epoch=state.best_epoch,
@@ -926,8 +926,8 @@ def _record_epoch(state: FinetuneState, record: EpochRecord, patience: int) -> b
     return improved
 
 
-def _finish(model: Any, rates: list[tuple[Any, str, float]], state: FinetuneState, folder: FinetuneFolder, data: _Data,
-            config: Config, paths: _Inputs, stage: cache.Stage) -> None:
+def _finish(model: Any, regularisers: list[tuple[Any, str, float]], state: FinetuneState, folder: FinetuneFolder,
+            data: _Data, config: Config, paths: _Inputs, stage: cache.Stage) -> None:
     """Writes the best epoch's model directory files into the run folder, marks it finished, installs it."""
     from captioner import model as model_lib
 
@@ -936,7 +936,7 @@ def _finish(model: Any, rates: list[tuple[Any, str, float]], state: FinetuneStat
         log.warning("finetune: no epoch beat the starting model's %s CIDEr-D; its weights are written back",
                     config.finetune.val_split)
     folder.load_weights(model, state.best_weights)
-    _restore_regularisers(rates)  # the saved model keeps the dropout rates (and penalty) it was trained with
+    _restore_regularisers(regularisers)  # the saved model keeps the dropout rates (and penalty) it was trained with
     model_lib.save_model(model, folder.path)
     saved = copy.deepcopy(data.loaded.config)  # the architecture and training the weights came from
     saved.finetune = copy.deepcopy(config.finetune)

@@ -612,19 +612,9 @@ def _map_rows(
     paths: Sequence[str], references: dict[str, list[str]], loaded: Any
 ) -> tuple[list[str], list[str], np.ndarray]:
     """An attention model's maps for the split: (ids with a map, ids without, float32 [N, P, C])."""
-    if len(paths) != 1:
-        raise CaptionerError(
-            f"an attention model is evaluated on one map file (--features FILE.h5), got {len(paths)}: "
-            f"{', '.join(paths)}"
-        )
     grid = loaded.info["map_grid"]
-    spatial.expect_map_file(paths[0], grid[0] * grid[1], int(loaded.info["feature_dim"]))  # shapes, in one line
-    with spatial.MapFile(paths[0]) as maps:
-        ids = [image_id for image_id in references if image_id in maps.index]
-        missing = [image_id for image_id in references if image_id not in maps.index]
-        # the split's maps only (Flickr8k dev at 7x7x1280: 250 MB in float32)
-        matrix = maps.read(ids) if ids else np.zeros((0, maps.positions, maps.channels), np.float32)
-    return ids, missing, matrix
+    return spatial.read_split_maps(paths, list(references), grid[0] * grid[1], int(loaded.info["feature_dim"]),
+                                   role="evaluated")
 
 
 def _warn_on_provenance_mismatch(trained: Any, eval_features: Sequence[str]) -> None:

@@ -567,18 +567,12 @@ def _usable(refs: dict[str, list[str]], available: Any, split: str, files: Seque
 
 def _maps_of(paths: _Inputs, loaded: Any, refs: dict[str, list[str]], split: str) -> tuple[list[str], np.ndarray]:
     """An attention model's maps of a split's images: (ids, float32 [N, P, C]) from its one map file,
-    whose shape must be the model's."""
-    if len(paths.feature_files) != 1:
-        raise CaptionerError(
-            f"an attention model is fine-tuned on one map file (--features FILE.h5), got {len(paths.feature_files)}: "
-            f"{', '.join(map(str, paths.feature_files))}"
-        )
-    path = paths.feature_files[0]
+    whose shape must be the model's; images without a map are left out as `_usable` says."""
     grid = loaded.info["map_grid"]
-    spatial.expect_map_file(path, grid[0] * grid[1], int(loaded.info["feature_dim"]))  # shapes, in one line
-    with spatial.MapFile(path) as maps:
-        ids = _usable(refs, maps.index, split, paths.feature_files)
-        return ids, maps.read(ids)
+    ids, _, maps = spatial.read_split_maps(paths.feature_files, list(refs), grid[0] * grid[1],
+                                           int(loaded.info["feature_dim"]), role="fine-tuned")
+    _usable(refs, set(ids), split, paths.feature_files)  # refuses a split without maps, warns of those left out
+    return ids, maps
 
 
 # --------------------------------------------------------------------------- choosing a run

@@ -465,6 +465,27 @@ def refuse_map_file(path: str | Path, feature_dim: int | None = None) -> None:
     )
 
 
+
+def read_split_maps(
+    paths: Sequence[str | Path], wanted: Sequence[str], positions: int, channels: int, role: str
+) -> tuple[list[str], list[str], np.ndarray]:
+    """An attention model's maps of the images `wanted` (a split's ids, in order), from its one map
+    file, whose shape must be the model's (positions, channels): (ids with a map, ids without,
+    float32 [N, P, C]). `role` names the use in the one-line error for several files
+    ("evaluated", "fine-tuned")."""
+    if len(paths) != 1:
+        raise CaptionerError(
+            f"an attention model is {role} on one map file (--features FILE.h5), got {len(paths)}: "
+            f"{', '.join(map(str, paths))}"
+        )
+    expect_map_file(paths[0], positions, channels)  # shapes, in one line
+    with MapFile(paths[0]) as maps:
+        ids = [image_id for image_id in wanted if image_id in maps.index]
+        missing = [image_id for image_id in wanted if image_id not in maps.index]
+        # the split's maps only (Flickr8k dev at 7x7x1280: 250 MB in float32)
+        matrix = maps.read(ids) if ids else np.zeros((0, maps.positions, maps.channels), np.float32)
+    return ids, missing, matrix
+
 __all__ = [
     "MAP_DTYPE",
     "MAP_FORMAT",
@@ -475,5 +496,6 @@ __all__ = [
     "expect_map_file",
     "is_map_file",
     "open_map_writer",
+    "read_split_maps",
     "refuse_map_file",
 ]

@@ -114,6 +114,7 @@ class ModelConfig:
     decoder_dropout: float = 0.0  # dropout on the merged vector before the hidden layer (attention: on the deep output)
     attention_dim: int = 256  # attention: width of the MLP that scores each map position against the LSTM state (the paper's A)
     doubly_stochastic: float = 1.0  # attention: lambda of the penalty sum_positions (1 - sum_t alpha)^2, per target word; 1 keeps the paper's ratio to the loss
+    init_inject: bool = False  # merge: also start the LSTM from the image (h0, c0 = tanh(Dense(image))), "init-inject + merge"
 
 
 @dataclass

@@ -6,6 +6,8 @@ The merge architecture (image and words meet by addition after the LSTM):
                                   -> Reshape                                       [B, 1, units]
     input_ids int32 [B, T] -> Embedding(vocab, embedding_dim, mask_zero) -> Dropout(word_dropout)
                            -> LSTM(units, return_sequences)                        [B, T, units]
+                              (from a zero state; with `model.init_inject` from h0, c0 =
+                              tanh(Dense(units)) of the dropped-out image: "init-inject + merge")
     Add (the image projection broadcast over time)                                [B, T, units]
     -> Dropout(decoder_dropout) -> Dense(units, relu) -> Dense(vocab) logits float32 [B, T, V]
 
@@ -16,7 +18,7 @@ precision policy, so the softmax and the loss stay in float32.
 
 `StepModel` advances one word at a time for decoding, with the same layer objects
 (so the same weights): `initial_state` projects the image and starts the LSTM
-state at zero; `step` embeds the last word, runs the LSTM cell once and returns
+state at zero (or at the init-inject layers' h0, c0); `step` embeds the last word, runs the LSTM cell once and returns
 log-softmax over the vocabulary. Each step is O(1) in the caption length, all
 live beams in one call.
 
@@ -74,6 +76,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
+# The init-inject layers (`ModelConfig.init_inject`): the LSTM's starting h and c from the image.
+INIT_INJECT_LAYERS = ("init_h", "init_c")
+
+
 def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.Model:
     """The merge model: inputs `image_features` float32 [B, D] and `input_ids` int32 [B, T]
     (right-padded with 0); output logits float32 [B, T, vocab_size]."""
@@ -81,13 +87,18 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
     image_features = keras.Input(shape=(feature_dim,), dtype="float32", name="image_features")
     input_ids = keras.Input(shape=(None,), dtype="int32", name="input_ids")
 
-    image = layers.Dropout(model.image_dropout, name="image_dropout")(image_features)
-    image = layers.Dense(model.units, activation="relu", name="image_dense")(image)
+    dropped = layers.Dropout(model.image_dropout, name="image_dropout")(image_features)
+    image = layers.Dense(model.units, activation="relu", name="image_dense")(dropped)
     image = layers.Reshape((1, model.units), name="image_expand")(image)  # [B, 1, units]: adds at every step
 
     words = layers.Embedding(vocab_size, model.embedding_dim, mask_zero=True, name="embedding")(input_ids)
     words = layers.Dropout(model.word_dropout, name="word_dropout")(words)
-    words = layers.LSTM(model.units, return_sequences=True, name="lstm")(words)  # [B, T, units]
+    lstm = layers.LSTM(model.units, return_sequences=True, name="lstm")
+    if model.init_inject:  # h0, c0 = tanh(Dense(image)): the LSTM starts from the image
+        start = [layers.Dense(model.units, activation="tanh", name=name)(dropped) for name in INIT_INJECT_LAYERS]
+        words = lstm(words, initial_state=start)  # [B, T, units]
+    else:
+        words = lstm(words)  # [B, T, units], from a zero state
 
     merged = layers.Add(name="add")([words, image])  # broadcast over T
     merged = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(merged)
@@ -116,13 +127,16 @@ class StepModel:
         self.units = int(model.get_layer("lstm").units)
         self.vocab_size = int(self._logits.units)
         self.feature_dim = int(self._image_dense.kernel.shape[0])
+        present = {layer.name for layer in model.layers}
+        self._init_layers = [model.get_layer(name) for name in INIT_INJECT_LAYERS if name in present]
         self._initial_fn = compile_step(self._initial, lambda: self._signature(feature_input=True))
         self._step_fn = compile_step(self._step, lambda: self._signature(feature_input=False))
 
     # The pure functions: keras layers and keras.ops only; dropout layers are skipped (inference).
     def _initial(self, image_features: Any) -> Any:
         projection = self._image_dense(image_features)
-        return keras.ops.cast(projection, "float32")
+        start = [layer(image_features) for layer in self._init_layers]  # init-inject: h0, c0
+        return [keras.ops.cast(x, "float32") for x in [projection, *start]]
 
     def _step(self, last_ids: Any, projection: Any, h: Any, c: Any) -> tuple[Any, Any, Any]:
         # A plain lookup: calling the Embedding layer would attach a mask the cell warns about.
@@ -149,7 +163,9 @@ class StepModel:
             raise CaptionerError(
                 f"image features have shape {image_features.shape}, the model expects [N, {self.feature_dim}]"
             )
-        (projection,) = run_step(self._initial_fn, [image_features])
+        projection, *start = run_step(self._initial_fn, [image_features])
+        if start:  # init-inject
+            return [projection, *start]
         zeros = np.zeros((len(image_features), self.units), dtype=np.float32)
         return [projection, zeros, zeros.copy()]
 
@@ -398,6 +414,12 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     if attention:
         _check_map_grid(model_dir, model, info)
     else:
+        injects = all(name in present for name in INIT_INJECT_LAYERS)
+        if injects != config.model.init_inject:
+            raise CaptionerError(
+                f"model directory {model_dir}: model.keras {'starts' if injects else 'does not start'} its LSTM "
+                f"from the image, {CONFIG_FILE} says model.init_inject {str(config.model.init_inject).lower()}"
+            )
         feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
         if feature_dim != info["feature_dim"]:
             raise CaptionerError(

@@ -195,6 +195,8 @@ def stage_params(config: Config) -> dict[str, Any]:
     for key, value in config_lib.to_dict(config.model).items():
         if config.model.kind == "merge" and key in _ATTENTION_ONLY:
             continue  # a merge model's params (and so its manifests and checkpoints) are as before attention
+        if key == "init_inject" and not (value and config.model.kind == "merge"):
+            continue  # off (or an attention model, which always starts from the image): params as before the option
         params[f"model.{key}"] = value
     params["text.max_prepared_words"] = config.text.max_prepared_words
     params["state_version"] = ckpt.STATE_VERSION

@@ -138,6 +138,46 @@ def test_step_model_rows_are_independent_so_beams_can_be_reordered():
         np.testing.assert_allclose(reordered[row], alone[0], atol=1e-6)
 
 
+INJECT = ModelConfig(**{**vars(TINY), "init_inject": True})
+
+
+def test_init_inject_adds_two_image_to_state_layers_and_nothing_else():
+    plain, injected = build_model(FEATURE_DIM, VOCAB, TINY), build_model(FEATURE_DIM, VOCAB, INJECT)
+    assert {layer.name for layer in injected.layers} - {layer.name for layer in plain.layers} == {"init_h", "init_c"}
+    assert injected.get_layer("init_h").count_params() == injected.get_layer("init_c").count_params() == 6 * 7 + 7
+    assert injected.count_params() == plain.count_params() + 2 * (6 * 7 + 7)
+
+
+def test_init_inject_starts_the_lstm_from_the_image_and_the_step_model_follows():
+    keras.utils.set_random_seed(0)
+    model = build_model(FEATURE_DIM, VOCAB, INJECT)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    features, ids, lengths = sample_inputs()
+    full = log_softmax(keras.ops.convert_to_numpy(model((features, ids), training=False)))
+    stepper = StepModel(model)
+    states = stepper.initial_state(features)
+    kernel, bias = model.get_layer("init_c").get_weights()
+    np.testing.assert_allclose(states[2], np.tanh(features @ kernel + bias), atol=1e-5)  # c0 = tanh(Dense(image))
+    assert np.abs(states[1]).min() > 0  # h0 too: not the zero state
+    for t in range(ids.shape[1]):
+        log_probs, states = stepper.step(ids[:, t], states)
+        real = t < lengths
+        np.testing.assert_allclose(log_probs[real], full[real, t], atol=1e-5)
+
+
+def test_a_model_whose_init_inject_differs_from_its_config_is_refused(tmp_path: Path):
+    model_dir, _, _ = write_model_dir(tmp_path)
+    data = json.loads((model_dir / CONFIG_FILE).read_text())
+    data["config"]["model"]["init_inject"] = True
+    (model_dir / CONFIG_FILE).write_text(json.dumps(data))
+    expected = "does not start its LSTM from the image, config.json says model.init_inject true"
+    with pytest.raises(CaptionerError, match=expected):
+        load_model_dir(model_dir)
+
+
 def test_keras_file_round_trip_gives_identical_outputs(tmp_path: Path):
     model = perturbed_model()
     path = save_model(model, tmp_path / "run")

@@ -542,3 +542,25 @@ def test_bad_train_options_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
         with pytest.raises(CaptionerError, match=f"train.{key}"):
             train_stage(config)
     assert not (tmp_path / "model").exists()
+
+
+def test_an_init_inject_model_trains_loads_and_decodes_and_only_it_records_the_option(
+    data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from captioner.model import INIT_INJECT_LAYERS, load_model_dir
+    from captioner.training import stage_params
+
+    features, captions = data
+    config = make_config(tmp_path, features, captions, epochs=2, patience=0)
+    assert "model.init_inject" not in stage_params(config)  # off: a run's params are as before the option
+    config.model.init_inject = True
+    assert stage_params(config)["model.init_inject"] is True
+    train_stage(config)
+    loaded = load_model_dir(config.train.output)
+    assert loaded.config.model.init_inject
+    start = loaded.step_model().initial_state(np.ones((1, 16), np.float32))
+    kernel, bias = loaded.model.get_layer(INIT_INJECT_LAYERS[0]).get_weights()
+    np.testing.assert_allclose(start[1], np.tanh(np.ones((1, 16)) @ kernel + bias), atol=1e-5)  # h0 from the image
+    manifest = json.loads(cache.manifest_path_for(Path(config.train.output)).read_text())
+    assert manifest["params"]["model.init_inject"] is True
+    assert evaluate_dev(Path(config.train.output), tmp_path, features, captions) == 8

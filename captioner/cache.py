@@ -162,8 +162,11 @@ def output_lock(output: str | Path, timeout: float = 0) -> Iterator[None]:
 
     `timeout` seconds to wait for the other run first (0: refuse at once). The lock is
     an OS file lock (the `filelock` package): a killed run's lock is released with its process.
+    A block that raises in a folder the lock created, leaving nothing but the lock in it
+    (a refusal before any output), takes the folders it created away again.
     """
     path = lock_path_for(output)
+    created = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]  # deepest first
     with reporting_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path), timeout=timeout)
@@ -175,7 +178,15 @@ def output_lock(output: str | Path, timeout: float = 0) -> Iterator[None]:
             ) from None
     try:
         yield
-    finally:
+    except BaseException:
+        lock.release()
+        with contextlib.suppress(OSError):
+            if created and [p.name for p in path.parent.iterdir()] == [path.name]:
+                path.unlink()
+                for folder in created:
+                    folder.rmdir()  # empty, unless another process wrote there meanwhile: then it stays
+        raise
+    else:
         lock.release()
 
 

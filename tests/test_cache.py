@@ -111,6 +111,23 @@ def test_a_second_run_on_one_output_refuses_in_one_line(tmp_path):
         pass
 
 
+def test_a_refusal_inside_a_new_folders_lock_leaves_no_folder_behind(tmp_path):
+    fresh, existing, written = tmp_path / "new" / "model", tmp_path / "old", tmp_path / "written"
+    existing.mkdir()
+    for output in (fresh, existing, written):
+        with pytest.raises(CaptionerError, match="refused"):
+            with cache.output_lock(output):
+                if output is written:
+                    (output / "part.json").write_text("{}")
+                raise CaptionerError("refused")
+    assert not (tmp_path / "new").exists()  # the folders the lock made go
+    assert [p.name for p in existing.iterdir()] == [".lock"]  # a folder that was there stays as it was
+    assert sorted(p.name for p in written.iterdir()) == [".lock", "part.json"]  # never what a run wrote
+    with cache.output_lock(fresh):  # and the output can be taken again
+        pass
+    assert [p.name for p in fresh.iterdir()] == [".lock"]
+
+
 def test_the_lock_holds_across_processes(tmp_path):
     import subprocess
     import sys

@@ -41,13 +41,17 @@ KNOWN_PROVENANCE = {
 }
 
 
-def make_model_dir(model_dir: Path, train_captions: list[str], provenance: dict, feature_dim: int) -> Path:
-    """model.keras (embedding and LSTM of 8, seeded), tokenizer.json and config.json in `model_dir`."""
+def make_model_dir(
+    model_dir: Path, train_captions: list[str], provenance: dict, feature_dim: int, init_inject: bool = False
+) -> Path:
+    """model.keras (embedding and LSTM of 8, seeded; `model.init_inject` as given), tokenizer.json and
+    config.json in `model_dir`."""
     import keras
 
     config = Config()
     config.model.embedding_dim = 8
     config.model.units = 8
+    config.model.init_inject = init_inject
     tokenizer = Tokenizer.build(train_captions, min_word_count=1)
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)

@@ -372,7 +372,24 @@ def test_features_of_another_width_are_refused(small: dict, tmp_path: Path) -> N
     config.finetune.features = [str(wide)]
     with pytest.raises(CaptionerError, match=r"are 9-d but .* expects 8-d"):
         finetune_stage(config)
-    assert not (tmp_path / "out" / layout.MODEL_FILE).exists()
+    assert not (tmp_path / "out").exists()  # refused after taking the output's lock: no empty folder left
+
+
+def test_an_init_inject_model_is_fine_tuned_and_stays_one(small: dict, tmp_path: Path) -> None:
+    from captioner.model import INIT_INJECT_LAYERS, load_model_dir
+
+    train_texts = [t for texts in json.loads(layout.split_file(small["captions"], "train").read_text()).values()
+                   for t in texts]
+    small = {**small, "model": make_model_dir(tmp_path / "inject", train_texts, {"backbone": None}, FEATURE_DIM,
+                                              init_inject=True)}
+    config = make_config(small, tmp_path / "out", epochs=2)
+    finetune_stage(config)
+    before, after = load_model_dir(small["model"]), load_model_dir(tmp_path / "out")
+    assert after.config.model.init_inject and [row["epoch"] for row in history(tmp_path / "out")] == ["0", "1", "2"]
+    for name in INIT_INJECT_LAYERS:  # the policy gradient reaches the layers that start the LSTM
+        moved = [np.abs(a - b).max() for a, b in zip(before.model.get_layer(name).get_weights(),
+                                                     after.model.get_layer(name).get_weights())]
+        assert max(moved) > 0
 
 
 def test_a_foreign_output_folder_is_refused(small: dict, tmp_path: Path) -> None:

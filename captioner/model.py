@@ -18,9 +18,9 @@ precision policy, so the softmax and the loss stay in float32.
 
 `StepModel` advances one word at a time for decoding, with the same layer objects
 (so the same weights): `initial_state` projects the image and starts the LSTM
-state at zero (or at the init-inject layers' h0, c0); `step` embeds the last word, runs the LSTM cell once and returns
-log-softmax over the vocabulary. Each step is O(1) in the caption length, all
-live beams in one call.
+state at zero (or at the init-inject layers' h0, c0); `step` embeds the last word,
+runs the LSTM cell once and returns log-softmax over the vocabulary. Each step is
+O(1) in the caption length, all live beams in one call.
 
 A model directory (written by training, read by `load_model_dir`; file names in
 `captioner.layout`):

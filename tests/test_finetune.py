@@ -145,8 +145,9 @@ def test_the_reward_of_sampled_captions_by_hand():
 # --------------------------------------------------------------------------- the stage on tiny data
 
 
-def make_data(root: Path) -> dict[str, Path]:
-    """features.pkl, captions/{train,dev,test}.json, and a tiny seeded cross-entropy model directory."""
+def make_data(root: Path, init_inject: bool = False) -> dict[str, Path]:
+    """features.pkl, captions/{train,dev,test}.json, and a tiny seeded cross-entropy model directory
+    (with `model.init_inject` as given)."""
     rng = np.random.default_rng(0)
     features, splits = {}, {"train": {}, "dev": {}, "test": {}}
     for i in range(40):
@@ -162,7 +163,8 @@ def make_data(root: Path) -> dict[str, Path]:
     for split, data in splits.items():
         cache.atomic_write_json(layout.split_file(captions, split), data)
     train_texts = [t for texts in splits["train"].values() for t in texts]
-    model = make_model_dir(root / "xe", train_texts, {"backbone": None, "source": ["features.pkl"]}, FEATURE_DIM)
+    model = make_model_dir(root / "xe", train_texts, {"backbone": None, "source": ["features.pkl"]}, FEATURE_DIM,
+                           init_inject)
     return {"root": root, "features": root / "features.pkl", "captions": captions, "model": model}
 
 
@@ -375,16 +377,13 @@ def test_features_of_another_width_are_refused(small: dict, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()  # refused after taking the output's lock: no empty folder left
 
 
-def test_an_init_inject_model_is_fine_tuned_and_stays_one(small: dict, tmp_path: Path) -> None:
+def test_an_init_inject_model_is_fine_tuned_and_stays_one(tmp_path: Path) -> None:
     from captioner.model import INIT_INJECT_LAYERS, load_model_dir
 
-    train_texts = [t for texts in json.loads(layout.split_file(small["captions"], "train").read_text()).values()
-                   for t in texts]
-    small = {**small, "model": make_model_dir(tmp_path / "inject", train_texts, {"backbone": None}, FEATURE_DIM,
-                                              init_inject=True)}
-    config = make_config(small, tmp_path / "out", epochs=2)
+    data = make_data(tmp_path, init_inject=True)
+    config = make_config(data, tmp_path / "out", epochs=2)
     finetune_stage(config)
-    before, after = load_model_dir(small["model"]), load_model_dir(tmp_path / "out")
+    before, after = load_model_dir(data["model"]), load_model_dir(tmp_path / "out")
     assert after.config.model.init_inject and [row["epoch"] for row in history(tmp_path / "out")] == ["0", "1", "2"]
     for name in INIT_INJECT_LAYERS:  # the policy gradient reaches the layers that start the LSTM
         moved = [np.abs(a - b).max() for a, b in zip(before.model.get_layer(name).get_weights(),

@@ -30,10 +30,10 @@ TINY = ModelConfig(embedding_dim=5, units=7, image_dropout=0.5, word_dropout=0.5
 FEATURE_DIM, VOCAB = 6, 11
 
 
-def perturbed_model(seed: int = 0) -> keras.Model:
+def perturbed_model(seed: int = 0, config: ModelConfig = TINY) -> keras.Model:
     """A tiny model with random nonzero biases, so every weight matters to the outputs."""
     keras.utils.set_random_seed(seed)
-    model = build_model(FEATURE_DIM, VOCAB, TINY)
+    model = build_model(FEATURE_DIM, VOCAB, config)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if layer.weights:
@@ -149,12 +149,7 @@ def test_init_inject_adds_two_image_to_state_layers_and_nothing_else():
 
 
 def test_init_inject_starts_the_lstm_from_the_image_and_the_step_model_follows():
-    keras.utils.set_random_seed(0)
-    model = build_model(FEATURE_DIM, VOCAB, INJECT)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    model = perturbed_model(config=INJECT)
     features, ids, lengths = sample_inputs()
     full = log_softmax(keras.ops.convert_to_numpy(model((features, ids), training=False)))
     stepper = StepModel(model)

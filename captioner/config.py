@@ -161,6 +161,7 @@ class FinetuneConfig:
     samples_per_image: int = 5  # captions sampled per image and step; the "mean" baseline needs at least 2 (5 as in Luo's "new self-critical" recipe)
     baseline: str = "mean"  # FINETUNE_BASELINES: mean (of the same image's other samples: no extra decoding) | greedy (the greedy caption's reward, Rennie et al.)
     end_in_reward: bool = True  # the end token counts in the CIDEr-D reward (captioner.rewards, mark_end): without it SCST learns to stop mid-phrase
+    xe_weight: float = 0.0  # lambda of a cross-entropy term on one train reference per image, added to the policy loss (a regulariser); 0 = plain SCST
     learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
     clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off
     patience: int = 3  # epochs without a better dev CIDEr-D before stopping; 0 turns early stopping off
@@ -318,6 +319,7 @@ CHECKS: dict[str, Check] = {
     "finetune.batch_size": _at_least(1),
     "finetune.samples_per_image": _at_least(1),  # the "mean" baseline's need of 2 is checked with the baseline (finetune.py)
     "finetune.baseline": _one_of(*FINETUNE_BASELINES),
+    "finetune.xe_weight": _at_least(0),  # 0 turns the cross-entropy term off
     "finetune.learning_rate": _positive,
     "finetune.clipnorm": _at_least(0),  # 0 turns clipping off
     "finetune.patience": _at_least(0),  # 0 turns early stopping off

@@ -25,7 +25,7 @@ same shape as `train`'s, so `evaluate` and `caption` take it unchanged
   tokenizer.json   the starting model's
   config.json      the starting model's config (its architecture) with this run's finetune and
                    decode sections, feature_dim, vocab_size, features_provenance
-  history.csv      HISTORY_COLUMNS: epoch, loss, reward (mean CIDEr-D of the sampled train captions),
+  history.csv      HISTORY_COLUMNS: epoch, loss (step 4's, plus step 5's term), reward (mean CIDEr-D of the sampled train captions),
                    baseline (mean baseline reward), dev_cider, dev_bleu4 (finetune.select_beam_size with the decode
                    section), seconds, lr; epoch 0 is the starting model
   checkpoints/     state.json (`FinetuneState`), the last and best epoch's weights with the Adam state
@@ -57,6 +57,12 @@ One step, for a batch of `finetune.batch_size` train images:
      must be of that same policy's log-probabilities (the saved model keeps its dropout rates).
      So is an attention model's doubly stochastic penalty (`captioner.attention`): added to the
      policy loss it would pull towards spreading the attention, not towards better captions.
+  5. with finetune.xe_weight = lambda > 0, a mixed objective (as Paulus et al. 2018 mix maximum
+     likelihood into their policy loss): one train reference per image, drawn after the samples
+     from the batch's generator, is teacher-forced in the same step, and the loss becomes
+     policy loss per sampled word + lambda x cross-entropy per reference word (over the same
+     allowed words; reference words the sampler may not draw, unk, weigh 0). A regulariser
+     against over-fitting the train references' CIDEr-D; 0 (the default) is plain SCST.
 After each epoch the dev split is decoded with finetune.select_beam_size (1, greedy, by default;
 the rest of the decode section as given) and scored as `evaluate` scores it; the best dev CIDEr-D
 is kept, and `finetune.patience` epochs without a better one stop the run. The starting model is
@@ -219,6 +225,46 @@ def teacher_forcing(samples: SampledCaptions, start_id: int, end_id: int) -> tup
     return input_ids.astype(np.int32), target_ids.astype(np.int32), mask
 
 
+def reference_captions(references: Sequence[Sequence[int]], end_id: int) -> SampledCaptions:
+    """Reference captions (word ids, no start/end) in the layout of sampled ones, all finished,
+    for `teacher_forcing`."""
+    lengths = np.array([len(ref) for ref in references], dtype=np.int64)
+    ids = np.zeros((len(references), int(lengths.max(initial=0)) + 1), dtype=np.int64)
+    for row, ref in enumerate(references):
+        ids[row, : len(ref)] = ref
+        ids[row, len(ref)] = end_id
+    return SampledCaptions(ids=ids, lengths=lengths, finished=np.ones(len(references), dtype=bool))
+
+
+def stacked(first: SampledCaptions, second: SampledCaptions) -> SampledCaptions:
+    """`first`'s rows, then `second`'s, padded to the wider."""
+    width = max(first.ids.shape[1], second.ids.shape[1])
+    ids = np.zeros((first.ids.shape[0] + second.ids.shape[0], width), dtype=np.int64)
+    ids[: first.ids.shape[0], : first.ids.shape[1]] = first.ids
+    ids[first.ids.shape[0] :, : second.ids.shape[1]] = second.ids
+    return SampledCaptions(ids=ids, lengths=np.concatenate([first.lengths, second.lengths]),
+                           finished=np.concatenate([first.finished, second.finished]))
+
+
+def step_weights(advantage: np.ndarray, mask: np.ndarray, target_ids: np.ndarray, xe_weight: float,
+                 banned_ids: Sequence[int]) -> np.ndarray:
+    """Per-word sample weights float32 [R, T] that turn Keras' weighted cross-entropy (its weighted
+    sum divided by R x T) into the step's loss.
+
+    The first len(advantage) rows are samples: weight A / (their real words), so that term is
+    the policy loss per sampled word. Any rows after them are references: weight xe_weight / (their
+    real words that are not `banned_ids`), the cross-entropy per reference word times xe_weight.
+    """
+    samples = len(advantage)
+    sample_mask = mask[:samples]
+    reference_mask = mask[samples:] * ~np.isin(target_ids[samples:], list(banned_ids))
+    weights = np.concatenate([
+        advantage[:, None] * sample_mask / max(float(sample_mask.sum()), 1.0),
+        xe_weight * reference_mask / max(float(reference_mask.sum()), 1.0),
+    ])
+    return (weights * mask.size).astype(np.float32)
+
+
 def baseline_rewards(
     rewards: np.ndarray, samples_per_image: int, greedy_rewards: np.ndarray | None = None
 ) -> np.ndarray:
@@ -244,7 +290,7 @@ class EpochRecord:
     """One row of history.csv (epoch 0: the starting model, no training)."""
 
     epoch: int
-    loss: float | None  # mean policy-gradient loss per word over the epoch's steps
+    loss: float | None  # mean policy-gradient loss per word over the epoch's steps (+ xe_weight x cross-entropy)
     reward: float | None  # mean CIDEr-D of the sampled train captions
     baseline: float | None  # mean baseline reward
     dev_cider: float  # CIDEr-D of the val split, decoded with finetune.select_beam_size
@@ -479,6 +525,8 @@ def stage_params(config: Config) -> dict[str, Any]:
     # The policy's log-probability is over the words the sampler may draw (`_compile`); runs trained
     # on the full softmax (no such key) are neither up to date nor resumed.
     params["policy_log_prob"] = "allowed_words"
+    if not config.finetune.xe_weight:
+        del params["finetune.xe_weight"]  # plain SCST: the params (manifests, checkpoints) of runs from before the option
     return params
 
 
@@ -508,6 +556,7 @@ class _Data:
     val_features: np.ndarray  # float32 [N, D] or [N, P, C]
     val_references: dict[str, list[str]]
     scorer: Any  # captioner.rewards.CiderD over the train references
+    train_references: list[list[list[int]]] | None = None  # each train image's references as word ids (finetune.xe_weight > 0)
     map_grid: tuple[int, int] | None = None  # an attention model's (H, W), recorded in the new config.json
 
 
@@ -542,6 +591,10 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         val_ids = _usable(val_refs, features, ft.val_split, paths.feature_files)
         val_features = np.stack([features[i] for i in val_ids]).astype(np.float32)
     scorer = CiderD({image_id: train_refs[image_id] for image_id in train_ids}, mark_end=config.finetune.end_in_reward)
+    train_references = None
+    if ft.xe_weight > 0:
+        train_references = [[loaded.tokenizer.encode(ref) for ref in train_refs[image_id] if ref.strip()]
+                            for image_id in train_ids]
     words = "\n".join(loaded.tokenizer.words)
     log.info("finetune: %d %s images, %d %s images; %d-d features, vocab_size %d",
              len(train_ids), ft.train_split, len(val_ids), ft.val_split, width, loaded.tokenizer.vocab_size)
@@ -549,6 +602,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         loaded=loaded, vocab_hash=hashlib.sha256(words.encode()).hexdigest()[:16], feature_dim=width,
         train_ids=train_ids, train_features=train_features, val_ids=val_ids, val_features=val_features,
         val_references={i: val_refs[i] for i in val_ids}, scorer=scorer, map_grid=map_grid,
+        train_references=train_references,
     )
 
 
@@ -833,16 +887,22 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
     baselines = baseline_rewards(rewards, k, greedy_rewards)
     if not (np.isfinite(rewards).all() and np.isfinite(baselines).all()):
         raise _NonFinite("the reward became NaN")
-    input_ids, target_ids, mask = teacher_forcing(samples, tokenizer.start_id, tokenizer.end_id)
+    rows, inputs = samples, np.repeat(features, k, axis=0)
+    if ft.xe_weight > 0:  # step 5: one reference per image, after the samples
+        assert data.train_references is not None
+        references = [data.train_references[i] for i in images]
+        chosen = [refs[rng.integers(len(refs))] for refs in references]
+        rows = stacked(samples, reference_captions(chosen, tokenizer.end_id))
+        inputs = np.concatenate([inputs, features])
+    input_ids, target_ids, mask = teacher_forcing(rows, tokenizer.start_id, tokenizer.end_id)
     advantage = (rewards - baselines).astype(np.float32)  # [B*K]
-    # Keras divides the weighted sum by rows x T: this scale makes the loss a mean per real word.
-    scale = mask.size / max(float(mask.sum()), 1.0)
-    weights = advantage[:, None] * mask * scale
-    loss = model.train_on_batch([np.repeat(features, k, axis=0), input_ids], target_ids, sample_weight=weights)
+    weights = step_weights(advantage, mask, target_ids, ft.xe_weight,
+                           _banned_ids(tokenizer, config.decode.allow_unk))
+    loss = model.train_on_batch([inputs, input_ids], target_ids, sample_weight=weights)
     loss = float(np.asarray(loss).reshape(-1)[0])
     if not math.isfinite(loss):
         raise _NonFinite(f"the loss became {loss}")
-    return loss, rewards, baselines, int(mask.sum())
+    return loss, rewards, baselines, int(mask[: len(advantage)].sum())
 
 
 def _epochs(model: Any, stepper: Any, state: FinetuneState, folder: FinetuneFolder, data: _Data, config: Config,
@@ -953,5 +1013,6 @@ def _finish(model: Any, regularisers: list[tuple[Any, str, float]], state: Finet
 
 __all__: Sequence[str] = [
     "EpochRecord", "FinetuneFolder", "FinetuneResult", "FinetuneState", "HISTORY_COLUMNS", "SampledCaptions",
-    "baseline_rewards", "finetune_stage", "is_finetuned", "sample_captions", "stage_params", "teacher_forcing",
+    "baseline_rewards", "finetune_stage", "is_finetuned", "reference_captions", "sample_captions", "stacked",
+    "stage_params", "step_weights", "teacher_forcing",
 ]

@@ -29,7 +29,11 @@ from captioner.finetune import (
     SampledCaptions,
     baseline_rewards,
     finetune_stage,
+    reference_captions,
     sample_captions,
+    stacked,
+    stage_params,
+    step_weights,
     teacher_forcing,
 )
 from captioner.rewards import CiderD
@@ -116,6 +120,50 @@ def test_teacher_forcing_of_sampled_captions():
     assert targets[:, :4].tolist() == [[4, 5, END, 0], [5, END, 0, 0], [4, 4, 4, 0]]
     assert mask[:, :4].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
     assert (inputs[:, 4:] == 0).all() and (targets[:, 4:] == 0).all() and (mask[:, 4:] == 0).all()
+
+
+def test_references_are_teacher_forced_after_the_samples():
+    samples = SampledCaptions(ids=np.array([[4, END, 0], [5, 5, 5]]), lengths=np.array([1, 3]),
+                              finished=np.array([True, False]))
+    refs = reference_captions([[4, 5, 4, 5, 4, 5, 4, 5], [1, 5]], END)  # 8 words: T becomes 16
+    assert refs.lengths.tolist() == [8, 2] and refs.finished.all()
+    inputs, targets, mask = teacher_forcing(stacked(samples, refs), START, END)
+    assert inputs.shape == (4, 16)
+    assert targets[:, :4].tolist() == [[4, END, 0, 0], [5, 5, 5, 0], [4, 5, 4, 5], [1, 5, END, 0]]
+    assert targets[2, 6:10].tolist() == [4, 5, END, 0]
+    assert inputs[3, :4].tolist() == [START, 1, 5, 0]
+    assert mask.sum(axis=1).tolist() == [2, 3, 9, 3]
+
+
+def test_step_weights_make_keras_loss_the_policy_loss_plus_weighted_reference_cross_entropy():
+    # The loss the model is trained on, through the loss object finetune compiles, against a hand
+    # computation: mean over sampled words of -A log p + lambda x mean over reference words of -log p,
+    # p the softmax over the allowed words, the reference's unk target left out.
+    from captioner.losses import AllowedWordsCrossentropy
+
+    unk, banned = 1, [0, START, 1]
+    rng = np.random.default_rng(0)
+    samples = SampledCaptions(ids=np.array([[4, 5, END], [5, END, 0], [4, 4, 4]]), lengths=np.array([2, 1, 3]),
+                              finished=np.array([True, True, False]))
+    refs = reference_captions([[4, unk, 5], [5]], END)
+    _, targets, mask = teacher_forcing(stacked(samples, refs), START, END)
+    logits = rng.normal(size=(*targets.shape, 6)).astype(np.float32)
+    advantage = np.array([0.5, -1.0, 0.25], np.float32)
+    allowed = np.array([i not in banned for i in range(6)])
+    log_p = np.where(allowed, logits, -np.inf)
+    log_p = log_p - np.log(np.exp(log_p).sum(axis=-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    policy = [advantage[r] * nll[r, t] for r in range(3) for t in range(8) if mask[r, t]]
+    xe = [nll[r, t] for r in (3, 4) for t in range(8) if mask[r, t] and targets[r, t] != unk]
+    assert len(policy) == 3 + 2 + 3 and len(xe) == 3 + 2  # the unk target is left out
+    loss = AllowedWordsCrossentropy(banned)
+    for xe_weight in (0.0, 0.3):
+        weights = step_weights(advantage, mask, targets, xe_weight, banned)
+        got = float(loss(targets, logits, sample_weight=weights))
+        assert got == pytest.approx(np.mean(policy) + xe_weight * np.mean(xe), rel=1e-5)
+    # without reference rows, the policy loss alone (plain SCST)
+    weights = step_weights(advantage, mask[:3], targets[:3], 0.0, banned)
+    assert float(loss(targets[:3], logits[:3], sample_weight=weights)) == pytest.approx(np.mean(policy), rel=1e-5)
 
 
 def test_baselines():
@@ -327,6 +375,39 @@ def test_a_nan_reward_stops_in_one_line_and_keeps_the_finished_model(tuned: dict
     assert staged["epoch"] == 0 and staged["best_weights"] == "epoch-0000.keras"
 
 
+def reference_nll(model_dir: Path, data: dict[str, Path]) -> float:
+    """Mean -log p per word (end included) of the train references under a model directory."""
+    from captioner.model import load_model_dir
+
+    loaded = load_model_dir(model_dir)
+    tokenizer = loaded.tokenizer
+    features = feature_files.load_features([data["features"]])
+    train = json.loads(layout.split_file(data["captions"], "train").read_text())
+    pairs = [(image_id, ref) for image_id, refs in train.items() for ref in refs]
+    rows = reference_captions([tokenizer.encode(ref) for _, ref in pairs], tokenizer.end_id)
+    inputs, targets, mask = teacher_forcing(rows, tokenizer.start_id, tokenizer.end_id)
+    logits = loaded.model.predict([np.stack([features[i] for i, _ in pairs]), inputs], verbose=0)
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    return float((nll * mask).sum() / mask.sum())
+
+
+def test_a_cross_entropy_term_keeps_the_model_closer_to_the_references(tmp_path: Path) -> None:
+    data = make_data(tmp_path)
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    finetune_stage(make_config(data, plain, epochs=3))
+    finetune_stage(make_config(data, mixed, epochs=3, xe_weight=2.0))
+    start = reference_nll(data["model"], data)
+    # plain SCST drifts from the references it is rewarded against; the mixed objective much less
+    assert reference_nll(plain, data) - start > 2 * (reference_nll(mixed, data) - start), (
+        start, reference_nll(plain, data), reference_nll(mixed, data))
+    assert json.loads((mixed / layout.CONFIG_FILE).read_text())["config"]["finetune"]["xe_weight"] == 2.0
+    # the option is a param only when on: manifests and checkpoints of plain runs stay as they were
+    assert cache.read_manifest(mixed)["params"]["finetune.xe_weight"] == 2.0
+    assert "finetune.xe_weight" not in cache.read_manifest(plain)["params"]
+    assert "finetune.xe_weight" not in stage_params(make_config(data, plain))
+
+
 # --------------------------------------------------------------------------- bad input, before anything loads
 
 
@@ -358,6 +439,9 @@ def test_bad_inputs_are_one_line(small: dict, tmp_path: Path, capsys) -> None:
                                  "samples' mean), got 1"]
     code, err = run_cli(capsys, "--model", str(small["model"]), *common, "--finetune.baseline=best")
     assert code == 2 and err == ["error: finetune.baseline must be one of mean, greedy, got 'best'"]
+    for bad, says in (("-1", "must be at least 0"), ("nan", "expected a finite number")):
+        code, err = run_cli(capsys, "--model", str(small["model"]), *common, f"--finetune.xe_weight={bad}")
+        assert code == 2 and len(err) == 1 and "finetune.xe_weight" in err[0] and says in err[0], err
 
     train = json.loads(layout.split_file(small["captions"], "train").read_text())
     train["img005"] = []

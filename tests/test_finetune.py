@@ -122,6 +122,12 @@ def test_teacher_forcing_of_sampled_captions():
     assert (inputs[:, 4:] == 0).all() and (targets[:, 4:] == 0).all() and (mask[:, 4:] == 0).all()
 
 
+def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per position, in numpy (-inf logits: words left out)."""
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+
+
 def test_references_are_teacher_forced_after_the_samples():
     samples = SampledCaptions(ids=np.array([[4, END, 0], [5, 5, 5]]), lengths=np.array([1, 3]),
                               finished=np.array([True, False]))
@@ -150,9 +156,7 @@ def test_step_weights_make_keras_loss_the_policy_loss_plus_weighted_reference_cr
     logits = rng.normal(size=(*targets.shape, 6)).astype(np.float32)
     advantage = np.array([0.5, -1.0, 0.25], np.float32)
     allowed = np.array([i not in banned for i in range(6)])
-    log_p = np.where(allowed, logits, -np.inf)
-    log_p = log_p - np.log(np.exp(log_p).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    nll = target_nll(np.where(allowed, logits, -np.inf), targets)
     policy = [advantage[r] * nll[r, t] for r in range(3) for t in range(8) if mask[r, t]]
     xe = [nll[r, t] for r in (3, 4) for t in range(8) if mask[r, t] and targets[r, t] != unk]
     assert len(policy) == 3 + 2 + 3 and len(xe) == 3 + 2  # the unk target is left out
@@ -387,9 +391,7 @@ def reference_nll(model_dir: Path, data: dict[str, Path]) -> float:
     rows = reference_captions([tokenizer.encode(ref) for _, ref in pairs], tokenizer.end_id)
     inputs, targets, mask = teacher_forcing(rows, tokenizer.start_id, tokenizer.end_id)
     logits = loaded.model.predict([np.stack([features[i] for i, _ in pairs]), inputs], verbose=0)
-    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
-    return float((nll * mask).sum() / mask.sum())
+    return float((target_nll(logits, targets) * mask).sum() / mask.sum())
 
 
 def test_a_cross_entropy_term_keeps_the_model_closer_to_the_references(tmp_path: Path) -> None:

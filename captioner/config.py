@@ -136,6 +136,7 @@ class TrainConfig:
     strategy: str = "default"  # STRATEGIES: default (one device) | mirrored | multiworker (TF_CONFIG)
     train_split: str = "train"
     val_split: str = "dev"
+    teacher_captions: list[str] = field(default_factory=list)  # `evaluate` reports of train_split (e.g. an ensemble's): each image's caption is one more training caption (sequence-level distillation); none by default
 
 
 # SCST baselines: what a sampled caption's reward is compared with.

@@ -128,6 +128,25 @@ def read_split(captions_dir: Path, split: str) -> tuple[Path, dict[str, list[str
     return path, references
 
 
+def read_report_captions(path: Path) -> tuple[str, dict[str, str]]:
+    """An `evaluate` report's split and captions: (split, {image id: decoded caption}).
+
+    Raises CaptionerError naming the file when it is missing, unreadable, or not a report.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"evaluate report not found: {path}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        split, images = report["split"], report["images"]
+        captions = {entry["id"]: entry["caption"] for entry in images}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CaptionerError(f"{path} is not an evaluate report (eval-<split>.json): {error!r}") from None
+    if not isinstance(split, str) or not all(isinstance(c, str) and isinstance(i, str) for i, c in captions.items()):
+        raise CaptionerError(f"{path} is not an evaluate report (eval-<split>.json): split and captions must be text")
+    return split, captions
+
+
 def thumbnail_folder(config: Config) -> Path | None:
     """eval.images, else the image folder recorded in the features manifests, else None."""
     if config.eval.images:

@@ -6,6 +6,10 @@ Reads
                    (`captioner.spatial`: float16 [N, H, W, C], read a batch at a time, never whole)
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
+  train.teacher_captions  optional `evaluate` reports of the train split (eval-<split>.json, e.g. an
+                   ensemble's): each image's decoded caption joins its references as one more
+                   training caption (sequence-level distillation, Kim and Rush 2016); the
+                   vocabulary stays the prepared one
 
 Writes (train.output, a folder; see `captioner.layout`)
   model.keras      the weights of the epoch with the lowest validation loss
@@ -146,6 +150,7 @@ class _Inputs:
     val_json: Path
     tokenizer_json: Path
     feature_files: list[Path]
+    teacher_reports: list[Path]
 
 
 def _input_paths(config: Config) -> _Inputs:
@@ -162,6 +167,7 @@ def _input_paths(config: Config) -> _Inputs:
         val_json=split_file(captions_dir, train.val_split),
         tokenizer_json=captions_dir / TOKENIZER_FILE,
         feature_files=[Path(p) for p in train.features],
+        teacher_reports=[Path(p) for p in train.teacher_captions],
     )
     missing = [p for p in (paths.train_json, paths.val_json, paths.tokenizer_json) if not p.is_file()]
     if missing:
@@ -172,6 +178,9 @@ def _input_paths(config: Config) -> _Inputs:
     for path in paths.feature_files:
         if not path.is_file():
             raise CaptionerError(f"features file not found (train.features / --features): {path}")
+    for path in paths.teacher_reports:
+        if not path.is_file():
+            raise CaptionerError(f"teacher captions not found (train.teacher_captions): {path}")
     return paths
 
 
@@ -187,8 +196,8 @@ def stage_params(config: Config) -> dict[str, Any]:
     """
     params: dict[str, Any] = {}
     for key, value in config_lib.to_dict(config.train).items():
-        if key in {"features", "captions", "output"}:
-            continue
+        if key in {"features", "captions", "output", "teacher_captions"}:
+            continue  # paths: the stage's inputs and output
         if key == "label_smoothing" and value == 0:
             continue  # plain cross-entropy: params (manifests, checkpoints) are as before the option
         params[f"train.{key}"] = value
@@ -204,15 +213,18 @@ def stage_params(config: Config) -> dict[str, Any]:
 
 
 def _make_stage(config: Config, paths: _Inputs, output: Path) -> cache.Stage:
+    inputs: dict[str, Any] = {
+        "features": paths.feature_files,
+        "train_captions": paths.train_json,
+        "val_captions": paths.val_json,
+        "tokenizer": paths.tokenizer_json,
+    }
+    if paths.teacher_reports:  # none: inputs (manifests, checkpoints) as before the option
+        inputs["teacher_captions"] = paths.teacher_reports
     return cache.Stage(
         "train",
         cache.manifest_path_for(output),
-        inputs={
-            "features": paths.feature_files,
-            "train_captions": paths.train_json,
-            "val_captions": paths.val_json,
-            "tokenizer": paths.tokenizer_json,
-        },
+        inputs=inputs,
         params=stage_params(config),
         outputs=[output / name for name in TRAINED_FILES],
     )
@@ -249,6 +261,41 @@ def _open_maps(paths: _Inputs) -> spatial.MapFile:
     return maps
 
 
+def with_teacher_captions(
+    references: dict[str, list[str]], reports: Sequence[Path], split: str
+) -> dict[str, list[str]]:
+    """The split's captions with each report's caption of an image added after its references.
+
+    references: {image id: [caption, ...]} of the train split; reports: `evaluate` reports
+    of that split (`captioner.evaluation.read_report_captions`). Returns a new dict in the
+    references' order. Raises CaptionerError (one line) for a report of another split or one
+    with no caption for any of the split's images; images a report lacks keep their
+    references alone, counted in the log; empty captions are left out, counted.
+    """
+    from captioner.evaluation import read_report_captions
+
+    merged = {image_id: list(captions) for image_id, captions in references.items()}
+    for path in reports:
+        report_split, captions = read_report_captions(path)
+        if report_split != split:
+            raise CaptionerError(
+                f"train.teacher_captions: {path} captions the {report_split} split, not the {split} split it would "
+                f"teach (run `captioner evaluate --split {split}`)"
+            )
+        usable = {image_id: text for image_id, text in captions.items() if image_id in merged and text.strip()}
+        if not usable:
+            raise CaptionerError(f"train.teacher_captions: {path} has no caption for any image of the {split} split")
+        for image_id, text in usable.items():
+            merged[image_id].append(text)
+        log.info("train: %d teacher captions from %s", len(usable), path)
+        if len(usable) < len(merged):
+            log.warning(
+                "train: %d of %d %s images have no teacher caption in %s (kept with their references alone)",
+                len(merged) - len(usable), len(merged), split, path,
+            )
+    return merged
+
+
 def _load_data(config: Config, paths: _Inputs) -> _Data:
     """Tokenizer, features and captions -> teacher-forcing batches of the train and val splits."""
     from captioner.sequences import FeatureTable, TeacherForcingBatches, encode_captions
@@ -257,6 +304,8 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     train = config.train
     tokenizer = Tokenizer.load(paths.tokenizer_json)
     splits = {train.train_split: read_prepared_split(paths.train_json), train.val_split: read_prepared_split(paths.val_json)}
+    if paths.teacher_reports:
+        splits[train.train_split] = with_teacher_captions(splits[train.train_split], paths.teacher_reports, train.train_split)
     maps = None
     if config.model.kind == "attention":
         maps = _open_maps(paths)  # read a batch at a time, never loaded whole

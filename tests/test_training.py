@@ -564,3 +564,91 @@ def test_an_init_inject_model_trains_loads_and_decodes_and_only_it_records_the_o
     manifest = json.loads(cache.manifest_path_for(Path(config.train.output)).read_text())
     assert manifest["params"]["model.init_inject"] is True
     assert evaluate_dev(Path(config.train.output), tmp_path, features, captions) == 8
+
+
+# --------------------------------------------------------------------------- teacher captions (distillation)
+
+
+def write_report(path: Path, split: str, captions: dict[str, str]) -> Path:
+    """An `evaluate` report's fields that teacher captions read."""
+    report = {"split": split, "images": [{"id": i, "caption": c, "references": []} for i, c in captions.items()]}
+    cache.atomic_write_json(path, report)
+    return path
+
+
+def test_teacher_captions_follow_each_images_references_and_images_without_one_are_kept() -> None:
+    from captioner.training import with_teacher_captions
+
+    references = {"a": ["a red circle"], "b": ["a blue square", "a square"], "c": ["a star"]}
+    reports = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("captioner.evaluation.read_report_captions", lambda path: reports[int(path.name)])
+        reports.append(("train", {"b": "a blue square here", "a": "a circle", "elsewhere": "a dog", "c": " "}))
+        reports.append(("train", {"a": "a red circle"}))
+        merged = with_teacher_captions(references, [Path("0"), Path("1")], "train")
+    assert merged == {
+        "a": ["a red circle", "a circle", "a red circle"],
+        "b": ["a blue square", "a square", "a blue square here"],
+        "c": ["a star"],  # an empty teacher caption is left out, the references stay
+    }
+    assert list(merged) == ["a", "b", "c"] and references["a"] == ["a red circle"]  # the input is untouched
+
+
+def test_a_model_trains_on_a_teacher_report_and_the_report_is_an_input_of_the_run(
+    data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from captioner.training import _input_paths, _load_data, stage_params
+
+    features, captions = data
+    teacher = make_config(tmp_path, features, captions, epochs=10, patience=0, learning_rate=0.03)
+    teacher.train.output = str(tmp_path / "teacher")
+    train_stage(teacher)
+    config = config_lib.Config()  # the real path: the teacher's captions of the train split
+    config.eval.model, config.eval.features, config.eval.captions = teacher.train.output, [str(features)], str(captions)
+    config.eval.split, config.eval.output, config.decode.beam_size = "train", str(tmp_path / "report"), 1
+    assert evaluate_stage(config).scored == 32
+    report = tmp_path / "report" / "eval-train.json"
+    taught = sum(1 for image in json.loads(report.read_text())["images"] if image["caption"].strip())
+    assert taught >= 16  # the teacher learnt to caption (an empty caption teaches nothing and is left out)
+
+    student = make_config(tmp_path, features, captions, epochs=1, patience=0, teacher_captions=[str(report)])
+    plain = make_config(tmp_path, features, captions, epochs=1, patience=0)
+    assert stage_params(student) == stage_params(plain)  # paths are inputs, not params
+    data_of = _load_data(student, _input_paths(student))
+    assert data_of.train_batches.num_captions == 64 + taught and data_of.val_batches.num_captions == 16
+    train_stage(student)
+    manifest = json.loads(cache.manifest_path_for(Path(student.train.output)).read_text())
+    assert "teacher_captions" in manifest["inputs"]
+    assert json.loads((Path(student.train.output) / "config.json").read_text())["config"]["train"][
+        "teacher_captions"
+    ] == [str(report)]
+
+    # A changed teacher report is a changed input: the finished run retrains, a resume is refused.
+    write_report(report, "train", {"img000": "a red circle"})
+    with pytest.raises(CaptionerError, match="cannot resume.*teacher_captions"):
+        train_stage(make_config(tmp_path, features, captions, epochs=2, patience=0, teacher_captions=[str(report)]),
+                    resume=True)
+
+
+def test_bad_teacher_captions_are_refused_in_one_line_before_training(
+    data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features, captions = data
+    cases = {
+        "not found": (tmp_path / "missing.json", "teacher captions not found.*missing.json"),
+        "another split": (write_report(tmp_path / "dev.json", "dev", {"img035": "a red circle"}),
+                          "dev.json captions the dev split, not the train split"),
+        "no image of the split": (write_report(tmp_path / "other.json", "train", {"x": "a red circle"}),
+                                  "other.json has no caption for any image of the train split"),
+        "not a report": (tmp_path / "refs.json", "refs.json is not an evaluate report"),
+    }
+    (tmp_path / "refs.json").write_text(json.dumps({"img000": ["a red circle"]}))
+    for path, message in cases.values():
+        with pytest.raises(CaptionerError, match=message):
+            train_stage(make_config(tmp_path, features, captions, teacher_captions=[str(path)]))
+    assert not (tmp_path / "model").exists()
+    code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(tmp_path / "m"),
+                 f"--train.teacher_captions={tmp_path / 'dev.json'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "captions the dev split" in err
+    assert not (tmp_path / "m").exists()

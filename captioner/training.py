@@ -269,8 +269,8 @@ def with_teacher_captions(
     references: {image id: [caption, ...]} of the train split; reports: `evaluate` reports
     of that split (`captioner.evaluation.read_report_captions`). Returns a new dict in the
     references' order. Raises CaptionerError (one line) for a report of another split or one
-    with no caption for any of the split's images; images a report lacks keep their
-    references alone, counted in the log; empty captions are left out, counted.
+    with no caption for any of the split's images. Images a report lacks or captions as
+    empty keep their references alone (a warning counts them).
     """
     from captioner.evaluation import read_report_captions
 

@@ -576,16 +576,15 @@ def write_report(path: Path, split: str, captions: dict[str, str]) -> Path:
     return path
 
 
-def test_teacher_captions_follow_each_images_references_and_images_without_one_are_kept() -> None:
+def test_teacher_captions_follow_each_images_references_and_images_without_one_are_kept(tmp_path: Path) -> None:
     from captioner.training import with_teacher_captions
 
     references = {"a": ["a red circle"], "b": ["a blue square", "a square"], "c": ["a star"]}
-    reports = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("captioner.evaluation.read_report_captions", lambda path: reports[int(path.name)])
-        reports.append(("train", {"b": "a blue square here", "a": "a circle", "elsewhere": "a dog", "c": " "}))
-        reports.append(("train", {"a": "a red circle"}))
-        merged = with_teacher_captions(references, [Path("0"), Path("1")], "train")
+    reports = [
+        write_report(tmp_path / "0.json", "train", {"b": "a blue square here", "a": "a circle", "elsewhere": "a dog", "c": " "}),
+        write_report(tmp_path / "1.json", "train", {"a": "a red circle"}),
+    ]
+    merged = with_teacher_captions(references, reports, "train")
     assert merged == {
         "a": ["a red circle", "a circle", "a red circle"],
         "b": ["a blue square", "a square", "a blue square here"],

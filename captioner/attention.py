@@ -59,6 +59,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.stepping import compile_step, run_step
@@ -249,7 +250,7 @@ def build_attention_model(positions: int, channels: int, vocab_size: int, model:
         ]
     )
     deep = layers.Activation("tanh", name="deep_tanh")(deep)
-    deep = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(deep)
+    deep = layers.Dropout(config_lib.decoder_dropout(model), name="decoder_dropout")(deep)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(deep)
     return keras.Model(inputs=[image_map, input_ids], outputs=logits, name="attention_captioner")
 

@@ -101,7 +101,7 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
         words = lstm(words)  # [B, T, units], from a zero state
 
     merged = layers.Add(name="add")([words, image])  # broadcast over T
-    merged = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(merged)
+    merged = layers.Dropout(config_lib.decoder_dropout(model), name="decoder_dropout")(merged)
     hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
     return keras.Model(inputs=[image_features, input_ids], outputs=logits, name="merge_captioner")

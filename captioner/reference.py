@@ -35,6 +35,7 @@ from collections.abc import Iterator, Mapping
 import keras
 import numpy as np
 
+from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.sequences import CaptionSet, FeatureTable, epoch_permutation, feature_table, rows_with_features
 
@@ -174,7 +175,7 @@ def build_per_prefix_model(feature_dim: int, vocab_size: int, max_length: int, m
     words = layers.LSTM(model.units, name="lstm")(words)  # the mask skips the leading pads
 
     merged = layers.Add(name="add")([words, image])
-    merged = layers.Dropout(model.decoder_dropout, name="decoder_dropout")(merged)
+    merged = layers.Dropout(config_lib.decoder_dropout(model), name="decoder_dropout")(merged)
     hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
     probabilities = layers.Activation("softmax", dtype="float32", name="next_word")(logits)

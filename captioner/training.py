@@ -206,6 +206,8 @@ def stage_params(config: Config) -> dict[str, Any]:
             continue  # a merge model's params (and so its manifests and checkpoints) are as before attention
         if key == "init_inject" and not (value and config.model.kind == "merge"):
             continue  # off (or an attention model, which always starts from the image): params as before the option
+        if key == "decoder_dropout":
+            value = config_lib.decoder_dropout(config.model)  # unset: the kind's default, as the model is built
         params[f"model.{key}"] = value
     params["text.max_prepared_words"] = config.text.max_prepared_words
     params["state_version"] = ckpt.STATE_VERSION

@@ -480,6 +480,11 @@ def test_a_merge_runs_params_are_as_before_the_attention_fields_existed():
     config.model.kind = "attention"
     attention = {key for key in stage_params(config) if key.startswith("model.")}
     assert attention - merge == {"model.kind", "model.attention_dim", "model.doubly_stochastic"}
+    # Unset, the decoder dropout is the kind's default in the params as in the built model.
+    assert stage_params(Config())["model.decoder_dropout"] == 0.0
+    assert stage_params(config)["model.decoder_dropout"] == 0.5
+    built = build_attention_model(4, 3, 11, ModelConfig(kind="attention", embedding_dim=5, units=7, attention_dim=6))
+    assert built.get_layer("decoder_dropout").rate == 0.5
 
 
 # --------------------------------------------------------------------------- evaluate an attention model

@@ -148,3 +148,31 @@ def test_one_precision_vocabulary_and_the_old_extraction_name_still_loads():
 def test_min_word_count_zero_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="text.min_word_count must be at least 1, got 0"):
         config_lib.apply_overrides(config_lib.Config(), ["--text.min_word_count=0"])
+
+
+def test_decoder_dropout_defaults_by_kind_and_a_set_value_wins(tmp_path):
+    # Unset, it follows model.kind whichever order the overrides come in; validate writes it down.
+    merge = config_lib.validate(config_lib.Config())
+    assert merge.model.decoder_dropout == 0.0
+    attention = config_lib.apply_overrides(config_lib.Config(), ["--model.kind=attention"])
+    assert attention.model.decoder_dropout is None and config_lib.decoder_dropout(attention.model) == 0.5
+    assert config_lib.validate(attention).model.decoder_dropout == 0.5
+    for overrides, rate in ((["--model.decoder_dropout=0.2", "--model.kind=attention"], 0.2),
+                            (["--model.kind=attention", "--model.decoder_dropout=0"], 0.0)):
+        assert config_lib.validate(config_lib.apply_overrides(config_lib.Config(), overrides)).model.decoder_dropout == rate
+    # "default" (command line) and null (config file) unset a value again.
+    config = config_lib.apply_overrides(config_lib.Config(), ["--model.decoder_dropout=0.2", "--model.decoder_dropout=default"])
+    assert config.model.decoder_dropout is None
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"kind": "attention", "decoder_dropout": None}}))
+    assert config_lib.validate(config_lib.load_file(path)).model.decoder_dropout == 0.5
+    # A saved, validated config round-trips with the number, so a model never depends on today's defaults.
+    assert config_lib.from_dict(config_lib.to_dict(config_lib.validate(config_lib.load_file(path)))).model.decoder_dropout == 0.5
+    with pytest.raises(ConfigError, match="model.decoder_dropout"):
+        config_lib.apply_overrides(config_lib.Config(), ["--model.decoder_dropout=1.5"])
+    with pytest.raises(ConfigError, match="model.decoder_dropout: expected a number"):
+        config_lib.apply_overrides(config_lib.Config(), ["--model.decoder_dropout=half"])
+    unknown_kind = config_lib.Config()
+    unknown_kind.model.kind = "lstm"  # a Config built in code: validate names the kind, not a KeyError
+    with pytest.raises(ConfigError, match="model.kind must be one of"):
+        config_lib.validate(unknown_kind)

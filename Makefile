@@ -45,12 +45,13 @@ demo: $(VENV)/.installed
 	$(BIN)/captioner train --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --output models/demo $(DEMO_TRAIN)
 	$(BIN)/captioner evaluate --model models/demo --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --split test --beam 3
 
-# The README's benchmark tables (about 15 minutes on 2 CPU cores; the real-data rows after `make flickr8k`).
+# The README's benchmark tables (about 17 minutes on 2 CPU cores; the real-data rows after `make flickr8k`).
 bench: $(VENV)/.installed
 	$(BIN)/python bench/extract.py --count 60 --course-count 20
 	if [ -d $(F8K_CAPTIONS) ]; then \
 		$(BIN)/python bench/train.py --prepared $(F8K_CAPTIONS) --features $(F8K)/features/mobilenetv2-gap1280-train.npz; \
 	else $(BIN)/python bench/train.py; fi
+	$(BIN)/python bench/step.py
 	$(BIN)/python bench/decode.py --naive-images 20
 	if [ -d $(F8K_MODEL) ]; then $(BIN)/python bench/serve.py --model $(F8K_MODEL) --clients 8 --duration 30 --max-captions 600 --caption-images 3; \
 	else $(BIN)/python bench/serve.py; fi

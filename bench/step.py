@@ -87,7 +87,8 @@ def time_one_way(args: argparse.Namespace) -> dict:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True if args.way == "xla" else "auto",  # "auto", as `captioner train`: XLA under JAX, not on a CPU under TensorFlow
+        # "auto", as `captioner train`: XLA under JAX, none on a CPU under TensorFlow
+        jit_compile=True if args.way == "xla" else "auto",
     )
     rng = np.random.default_rng(0)
     features = rng.standard_normal((args.batch, FEATURES)).astype("float32")

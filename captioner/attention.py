@@ -42,6 +42,8 @@ cross-entropy.
 Only `keras.layers` and `keras.ops`, plus one registered `keras.layers.Layer` subclass
 (`AttentionLSTM`, with `get_config`): the model runs under any Keras backend and `.keras`
 files round-trip (the module must be imported before loading one; `captioner.model` does).
+Its loop over the words is `keras.ops.scan`, except under TensorFlow: a `tf.while_loop` with
+a bound on its iterations, which XLA needs (`AttentionLSTM._loop_tensorflow`).
 
 `AttentionStepModel` runs one word at a time with the same layer objects (the decoding
 protocol of `captioner.decoding`): `initial_state(image_maps)` and `step(last_ids, states)`,
@@ -168,8 +170,19 @@ class AttentionLSTM(keras.layers.Layer):
     def call(self, inputs: Any, mask: Any = None, training: bool | None = None) -> list[Any]:
         ops = keras.ops
         words, image_map, projected_map, h0, c0 = inputs
-        batch = ops.shape(words)[0]
-        gates = ops.transpose(self.word_gates(words), (1, 0, 2))  # [T, B, 4 units]: scan runs over axis 0
+        gates = ops.transpose(self.word_gates(words), (1, 0, 2))  # [T, B, 4 units]: the loop runs over axis 0
+        loop = self._loop_tensorflow if keras.backend.backend() == "tensorflow" else self._loop_scan
+        h, context, alpha = loop(gates, image_map, projected_map, h0, c0)  # each [T, B, ...]
+        h, context, alpha = (ops.transpose(x, (1, 0, 2)) for x in (h, context, alpha))  # [B, T, ...]
+        if training and self.doubly_stochastic > 0:
+            self.add_loss(self.doubly_stochastic * self.penalty(alpha, mask))
+        return [h, context, alpha]
+
+    def _loop_scan(self, gates: Any, image_map: Any, projected_map: Any, h0: Any, c0: Any) -> tuple[Any, Any, Any]:
+        """The loop over the words with `keras.ops.scan` (JAX, torch): gates [T, B, 4 units] ->
+        (h [T, B, units], context [T, B, C], alpha [T, B, P])."""
+        ops = keras.ops
+        batch = ops.shape(h0)[0]
         zeros_context = ops.zeros((batch, ops.shape(image_map)[-1]), dtype=h0.dtype)
         zeros_alpha = ops.zeros((batch, ops.shape(image_map)[1]), dtype=h0.dtype)
 
@@ -177,16 +190,38 @@ class AttentionLSTM(keras.layers.Layer):
             h, c, _, _ = carry
             context, alpha = self.attend(h, image_map, projected_map)
             h, c = self.recur(word_gates, context, h, c)
-            # Keras' TensorFlow scan wants outputs shaped like the carry: the carry holds the last
+            # Keras' scan wants outputs shaped like the carry: the carry holds the last
             # context and alpha (never read) so that the outputs can be the carry itself.
             new = (h, c, context, alpha)
             return new, new
 
         _, (h, _, context, alpha) = ops.scan(step, (h0, c0, zeros_context, zeros_alpha), gates)
-        h, context, alpha = (ops.transpose(x, (1, 0, 2)) for x in (h, context, alpha))  # [B, T, ...]
-        if training and self.doubly_stochastic > 0:
-            self.add_loss(self.doubly_stochastic * self.penalty(alpha, mask))
-        return [h, context, alpha]
+        return h, context, alpha
+
+    def _loop_tensorflow(
+        self, gates: Any, image_map: Any, projected_map: Any, h0: Any, c0: Any
+    ) -> tuple[Any, Any, Any]:
+        """The same loop as `_loop_scan`, as a `tf.while_loop` with its `maximum_iterations` set
+        (as Keras' own LSTM does): XLA needs that bound to compile the loop's gradient, and Keras'
+        jit_compile="auto" turns XLA on wherever TensorFlow sees a GPU. Keras' scan sets none, and
+        the train step then failed to compile ("XLA compilation requires a fixed tensor list size")."""
+        import tensorflow as tf
+
+        steps = tf.shape(gates)[0]
+        h_seq, context_seq, alpha_seq = (
+            tf.TensorArray(h0.dtype, size=steps, element_shape=tf.TensorShape([h0.shape[0], width]))
+            for width in (self.units, image_map.shape[-1], image_map.shape[1])
+        )
+
+        def body(t: Any, h: Any, c: Any, h_seq: Any, context_seq: Any, alpha_seq: Any) -> tuple[Any, ...]:
+            context, alpha = self.attend(h, image_map, projected_map)
+            h, c = self.recur(gates[t], context, h, c)
+            return t + 1, h, c, h_seq.write(t, h), context_seq.write(t, context), alpha_seq.write(t, alpha)
+
+        outputs = tf.while_loop(
+            lambda t, *_: t < steps, body, (0, h0, c0, h_seq, context_seq, alpha_seq), maximum_iterations=steps
+        )
+        return tuple(seq.stack() for seq in outputs[3:])
 
     @staticmethod
     def penalty(alpha: Any, mask: Any) -> Any:

@@ -185,6 +185,43 @@ def test_the_penalty_is_added_in_training_only_and_masked_by_the_padding():
     assert not off.losses
 
 
+def test_the_tensorflow_loop_and_keras_scan_give_the_same_outputs():
+    import tensorflow as tf
+
+    model = perturbed_model()
+    layer = model.get_layer("attention_lstm")
+    rng = np.random.default_rng(2)
+    batch, length = 3, 5
+    gates = rng.normal(size=(length, batch, 4 * TINY.units)).astype(np.float32)
+    maps = rng.normal(size=(batch, POSITIONS, CHANNELS)).astype(np.float32)
+    projected = rng.normal(size=(batch, POSITIONS, TINY.attention_dim)).astype(np.float32)
+    h0, c0 = (rng.normal(size=(batch, TINY.units)).astype(np.float32) for _ in range(2))
+    scanned = layer._loop_scan(gates, maps, projected, h0, c0)
+    looped = tf.function(layer._loop_tensorflow)(gates, maps, projected, h0, c0)  # as in a traced train step
+    for a, b in zip(scanned, looped, strict=True):
+        assert tuple(b.shape) == tuple(a.shape)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), b.numpy(), atol=1e-6)
+
+
+@pytest.mark.slow  # XLA compiles the train step once per caption length: a few seconds
+def test_the_train_step_compiles_under_xla_and_computes_the_same_loss():
+    # Keras' jit_compile="auto" picks XLA on a TensorFlow GPU; Keras' scan made that fail.
+    # No dropout, so both steps compute the same function of the same weights.
+    config = ModelConfig(**{**vars(TINY), "word_dropout": 0.0, "decoder_dropout": 0.0, "doubly_stochastic": 1.0})
+    losses = {}
+    for jit in (False, True):
+        model = perturbed_model(config=config)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        losses[jit] = []
+        for length in (6, 4, 6):  # two lengths, so two compilations, and a second step at the first
+            maps, ids, lengths = sample_inputs(length=length)
+            weights = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
+            losses[jit].append(float(model.train_on_batch((maps, ids), ids, sample_weight=weights)))
+    assert all(np.isfinite(losses[True]))
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
 def test_logits_stay_float32_under_mixed_precision():
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

@@ -5,8 +5,9 @@ Same data, same model sizes, same batch size, one run, each variant in its own
 subprocess (so each has its own peak RSS):
 
 - the merge model with teacher forcing (`captioner.sequences.TeacherForcingBatches`):
-  one right-padded caption per sample, batches padded to their own longest caption,
-  loss masked by sample weights, image features gathered per caption; `build_model`,
+  one right-padded caption per sample, batches padded to their own longest caption (rounded
+  up to a multiple of 8 under `KERAS_BACKEND=jax`, as `captioner train` does where XLA
+  compiles each shape), loss masked by sample weights, image features gathered per caption; `build_model`,
   sparse cross-entropy from logits. Runs a whole epoch by default.
 - the classic generator (the course's way): every caption expanded into one
   sample per prefix, pre-padded to the longest prefix, the image features copied
@@ -276,7 +277,7 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
     import keras
 
     from captioner import model as model_lib
-    from captioner import reference, sequences
+    from captioner import reference, sequences, training
     from captioner.config import ModelConfig, TrainConfig
 
     keras.utils.set_random_seed(args.seed)
@@ -306,12 +307,16 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
             model = build_attention_model(positions, channels, args.vocab, ModelConfig())
             steps = min(args.attention_steps, len(data))
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        # As `captioner train` batches: T rounded up to a multiple of 8 where XLA compiles each shape
+        # (the JAX backend), else not; without it JAX compiles a step for nearly every batch.
+        data.pad_to_multiple = training.XLA_PAD_TO_MULTIPLE if training._uses_xla(model) else 1
         whole_epoch = steps == len(data)
         order = data.order(0)
         chosen = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
         words = [int(data.lengths[c].sum()) + len(c) for c in chosen]  # n + 1 targets per caption
-        # T = the batch's longest caption + 1 (pad_to_multiple is 1 here); not data.batch(), which would read maps
-        padded = [len(c) * (int(data.lengths[c].max()) + 1) for c in chosen]
+        # T = the batch's longest caption + 1, rounded up as above; not data.batch(), which would read maps
+        multiple = data.pad_to_multiple
+        padded = [len(c) * (-(-(int(data.lengths[c].max()) + 1) // multiple) * multiple) for c in chosen]
         epoch_targets = data.num_targets
         fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
     else:

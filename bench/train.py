@@ -7,8 +7,8 @@ subprocess (so each has its own peak RSS):
 - the merge model with teacher forcing (`captioner.sequences.TeacherForcingBatches`):
   one right-padded caption per sample, batches padded to their own longest caption (rounded
   up to a multiple of 8 under `KERAS_BACKEND=jax`, as `captioner train` does where XLA
-  compiles each shape), loss masked by sample weights, image features gathered per caption; `build_model`,
-  sparse cross-entropy from logits. Runs a whole epoch by default.
+  compiles each shape), loss masked by sample weights, image features gathered per caption;
+  `build_model`, sparse cross-entropy from logits. Runs a whole epoch by default.
 - the classic generator (the course's way): every caption expanded into one
   sample per prefix, pre-padded to the longest prefix, the image features copied
   into every sample, one-hot float32 targets (`captioner.reference.per_prefix_batches`);

@@ -309,14 +309,13 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         # As `captioner train` batches: T rounded up to a multiple of 8 where XLA compiles each shape
         # (the JAX backend), else not; without it JAX compiles a step for nearly every batch.
-        data.pad_to_multiple = training.XLA_PAD_TO_MULTIPLE if training._uses_xla(model) else 1
+        data.pad_to_multiple = training.pad_multiple(model)
         whole_epoch = steps == len(data)
         order = data.order(0)
         chosen = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
         words = [int(data.lengths[c].sum()) + len(c) for c in chosen]  # n + 1 targets per caption
-        # T = the batch's longest caption + 1, rounded up as above; not data.batch(), which would read maps
-        multiple = data.pad_to_multiple
-        padded = [len(c) * (-(-(int(data.lengths[c].max()) + 1) // multiple) * multiple) for c in chosen]
+        # each batch's T as data.batch() pads it, without data.batch(), which would read maps
+        padded = [len(c) * data.padded_width(data.lengths[c]) for c in chosen]
         epoch_targets = data.num_targets
         fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
     else:

@@ -359,8 +359,7 @@ class TeacherForcingBatches(keras.utils.PyDataset):
             order = self.order(epoch)
         chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
         lengths = self.lengths[chosen]
-        width = int(lengths.max()) + 1  # start + words, or words + end
-        width = -(-width // self.pad_to_multiple) * self.pad_to_multiple
+        width = self.padded_width(lengths)
         size = len(chosen)
         input_ids = np.zeros((size, width), dtype=np.int32)
         target_ids = np.zeros((size, width), dtype=np.int32)
@@ -376,6 +375,12 @@ class TeacherForcingBatches(keras.utils.PyDataset):
         sample_weight = np.where(real, np.float32(scale), np.float32(0.0)).astype(np.float32)
         image_features = self.table.matrix[self.rows[chosen]]  # [B, D]: one gathered row per caption
         return (image_features, input_ids), target_ids, sample_weight
+
+    def padded_width(self, lengths: np.ndarray) -> int:
+        """T of a batch of captions of `lengths` words: the longest + 1 (start + words, or words +
+        end), rounded up to a multiple of `pad_to_multiple`."""
+        width = int(np.max(lengths)) + 1
+        return -(-width // self.pad_to_multiple) * self.pad_to_multiple
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]]:
         """All batches of one epoch, in order."""

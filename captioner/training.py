@@ -818,12 +818,18 @@ def _build_model(config: Config, strategy: Any, data: _Data, run: Run) -> Any:
         if run.state is not None and run.state.weights is not None:
             model.optimizer.build(model.trainable_variables)  # so loading restores the Adam moments too
             run.folder.load_weights(model, run.state.weights)
-        multiple = XLA_PAD_TO_MULTIPLE if _uses_xla(model) else 1
+        multiple = pad_multiple(model)
         for batches in (data.train_batches, data.val_batches):
             batches.pad_to_multiple = multiple
         if config.train.strategy == "multiworker":
             _work_around_keras_multiworker(model, data.train_batches)
     return model
+
+
+def pad_multiple(model: Any) -> int:
+    """What a compiled model's batches round T up to: `XLA_PAD_TO_MULTIPLE` where XLA compiles
+    each shape, else 1 (`TeacherForcingBatches.pad_to_multiple`)."""
+    return XLA_PAD_TO_MULTIPLE if _uses_xla(model) else 1
 
 
 def _uses_xla(model: Any) -> bool:

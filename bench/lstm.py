@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="captions per step (train.batch_size)")
+    parser.add_argument("--batch", type=int, default=64, help="captions per step (train.batch_size; the merge model's default is 96)")
     parser.add_argument("--length", type=int, default=13, help="words per caption (a real batch's longest: 13)")
     parser.add_argument("--units", type=int, default=256, help="LSTM units and embedding size")
     parser.add_argument("--steps", type=int, default=30, help="steps per timing")

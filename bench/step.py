@@ -47,7 +47,7 @@ VOCAB, FEATURES = 2533, 1280  # the real Flickr8k vocabulary and MobileNetV2 poo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="captions per step (train.batch_size)")
+    parser.add_argument("--batch", type=int, default=64, help="captions per step (train.batch_size; the merge model's default is 96)")
     parser.add_argument("--length", type=int, default=13, help="input words per caption (a typical batch's T)")
     parser.add_argument("--steps", type=int, default=30, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
@@ -69,7 +69,8 @@ def time_one_way(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from captioner import model as model_lib
-    from captioner.config import ModelConfig, TrainConfig
+    from captioner import config as config_lib
+    from captioner.config import Config, ModelConfig
 
     if args.way == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -83,7 +84,9 @@ def time_one_way(args: argparse.Namespace) -> dict:
     finally:
         if args.way == "unroll":
             keras.layers.LSTM, keras.Input = keras_lstm, keras_input
-    train = TrainConfig()
+    config = Config()
+    config.train.batch_size = args.batch
+    train = config_lib.validate(config).train  # the learning rate `captioner train` gives this batch
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Training speed and memory, side by side: teacher forcing, the classic per-prefix generator, the attention model.
 
-Same data, same model sizes, same batch size, one run, each variant in its own
-subprocess (so each has its own peak RSS):
+Same data, same model sizes, one run, each variant in its own subprocess (so each has its
+own peak RSS). Each variant runs at the batch its users get: the merge and attention models at
+their kind's default `train.batch_size` (merge 96, attention 64; `--batch-size` sets both) with
+the learning rate `captioner train` gives that batch, the classic generator at the course's 64
+prefixes (`--classic-batch-size`):
 
 - the merge model with teacher forcing (`captioner.sequences.TeacherForcingBatches`):
   one right-padded caption per sample, batches padded to their own longest caption (rounded
@@ -19,8 +22,8 @@ subprocess (so each has its own peak RSS):
   teacher-forcing batch has target words (`--classic-matched`), to show that the
   gap is not just per-step overhead.
 - with `--attention`, the soft-attention model (`captioner.attention.build_attention_model`,
-  default `ModelConfig`) trained exactly like the merge row (the same captions and
-  batches, loss, optimizer and batch size) on spatial maps float32 [B, H*W, C] in place
+  default `ModelConfig` of its kind) trained exactly like the merge row (the same captions,
+  loss and optimizer, batches of its own default size) on spatial maps float32 [B, H*W, C] in place
   of the pooled vectors. Timed over `--attention-steps` steps and extrapolated to the
   epoch. Its maps are read as `captioner train --model.kind=attention` reads them: a
   `captioner.spatial.MapFile` in a `FeatureTable`, each batch's maps read from the HDF5
@@ -50,7 +53,7 @@ Prints a markdown table. Reads nothing but the optional token file and the given
 inputs; writes nothing but the temporary synthetic map file.
 Usage: python bench/train.py [--prepared DIR --features FILE...] [--captions 30000] [--steps 0 (= a whole epoch)]
        [--classic-steps 60] [--attention [--attention-steps 40] [--maps FILE.h5 | --map-shape 7x7x1280]]
-`--classic-steps` applies to batches of `--batch-size` prefixes; the matched classic
+`--classic-steps` applies to batches of `--classic-batch-size` prefixes; the matched classic
 row times a quarter as many (its steps are ~12x bigger).
 Cost: a few minutes on 2 CPU cores with the defaults (a whole teacher-forcing epoch);
 `--captions 2000 --images 400 --steps 20 --classic-steps 20` takes about a minute.
@@ -88,6 +91,9 @@ FLICKR8K_LENGTHS = {
 }  # fmt: skip
 
 
+COURSE_BATCH_SIZE = 64  # the classic generator's batch, as the course trains it
+
+
 def map_shape(text: str) -> tuple[int, int, int]:
     """"7x7x1280" -> (7, 7, 1280): a map's height, width and channels."""
     parts = text.lower().split("x")
@@ -98,8 +104,6 @@ def map_shape(text: str) -> tuple[int, int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from captioner.config import TrainConfig  # no TensorFlow: cheap in the parent process
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepared", help="a `captioner prepare` folder: train on its train split (real data)")
     parser.add_argument("--features", nargs="+", default=[], help="feature files for --prepared")
@@ -107,7 +111,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=6000, help="images (Flickr8k train: 6,000)")
     parser.add_argument("--vocab", type=int, default=7500, help="vocabulary size")
     parser.add_argument("--feature-dim", type=int, default=4096, help="feature width (VGG16 fc2: 4096)")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="train.batch_size, for all")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="train.batch_size of the merge and attention rows (default: each kind's, BATCH_SIZE_BY_KIND)",
+    )
+    parser.add_argument(
+        "--classic-batch-size",
+        type=int,
+        default=COURSE_BATCH_SIZE,
+        help=f"prefixes per batch of the classic generator's row (default {COURSE_BATCH_SIZE}, the course's)",
+    )
     parser.add_argument("--steps", type=int, default=0, help="merge model steps to time; 0 = a whole epoch")
     parser.add_argument("--classic-steps", type=int, default=60, help="classic generator steps to time")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (tracing)")
@@ -278,12 +292,20 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
 
     from captioner import model as model_lib
     from captioner import reference, sequences, training
-    from captioner.config import ModelConfig, TrainConfig
+    from captioner import config as config_lib
+    from captioner.config import Config
 
     keras.utils.set_random_seed(args.seed)
     caption_set, table, source = make_map_data(args, scratch) if args.variant == "attention" else make_data(args)
     args.vocab, args.feature_dim = caption_set.vocab_size, table.feature_dim  # the real data's, with --prepared
-    train = TrainConfig()
+    config = Config()
+    config.model.kind = "attention" if args.variant == "attention" else "merge"
+    if args.variant == "classic":
+        config.train.batch_size = args.variant_batch_size or args.classic_batch_size
+    else:
+        config.train.batch_size = args.variant_batch_size or args.batch_size  # None: the kind's default
+    config_lib.validate(config)  # fills batch size and learning rate as `captioner train` does
+    train = config.train
     optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm)
     batch_end_times: list[float] = []
     batch_end_cpu: list[float] = []
@@ -293,18 +315,18 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
             batch_end_times.append(time.perf_counter())
             batch_end_cpu.append(time.process_time())  # all threads: robust to other processes' load
 
-    batch_size = args.variant_batch_size or args.batch_size
+    batch_size = train.batch_size
     whole_epoch = False
     if args.variant in ("teacher", "attention"):
         data = sequences.TeacherForcingBatches(caption_set, table, batch_size=batch_size, seed=args.seed)
         if args.variant == "teacher":
-            model = model_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
+            model = model_lib.build_model(args.feature_dim, args.vocab, config.model)
             steps = min(args.steps or len(data), len(data))
         else:
             from captioner.attention import build_attention_model
 
             positions, channels = table.row_shape  # maps float32 [N, P, C]
-            model = build_attention_model(positions, channels, args.vocab, ModelConfig())
+            model = build_attention_model(positions, channels, args.vocab, config.model)
             steps = min(args.attention_steps, len(data))
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         # As `captioner train` batches: T rounded up to a multiple of 8 where XLA compiles each shape
@@ -320,10 +342,10 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
         fit_input, fit_kwargs = data.for_fit(), {"shuffle": False}
     else:
         max_length = reference.max_prefix_length(caption_set)
-        model = reference.build_per_prefix_model(args.feature_dim, args.vocab, max_length, ModelConfig())
+        model = reference.build_per_prefix_model(args.feature_dim, args.vocab, max_length, config.model)
         model.compile(optimizer=optimizer, loss="categorical_crossentropy")
         # A batch of many prefixes takes seconds a step: time fewer of them.
-        steps = args.classic_steps if batch_size == args.batch_size else max(5, args.classic_steps // 4)
+        steps = args.classic_steps if batch_size == args.classic_batch_size else max(5, args.classic_steps // 4)
         words = [batch_size] * steps  # one target per sample
         padded = [batch_size * max_length] * steps
         epoch_targets = caption_set.num_targets
@@ -439,7 +461,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         height, width = attention["map_grid"]
         skipped = attention["skipped_captions"]
         lines.append(
-            "Attention beside merge, same captions and batches: "
+            "Attention beside merge, same captions, each at its own batch size: "
             f"{attention['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
             f"({attention['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
             f"an epoch of {attention['epoch_seconds_extrapolated']:,.0f} s against "
@@ -470,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention:
         results.append(run_subprocess(argv, ["--variant", "attention"]))
         print(f"attention: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
-    classic_sizes = [args.batch_size]
+    classic_sizes = [args.classic_batch_size]
     if args.classic_matched:
         classic_sizes.append(int(round(results[0]["words_per_step"])))
     for size in classic_sizes:

@@ -42,6 +42,15 @@ MODEL_KINDS = ("merge", "attention")  # captioner.model's merge model | captione
 # 0.03 BLEU-4 (one seed); 0.5 on the attention model's deep output, where Show, Attend and Tell puts
 # it, gained 0.009 BLEU-4 and 0.007 CIDEr-D with beam 3 (mean of 3 seeds, every seed's BLEU-4 higher).
 DECODER_DROPOUT_BY_KIND = {"merge": 0.0, "attention": 0.5}
+# train.batch_size when a config leaves it unset (None), by model.kind. The merge model's step at 96
+# captions takes about the time of one at 64 on a 2-core CPU (the LSTM's loop costs per step, not per
+# caption), so an epoch runs 1.2-1.3x the target words/s with captions as good (README, "Training"
+# and "The hyper-parameter sweep": mean of 3 seeds on dev); the attention model keeps 64, where its
+# sweep was measured.
+BATCH_SIZE_BY_KIND = {"merge": 96, "attention": 64}
+# train.learning_rate when unset (None): this much per 64 captions of train.batch_size (the linear
+# scaling rule: 1e-3 at 64, 1.5e-3 at 96, 2e-3 at 128, as the sweep ran its batch-128 arm).
+LEARNING_RATE_PER_64_CAPTIONS = 1e-3
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
 SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format names `serve.formats` may list
 # Values renamed since a config was saved (key, old value) -> new value.
@@ -131,8 +140,8 @@ class TrainConfig:
     captions: str = "data/captions"  # the output of `captioner prepare`
     output: str = "models/flickr8k"  # model.keras, tokenizer.json, config.json, history.csv
     epochs: int = 30  # an upper bound: early stopping usually ends sooner
-    batch_size: int = 64  # captions per step
-    learning_rate: float = 1e-3  # Adam
+    batch_size: int | None = None  # captions per step; None: by kind, BATCH_SIZE_BY_KIND (merge 96, attention 64)
+    learning_rate: float | None = None  # Adam; None: LEARNING_RATE_PER_64_CAPTIONS scaled to train.batch_size (1.5e-3 at 96)
     lr_decay: float = 0.8  # the learning rate is multiplied by this after every epoch; on Flickr8k dev: BLEU-4 0.172 -> 0.190 (README)
     clipnorm: float = 5.0  # gradient clipping, the usual guard for LSTMs
     label_smoothing: float = 0.0  # epsilon: the target is (1 - eps) on the word + eps spread evenly over the vocabulary; 0 = plain cross-entropy
@@ -370,14 +379,29 @@ def decoder_dropout(model: ModelConfig) -> float:
     return DECODER_DROPOUT_BY_KIND[model.kind] if model.decoder_dropout is None else model.decoder_dropout
 
 
+def train_batch_size(config: Config) -> int:
+    """`train.batch_size`, or when it is unset (None) the default of the model's kind."""
+    return BATCH_SIZE_BY_KIND[config.model.kind] if config.train.batch_size is None else config.train.batch_size
+
+
+def train_learning_rate(config: Config) -> float:
+    """`train.learning_rate`, or when it is unset (None) the default for the batch size."""
+    if config.train.learning_rate is not None:
+        return config.train.learning_rate
+    return LEARNING_RATE_PER_64_CAPTIONS * train_batch_size(config) / 64
+
+
 def validate(config: Config) -> Config:
     """Checks every field against CHECKS and the rules between fields, and fills the fields whose
-    default depends on another (`decoder_dropout`), so a saved config says what was used; returns `config`."""
+    default depends on another (`decoder_dropout`, `train.batch_size`, `train.learning_rate`), so a
+    saved config says what was used; returns `config`."""
     for section_name in _field_types(config):
         section = getattr(config, section_name)
         for field_name in _field_types(section):
             check_value(f"{section_name}.{field_name}", getattr(section, field_name))
     config.model.decoder_dropout = decoder_dropout(config.model)  # model.kind is checked by now
+    config.train.learning_rate = train_learning_rate(config)
+    config.train.batch_size = train_batch_size(config)
     if config.train.train_split == config.train.val_split:
         raise ConfigError(f"train.train_split and train.val_split are both {config.train.train_split!r}")
     return config

@@ -198,6 +198,10 @@ def stage_params(config: Config) -> dict[str, Any]:
     for key, value in config_lib.to_dict(config.train).items():
         if key in {"features", "captions", "output", "teacher_captions"}:
             continue  # paths: the stage's inputs and output
+        if key == "batch_size":
+            value = config_lib.train_batch_size(config)  # unset: the kind's default, as training runs
+        if key == "learning_rate":
+            value = config_lib.train_learning_rate(config)
         if key == "label_smoothing" and value == 0:
             continue  # plain cross-entropy: params (manifests, checkpoints) are as before the option
         params[f"train.{key}"] = value

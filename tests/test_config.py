@@ -150,6 +150,35 @@ def test_min_word_count_zero_is_refused_by_the_config():
         config_lib.apply_overrides(config_lib.Config(), ["--text.min_word_count=0"])
 
 
+def test_batch_size_defaults_by_kind_and_the_learning_rate_scales_with_it(tmp_path):
+    # Unset: merge 96 captions at 1.5e-3, attention 64 at 1e-3; validate writes the numbers down.
+    merge = config_lib.validate(config_lib.Config())
+    assert (merge.train.batch_size, merge.train.learning_rate) == (96, pytest.approx(1.5e-3))
+    attention = config_lib.validate(config_lib.apply_overrides(config_lib.Config(), ["--model.kind=attention"]))
+    assert (attention.train.batch_size, attention.train.learning_rate) == (64, pytest.approx(1e-3))
+    # A set batch size without a learning rate gets 1e-3 per 64 captions; a set learning rate wins.
+    cases = ((["--train.batch_size=128"], 128, 2e-3),
+             (["--train.batch_size=32", "--model.kind=attention"], 32, 5e-4),
+             (["--train.learning_rate=3e-4"], 96, 3e-4),
+             (["--train.batch_size=128", "--train.learning_rate=1e-3"], 128, 1e-3))
+    for overrides, batch, rate in cases:
+        train = config_lib.validate(config_lib.apply_overrides(config_lib.Config(), overrides)).train
+        assert (train.batch_size, train.learning_rate) == (batch, pytest.approx(rate)), overrides
+    # A model directory's saved config keeps what it was trained with (64 at 1e-3 before this default).
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"train": {"batch_size": 64, "learning_rate": 1e-3}}))
+    old = config_lib.validate(config_lib.load_file(path))
+    assert (old.train.batch_size, old.train.learning_rate) == (64, pytest.approx(1e-3))
+    assert config_lib.from_dict(config_lib.to_dict(merge)).train.batch_size == 96
+    # The stage's params (what caching and resume compare) hold the numbers, set or not.
+    from captioner.training import stage_params
+
+    params = stage_params(config_lib.Config())
+    assert (params["train.batch_size"], params["train.learning_rate"]) == (96, pytest.approx(1.5e-3))
+    with pytest.raises(ConfigError, match="train.batch_size must be at least 1"):
+        config_lib.apply_overrides(config_lib.Config(), ["--train.batch_size=0"])
+
+
 def test_decoder_dropout_defaults_by_kind_and_a_set_value_wins(tmp_path):
     # Unset, it follows model.kind whichever order the overrides come in; validate writes it down.
     merge = config_lib.validate(config_lib.Config())

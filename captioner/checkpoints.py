@@ -119,17 +119,30 @@ class TrainState:
         return state
 
     def conflicts(self, params: dict[str, Any], inputs: dict[str, Any] | None = None) -> list[str]:
-        """Names of the parameters (and, given `inputs`, the inputs) that differ from this run's."""
-        changed = sorted(
-            key
-            for key in set(params) | set(self.params)
-            if key not in RESUMABLE_CHANGES and params.get(key) != self.params.get(key)
+        """The parameters (and, given `inputs`, the inputs) that differ from this run's, described."""
+        return conflicts(self.params, params, RESUMABLE_CHANGES, self.inputs, inputs)
+
+
+def conflicts(
+    saved_params: dict[str, Any],
+    params: dict[str, Any],
+    resumable: frozenset[str],
+    saved_inputs: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
+) -> list[str]:
+    """What differs between a checkpoint's parameters and inputs and today's, sorted: a changed
+    parameter with both values ("train.batch_size 64 -> 96", so that a resume refused after a
+    default changed says what to pass), a changed input by name ("inputs.features")."""
+    changed = [
+        f"{key} {saved_params.get(key)!r} -> {params.get(key)!r}"
+        for key in sorted(set(params) | set(saved_params))
+        if key not in resumable and params.get(key) != saved_params.get(key)
+    ]
+    if inputs is not None:
+        changed += sorted(
+            f"inputs.{key}" for key in set(inputs) | set(saved_inputs) if inputs.get(key) != saved_inputs.get(key)
         )
-        if inputs is not None:
-            changed += sorted(
-                f"inputs.{key}" for key in set(inputs) | set(self.inputs) if inputs.get(key) != self.inputs.get(key)
-            )
-        return changed
+    return changed
 
 
 def _check_types(state: TrainState) -> None:

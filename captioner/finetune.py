@@ -337,10 +337,7 @@ class FinetuneState:
         return state
 
     def conflicts(self, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
-        changed = sorted(k for k in set(params) | set(self.params)
-                         if k not in RESUMABLE_CHANGES and params.get(k) != self.params.get(k))
-        changed += sorted(f"inputs.{k}" for k in set(inputs) | set(self.inputs) if inputs.get(k) != self.inputs.get(k))
-        return changed
+        return ckpt.conflicts(self.params, params, RESUMABLE_CHANGES, self.inputs, inputs)
 
 
 def history_csv(rows: Sequence[EpochRecord]) -> str:

@@ -312,7 +312,7 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(crashed_run: di
     changed = make_config(
         tmp_path, features, captions, epochs=4, patience=0, lr_decay=0.95, learning_rate=0.05, batch_size=4
     )
-    with pytest.raises(CaptionerError, match=r"changed since its checkpoint: train\.batch_size, train\.learning_rate"):
+    with pytest.raises(CaptionerError, match=r"changed since its checkpoint: train\.batch_size 8 -> 4, train\.learning_rate 0\.01 -> 0\.05 "):
         train_stage(changed, resume=True)
 
     # Features of another width: refused with the widths, before any training.

@@ -44,7 +44,7 @@ MODEL_KINDS = ("merge", "attention")  # captioner.model's merge model | captione
 DECODER_DROPOUT_BY_KIND = {"merge": 0.0, "attention": 0.5}
 # train.batch_size when a config leaves it unset (None), by model.kind. The merge model's step at 96
 # captions takes about the time of one at 64 on a 2-core CPU (the LSTM's loop costs per step, not per
-# caption), so an epoch runs 1.2-1.3x the target words/s with captions as good (README, "Training"
+# caption), so an epoch runs 1.1-1.3x the target words/s with captions as good (README, "Training"
 # and "The hyper-parameter sweep": mean of 3 seeds on dev); the attention model keeps 64, where its
 # sweep was measured.
 BATCH_SIZE_BY_KIND = {"merge": 96, "attention": 64}

@@ -59,9 +59,10 @@ STATE_FILE = "state.json"
 STAGING_DIR = CHECKPOINTS_DIR + ".next"
 _RETIRED_DIR = CHECKPOINTS_DIR + ".old"  # the replaced run folder, during the swap only
 HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "seconds", "lr")
-# Parameters that may differ between a checkpoint and its resume: raising the epoch bound
-# continues the same run, it does not change any epoch already trained.
-RESUMABLE_CHANGES = frozenset({"train.epochs"})
+# Parameters that may differ between a checkpoint and its resume: neither changes an epoch already
+# trained. Raising the epoch bound continues the run; raising the patience continues one that
+# stopped early (`stops_early` is asked again on resume).
+RESUMABLE_CHANGES = frozenset({"train.epochs", "train.patience"})
 
 
 # --------------------------------------------------------------------------- the state
@@ -159,6 +160,11 @@ def _check_types(state: TrainState) -> None:
             bad.append("weights")
     if bad:
         raise TypeError(f"bad {', '.join(sorted(set(bad)))}")
+
+
+def stops_early(epochs_without_improvement: int, patience: int) -> bool:
+    """Early stopping's rule: `patience` epochs in a row without a better one (0: never stop)."""
+    return patience > 0 and epochs_without_improvement >= patience
 
 
 def weights_name(epoch: int) -> str:

@@ -123,8 +123,9 @@ log = logging.getLogger(__name__)
 STAGE_NAME = "finetune"
 STATE_VERSION = 1
 HISTORY_COLUMNS = ("epoch", "loss", "reward", "baseline", "dev_cider", "dev_bleu4", "seconds", "lr")
-# Raising the epoch bound continues the same run; nothing else may change on --resume.
-RESUMABLE_CHANGES = frozenset({"finetune.epochs"})
+# Raising the epoch bound continues the same run, raising the patience one that stopped early;
+# nothing else may change on --resume.
+RESUMABLE_CHANGES = frozenset({"finetune.epochs", "finetune.patience"})
 PAD_TO_MULTIPLE = 8  # sampled batches are padded to a multiple of this length: few shapes to trace
 
 
@@ -757,6 +758,7 @@ def _finetune(
         else:
             state = run.state
             state.params, state.finished = stage.params, False
+            state.stopped_early = ckpt.stops_early(state.epochs_without_improvement, config.finetune.patience)
             resumed_from = state.epoch
             run.folder.load_weights(model, state.weights)
             log.info("finetune: resuming %s after epoch %d", run.folder.path, state.epoch)
@@ -972,8 +974,7 @@ def _record_epoch(state: FinetuneState, record: EpochRecord, patience: int) -> b
         state.epochs_without_improvement = 0
     else:
         state.epochs_without_improvement += 1
-        if patience and state.epochs_without_improvement >= patience:
-            state.stopped_early = True
+        state.stopped_early = ckpt.stops_early(state.epochs_without_improvement, patience)
     return improved
 
 

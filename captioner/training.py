@@ -855,8 +855,9 @@ def _start_state(run: Run, stage: cache.Stage, data: _Data) -> tuple[TrainState,
         )
         return state, None
     state = run.state
-    state.params = stage.params  # only train.epochs may differ (checked)
+    state.params = stage.params  # only train.epochs and train.patience may differ (checked)
     state.finished = False  # a finished run resumed goes on to the raised train.epochs
+    state.stopped_early = ckpt.stops_early(state.epochs_without_improvement, stage.params["train.patience"])
     return state, state.epoch
 
 
@@ -934,8 +935,7 @@ def _record_epoch(state: TrainState, record: EpochRecord, patience: int) -> bool
         state.epochs_without_improvement = 0
     else:
         state.epochs_without_improvement += 1
-        if patience and state.epochs_without_improvement >= patience:
-            state.stopped_early = True
+        state.stopped_early = ckpt.stops_early(state.epochs_without_improvement, patience)
     return improved
 
 

@@ -379,6 +379,26 @@ def test_a_nan_reward_stops_in_one_line_and_keeps_the_finished_model(tuned: dict
     assert staged["epoch"] == 0 and staged["best_weights"] == "epoch-0000.keras"
 
 
+def test_more_patience_on_resume_continues_a_run_that_stopped_early(small: dict, tmp_path: Path, monkeypatch) -> None:
+    import captioner.finetune as finetune_lib
+
+    falling = iter(np.linspace(0.5, 0.1, 5))  # dev CIDEr-D of epochs 0, 1, ...: never better than the start
+    monkeypatch.setattr(finetune_lib, "_dev_scores", lambda stepper, data, config: (float(next(falling)), 0.1))
+    output = tmp_path / "scst"
+    config = make_config(small, output, epochs=3, patience=1)
+    stopped = finetune_stage(config)
+    assert stopped.stopped_early and stopped.epochs_done == 1 and stopped.best_epoch == 0
+
+    config.finetune.patience = 2  # one more epoch without a better one, then a stop again
+    more = finetune_stage(config, resume=True)
+    assert more.resumed_from == 1 and more.epochs_run == 1 and more.epochs_done == 2 and more.stopped_early
+    assert [row["dev_cider"] for row in history(output)] == ["0.5", "0.4", "0.3"]
+    config.finetune.patience = 0  # no early stopping: on to the epoch bound
+    last = finetune_stage(config, resume=True)
+    assert last.epochs_done == 3 and not last.stopped_early and last.best_epoch == 0
+    assert finetune_stage(config, resume=True).up_to_date
+
+
 def reference_nll(model_dir: Path, data: dict[str, Path]) -> float:
     """Mean -log p per word (end included) of the train references under a model directory."""
     from captioner.model import load_model_dir

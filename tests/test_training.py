@@ -372,7 +372,7 @@ def test_resume_refusals_name_what_changed_and_force_starts_over(crashed_run: di
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-@pytest.mark.slow  # a run of its own: about 5 s
+@pytest.mark.slow  # a run of its own and its resume: about 8 s
 def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -404,6 +404,16 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
     # Only what resume needs is kept: the last and the best epoch's files.
     kept_files = sorted(p.name for p in (output / "checkpoints").glob("*.keras"))
     assert kept_files == sorted({state["weights"], state["best_weights"]})
+
+    # More patience on --resume continues the run that stopped early, its epochs unchanged.
+    config.train.patience = 0
+    more = train_stage(config, resume=True)
+    assert more.resumed_from == result.epochs_done and more.epochs_done == 10 and not more.stopped_early
+    rows = list(csv.DictReader(open(output / "history.csv", newline="")))
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 11)]
+    assert [r["val_loss"] for r in rows[: result.epochs_done]] == [
+        str(record["val_loss"]) for record in state["history"]
+    ]
 
 
 # --------------------------------------------------------------------------- nothing finished is lost

@@ -75,7 +75,8 @@ Exact resume. Epoch e's image order is a permutation drawn from (seed, e) and ba
 from (seed, e, b), and dropout is off, so an epoch depends only on the weights and Adam state it
 starts from, which every epoch commits (weights, history.csv, then state.json by atomic rename;
 `captioner.checkpoints.RunFolder`). A run killed at any moment (SIGKILL too) resumes with
-`--resume` and ends where an uninterrupted run ends. As in `train`, a new run into a directory
+`--resume` and ends where an uninterrupted run ends; as in `train`, a raised finetune.epochs
+goes on from a finished run, a raised finetune.patience from one that stopped early. As in `train`, a new run into a directory
 holding a finished model trains in checkpoints.next/ and replaces the old files only when it has
 finished (`captioner.checkpoints.install`); the stage holds `cache.output_lock(output)`.
 

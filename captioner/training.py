@@ -43,8 +43,10 @@ SIGKILL) leaves a state naming complete files. The data order of epoch e is a pe
 drawn from (seed, e), and at the start of every epoch every dropout RNG is re-seeded from
 (seed, e), so a run resumed after epoch k trains epochs k+1.. exactly as an uninterrupted run
 does. A resume whose parameters or inputs differ from the checkpoint's is refused (naming what
-changed) unless --force, which starts over; `train.epochs` alone may change (raise it to train
-further). An unreadable checkpoint is refused in one line: --force starts over.
+changed) unless --force, which starts over; `train.epochs` and `train.patience` alone may change
+(raise the first to train further, the second to go on from a run that stopped early: early
+stopping is asked again with the new patience). An unreadable checkpoint is refused in one line:
+--force starts over.
 
 Strategies (train.strategy): default (one device: a GPU when the backend sees one, else the
 CPU; any Keras backend), mirrored (tf.distribute.MirroredStrategy over all GPUs, or over all

@@ -76,9 +76,10 @@ from (seed, e, b), and dropout is off, so an epoch depends only on the weights a
 starts from, which every epoch commits (weights, history.csv, then state.json by atomic rename;
 `captioner.checkpoints.RunFolder`). A run killed at any moment (SIGKILL too) resumes with
 `--resume` and ends where an uninterrupted run ends; as in `train`, a raised finetune.epochs
-goes on from a finished run, a raised finetune.patience from one that stopped early. As in `train`, a new run into a directory
-holding a finished model trains in checkpoints.next/ and replaces the old files only when it has
-finished (`captioner.checkpoints.install`); the stage holds `cache.output_lock(output)`.
+goes on from a finished run, a raised finetune.patience from one that stopped early. As in
+`train`, a new run into a directory holding a finished model trains in checkpoints.next/ and
+replaces the old files only when it has finished (`captioner.checkpoints.install`); the stage
+holds `cache.output_lock(output)`.
 
 Bad input, each one line: a model directory that is not a cross-entropy model of ours; train or
 dev images whose reference list is empty (named); features of another width than the model's;

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner import feature_files  # noqa: E402
-from captioner import model as model_lib  # noqa: E402
+from captioner.data import feature_files  # noqa: E402
+from captioner.models import directory as model_lib  # noqa: E402
 
 
 def banned_mass(model_dir: str, features: np.ndarray, steps: int) -> np.ndarray:

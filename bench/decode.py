@@ -13,7 +13,7 @@ Same model, same image features, one run:
 - naive greedy, batched over images: the same prefix re-running, but all images
   advance together with one model call per word (isolates the O(L^2) cost from
   the per-call overhead).
-- stateful greedy: `captioner.model.StepModel` + `captioner.decoding.greedy`, the
+- stateful greedy: `captioner.models.merge.StepModel` + `captioner.decoding.beam.greedy`, the
   LSTM state carried word to word, all images of a batch in one step call.
 - stateful beam search, beam `--beam` (default decode.beam_size, what `caption` and
   `evaluate` use).
@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_subject(args: argparse.Namespace):
     """(keras model, step model, start_id, end_id, feature_dim, description)."""
-    from captioner import model as model_lib
     from captioner.config import ModelConfig
+    from captioner.models import directory as model_lib
+    from captioner.models import merge as merge_lib
 
     if args.model:
         loaded = model_lib.load_model_dir(Path(args.model))
@@ -81,15 +82,15 @@ def build_subject(args: argparse.Namespace):
         return loaded.model, loaded.step_model(), tok.start_id, tok.end_id, dim, described
     import keras
 
-    from captioner.tokenizer import Tokenizer
+    from captioner.data.tokenizer import Tokenizer
 
     keras.utils.set_random_seed(args.seed)
-    model = model_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
+    model = merge_lib.build_model(args.feature_dim, args.vocab, ModelConfig())
     described = (
         f"fresh merge model, random weights (seed {args.seed}), vocab {args.vocab}, "
         f"{args.feature_dim}-d features, ModelConfig defaults"
     )
-    return model, model_lib.StepModel(model), Tokenizer.start_id, Tokenizer.end_id, args.feature_dim, described
+    return model, merge_lib.StepModel(model), Tokenizer.start_id, Tokenizer.end_id, args.feature_dim, described
 
 
 def naive_greedy(
@@ -150,7 +151,7 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from captioner import decoding
+    from captioner.decoding import beam as decoding
 
     model, stepper, start_id, end_id, dim, described = build_subject(args)
     rng = np.random.default_rng(args.seed)

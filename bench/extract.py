@@ -5,7 +5,7 @@ Rows (each can be picked with --rows, by its key):
 
 - course:         VGG16 fc2 the course's way, one image at a time: `load_img(target_size=(224, 224))`
                   -> `img_to_array` -> reshape (1, 224, 224, 3) -> `preprocess_input` -> `model.predict`.
-- vgg16:          our pipeline (`captioner.backbones.extract_features`: decoding and resizing in a
+- vgg16:          our pipeline (`captioner.vision.backbones.extract_features`: decoding and resizing in a
                   thread pool while the network runs on fixed-size batches), VGG16 fc2, float32.
 - vgg16-bf16:     the same under mixed_bfloat16.
 - vgg16-net:      the VGG16 network alone on batches of already-preprocessed arrays (the ceiling).
@@ -104,7 +104,7 @@ def _course_rate(model, paths: list[Path]) -> float:
 
 
 def _network_rate(predict, paths: list[Path], batch_size: int, backbone: str) -> float:
-    from captioner.backbones import get_backbone
+    from captioner.vision.backbones import get_backbone
 
     spec = get_backbone(backbone)
     arrays = [spec.load(p) for p in paths[:batch_size]]
@@ -122,7 +122,7 @@ def _network_rate(predict, paths: list[Path], batch_size: int, backbone: str) ->
 
 
 def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, backbone: str, pixels: bool) -> float:
-    from captioner.backbones import extract_features
+    from captioner.vision.backbones import extract_features
 
     def run(chosen: list[Path]) -> int:
         return sum(1 for _, vector, _ in extract_features(
@@ -134,7 +134,7 @@ def _pipeline_rate(predict, paths: list[Path], batch_size: int, workers: int, ba
 
 
 def _interpreter_rate(tflite, paths: list[Path]) -> float:
-    from captioner.images import load_image
+    from captioner.data.images import load_image
 
     pixels = np.stack([load_image(p, size=tflite.input_size, resample="bilinear") for p in paths])
     tflite(pixels[:2])  # warm-up: both interpreters made
@@ -147,7 +147,7 @@ def _interpreter_rate(tflite, paths: list[Path]) -> float:
 
 
 def _keras_rate(backbone: str, precision: str, args, paths: list[Path], reference: dict) -> float:
-    from captioner.backbones import build_backbone, make_predict_fn
+    from captioner.vision.backbones import build_backbone, make_predict_fn
 
     model = build_backbone(backbone, "", args.weights, precision)
     if args.weights == "none" and backbone in reference:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    from captioner.images import list_images
+    from captioner.data.images import list_images
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.images
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         tflite = None
         for row in rows:
             if row == "course":
-                from captioner.backbones import build_backbone
+                from captioner.vision.backbones import build_backbone
 
                 reference.setdefault("vgg16", build_backbone("vgg16", "", args.weights, "float32"))
                 rate = _course_rate(reference["vgg16"], course_paths)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 precision = "mixed_bfloat16" if row == "vgg16-bf16" else "float32"
                 rate = _keras_rate("vgg16", precision, args, paths, reference)
             elif row == "vgg16-net":
-                from captioner.backbones import build_backbone, make_predict_fn
+                from captioner.vision.backbones import build_backbone, make_predict_fn
 
                 reference.setdefault("vgg16", build_backbone("vgg16", "", args.weights, "float32"))
                 rate = _network_rate(make_predict_fn(reference["vgg16"]), paths, args.batch_size, "vgg16")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             elif row == "efficientnet":
                 rate = _keras_rate("efficientnet_b0", "float32", args, paths, reference)
             else:
-                from captioner.backbones import get_backbone, open_tflite
+                from captioner.vision.backbones import get_backbone, open_tflite
 
                 if tflite is None:
                     tflite = open_tflite(get_backbone("mobilenet_v2"), args.tflite, threads=args.workers)

@@ -6,7 +6,7 @@ Benchmarks: Training). This times that part on its own, with the real shapes (a 
 of 64 captions of 13 steps, 256-d word embeddings, 256 units), each way inside one
 `tf.function` that returns the gradients of a loss on the outputs:
 
-- `keras.layers.LSTM` as `captioner.model.build_model` uses it (a loop over the words);
+- `keras.layers.LSTM` as `captioner.models.merge.build_model` uses it (a loop over the words);
 - the same layer with `unroll=True` (the loop written out: one graph per caption length);
 - TensorFlow's fused LSTM kernel (`tf.raw_ops.BlockLSTMV2`, one op for the whole
   sequence, forward and backward), on the same weights (V2 takes Keras' gate order i, f, c, o

@@ -50,8 +50,9 @@ def free_ports(count: int) -> list[int]:
 def make_tiny_data(root: Path, images: int = 40, dim: int = 16) -> tuple[Path, Path]:
     """(features .pkl, prepared captions folder): 32 train and 8 dev images, two captions each."""
     sys.path.insert(0, str(ROOT))
-    from captioner import cache, feature_files
-    from captioner.tokenizer import Tokenizer
+    from captioner import cache
+    from captioner.data import feature_files
+    from captioner.data.tokenizer import Tokenizer
 
     words = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
     rng = np.random.default_rng(0)

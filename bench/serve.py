@@ -60,11 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def throwaway_model(folder: Path) -> Path:
     """An untrained merge model for random-weights VGG16 fc2 features (4096-d), as training writes it."""
-    from captioner import model as model_lib
     from captioner.config import Config
+    from captioner.data.tokenizer import Tokenizer
     from captioner.layout import TOKENIZER_FILE
+    from captioner.models import directory as model_lib
+    from captioner.models import merge as merge_lib
     from captioner.runtime import import_keras
-    from captioner.tokenizer import Tokenizer
 
     keras = import_keras()
     config = Config()
@@ -72,7 +73,7 @@ def throwaway_model(folder: Path) -> Path:
         ["a dog runs on the grass", "two children play in the water", "a man rides a bike down the street"], 1
     )
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(4096, tokenizer.vocab_size, config.model)
+    model = merge_lib.build_model(4096, tokenizer.vocab_size, config.model)
     model_dir = folder / "model"
     model_lib.save_model(model, model_dir)
     tokenizer.save(model_dir / TOKENIZER_FILE)

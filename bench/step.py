@@ -68,9 +68,9 @@ def time_one_way(args: argparse.Namespace) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from captioner import model as model_lib
     from captioner import config as config_lib
     from captioner.config import Config, ModelConfig
+    from captioner.models import merge as merge_lib
 
     if args.way == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -80,7 +80,7 @@ def time_one_way(args: argparse.Namespace) -> dict:
         keras.Input = lambda shape, **kw: keras_input(shape=(args.length,) if shape == (None,) else shape, **kw)
     keras.utils.set_random_seed(0)
     try:
-        model = model_lib.build_model(FEATURES, VOCAB, ModelConfig())
+        model = merge_lib.build_model(FEATURES, VOCAB, ModelConfig())
     finally:
         if args.way == "unroll":
             keras.layers.LSTM, keras.Input = keras_lstm, keras_input

@@ -7,26 +7,26 @@ their kind's default `train.batch_size` (merge 96, attention 64; `--batch-size` 
 the learning rate `captioner train` gives that batch, the classic generator at the course's 64
 prefixes (`--classic-batch-size`):
 
-- the merge model with teacher forcing (`captioner.sequences.TeacherForcingBatches`):
+- the merge model with teacher forcing (`captioner.data.sequences.TeacherForcingBatches`):
   one right-padded caption per sample, batches padded to their own longest caption (rounded
   up to a multiple of 8 under `KERAS_BACKEND=jax`, as `captioner train` does where XLA
   compiles each shape), loss masked by sample weights, image features gathered per caption;
   `build_model`, sparse cross-entropy from logits. Runs a whole epoch by default.
 - the classic generator (the course's way): every caption expanded into one
   sample per prefix, pre-padded to the longest prefix, the image features copied
-  into every sample, one-hot float32 targets (`captioner.reference.per_prefix_batches`);
-  `captioner.reference.build_per_prefix_model` (softmax),
+  into every sample, one-hot float32 targets (`tests/reference.py: per_prefix_batches`);
+  `tests/reference.py: build_per_prefix_model` (softmax),
   categorical cross-entropy; a Python generator yielding ([X1, X2], y) into
   `model.fit`. Timed over `--classic-steps` steps and extrapolated to the epoch.
   By default also a second classic row with batches of as many prefixes as a
   teacher-forcing batch has target words (`--classic-matched`), to show that the
   gap is not just per-step overhead.
-- with `--attention`, the soft-attention model (`captioner.attention.build_attention_model`,
+- with `--attention`, the soft-attention model (`captioner.models.attention.build_attention_model`,
   default `ModelConfig` of its kind) trained exactly like the merge row (the same captions,
   loss and optimizer, batches of its own default size) on spatial maps float32 [B, H*W, C] in place
   of the pooled vectors. Timed over `--attention-steps` steps and extrapolated to the
   epoch. Its maps are read as `captioner train --model.kind=attention` reads them: a
-  `captioner.spatial.MapFile` in a `FeatureTable`, each batch's maps read from the HDF5
+  `captioner.data.spatial.MapFile` in a `FeatureTable`, each batch's maps read from the HDF5
   file, never the whole file. With `--maps FILE` (a map file of `captioner extract
   --layer ...`; needs `--prepared`) the real maps; otherwise random non-negative maps of
   `--map-shape` (7x7x1280, MobileNetV2's last conv map) for every image the captions
@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def length_distribution() -> tuple[dict[int, int], str]:
     """(words per caption -> count, where it came from)."""
     if TOKEN_FILE.is_file():
-        from captioner.cleaning import clean_words
+        from captioner.data.cleaning import clean_words
 
         counts: dict[int, int] = {}
         with open(TOKEN_FILE, encoding="utf-8") as handle:
@@ -182,10 +182,10 @@ def length_distribution() -> tuple[dict[int, int], str]:
 def real_captions(args: argparse.Namespace):
     """(captions dict image id -> list[str], CaptionSet, source) of the train split of --prepared."""
     from captioner.config import TextConfig, TrainConfig
-    from captioner.datasets import read_prepared_split
+    from captioner.data.captions import read_prepared_split
+    from captioner.data.sequences import encode_captions
+    from captioner.data.tokenizer import Tokenizer
     from captioner.layout import TOKENIZER_FILE, split_file
-    from captioner.sequences import encode_captions
-    from captioner.tokenizer import Tokenizer
 
     folder = Path(args.prepared)
     captions = read_prepared_split(split_file(folder, TrainConfig().train_split))
@@ -196,7 +196,7 @@ def real_captions(args: argparse.Namespace):
 
 def synthetic_captions(args: argparse.Namespace, rng: np.random.Generator):
     """(CaptionSet, source): `--captions` Flickr8k-like captions over `--images` images "im0"..."""
-    from captioner.sequences import CaptionSet
+    from captioner.data.sequences import CaptionSet
 
     histogram, source = length_distribution()
     lengths = np.array(sorted(histogram))
@@ -218,8 +218,8 @@ def synthetic_captions(args: argparse.Namespace, rng: np.random.Generator):
 def make_data(args: argparse.Namespace):
     """(CaptionSet, FeatureTable of pooled vectors, data source): the real train split with
     --prepared, else the synthetic Flickr8k-sized one."""
-    from captioner import feature_files
-    from captioner.sequences import FeatureTable
+    from captioner.data import feature_files
+    from captioner.data.sequences import FeatureTable
 
     if args.prepared:
         captions, caption_set, source = real_captions(args)
@@ -235,7 +235,7 @@ def make_data(args: argparse.Namespace):
 def write_synthetic_maps(path: Path, image_ids: list[str], shape: tuple[int, int, int], seed: int) -> None:
     """A map file at `path` of random non-negative maps float16 [len(image_ids), H, W, C]
     (like a conv map after ReLU), written 64 images at a time so that memory stays small."""
-    from captioner import spatial
+    from captioner.data import spatial
 
     height, width, channels = shape
     rng = np.random.default_rng([seed, 1])
@@ -249,9 +249,9 @@ def write_synthetic_maps(path: Path, image_ids: list[str], shape: tuple[int, int
 def make_map_data(args: argparse.Namespace, scratch: Path):
     """(CaptionSet, FeatureTable over an open MapFile, data source) for the attention variant:
     the same captions as `make_data`, and maps read a batch at a time from the HDF5 file, as
-    `captioner.training` reads them (--maps, or synthetic maps written to `scratch`)."""
-    from captioner import spatial
-    from captioner.sequences import FeatureTable
+    `captioner.stages.training` reads them (--maps, or synthetic maps written to `scratch`)."""
+    from captioner.data import spatial
+    from captioner.data.sequences import FeatureTable
 
     if args.prepared:
         _, caption_set, source = real_captions(args)
@@ -268,7 +268,7 @@ def make_map_data(args: argparse.Namespace, scratch: Path):
     maps = spatial.MapFile(path)
     if len(maps) == 0:
         raise SystemExit(f"map file {path} holds no images")
-    table = FeatureTable(maps, maps.index)  # as captioner.training._load_data: never loaded whole
+    table = FeatureTable(maps, maps.index)  # as captioner.stages.training._load_data: never loaded whole
     return caption_set, table, f"{source}, {maps_source}"
 
 
@@ -290,10 +290,13 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
     """Times `args.variant` in this process; `scratch`: a folder for the synthetic map file."""
     import keras
 
-    from captioner import model as model_lib
-    from captioner import reference, sequences, training
     from captioner import config as config_lib
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the classic code lives with the tests
+    import reference
     from captioner.config import Config
+    from captioner.data import sequences
+    from captioner.models import merge as merge_lib
+    from captioner.stages import training
 
     keras.utils.set_random_seed(args.seed)
     caption_set, table, source = make_map_data(args, scratch) if args.variant == "attention" else make_data(args)
@@ -320,10 +323,10 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
     if args.variant in ("teacher", "attention"):
         data = sequences.TeacherForcingBatches(caption_set, table, batch_size=batch_size, seed=args.seed)
         if args.variant == "teacher":
-            model = model_lib.build_model(args.feature_dim, args.vocab, config.model)
+            model = merge_lib.build_model(args.feature_dim, args.vocab, config.model)
             steps = min(args.steps or len(data), len(data))
         else:
-            from captioner.attention import build_attention_model
+            from captioner.models.attention import build_attention_model
 
             positions, channels = table.row_shape  # maps float32 [N, P, C]
             model = build_attention_model(positions, channels, args.vocab, config.model)

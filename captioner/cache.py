@@ -18,7 +18,7 @@ and only when every one succeeded are they renamed into place.
 Two runs on one output: every stage holds `output_lock(output)` while it runs, so
 a second run refuses at once, in one line, instead of both writing.
 
-Feature files (reading, writing, provenance) live in `captioner.feature_files`.
+Feature files (reading, writing, provenance) live in `captioner.data.feature_files`.
 """
 
 from __future__ import annotations
@@ -323,7 +323,9 @@ class Stage:
 
     def finish(self, config: Any = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Records a finished run. Call after every output has been written."""
-        from captioner.config import to_dict  # local: config imports nothing from here, keep it that way
+        from captioner.config import (
+            to_dict,  # local: config imports nothing from here, keep it that way
+        )
 
         manifest = {
             "version": MANIFEST_VERSION,

@@ -36,7 +36,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_PRECISIONS = PRECISIONS + ("auto",)
 TRAIN_PRECISIONS = PRECISIONS
 STRATEGIES = ("default", "mirrored", "multiworker")
-MODEL_KINDS = ("merge", "attention")  # captioner.model's merge model | captioner.attention's soft-attention model
+MODEL_KINDS = ("merge", "attention")  # captioner.models.directory's merge model | captioner.models.attention's soft-attention model
 # model.decoder_dropout when a config leaves it unset (None), by model.kind: the sweep's choice on
 # Flickr8k dev (README, "The hyper-parameter sweep"): 0.5 on the merged vector cost the merge model
 # 0.03 BLEU-4 (one seed); 0.5 on the attention model's deep output, where Show, Attend and Tell puts
@@ -77,7 +77,7 @@ class FeaturesConfig:
 
     images: str = "data/flickr8k/Flicker8k_Dataset"  # Flickr8k's own folder name (sic)
     output: str = "data/features/vgg16-fc2.pkl"  # dict id -> float32 (4096,), the course's format
-    backbone: str = "vgg16"  # a captioner.backbones.CATALOGUE name: vgg16 | vgg19 | resnet50 | inception_v3 | mobilenet_v2 | efficientnet_b0
+    backbone: str = "vgg16"  # a captioner.vision.backbones.CATALOGUE name: vgg16 | vgg19 | resnet50 | inception_v3 | mobilenet_v2 | efficientnet_b0
     layer: str = ""  # "" = the backbone's default layer (vgg: fc2, the classic choice; the others: their global pool); vgg: fc1; with a .tflite: a tensor name
     weights: str = "imagenet"  # imagenet (Keras download, cached) | none (random, tests/demo) | PATH to .h5/.weights.h5 | PATH to a .tflite model of the backbone's family
     resample: str = ""  # "" = the backbone's own (nearest for vgg, as keras load_img, so features match the course's; bilinear for the others) | RESAMPLE_FILTERS
@@ -119,7 +119,7 @@ class TextConfig:
 @dataclass
 class ModelConfig:
     """The decoder: the merge model (image and word paths meet by addition after the LSTM) or
-    the soft-attention model over a convolutional map (`captioner.attention`)."""
+    the soft-attention model over a convolutional map (`captioner.models.attention`)."""
 
     kind: str = "merge"  # MODEL_KINDS: merge (pooled vectors; the default until attention beats it on dev) | attention (spatial maps)
     embedding_dim: int = 256  # word embedding size
@@ -176,7 +176,7 @@ class FinetuneConfig:
     batch_size: int = 16  # images per step; each gives samples_per_image sampled captions (16 x 5 = 80 sequences)
     samples_per_image: int = 5  # captions sampled per image and step; the "mean" baseline needs at least 2 (5 as in Luo's "new self-critical" recipe)
     baseline: str = "mean"  # FINETUNE_BASELINES: mean (of the same image's other samples: no extra decoding) | greedy (the greedy caption's reward, Rennie et al.)
-    end_in_reward: bool = True  # the end token counts in the CIDEr-D reward (captioner.rewards, mark_end): without it SCST learns to stop mid-phrase
+    end_in_reward: bool = True  # the end token counts in the CIDEr-D reward (captioner.scoring.rewards, mark_end): without it SCST learns to stop mid-phrase
     xe_weight: float = 0.0  # lambda of a cross-entropy term on one train reference per image, added to the policy loss (a regulariser); 0 = plain SCST
     learning_rate: float = 5e-5  # Adam, as Rennie et al.: larger rates drift from the cross-entropy model's fluency
     clipnorm: float = 5.0  # gradient clipping, as in training; 0 turns it off

@@ -9,7 +9,7 @@ A model directory (written by `captioner train`, read by `caption`, `evaluate`):
     tokenizer.json   the vocabulary it was trained with
     config.json      the resolved config, feature_dim, vocab_size, features_provenance
     history.csv      one row per finished epoch
-    checkpoints/     what `--resume` needs (`captioner.checkpoints`)
+    checkpoints/     what `--resume` needs (`captioner.stages.checkpoints`)
     manifest.json    the stage cache's record of the finished run (`captioner.cache`)
     eval-<split>.json, eval-<split>.html   written by `captioner evaluate`
 

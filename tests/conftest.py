@@ -91,6 +91,6 @@ def random_vgg16():
     """VGG16 cut at fc2 with random weights ("none": seeded, the network `caption` rebuilds for a
     demo model), built once per test session: float32 [B, 224, 224, 3] -> float32 [B, 4096].
     Building one costs seconds; tests must not change its weights."""
-    from captioner.backbones import build_backbone
+    from captioner.vision.backbones import build_backbone
 
     return build_backbone("vgg16", "fc2", "none")

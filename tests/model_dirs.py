@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner import model as model_lib
 from captioner.config import Config
+from captioner.data.tokenizer import Tokenizer
 from captioner.layout import TOKENIZER_FILE
-from captioner.tokenizer import Tokenizer
+from captioner.models import directory as model_lib
+from captioner.models import merge as merge_lib
 
 KNOWN_CAPTIONS = {"red": "a red circle", "blue": "a blue square"}
 KNOWN_PROVENANCE = {
@@ -54,7 +55,7 @@ def make_model_dir(
     config.model.init_inject = init_inject
     tokenizer = Tokenizer.build(train_captions, min_word_count=1)
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
+    model = merge_lib.build_model(feature_dim, tokenizer.vocab_size, config.model)
     model_lib.save_model(model, model_dir)
     tokenizer.save(model_dir / TOKENIZER_FILE)
     model_lib.write_model_config(model_dir, config, feature_dim, tokenizer.vocab_size, provenance)
@@ -70,7 +71,7 @@ def make_known_model_dir(model_dir: Path) -> Path:
     config = Config()
     config.model.embedding_dim = vocab
     config.model.units = units
-    model = model_lib.build_model(3, vocab, config.model)
+    model = merge_lib.build_model(3, vocab, config.model)
     ids = {word: tokenizer.word_id(word) for word in ("a", "red", "circle", "blue", "square")}
 
     model.get_layer("embedding").set_weights([3.0 * np.eye(vocab, dtype=np.float32)])

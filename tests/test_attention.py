@@ -16,7 +16,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from captioner.attention import (  # noqa: E402
+from captioner.config import ModelConfig  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.models.attention import (
     ATTENTION_EXTRA,
     AttentionLSTM,
     AttentionStepModel,
@@ -24,8 +26,6 @@ from captioner.attention import (  # noqa: E402
     is_attention_model,
     map_shape,
 )
-from captioner.config import ModelConfig  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
 
 TINY = ModelConfig(kind="attention", embedding_dim=5, units=7, attention_dim=6, word_dropout=0.5, decoder_dropout=0.25)
 POSITIONS, CHANNELS, VOCAB = 4, 3, 11
@@ -238,9 +238,13 @@ def test_logits_stay_float32_under_mixed_precision():
 
 def test_teacher_forced_batches_stream_maps_from_a_map_file_into_the_model(tmp_path: Path):
     # The merge model's training contract: the same batches, with a map file as the feature table.
-    from captioner.sequences import FeatureTable, TeacherForcingBatches, encode_captions
-    from captioner.spatial import MapFile, open_map_writer
-    from captioner.tokenizer import Tokenizer
+    from captioner.data.sequences import (
+        FeatureTable,
+        TeacherForcingBatches,
+        encode_captions,
+    )
+    from captioner.data.spatial import MapFile, open_map_writer
+    from captioner.data.tokenizer import Tokenizer
 
     captions = {"img0": ["a red dog", "a dog"], "img1": ["two cats on a mat"], "img2": ["grass"]}
     tokenizer = Tokenizer.build([c for texts in captions.values() for c in texts], min_word_count=1)
@@ -321,7 +325,7 @@ def test_a_tiny_model_learns_words_that_depend_on_one_position_of_the_map():
 JAX_CHECK = """
 import numpy as np, keras
 assert keras.backend.backend() == "jax"
-from captioner.attention import AttentionStepModel, build_attention_model
+from captioner.models.attention import AttentionStepModel, build_attention_model
 from captioner.config import ModelConfig
 keras.utils.set_random_seed(0)
 model = build_attention_model(4, 3, 11, ModelConfig(embedding_dim=5, units=7, attention_dim=6))
@@ -349,7 +353,7 @@ def test_the_model_runs_under_jax():
 
 
 def test_beam_search_returns_the_attention_the_model_paid_to_each_word_of_its_caption():
-    from captioner.decoding import beam_search
+    from captioner.decoding.beam import beam_search
 
     model = perturbed_model()
     maps, _, _ = sample_inputs(batch=3)
@@ -374,9 +378,10 @@ def make_map_data(root: Path, images: int = 20) -> tuple[Path, Path, Path]:
 
     Maps 2x2x4: the shape's word is decided by which position holds the brightest value.
     """
-    from captioner import cache, feature_files
-    from captioner.spatial import open_map_writer
-    from captioner.tokenizer import Tokenizer
+    from captioner import cache
+    from captioner.data import feature_files
+    from captioner.data.spatial import open_map_writer
+    from captioner.data.tokenizer import Tokenizer
 
     rng = np.random.default_rng(0)
     maps = rng.uniform(0, 1, size=(images, 2, 2, CHANNELS)).astype(np.float32)
@@ -419,7 +424,7 @@ def attention_config(root: Path, features: Path, captions: Path, output: str = "
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from captioner.training import train_stage
+    from captioner.stages.training import train_stage
 
     root = tmp_path_factory.mktemp("attention-train")
     map_path, pooled, captions = make_map_data(root)
@@ -432,10 +437,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_train_with_model_kind_attention_writes_a_model_dir_that_loads_and_captions(trained: dict):
     import json
 
-    from captioner.decoding import beam_search
+    from captioner.data.spatial import MapFile
+    from captioner.decoding.beam import beam_search
     from captioner.layout import CONFIG_FILE
-    from captioner.model import load_model_dir
-    from captioner.spatial import MapFile
+    from captioner.models.directory import load_model_dir
 
     result, config = trained["result"], trained["config"]
     assert result.epochs_done == 2 and result.best_val_loss is not None
@@ -455,14 +460,14 @@ def test_train_with_model_kind_attention_writes_a_model_dir_that_loads_and_capti
                            max_generated_words=4)
     for caption in captions:
         assert caption.extras[ATTENTION_EXTRA].shape[1] == 4
-    from captioner.training import train_stage
+    from captioner.stages.training import train_stage
 
     assert train_stage(config).up_to_date  # a rerun with the same inputs is a no-op
 
 
 def test_a_pooled_file_for_an_attention_model_and_a_map_file_for_a_merge_model_are_refused(tmp_path: Path):
     from captioner.errors import CaptionerError
-    from captioner.training import train_stage
+    from captioner.stages.training import train_stage
 
     maps, pooled, captions = make_map_data(tmp_path)
     trained = {"maps": maps, "pooled": pooled}
@@ -490,8 +495,8 @@ def test_a_pooled_file_for_an_attention_model_and_a_map_file_for_a_merge_model_a
 
 @pytest.mark.slow  # two more runs: a few seconds
 def test_a_resumed_attention_run_ends_where_the_uninterrupted_run_ends(trained: dict, tmp_path: Path):
-    from captioner.model import load_model_dir
-    from captioner.training import train_stage
+    from captioner.models.directory import load_model_dir
+    from captioner.stages.training import train_stage
 
     first = attention_config(tmp_path, trained["maps"], trained["captions"], output="resumed", epochs=1)
     train_stage(first)
@@ -508,7 +513,7 @@ def test_a_merge_runs_params_are_as_before_the_attention_fields_existed():
     # Manifests and checkpoints of merge runs made before model.kind existed stay valid:
     # the attention-only fields are not among a merge run's params, and are among an attention run's.
     from captioner.config import Config
-    from captioner.training import stage_params
+    from captioner.stages.training import stage_params
 
     merge = {key for key in stage_params(Config()) if key.startswith("model.")}
     assert merge == {"model.embedding_dim", "model.units", "model.image_dropout", "model.word_dropout",
@@ -530,9 +535,9 @@ def test_a_merge_runs_params_are_as_before_the_attention_fields_existed():
 def untrained_model_dir(root: Path, captions: Path) -> Path:
     """An attention model directory as training writes it (seeded, untrained) for maps 2x2x3."""
     from captioner.config import Config
+    from captioner.data.tokenizer import Tokenizer
     from captioner.layout import TOKENIZER_FILE
-    from captioner.model import save_model, write_model_config
-    from captioner.tokenizer import Tokenizer
+    from captioner.models.directory import save_model, write_model_config
 
     config = Config()
     config.model = ModelConfig(kind="attention", embedding_dim=4, units=4, attention_dim=4)
@@ -551,7 +556,7 @@ def test_evaluate_an_attention_model_on_a_map_file_with_strips_in_the_report(tmp
 
     from captioner import config as config_lib
     from captioner.errors import CaptionerError
-    from captioner.evaluation import evaluate_stage
+    from captioner.stages.evaluation import evaluate_stage
 
     maps, pooled, captions = make_map_data(tmp_path)
     model_dir = untrained_model_dir(tmp_path, captions)

@@ -1,4 +1,4 @@
-"""captioner.backbones: the catalogue against keras.applications (preprocessing, layers, widths,
+"""captioner.vision.backbones: the catalogue against keras.applications (preprocessing, layers, widths,
 parameter counts with random weights), and its one-line refusals."""
 
 from __future__ import annotations
@@ -6,8 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.backbones import BACKBONES, CATALOGUE, build_backbone, get_backbone, is_tflite
 from captioner.errors import CaptionerError
+from captioner.vision.backbones import (
+    BACKBONES,
+    CATALOGUE,
+    build_backbone,
+    get_backbone,
+    is_tflite,
+)
 
 # Each family's own preprocess_input, as keras.applications publishes it.
 KERAS_PREPROCESS = {

@@ -1,6 +1,7 @@
 """The stage cache: manifests, fingerprints, atomic writes, write failures, locks."""
 
 import os
+
 import pytest
 
 from captioner import cache

@@ -1,8 +1,8 @@
-"""captioner.cleaning: the one caption cleaning rule, used by `prepare` and by the scorers."""
+"""captioner.data.cleaning: the one caption cleaning rule, used by `prepare` and by the scorers."""
 
 from __future__ import annotations
 
-from captioner.cleaning import clean_caption, clean_words
+from captioner.data.cleaning import clean_caption, clean_words
 
 
 def test_lowercases_strips_punctuation_and_keeps_a():
@@ -26,7 +26,7 @@ def test_numbers_and_leftovers_are_dropped_and_counted():
 
 
 def test_the_scorers_split_and_strip_as_cleaning_does():
-    from captioner import metrics
+    from captioner.scoring import metrics
 
     raw = "A boy's T-shirt / jeans , 2 dogs !"
     # scoring keeps numbers (a generated "2" is a word it wrote) but splits and strips like cleaning

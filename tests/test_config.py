@@ -171,7 +171,7 @@ def test_batch_size_defaults_by_kind_and_the_learning_rate_scales_with_it(tmp_pa
     assert (old.train.batch_size, old.train.learning_rate) == (64, pytest.approx(1e-3))
     assert config_lib.from_dict(config_lib.to_dict(merge)).train.batch_size == 96
     # The stage's params (what caching and resume compare) hold the numbers, set or not.
-    from captioner.training import stage_params
+    from captioner.stages.training import stage_params
 
     params = stage_params(config_lib.Config())
     assert (params["train.batch_size"], params["train.learning_rate"]) == (96, pytest.approx(1.5e-3))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cli, demo
+from captioner import cli
 from captioner.config import DemoConfig
+from captioner.data import demo
 from captioner.errors import CaptionerError
 
 TOKEN_LINE = re.compile(r"^(shapes_\d{5})\.jpg#([0-4])\t([a-z]+(?: [a-z]+)*)$")
@@ -281,8 +282,8 @@ def _cross_validated_accuracy(x, labels, folds=10):
 def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_path, random_vgg16):
     """What the demo model will see: fc2 of an untrained VGG16 must carry the caption's content.
 
-    The features come from the pipeline itself (the JPEG files read by `captioner.images`,
-    the seeded random backbone of `captioner.backbones`) for 150 demo images (seed 11); a
+    The features come from the pipeline itself (the JPEG files read by `captioner.data.images`,
+    the seeded random backbone of `captioner.vision.backbones`) for 150 demo images (seed 11); a
     linear probe is scored by 10-fold cross-validation (each image predicted by a probe
     that never saw it; with 150 images a single train/held-out split leaves only ~25
     one-shape scenes held out, where one error costs 4 points). 150 images because each
@@ -298,7 +299,7 @@ def test_random_init_vgg16_fc2_features_separate_colour_shape_and_position(tmp_p
     Cost: about 45 s on a quiet 2-core CPU (150 VGG16 forward passes).
     """
     pytest.importorskip("keras")
-    from captioner.backbones import extract_features, make_predict_fn
+    from captioner.vision.backbones import extract_features, make_predict_fn
 
     count, seed = 150, 11
     folder = tmp_path / "demo"

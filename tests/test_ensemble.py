@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from captioner.decoding import beam_search, greedy
-from captioner.ensemble import EnsembleStep, check_members
+from captioner.decoding.beam import beam_search, greedy
+from captioner.decoding.ensemble import EnsembleStep, check_members
 from captioner.errors import CaptionerError
 
 WORDS = ["<pad>", "<unk>", "<start>", "<end>", "x", "y", "z"]
@@ -180,8 +180,9 @@ def members(tmp_path_factory):
 
     from model_dirs import make_model_dir
 
-    from captioner import cache, feature_files, layout
-    from captioner.tokenizer import Tokenizer
+    from captioner import cache, layout
+    from captioner.data import feature_files
+    from captioner.data.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("ensemble")
     captions = ["a red circle", "a blue square", "two green triangles"]

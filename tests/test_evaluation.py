@@ -1,4 +1,4 @@
-"""captioner.evaluation: the evaluate stage, its JSON and HTML reports, caching and bad input.
+"""captioner.stages.evaluation: the evaluate stage, its JSON and HTML reports, caching and bad input.
 
 A tiny merge model (random weights, 16-d features) is built once per module; the
 features file gets a fake extraction manifest so that provenance and the thumbnail
@@ -14,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_dirs import make_model_dir
 from PIL import Image
 
-from model_dirs import make_model_dir
-
-from captioner import cache, evaluation, feature_files, inference
+from captioner import cache
 from captioner.cli import main as cli_main
 from captioner.config import Config
+from captioner.data import feature_files
+from captioner.data.tokenizer import Tokenizer
+from captioner.decoding import inference
 from captioner.errors import CaptionerError
-from captioner.tokenizer import Tokenizer
+from captioner.stages import evaluation
 
 FEATURE_DIM = 16
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
@@ -259,7 +261,7 @@ def test_an_inf_vector_is_named_counted_and_skipped(workspace, tmp_path, caplog)
     bad = tmp_path / "bad.pkl"
     feature_files.save_features(bad, features)
 
-    with caplog.at_level("WARNING", logger="captioner.evaluation"):
+    with caplog.at_level("WARNING", logger="captioner.stages.evaluation"):
         result = evaluation.evaluate_stage(make_config(workspace, tmp_path / "out", eval__features=[str(bad)]))
     assert "2 of 9 test images have features with NaN or inf values" in caplog.text and "img00" in caplog.text
     report = json.loads((tmp_path / "out" / "eval-test.json").read_text())

@@ -12,8 +12,15 @@ import pytest
 from PIL import Image
 
 from captioner.cache import WriteError
+from captioner.decoding.explain import (
+    GAP,
+    LABEL_HEIGHT,
+    PANEL_WIDTH,
+    attention_strip,
+    save_attention_strip,
+    strip_data_uri,
+)
 from captioner.errors import CaptionerError
-from captioner.explain import GAP, LABEL_HEIGHT, PANEL_WIDTH, attention_strip, save_attention_strip, strip_data_uri
 
 GRID = (3, 4)  # 3 rows, 4 columns of positions
 PHOTO = np.full((120, 160, 3), 90, np.uint8)  # flat grey, 4:3 like the grid: a panel is 160 x 120
@@ -115,8 +122,8 @@ needs_shared_tflite = pytest.mark.skipif(not SHARED_TFLITE.is_file(), reason="..
 def extracted_provenance(tmp_path: Path, output: str, layer: str) -> dict:
     """The provenance `captioner extract` records for 2 photos through the shared int8 MobileNetV2."""
     from captioner.config import Config
-    from captioner.feature_files import feature_provenance
-    from captioner.features import extract_stage
+    from captioner.data.feature_files import feature_provenance
+    from captioner.stages.features import extract_stage
 
     images = tmp_path / "extract-images"
     images.mkdir(exist_ok=True)
@@ -136,12 +143,12 @@ def extracted_provenance(tmp_path: Path, output: str, layer: str) -> dict:
 def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_path: Path, capsys):
     import keras
 
-    from captioner.attention import build_attention_model
     from captioner.cli import caption_main
     from captioner.config import Config, ModelConfig
+    from captioner.data.tokenizer import Tokenizer
     from captioner.layout import TOKENIZER_FILE
-    from captioner.model import save_model, write_model_config
-    from captioner.tokenizer import Tokenizer
+    from captioner.models.attention import build_attention_model
+    from captioner.models.directory import save_model, write_model_config
 
     provenance = extracted_provenance(tmp_path, "maps.h5", "mobilenetv2_1.00_224/out_relu/Relu6")
     config = Config()
@@ -173,8 +180,9 @@ def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_p
 
 @needs_shared_tflite
 def test_caption_explain_with_a_merge_model_is_one_line(tmp_path: Path, capsys):
-    from captioner.cli import caption_main
     from model_dirs import make_model_dir
+
+    from captioner.cli import caption_main
 
     provenance = extracted_provenance(tmp_path, "pooled.pkl", "")
     model_dir = make_model_dir(tmp_path / "merge", ["a dog runs", "a red ball"], provenance, 1280)

@@ -1,4 +1,4 @@
-"""captioner.feature_files: the three layouts, merging, safe loading, refusals, provenance."""
+"""captioner.data.feature_files: the three layouts, merging, safe loading, refusals, provenance."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from captioner import feature_files
+from captioner.data import feature_files
 from captioner.errors import CaptionerError
 
 

@@ -1,4 +1,4 @@
-"""captioner.features: the stage cache, resume, bad input, shards, the backbone, safe loading.
+"""captioner.stages.features: the stage cache, resume, bad input, shards, the backbone, safe loading.
 
 Most tests run the real pipeline (thread pool, chunks, manifest) with a tiny seeded
 network so they stay fast; the VGG tests build the real VGG16/VGG19 with random weights.
@@ -21,18 +21,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cache, feature_files
+from captioner import cache
 from captioner.cli import main as cli_main
 from captioner.config import Config
+from captioner.data import feature_files
 from captioner.errors import CaptionerError
-from captioner.backbones import build_backbone, resolve_precision
-from captioner.features import (
+from captioner.stages.features import (
     extract_stage,
     merge_feature_parts,
     parse_shard,
     parts_folder_for,
     shard_of,
 )
+from captioner.vision.backbones import build_backbone, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,7 +234,7 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny):
             import os, signal
             import keras
             from captioner.config import Config
-            from captioner.features import extract_stage
+            from captioner.stages.features import extract_stage
 
             def die(chunks_written):
                 if chunks_written == 2:
@@ -417,7 +418,7 @@ def test_vgg16_parameter_count(random_vgg16):
 
 @pytest.mark.slow  # builds a VGG19: seconds
 def test_vgg19_fc1_parameter_count_and_the_random_weights_warning(caplog):
-    caplog.set_level("WARNING", logger="captioner.backbones")
+    caplog.set_level("WARNING", logger="captioner.vision.backbones")
     vgg19 = build_backbone("vgg19", "fc1", "none")
     assert "RANDOM weights" in caplog.text
     assert tuple(vgg19.output.shape) == (None, 4096)
@@ -565,7 +566,7 @@ def test_permission_denied_on_the_output_is_one_line(reference, tmp_path, tiny, 
 
 
 def test_cli_extract_on_a_full_disk_exits_2_with_one_line(tmp_path, tiny, disk_full, monkeypatch, capsys):
-    from captioner import features
+    from captioner.stages import features
 
     images = tmp_path / "images"
     make_images(images, 3)
@@ -641,7 +642,7 @@ def convert_tiny_tflite(folder: Path) -> dict[str, Path]:
     import keras
     import tensorflow as tf
 
-    from captioner.backbones import preprocess_tf
+    from captioner.data.images import preprocess_tf
 
     keras.utils.set_random_seed(4)
     inputs = keras.Input((224, 224, 3))
@@ -682,9 +683,9 @@ def extract_cli(images: Path, output: Path, *extra: str) -> int:
 
 
 def test_extract_with_a_tflite_model_runs_the_stage_and_records_its_provenance(tmp_path, tiny_tflite, capsys):
-    from captioner.backbones import get_backbone
-    from captioner.images import load_image
-    from captioner.tflite import TFLiteBackbone
+    from captioner.data.images import load_image
+    from captioner.vision.backbones import get_backbone
+    from captioner.vision.tflite import TFLiteBackbone
 
     images = tmp_path / "images"
     paths = make_images(images, 9)

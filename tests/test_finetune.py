@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_dirs import make_model_dir
 
-from captioner import cache, feature_files, layout
-from captioner.checkpoints import STAGING_DIR
+from captioner import cache, layout
 from captioner.cli import main as cli_main
 from captioner.config import Config
+from captioner.data import feature_files
 from captioner.errors import CaptionerError, ConfigError
-from captioner.finetune import (
+from captioner.scoring.rewards import CiderD
+from captioner.stages.checkpoints import STAGING_DIR
+from captioner.stages.finetune import (
     HISTORY_COLUMNS,
     SampledCaptions,
     baseline_rewards,
@@ -36,7 +37,6 @@ from captioner.finetune import (
     step_weights,
     teacher_forcing,
 )
-from captioner.rewards import CiderD
 
 START, END = 2, 3
 KINDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
@@ -145,7 +145,7 @@ def test_step_weights_make_keras_loss_the_policy_loss_plus_weighted_reference_cr
     # The loss the model is trained on, through the loss object finetune compiles, against a hand
     # computation: mean over sampled words of -A log p + lambda x mean over reference words of -log p,
     # p the softmax over the allowed words, the reference's unk target left out.
-    from captioner.losses import AllowedWordsCrossentropy
+    from captioner.models.losses import AllowedWordsCrossentropy
 
     unk, banned = 1, [0, START, 1]
     rng = np.random.default_rng(0)
@@ -265,8 +265,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 
 def test_a_run_writes_a_model_directory_that_evaluate_takes(tuned: dict) -> None:
-    from captioner.evaluation import evaluate_stage
-    from captioner.model import load_model_dir
+    from captioner.models.directory import load_model_dir
+    from captioner.stages.evaluation import evaluate_stage
 
     output, result = tuned["output"], tuned["result"]
     assert result.epochs_run == TUNED_EPOCHS and not result.up_to_date
@@ -306,7 +306,7 @@ def test_tuning_never_moves_probability_onto_words_the_sampler_never_draws(tuned
     # The policy gradient is of the sampler's log-probabilities, over the words it may draw: the
     # output weights of pad, start and unk get no gradient, so Adam leaves them as they were. With
     # the full softmax, 4 epochs on Flickr8k had moved 95% of the probability onto unk (README).
-    from captioner.model import load_model_dir
+    from captioner.models.directory import load_model_dir
 
     start, tuned_model = load_model_dir(tuned["model"]), load_model_dir(tuned["output"])
     tokenizer = start.tokenizer
@@ -380,7 +380,7 @@ def test_a_nan_reward_stops_in_one_line_and_keeps_the_finished_model(tuned: dict
 
 
 def test_more_patience_on_resume_continues_a_run_that_stopped_early(small: dict, tmp_path: Path, monkeypatch) -> None:
-    import captioner.finetune as finetune_lib
+    import captioner.stages.finetune as finetune_lib
 
     falling = iter(np.linspace(0.5, 0.1, 5))  # dev CIDEr-D of epochs 0, 1, ...: never better than the start
     monkeypatch.setattr(finetune_lib, "_dev_scores", lambda stepper, data, config: (float(next(falling)), 0.1))
@@ -401,7 +401,7 @@ def test_more_patience_on_resume_continues_a_run_that_stopped_early(small: dict,
 
 def reference_nll(model_dir: Path, data: dict[str, Path]) -> float:
     """Mean -log p per word (end included) of the train references under a model directory."""
-    from captioner.model import load_model_dir
+    from captioner.models.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     tokenizer = loaded.tokenizer
@@ -484,7 +484,8 @@ def test_features_of_another_width_are_refused(small: dict, tmp_path: Path) -> N
 
 
 def test_an_init_inject_model_is_fine_tuned_and_stays_one(tmp_path: Path) -> None:
-    from captioner.model import INIT_INJECT_LAYERS, load_model_dir
+    from captioner.models.directory import load_model_dir
+    from captioner.models.merge import INIT_INJECT_LAYERS
 
     data = make_data(tmp_path, init_inject=True)
     config = make_config(data, tmp_path / "out", epochs=2)
@@ -540,10 +541,10 @@ def make_attention_data(root: Path, doubly_stochastic: float) -> dict[str, Path]
     noise) in a map file, and a tiny seeded attention model directory with `doubly_stochastic`."""
     import keras
 
-    from captioner import model as model_lib
-    from captioner.attention import build_attention_model
-    from captioner.spatial import open_map_writer
-    from captioner.tokenizer import Tokenizer
+    from captioner.data.spatial import open_map_writer
+    from captioner.data.tokenizer import Tokenizer
+    from captioner.models import directory as model_lib
+    from captioner.models.attention import build_attention_model
 
     data = make_data(root)  # the captions (and a merge model, unused here)
     features = feature_files.load_features([data["features"]])
@@ -568,8 +569,8 @@ def make_attention_data(root: Path, doubly_stochastic: float) -> dict[str, Path]
 
 
 def test_an_attention_model_is_fine_tuned_on_its_map_file_without_its_penalty(tmp_path: Path) -> None:
-    from captioner.evaluation import evaluate_stage
-    from captioner.model import load_model_dir
+    from captioner.models.directory import load_model_dir
+    from captioner.stages.evaluation import evaluate_stage
 
     # A penalty of 100 would dominate the policy loss (|loss| well above 1) if it were left on.
     data = make_attention_data(tmp_path, doubly_stochastic=100.0)

@@ -1,4 +1,4 @@
-"""captioner.images: formats, EXIF, colour modes, bad files, and caffe preprocessing."""
+"""captioner.data.images: formats, EXIF, colour modes, bad files, and caffe preprocessing."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image, features as pil_features
+from PIL import Image
+from PIL import features as pil_features
 
-from captioner.errors import CaptionerError
-from captioner.images import (
+from captioner.data.images import (
     IMAGENET_MEAN_BGR,
     ImageError,
     list_images,
     load_image,
     preprocess_caffe,
 )
+from captioner.errors import CaptionerError
 
 
 def _halves(width: int = 80, height: int = 40) -> Image.Image:
@@ -210,7 +211,7 @@ def test_an_upload_held_in_memory_loads_like_a_file(tmp_path):
 
     from PIL import Image
 
-    from captioner.images import ImageError, load_image
+    from captioner.data.images import ImageError, load_image
 
     path = tmp_path / "red.png"
     Image.new("RGB", (300, 200), (200, 10, 10)).save(path)

@@ -1,4 +1,4 @@
-"""captioner.inference and the `caption` command: known captions, bad images, bad model
+"""captioner.decoding.inference and the `caption` command: known captions, bad images, bad model
 directories, one load for many captions.
 
 Most tests swap the VGG16 backbone for a tiny network (the model directory records vgg16
@@ -15,18 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_dirs import (
+    KNOWN_CAPTIONS,
+    KNOWN_PROVENANCE,
+    make_known_model_dir,
+    make_model_dir,
+)
 from PIL import Image
 
-from model_dirs import KNOWN_CAPTIONS, KNOWN_PROVENANCE, make_known_model_dir, make_model_dir
-
-from captioner import backbones, cache, feature_files
+from captioner import cache
 from captioner.cli import caption_main
 from captioner.config import Config, DecodeConfig
+from captioner.data import feature_files
+from captioner.data.images import ImageError
+from captioner.data.tokenizer import Tokenizer
+from captioner.decoding.inference import (
+    Beam,
+    Captioner,
+    CaptionOutcome,
+    caption_files,
+)
 from captioner.errors import CaptionerError
-from captioner.images import ImageError
-from captioner.inference import Beam, CaptionOutcome, Captioner, caption_files
 from captioner.layout import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
-from captioner.tokenizer import Tokenizer
+from captioner.vision import backbones
 
 PROVENANCE = {"backbone": "vgg16", "layer": "fc2", "weights": "none", "resample": "nearest", "precision": "float32"}
 CAPTIONS = ["a red circle on the left", "a blue square on the right", "a green triangle in the middle"]
@@ -193,7 +204,7 @@ def test_real_vgg16_captions_with_the_features_the_model_was_trained_on(tmp_path
     Builds VGG16 twice (extraction, then captioning), as two processes would: slow."""
     import keras
 
-    from captioner.features import extract_stage
+    from captioner.stages.features import extract_stage
 
     images = tmp_path / "images"
     images.mkdir()
@@ -357,7 +368,7 @@ def convert_tiny_tflite(path: Path) -> Path:
     import keras
     import tensorflow as tf
 
-    from captioner.backbones import preprocess_tf
+    from captioner.data.images import preprocess_tf
 
     keras.utils.set_random_seed(4)
     inputs = keras.Input((224, 224, 3))
@@ -387,7 +398,7 @@ def convert_tiny_tflite(path: Path) -> Path:
 def test_caption_rebuilds_a_tflite_extractor_found_by_path_or_flag_and_refuses_another_file(
     tmp_path, colour_images, capsys
 ):
-    from captioner.features import extract_stage
+    from captioner.stages.features import extract_stage
 
     model_file = convert_tiny_tflite(tmp_path / "backbones" / "tiny.tflite")
     images = tmp_path / "photos"

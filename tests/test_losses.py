@@ -10,8 +10,12 @@ import pytest
 
 from captioner import config as config_lib
 from captioner.errors import CaptionerError
-from captioner.losses import AllowedWordsCrossentropy, SmoothedSparseCrossentropy, word_loss
-from captioner.training import stage_params, train_stage
+from captioner.models.losses import (
+    AllowedWordsCrossentropy,
+    SmoothedSparseCrossentropy,
+    word_loss,
+)
+from captioner.stages.training import stage_params, train_stage
 from tests.test_training import make_config, make_data
 
 

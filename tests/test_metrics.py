@@ -26,7 +26,7 @@ import pytest
 from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
 
 from captioner.errors import CaptionerError
-from captioner.metrics import cider_d, corpus_bleu, score, scoring_tokens
+from captioner.scoring.metrics import cider_d, corpus_bleu, score, scoring_tokens
 
 # (references joined by " | ", hypothesis)
 SAMPLE = [
@@ -181,7 +181,7 @@ def test_scoring_tokens_drop_start_end_and_pad_but_keep_unk():
 
 
 def test_scoring_tokens_leave_prepared_captions_unchanged():
-    from captioner.cleaning import clean_caption
+    from captioner.data.cleaning import clean_caption
 
     for raw, prepared in [
         ("A child in a pink dress-shirt .", "a child in a pink dress shirt"),
@@ -383,9 +383,9 @@ def test_a_thousand_images_score_quickly():
 
 
 def test_scoring_needs_the_cleaning_rule_not_the_captions_stage():
-    program = "import sys, captioner.metrics; print(sorted(m for m in sys.modules if m.startswith('captioner')))"
+    program = "import sys, captioner.scoring.metrics; print(sorted(m for m in sys.modules if m.startswith('captioner')))"
     loaded = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
-    assert "captioner.cleaning" in loaded and "captioner.datasets" not in loaded and "captioner.cache" not in loaded
+    assert "captioner.data.cleaning" in loaded and "captioner.stages.prepare" not in loaded and "captioner.cache" not in loaded
 
 
 def test_metrics_module_has_no_hidden_state():

@@ -18,13 +18,8 @@ from captioner.cache import WriteError  # noqa: E402
 from captioner.config import Config, ModelConfig  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.layout import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE  # noqa: E402
-from captioner.model import (  # noqa: E402
-    StepModel,
-    build_model,
-    load_model_dir,
-    save_model,
-    write_model_config,
-)
+from captioner.models.directory import load_model_dir, save_model, write_model_config
+from captioner.models.merge import StepModel, build_model
 
 TINY = ModelConfig(embedding_dim=5, units=7, image_dropout=0.5, word_dropout=0.5, decoder_dropout=0.25)
 FEATURE_DIM, VOCAB = 6, 11
@@ -187,7 +182,7 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path: Path):
 
 
 def write_model_dir(tmp_path: Path) -> tuple[Path, keras.Model, object]:
-    from captioner.tokenizer import Tokenizer
+    from captioner.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.build(["a dog runs", "a cat sits on a mat", "red grass"], min_word_count=1)
     config = Config()

@@ -9,8 +9,8 @@ from PIL import Image
 
 from captioner.cache import WriteError
 from captioner.errors import CaptionerError
-from captioner.quantize import QuantizeTarget, quantize_backbone, quantize_stage
-from captioner.tflite import TFLiteBackbone, mobilenet_v2_preprocess
+from captioner.vision.quantize import QuantizeTarget, quantize_backbone, quantize_stage
+from captioner.vision.tflite import TFLiteBackbone, mobilenet_v2_preprocess
 
 SIZE = 32
 
@@ -159,8 +159,9 @@ def test_quantize_command_bad_input_is_one_line_exit_2_and_nothing_written(tmp_p
 
 @pytest.mark.slow  # converts and calibrates a random MobileNetV2: tens of seconds
 def test_quantize_command_makes_a_mobilenet_v2_that_extract_runs(tmp_path, capsys):
-    from captioner import cache, feature_files
+    from captioner import cache
     from captioner.cli import main
+    from captioner.data import feature_files
 
     _write_images(tmp_path / "images", 14, seed=3, size=64)
     output = tmp_path / "mobilenet_v2-int8.tflite"

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from captioner import metrics
 from captioner.errors import CaptionerError
-from captioner.rewards import CiderD
+from captioner.scoring import metrics
+from captioner.scoring.rewards import CiderD
 
 
 def test_hand_computed_values():

@@ -1,5 +1,5 @@
 """Teacher-forced batches: padding, shifting, masking, order, feature lookup; parity with the
-classic per-prefix reference (`captioner.reference`) on the same weights."""
+classic per-prefix reference (`tests/reference.py`) on the same weights."""
 
 from __future__ import annotations
 
@@ -8,23 +8,24 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from captioner.config import ModelConfig  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
-from captioner.model import build_model  # noqa: E402
-from captioner.reference import (  # noqa: E402
+from reference import (  # noqa: E402
     build_per_prefix_model,
     copy_weights,
     max_prefix_length,
     per_prefix_arrays,
     per_prefix_batches,
 )
-from captioner.sequences import (  # noqa: E402
+
+from captioner.config import ModelConfig  # noqa: E402
+from captioner.data.sequences import (
     CaptionSet,
     FeatureTable,
     TeacherForcingBatches,
     encode_captions,
     epoch_permutation,
 )
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.models.merge import build_model  # noqa: E402
 
 START, END = 2, 3
 

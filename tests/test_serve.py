@@ -1,4 +1,4 @@
-"""captioner.serve through FastAPI's TestClient: every endpoint, every limit, the per-image
+"""captioner.serving.serve through FastAPI's TestClient: every endpoint, every limit, the per-image
 error slots, micro-batching under concurrent requests, the MAX shapes, CORS, the page's files.
 
 Most tests use `ColourModel`, a fake `CaptionModel` whose captions name an image's dominant
@@ -21,11 +21,11 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.config import Config, DecodeConfig
+from captioner.decoding.inference import Beam
 from captioner.errors import CaptionerError
-from captioner.inference import Beam
-from captioner.serve import ModelCaptioner, create_app
+from captioner.serving.serve import ModelCaptioner, create_app
 
-STATIC = Path(__file__).resolve().parents[1] / "captioner" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "captioner" / "serving" / "static"
 
 
 class ColourModel:
@@ -261,7 +261,7 @@ def test_more_images_than_allowed_are_refused_whole(fake):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_is_refused_before_decoding(fake, monkeypatch):
-    from captioner import images
+    from captioner.data import images
 
     decoded = []
     real_load = images.load_image
@@ -457,7 +457,7 @@ def mean_pixel_net(monkeypatch):
     """VGG16 replaced by a global average pool (features: the mean preprocessed pixel); records its builds."""
     import keras
 
-    from captioner import backbones
+    from captioner.vision import backbones
 
     inputs = keras.Input((224, 224, 3))
     network = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))

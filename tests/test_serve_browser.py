@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from captioner.config import Config, DecodeConfig
-from captioner.serve import ModelCaptioner, create_app
+from captioner.serving.serve import ModelCaptioner, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k" / "images-224"
@@ -74,7 +74,7 @@ def mean_pixel_net(monkeypatch):
     """VGG16 replaced by a global average pool: features are the mean preprocessed pixel (B, G, R)."""
     import keras
 
-    from captioner import backbones
+    from captioner.vision import backbones
 
     inputs = keras.Input((224, 224, 3))
     network = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
@@ -107,7 +107,7 @@ def server_url(known_model_dir, mean_pixel_net):
 
 
 def test_the_page_captions_two_photos_and_reports_a_broken_file(sync_playwright, server_url, known_model_dir, tmp_path):
-    from captioner.inference import Captioner
+    from captioner.decoding.inference import Captioner
 
     photos = two_photos()
     decode = DecodeConfig(beam_size=2, max_generated_words=5)

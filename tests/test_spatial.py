@@ -11,8 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from captioner.errors import CaptionerError
-from captioner.spatial import (
+from captioner.data.spatial import (
     MapFile,
     check_map_shape,
     expect_map_file,
@@ -20,6 +19,7 @@ from captioner.spatial import (
     open_map_writer,
     refuse_map_file,
 )
+from captioner.errors import CaptionerError
 
 GRID, CHANNELS = (2, 3), 4
 PROVENANCE = {"backbone": "mobilenet_v2", "layer": "out_relu", "input_size": 224}
@@ -107,7 +107,7 @@ def test_a_truncated_file_is_refused_by_the_reader_and_redone_by_the_writer(tmp_
     with pytest.raises(CaptionerError, match=r"maps\.h5: truncated or not an HDF5 map file .*rerun extract") as error:
         MapFile(path)
     assert "\n" not in str(error.value)
-    with caplog.at_level(logging.WARNING, logger="captioner.spatial"):
+    with caplog.at_level(logging.WARNING, logger="captioner.data.spatial"):
         with open_map_writer(path, grid=GRID, channels=CHANNELS, provenance=PROVENANCE) as writer:
             assert writer.ids == []  # started over
             writer.append(ids, maps)
@@ -164,7 +164,7 @@ FAILED_APPEND = """
 import resource, sys
 import numpy as np
 from captioner.cache import WriteError
-from captioner.spatial import open_map_writer
+from captioner.data.spatial import open_map_writer
 path, size, grid, channels = sys.argv[1], int(sys.argv[2]), (2, 3), 4
 rng = np.random.default_rng(1)
 ids = [f"more{i:03d}" for i in range(200)]
@@ -293,7 +293,7 @@ def map_model():
 
 def test_extract_writes_a_map_file_that_resumes_after_a_crash_and_redoes_a_truncated_one(tmp_path: Path, map_model):
     from captioner.cache import read_manifest
-    from captioner.features import extract_stage
+    from captioner.stages.features import extract_stage
 
     images = tmp_path / "images"
     make_photos(images, 7)
@@ -334,7 +334,7 @@ def test_extract_writes_a_map_file_that_resumes_after_a_crash_and_redoes_a_trunc
 def test_extract_refuses_maps_into_a_vector_file_and_vectors_into_a_map_file(tmp_path: Path, map_model):
     import keras
 
-    from captioner.features import extract_stage
+    from captioner.stages.features import extract_stage
 
     images = tmp_path / "images"
     make_photos(images, 2)
@@ -373,7 +373,7 @@ MOBILENET_MAP = "mobilenetv2_1.00_224/out_relu/Relu6"  # the shared int8 MobileN
 
 @pytest.mark.skipif(not SHARED_TFLITE.is_file(), reason="../shared/backbones is not present")
 def test_extract_the_shared_int8_mobilenet_v2_map_by_its_tflite_tensor_name(tmp_path: Path):
-    from captioner.features import extract_stage
+    from captioner.stages.features import extract_stage
 
     images = tmp_path / "images"
     make_photos(images, 3)

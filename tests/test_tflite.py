@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.tflite import TFLiteBackbone, mobilenet_v2_preprocess
+from captioner.vision.tflite import TFLiteBackbone, mobilenet_v2_preprocess
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_MODEL = SHARED / "backbones" / "mobilenet_v2_imagenet_int8.tflite"
@@ -130,7 +130,7 @@ def test_loading_writes_nothing_to_stderr(tiny):
     paths = tiny[0]
     script = (
         "import sys, numpy as np\n"
-        "from captioner.tflite import TFLiteBackbone\n"
+        "from captioner.vision.tflite import TFLiteBackbone\n"
         "backbone = TFLiteBackbone(sys.argv[1], threads=2)\n"  # preserves all tensors: the warning case
         "backbone(np.zeros((3, 32, 32, 3), np.uint8))\n"
     )
@@ -191,7 +191,7 @@ def test_shared_mobilenet_v2_reproduces_the_shared_features():
 
 
 def test_an_input_quantization_made_for_another_preprocessing_is_named(tiny):
-    from captioner.images import preprocess_caffe
+    from captioner.data.images import preprocess_caffe
 
     paths = tiny[0]
     # Calibrated on [-1, 1]: MobileNetV2's preprocessing fits, VGG's caffe values (about -124..152) do not.

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError
-from captioner.tokenizer import Tokenizer
 
 CAPTIONS = [
     "a dog runs on a beach",

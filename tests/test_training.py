@@ -21,14 +21,19 @@ import pytest
 
 from captioner import cache
 from captioner import config as config_lib
-from captioner import feature_files
-from captioner.checkpoints import STAGING_DIR
 from captioner.cli import main
+from captioner.data import feature_files
+from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError
-from captioner.evaluation import evaluate_stage
 from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TOKENIZER_FILE
-from captioner.tokenizer import Tokenizer
-from captioner.training import ProgressBar, TrainResult, progress_stream, train_stage
+from captioner.stages.checkpoints import STAGING_DIR
+from captioner.stages.evaluation import evaluate_stage
+from captioner.stages.training import (
+    ProgressBar,
+    TrainResult,
+    progress_stream,
+    train_stage,
+)
 
 WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 
@@ -147,7 +152,7 @@ def weights_of(model_dir: Path) -> list[np.ndarray]:
 
 def last_weights(model_dir: Path) -> list[np.ndarray]:
     """The weights of the last finished epoch (not the best), from the checkpoint."""
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
 
     state = json.loads((model_dir / "checkpoints" / "state.json").read_text())
     config = config_lib.from_dict(json.loads((model_dir / "config.json").read_text())["config"])
@@ -209,7 +214,7 @@ def test_a_run_writes_a_self_contained_model_dir_and_a_rerun_is_a_no_op(runs: di
     assert "best epoch" in result.summary() and str(output) in result.summary()
 
     # The directory alone is enough to caption: the model loads and steps.
-    from captioner.model import load_model_dir
+    from captioner.models.directory import load_model_dir
 
     loaded = load_model_dir(output)
     step_model = loaded.step_model()
@@ -394,7 +399,7 @@ def test_early_stopping_keeps_the_best_epoch_and_skips_captions_without_features
     state = json.loads((output / "checkpoints" / "state.json").read_text())
     assert state["epochs_without_improvement"] == 2 and state["best_epoch"] == result.best_epoch
     # model.keras holds the best epoch's weights, not the last epoch's.
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
 
     best = build_model(16, state["vocab_size"], config.model)
     best.load_weights(output / "checkpoints" / state["best_weights"])
@@ -557,8 +562,9 @@ def test_bad_train_options_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_an_init_inject_model_trains_loads_and_decodes_and_only_it_records_the_option(
     data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from captioner.model import INIT_INJECT_LAYERS, load_model_dir
-    from captioner.training import stage_params
+    from captioner.models.directory import load_model_dir
+    from captioner.models.merge import INIT_INJECT_LAYERS
+    from captioner.stages.training import stage_params
 
     features, captions = data
     config = make_config(tmp_path, features, captions, epochs=2, patience=0)
@@ -587,7 +593,7 @@ def write_report(path: Path, split: str, captions: dict[str, str]) -> Path:
 
 
 def test_teacher_captions_follow_each_images_references_and_images_without_one_are_kept(tmp_path: Path) -> None:
-    from captioner.training import with_teacher_captions
+    from captioner.stages.training import with_teacher_captions
 
     references = {"a": ["a red circle"], "b": ["a blue square", "a square"], "c": ["a star"]}
     reports = [
@@ -606,7 +612,7 @@ def test_teacher_captions_follow_each_images_references_and_images_without_one_a
 def test_a_model_trains_on_a_teacher_report_and_the_report_is_an_input_of_the_run(
     data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from captioner.training import _input_paths, _load_data, stage_params
+    from captioner.stages.training import _input_paths, _load_data, stage_params
 
     features, captions = data
     teacher = make_config(tmp_path, features, captions, epochs=10, patience=0, learning_rate=0.03)

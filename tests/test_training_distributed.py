@@ -33,7 +33,7 @@ MIRRORED = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from multiworker import make_tiny_data
     from captioner import config as config_lib
-    from captioner.training import train_stage
+    from captioner.stages.training import train_stage
     root = Path(sys.argv[1])
     features, captions = make_tiny_data(root)
     config = config_lib.apply_overrides(config_lib.Config(), [

@@ -1,0 +1,322 @@
+"""The procedural demo data set: coloured shapes, five true captions each, Flickr8k's layout.
+
+Reads nothing. Writes, under `demo.output` (default `data/demo`):
+
+- `images/<id>.jpg`: RGB JPEGs, 224x224 (VGG16's input size, so resizing is a no-op),
+  one or two big saturated shapes on a plain light grey background;
+- `Flickr8k.token.txt`: `<id>.jpg#k<TAB>caption`, k = 0..4, five per image;
+- `Flickr_8k.trainImages.txt`, `Flickr_8k.devImages.txt`, `Flickr_8k.testImages.txt`:
+  one `<id>.jpg` per line, a 70/15/15 split;
+- `manifest.json`: the stage manifest (params: images, seed, generator version).
+
+Config: `DemoConfig` (output, images, seed). Everything is drawn from one numpy
+generator seeded with `demo.seed`, so a seed gives byte-identical files. Cost: a few
+seconds for the default 800 images (mostly fsyncs), ~5 KB per image (800: ~4 MB).
+
+Why the scenes look the way they do: the demo model is trained on features of a
+randomly initialised VGG16 (no weights can be downloaded here), which still keeps
+colour, coarse position and coarse shape in its fc2 layer but not fine detail. So the
+vocabulary is five colours far apart in hue and brightness, three shapes drawn big
+(circle, square, triangle; one size) with little jitter on one plain background, and
+five positions (left, right, top, bottom, middle); a scene with two shapes puts them
+side by side or one above the other. A linear probe on such features tells colour,
+shape and position apart on held-out images (tests/test_demo.py checks it and gives
+the numbers). Sizes were dropped in version 2: with two sizes the probe's shape
+accuracy was about 0.84 (about 80 training scenes), with one big size it is 0.965-0.98
+(10-fold cross-validation over 150 images). The scene space is small (75 distinct one-shape scenes up to jitter),
+so held-out images repeat training combinations; the demo shows the pipeline works,
+not that it generalises to new compositions. The captions come
+from one fixed set of five templates for every image, three of which contain the
+canonical phrase ("a large red circle on the left"): a model that outputs the
+canonical phrase matches several references n-gram for n-gram, so BLEU-4 measures
+whether it got the content right rather than which phrasing it chose.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from captioner import cache
+from captioner.config import to_dict
+from captioner.errors import CaptionerError
+from captioner.layout import SPLIT_FILES, TOKEN_FILE
+
+if TYPE_CHECKING:
+    from captioner.config import Config, DemoConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when the images or captions a seed produces change, so cached demo sets regenerate.
+GENERATOR_VERSION = 2  # 2: one size, plain background, no size words
+IMAGE_SIZE = 224  # pixels, square; VGG16's input size
+JPEG_QUALITY = 92
+TWO_SHAPE_FRACTION = 1 / 3  # share of scenes with two shapes
+
+IMAGES_DIR = "images"
+
+# Saturated, far apart in RGB and in hue, so even random-weight convolutions separate them.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "black": (25, 25, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+RADIUS = 0.24  # a lone shape's radius (half its box side), as a fraction of the image side
+BACKGROUND = (240, 240, 240)
+# Centre of a single shape, as fractions of width and height.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
+    "middle": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "middle": "in the middle",
+}
+POSITION_ALTERNATIVES = {
+    "left": "on the left side",
+    "right": "on the right side",
+    "top": "near the top",
+    "bottom": "near the bottom",
+    "middle": "in the center",
+}
+PAIR_RADIUS = 0.2  # both shapes of a two-shape scene, as a fraction of the image side
+# Two shapes: the first is left of (or above) the second.
+RELATIONS = {"horizontal": ("to the left of", "to the right of"), "vertical": ("above", "below")}
+JITTER = 0.01  # random shift of a shape's centre, fraction of the side
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One shape: what the captions say about it and where it is drawn (fractions of the side)."""
+
+    colour: str
+    shape: str
+    position: str  # left | right | top | bottom | middle for a lone shape; first | second in a pair
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image: its id, its shapes (one, or two with `relation`), background and captions."""
+
+    image_id: str
+    shapes: tuple[ShapeSpec, ...]
+    relation: str | None  # None for one shape; horizontal | vertical for two
+    background: tuple[int, int, int]
+    captions: tuple[str, ...]
+
+
+@dataclass
+class DemoResult:
+    output: Path
+    images: int
+    train: int
+    dev: int
+    test: int
+    captions: int
+    up_to_date: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        state = " (up to date)" if self.up_to_date else ""
+        return (
+            f"demo data{state}: {self.images} images ({self.train} train / {self.dev} dev / {self.test} test), "
+            f"{self.captions} captions -> {self.output}"
+        )
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def single_shape_captions(colour: str, shape: str, position: str) -> tuple[str, ...]:
+    """The five captions of a one-shape scene; 0, 1, 2 and 4 contain the canonical phrase."""
+    core = f"{colour} {shape} {POSITION_PHRASES[position]}"
+    return (
+        f"a {core}",
+        f"there is a {core}",
+        f"a {core} of the image",
+        f"a {colour} {shape} {POSITION_ALTERNATIVES[position]}",
+        f"the picture shows a {core}",
+    )
+
+
+def two_shape_captions(first: tuple[str, str], second: tuple[str, str], relation: str) -> tuple[str, ...]:
+    """The five captions of a two-shape scene; `first` is left of (or above) `second`."""
+    forward, backward = RELATIONS[relation]
+    a = f"{first[0]} {first[1]}"
+    b = f"{second[0]} {second[1]}"
+    return (
+        f"a {a} {forward} a {b}",
+        f"there is a {a} {forward} a {b}",
+        f"the picture shows a {a} {forward} a {b}",
+        f"a {b} {backward} a {a}",
+        f"a {a} and a {b}",
+    )
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+def _jitter(rng: np.random.Generator) -> float:
+    return float(rng.uniform(-JITTER, JITTER))
+
+
+def make_scenes(count: int, seed: int) -> list[Scene]:
+    """`count` scene specs drawn from `seed`; ids are `shapes_00000`, `shapes_00001`, ..."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    scenes = []
+    for index in range(count):
+        image_id = f"shapes_{index:05d}"
+        background = BACKGROUND
+        if rng.random() < TWO_SHAPE_FRACTION:
+            relation = "horizontal" if rng.random() < 0.5 else "vertical"
+            # Two different looking shapes: at least the colour or the shape differs.
+            while True:
+                first = (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])
+                second = (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])
+                if first != second:
+                    break
+            offset = float(rng.uniform(-0.02, 0.02))  # both shapes shift together across the axis
+            if relation == "horizontal":
+                centres = [(0.28 + _jitter(rng), 0.5 + offset), (0.72 + _jitter(rng), 0.5 + offset)]
+            else:
+                centres = [(0.5 + offset, 0.28 + _jitter(rng)), (0.5 + offset, 0.72 + _jitter(rng))]
+            shapes = tuple(
+                ShapeSpec(colour, shape, place, x, y, PAIR_RADIUS)
+                for (colour, shape), place, (x, y) in zip((first, second), ("first", "second"), centres)
+            )
+            captions = two_shape_captions(first, second, relation)
+        else:
+            relation = None
+            colour = colours[rng.integers(len(colours))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+            cx, cy = POSITIONS[position]
+            shapes = (ShapeSpec(colour, shape, position, cx + _jitter(rng), cy + _jitter(rng), RADIUS),)
+            captions = single_shape_captions(colour, shape, position)
+        scenes.append(Scene(image_id, shapes, relation, background, captions))  # type: ignore[arg-type]
+    return scenes
+
+
+def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene as an RGB image, `size` x `size` pixels."""
+    image = Image.new("RGB", (size, size), scene.background)
+    draw = ImageDraw.Draw(image)
+    for spec in scene.shapes:
+        cx, cy, r = spec.x * size, spec.y * size, spec.radius * size
+        fill = COLOURS[spec.colour]
+        if spec.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif spec.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif spec.shape == "triangle":
+            # Pointing up, filling the same box as the circle: base at the bottom edge.
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {spec.shape!r}")  # a bug in make_scenes
+    return image
+
+
+def split_counts(count: int) -> tuple[int, int, int]:
+    """(train, dev, test) sizes: 70/15/15, at least one image in each."""
+    held_out = max(1, count * 15 // 100)
+    return count - 2 * held_out, held_out, held_out
+
+
+def split_ids(image_ids: list[str], seed: int) -> dict[str, list[str]]:
+    """A seeded shuffle cut 70/15/15; each split sorted by id."""
+    order = np.random.default_rng([seed, 1]).permutation(len(image_ids))
+    train, dev, _ = split_counts(len(image_ids))
+    shuffled = [image_ids[i] for i in order]
+    return {
+        "train": sorted(shuffled[:train]),
+        "dev": sorted(shuffled[train : train + dev]),
+        "test": sorted(shuffled[train + dev :]),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def make_demo_data(demo: DemoConfig, config: Config | None = None) -> DemoResult:
+    """Generates (or finds up to date) the demo data set described in the module docstring.
+
+    `demo`'s ranges (images >= 10, so that every split gets one; seed >= 0) are the
+    config's to check (`captioner.config.CHECKS`). Returns a DemoResult; CaptionerError
+    when the output is a file, is being written by another run, or cannot be written.
+    """
+    output = Path(demo.output)
+    if output.exists() and not output.is_dir():
+        raise CaptionerError(f"demo.output is a file, not a folder: {output}")
+    with cache.output_lock(output):  # one run per output
+        return _make_locked(demo, output, config)
+
+
+def _make_locked(demo: DemoConfig, output: Path, config: Config | None) -> DemoResult:
+    images_dir = output / IMAGES_DIR
+    image_ids = [f"shapes_{index:05d}" for index in range(demo.images)]
+    image_paths = [images_dir / f"{image_id}.jpg" for image_id in image_ids]
+    text_paths = [output / TOKEN_FILE] + [output / name for name in SPLIT_FILES.values()]
+    stage = cache.Stage(
+        "demo-data",
+        cache.manifest_path_for(output),
+        inputs={},
+        params={"images": demo.images, "seed": demo.seed, "generator_version": GENERATOR_VERSION},
+        outputs=text_paths + image_paths,
+    )
+    train, dev, test = split_counts(demo.images)
+    result = DemoResult(output, demo.images, train, dev, test, 5 * demo.images)
+    if stage.up_to_date():
+        result.up_to_date = True
+        return result
+
+    started = time.perf_counter()
+    # A half-written set must never look finished: the manifest goes first, comes back last.
+    stage.manifest.unlink(missing_ok=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {path.name for path in image_paths}
+    stale = [path for path in images_dir.glob("*.jpg") if path.name not in wanted]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("demo-data: removed %d images of an earlier, different run", len(stale))
+
+    scenes = make_scenes(demo.images, demo.seed)
+    log.info("demo-data: drawing %d images into %s", len(scenes), images_dir)
+    for scene, path in zip(scenes, image_paths):
+        buffer = io.BytesIO()
+        render_scene(scene).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        cache.atomic_write_bytes(path, buffer.getvalue())
+
+    lines = [f"{scene.image_id}.jpg#{k}\t{caption}\n" for scene in scenes for k, caption in enumerate(scene.captions)]
+    cache.atomic_write_text(output / TOKEN_FILE, "".join(lines))
+    for split, ids in split_ids(image_ids, demo.seed).items():
+        cache.atomic_write_text(output / SPLIT_FILES[split], "".join(f"{image_id}.jpg\n" for image_id in ids))
+
+    result.seconds = time.perf_counter() - started
+    words = sorted({word for scene in scenes for caption in scene.captions for word in caption.split()})
+    stage.finish(
+        config if config is not None else {"demo": to_dict(demo)},
+        extra={"train": train, "dev": dev, "test": test, "captions": result.captions, "vocabulary": len(words)},
+    )
+    log.info("demo-data: %d images in %.1f s", demo.images, result.seconds)
+    return result

@@ -1,0 +1,146 @@
+"""The merge captioning model and the step model that decodes with its weights.
+
+The merge architecture (image and words meet by addition after the LSTM):
+
+    image_features float32 [B, D] -> Dropout(image_dropout) -> Dense(units, relu)   [B, units]
+                                  -> Reshape                                       [B, 1, units]
+    input_ids int32 [B, T] -> Embedding(vocab, embedding_dim, mask_zero) -> Dropout(word_dropout)
+                           -> LSTM(units, return_sequences)                        [B, T, units]
+                              (from a zero state; with `model.init_inject` from h0, c0 =
+                              tanh(Dense(units)) of the dropped-out image: "init-inject + merge")
+    Add (the image projection broadcast over time)                                [B, T, units]
+    -> Dropout(decoder_dropout) -> Dense(units, relu) -> Dense(vocab) logits float32 [B, T, V]
+
+Sizes and rates come from `ModelConfig`. Only `keras.layers` and `keras.ops`: the
+model runs under any Keras backend, and it has no custom layers, so `.keras` files
+load with no custom objects. The logits layer is float32 even under a mixed
+precision policy, so the softmax and the loss stay in float32.
+
+`StepModel` advances one word at a time for decoding, with the same layer objects
+(so the same weights): `initial_state` projects the image and starts the LSTM
+state at zero (or at the init-inject layers' h0, c0); `step` embeds the last word,
+runs the LSTM cell once and returns log-softmax over the vocabulary. Each step is
+O(1) in the caption length, all live beams in one call.
+
+Cost: the default sizes with 4096-d features and a 7,500-word vocabulary have
+about 5.5 M parameters (22 MB in model.keras).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from captioner import config as config_lib
+from captioner.config import ModelConfig
+from captioner.errors import CaptionerError
+from captioner.models.stepping import compile_step, run_step
+
+# The init-inject layers (`ModelConfig.init_inject`): the LSTM's starting h and c from the image.
+INIT_INJECT_LAYERS = ("init_h", "init_c")
+
+
+def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.Model:
+    """The merge model: inputs `image_features` float32 [B, D] and `input_ids` int32 [B, T]
+    (right-padded with 0); output logits float32 [B, T, vocab_size]."""
+    layers = keras.layers
+    image_features = keras.Input(shape=(feature_dim,), dtype="float32", name="image_features")
+    input_ids = keras.Input(shape=(None,), dtype="int32", name="input_ids")
+
+    dropped = layers.Dropout(model.image_dropout, name="image_dropout")(image_features)
+    image = layers.Dense(model.units, activation="relu", name="image_dense")(dropped)
+    image = layers.Reshape((1, model.units), name="image_expand")(image)  # [B, 1, units]: adds at every step
+
+    words = layers.Embedding(vocab_size, model.embedding_dim, mask_zero=True, name="embedding")(input_ids)
+    words = layers.Dropout(model.word_dropout, name="word_dropout")(words)
+    lstm = layers.LSTM(model.units, return_sequences=True, name="lstm")
+    if model.init_inject:  # h0, c0 = tanh(Dense(image)): the LSTM starts from the image
+        start = [layers.Dense(model.units, activation="tanh", name=name)(dropped) for name in INIT_INJECT_LAYERS]
+        words = lstm(words, initial_state=start)  # [B, T, units]
+    else:
+        words = lstm(words)  # [B, T, units], from a zero state
+
+    merged = layers.Add(name="add")([words, image])  # broadcast over T
+    merged = layers.Dropout(config_lib.decoder_dropout(model), name="decoder_dropout")(merged)
+    hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
+    logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
+    return keras.Model(inputs=[image_features, input_ids], outputs=logits, name="merge_captioner")
+
+
+# --------------------------------------------------------------------------- the step model
+
+
+class StepModel:
+    """One word at a time with the trained model's layers (the decoding protocol).
+
+    states: [image_projection, h, c], each a float32 numpy array [N, units]; rows can
+    be reordered or repeated freely between calls (beam search does).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self._image_dense = model.get_layer("image_dense")
+        self._embedding = model.get_layer("embedding")
+        self._cell = model.get_layer("lstm").cell
+        self._decoder_dense = model.get_layer("decoder_dense")
+        self._logits = model.get_layer("logits")
+        self.units = int(model.get_layer("lstm").units)
+        self.vocab_size = int(self._logits.units)
+        self.feature_dim = int(self._image_dense.kernel.shape[0])
+        present = {layer.name for layer in model.layers}
+        self._init_layers = [model.get_layer(name) for name in INIT_INJECT_LAYERS if name in present]
+        self._initial_fn = compile_step(self._initial, lambda: self._signature(feature_input=True))
+        self._step_fn = compile_step(self._step, lambda: self._signature(feature_input=False))
+
+    # The pure functions: keras layers and keras.ops only; dropout layers are skipped (inference).
+    def _initial(self, image_features: Any) -> Any:
+        projection = self._image_dense(image_features)
+        start = [layer(image_features) for layer in self._init_layers]  # init-inject: h0, c0
+        return [keras.ops.cast(x, "float32") for x in [projection, *start]]
+
+    def _step(self, last_ids: Any, projection: Any, h: Any, c: Any) -> tuple[Any, Any, Any]:
+        # A plain lookup: calling the Embedding layer would attach a mask the cell warns about.
+        words = keras.ops.take(self._embedding.embeddings, last_ids, axis=0)  # [N, embedding_dim]
+        output, (h, c) = self._cell(words, [h, c], training=False)
+        merged = keras.ops.add(output, keras.ops.cast(projection, output.dtype))
+        logits = self._logits(self._decoder_dense(merged))  # float32 [N, V]
+        log_probs = keras.ops.log_softmax(logits, axis=-1)
+        return log_probs, keras.ops.cast(h, "float32"), keras.ops.cast(c, "float32")
+
+    def _signature(self, feature_input: bool) -> list[Any]:
+        """The traced functions' inputs, N unknown (TensorFlow only)."""
+        import tensorflow as tf
+
+        if feature_input:
+            return [tf.TensorSpec((None, self.feature_dim), tf.float32)]
+        units = tf.TensorSpec((None, self.units), tf.float32)
+        return [tf.TensorSpec((None,), tf.int32), units, units, units]
+
+    def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
+        """image_features float32 [N, D] -> [image_projection, h, c], each float32 [N, units]."""
+        image_features = np.asarray(image_features, dtype=np.float32)
+        if image_features.ndim != 2 or image_features.shape[1] != self.feature_dim:
+            raise CaptionerError(
+                f"image features have shape {image_features.shape}, the model expects [N, {self.feature_dim}]"
+            )
+        projection, *start = run_step(self._initial_fn, [image_features])
+        if start:  # init-inject
+            return [projection, *start]
+        zeros = np.zeros((len(image_features), self.units), dtype=np.float32)
+        return [projection, zeros, zeros.copy()]
+
+    def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """last_ids int [N], states from `initial_state`/`step` -> (log_probs float32 [N, V], new states)."""
+        projection, h, c = (np.asarray(s, dtype=np.float32) for s in states)
+        ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
+        log_probs, h, c = run_step(self._step_fn, [ids, projection, h, c])
+        return log_probs, [projection, h, c]
+
+
+
+# The layers `StepModel` and `load_model_dir` look up: a Keras file without them is another model.
+MERGE_LAYERS = ("image_dense", "embedding", "lstm", "decoder_dense", "logits")
+
+

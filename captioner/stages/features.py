@@ -1,0 +1,691 @@
+"""Stage 1: an image folder -> a features cache (dict image id -> float32 [D]), and merging shards.
+
+Reads: the images directly in `features.images` (see `captioner.data.images` for formats,
+EXIF, colour modes and resizing), and the backbone (`features.backbone`, a
+`captioner.vision.backbones.CATALOGUE` name) with its weights (`features.weights`: "imagenet"
+= the Keras download cached in ~/.keras/models, a local .h5/.weights.h5 file, a .tflite
+model of that family run by the LiteRT interpreter, or "none" = random weights, for
+tests and demos only).
+Writes: `features.output` (default data/features/vgg16-fc2.pkl), a pickle of
+dict image id (file name without extension) -> float32 [D] (D = 4096 for VGG fc2/fc1,
+2048 or 1280 for the pooled families), the course's `features.pkl` layout with (D,)
+values; beside it `<output>.manifest.json` (stage "features"; params: the
+`captioner.vision.backbones.extractor_params` record (backbone, layer or TFLite tensor,
+weights, weights_sha256, input_size, resample, precision) and shard; extra: counts,
+"failed" {file name: reason}, "duplicates", per-file sizes/mtimes for incremental
+runs). While running, finished work is kept in `<output>.parts/` (one .npz per
+`features.chunk_size` images), removed at the end.
+Maps for the attention model: with an output named .h5/.hdf5 and a convolutional `--layer`
+(a Keras layer such as VGG16's block5_conv3, or a TFLite tensor such as the int8
+MobileNetV2's `mobilenetv2_1.00_224/out_relu/Relu6`, 7x7x1280), each image's map [H, W, C]
+goes into an HDF5 map file (`captioner.data.spatial`: float16, chunked per image, provenance in
+its attributes), written beside the output and renamed over it at the end; the chunks give
+resume as for vectors, and a truncated map file is not reused but redone. A map layer into a
+vector file, or a pooled layer into a map file, is refused in one line; sharding maps is not
+supported. Memory and disk: the maps of the run are held, and chunked, in float16 until
+written (Flickr8k at 7x7x1280: about 1 GB each).
+Config used: the `features` section (backbone, layer, weights, resample, precision,
+batch_size, workers, chunk_size, max_failed_fraction, shard).
+Cost: VGG16 is about 15.5 GFLOPs per image: Flickr8k's 8,091 images give a 130 MB
+pickle in one to two hours on a 2-core CPU, minutes on a GPU; an int8 MobileNetV2
+(.tflite) takes about a minute on the same CPU (README: `bench/extract.py`). A rerun
+with unchanged inputs takes well under a second.
+
+A .tflite model (`--weights FILE.tflite`, `--layer TENSOR` or the pooled tensor by
+default) runs through the same stage: chunks, resume, shards, skipped images. Its
+interpreters (one per core, `features.workers` or all cores) take the images as uint8
+pixels, each image alone; the file is opened (and refused in one line if it is not a
+model of the backbone's family and input size) before anything is written.
+
+The backbone, its preprocessing and the pipelined, batched run of images through it
+are `captioner.vision.backbones` (`caption` uses them without this stage). Fixed-size batches
+there make resumed, incremental and sharded runs here bitwise equal to one
+uninterrupted run. Precision (`features.precision`): see `captioner.vision.backbones`.
+
+Incremental and resumable: an image whose file (size and mtime) is unchanged
+since the previous finished run keeps its features; only new or changed images
+go through the network. A run killed at any point (even SIGKILL) keeps its
+finished chunks; rerunning resumes from them (chunks carry a SHA-256 of their
+contents; a corrupt or truncated chunk is redone). Chunks made with other
+params (backbone, layer, weights, resample, precision) are discarded.
+
+Bad input: an unreadable, truncated, empty or non-image file (or a broken symbolic
+link with an image's name, or an image the network turns into NaN/inf) is skipped, logged
+by name with the reason, and listed in the manifest; the stage fails only when
+more than `features.max_failed_fraction` of the images fail. Two files with the
+same id (a.jpg and a.png) keep the first by file name; the others are logged
+and listed under "duplicates".
+
+Failures and concurrency: a write that fails (disk full, file-size limit, permission
+denied) stops the stage with one line naming the file and the cause
+(`cache.WriteError`); the previous features file is left as it was, and the chunks
+already written stay, so a rerun resumes from them. The stage (and `merge_feature_parts`)
+holds `cache.output_lock(output)` while it runs: a second run on the same output
+refuses in one line.
+
+Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
+to i modulo N, a split that stays put when images are added; the N part files
+are joined by `merge_feature_parts` into a cache identical to an unsharded run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner import cache, layout
+from captioner.data import feature_files, spatial
+from captioner.data.images import list_images
+from captioner.errors import CaptionerError
+from captioner.layout import features_parts_dir
+from captioner.vision.backbones import (
+    build_backbone,
+    extract_features,
+    extractor_params,
+    get_backbone,
+    is_tflite,
+    make_predict_fn,
+    normalize_weights,
+    open_tflite,
+    resolve_precision,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_FORMAT = 1  # bump when the chunk layout changes: old chunks are then discarded
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class ExtractResult:
+    """What `extract_stage` did; `summary()` is the line the CLI prints."""
+
+    output: Path
+    up_to_date: bool = False
+    images: int = 0  # ids in the output
+    extracted: int = 0  # went through the network in this run
+    reused: int = 0  # taken from the previous output or from an interrupted run's chunks
+    resumed: int = 0  # of `reused`, how many came from chunks of an interrupted run
+    failed: dict[str, str] = field(default_factory=dict)  # file name -> reason
+    duplicates: dict[str, str] = field(default_factory=dict)  # file name -> why it was left out
+    feature_dim: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return f"up to date: {self.output} ({self.images} images)"
+        reused = f"{self.reused} reused" + (f" ({self.resumed} from an interrupted run)" if self.resumed else "")
+        shard = f", shard {self.params['shard']}" if self.params.get("shard") else ""
+        text = (
+            f"extracted {self.extracted} new, {reused}, {len(self.failed)} failed -> {self.output} "
+            f"({self.feature_dim}-d, {self.params.get('backbone')} {self.params.get('layer')}, "
+            f"weights {self.params.get('weights')}{shard})"
+        )
+        if self.duplicates:
+            text += f"; {len(self.duplicates)} duplicate ids left out (see the manifest)"
+        return text
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    parts: int = 0
+    images: int = 0
+    feature_dim: int = 0
+    up_to_date: bool = False
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return f"up to date: {self.output} ({self.images} images)"
+        return f"merged {self.parts} parts -> {self.output} ({self.images} images, {self.feature_dim}-d)"
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """"i/N" -> (i, N) with 0 <= i < N; "" -> None. CaptionerError for anything else."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    index, slash, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not slash or n < 1 or not 0 <= i < n:
+        raise CaptionerError(f"bad shard {text!r} (features.shard): expected i/N with 0 <= i < N, e.g. 0/4")
+    return i, n
+
+
+def shard_of(image_id: str, count: int) -> int:
+    """Which of `count` shards an id belongs to: stable across runs, machines and added images."""
+    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an image file; of the link itself for a broken symbolic link (reported as failed)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = path.lstat()
+    return int(stat.st_size), int(stat.st_mtime_ns)
+
+
+def _chunk_digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _stacked(vectors: list[np.ndarray]) -> np.ndarray:
+    """A chunk's features: vectors float32 [n, D]; maps float16 [n, H, W, C] (half the disk: the map
+    file stores float16 anyway, so resuming from them gives the same file)."""
+    if not vectors:
+        return np.zeros((0, 0), np.float32)
+    stacked = np.stack(vectors)
+    return stacked.astype(spatial.MAP_DTYPE if stacked.ndim == 4 else np.float32)
+
+
+class _Chunks:
+    """Finished work of an unfinished run: `<output>.parts/chunk-NNNNNN.npz` + `params.json`.
+
+    Each chunk holds, for its images, the id, file name, size, mtime and either
+    the feature vector or the failure reason, plus a SHA-256 of all of it.
+    """
+
+    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
+        self.folder = folder
+        self.key = {"chunk_format": CHUNK_FORMAT, **key}
+        self.next_index = 0
+
+    def open(self) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]]:
+        """Valid chunk records by file name: ((size, mtime_ns), vector or None, reason or None)."""
+        records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] = {}
+        params_file = self.folder / "params.json"
+        if self.folder.is_dir():
+            try:
+                saved = json.loads(params_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = None
+            if saved != self.key:
+                log.info("features: discarding chunks in %s (made with other params)", self.folder)
+                with cache.reporting_write_errors(self.folder):
+                    shutil.rmtree(self.folder)
+        with cache.reporting_write_errors(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        cache.atomic_write_json(params_file, self.key)
+        for chunk in sorted(self.folder.glob("chunk-*.npz")):
+            loaded = self._read(chunk)
+            if loaded is None:
+                log.warning("features: chunk %s is corrupt or incomplete; its images will be redone", chunk.name)
+                chunk.unlink()
+                continue
+            records.update(loaded)
+            with contextlib.suppress(ValueError):
+                self.next_index = max(self.next_index, int(chunk.stem.split("-")[1]) + 1)
+        return records
+
+    @staticmethod
+    def _read(chunk: Path) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] | None:
+        try:
+            with np.load(chunk, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            return None
+        stored = arrays.pop("sha256", None)
+        if stored is None or str(stored) != _chunk_digest(arrays):
+            return None
+        try:
+            names, sizes, mtimes = arrays["names"], arrays["sizes"], arrays["mtimes"]
+            ok, features, reasons = arrays["ok"], arrays["features"], arrays["reasons"]
+        except KeyError:
+            return None
+        if not (len(names) == len(sizes) == len(mtimes) == len(ok) == len(reasons)) or len(features) != ok.sum():
+            return None
+        records = {}
+        row = 0
+        for i, name in enumerate(names):
+            key = (int(sizes[i]), int(mtimes[i]))
+            if ok[i]:
+                value = features[row]
+                # vectors as float32 (what a features file holds); maps as stored (float16, as the map file holds)
+                records[str(name)] = (key, value if value.ndim == 3 else value.astype(np.float32), None)
+                row += 1
+            else:
+                records[str(name)] = (key, None, str(reasons[i]))
+        return records
+
+    def write(self, items: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]]) -> Path:
+        vectors = [vector for _, _, vector, _ in items if vector is not None]
+        arrays = {
+            "names": np.array([path.name for path, _, _, _ in items], dtype=str),
+            "sizes": np.array([key[0] for _, key, _, _ in items], dtype=np.int64),
+            "mtimes": np.array([key[1] for _, key, _, _ in items], dtype=np.int64),
+            "ok": np.array([vector is not None for _, _, vector, _ in items], dtype=bool),
+            "reasons": np.array([reason or "" for _, _, _, reason in items], dtype=str),
+            "features": _stacked(vectors),
+        }
+        arrays["sha256"] = np.array(_chunk_digest(arrays))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path = self.folder / f"chunk-{self.next_index:06d}.npz"
+        self.next_index += 1
+        cache.atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def parts_folder_for(output: str | Path) -> Path:
+    """Where an unfinished extraction into `output` keeps its chunks (`layout.features_parts_dir`)."""
+    return features_parts_dir(output)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[str, Path], dict[str, str]]:
+    """id -> path for this run's images (after duplicate ids and sharding), and the duplicates left out."""
+    chosen: dict[str, Path] = {}
+    duplicates: dict[str, str] = {}
+    for path in list_images(folder):  # sorted by file name: the first of a.jpeg, a.jpg, a.png wins
+        image_id = layout.image_id(path)
+        if image_id in chosen:
+            duplicates[path.name] = f"duplicate id {image_id!r}: kept {chosen[image_id].name}"
+            log.warning("features: %s left out: same id %r as %s", path.name, image_id, chosen[image_id].name)
+            continue
+        chosen[image_id] = path
+    if shard is not None:
+        index, count = shard
+        chosen = {key: path for key, path in chosen.items() if shard_of(key, count) == index}
+    return chosen, duplicates
+
+
+def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """Features and per-file keys of the last finished run, when made the same way and still intact."""
+    previous = stage.previous()
+    if previous is None or previous.get("stage") != "features" or not output.is_file():
+        return {}, {}
+    old_params = {k: v for k, v in previous.get("params", {}).items() if k != "shard"}
+    if old_params != {k: v for k, v in key.items() if k != "weights_file"}:
+        return {}, {}
+    if previous.get("inputs", {}).get("weights") != key.get("weights_file"):
+        return {}, {}
+    stat = output.stat()
+    recorded = previous.get("outputs", {}).get(str(output), {})
+    if recorded.get("size") != stat.st_size or recorded.get("mtime_ns") != stat.st_mtime_ns:
+        return {}, {}
+    try:
+        features = _load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
+    except CaptionerError as error:
+        log.warning("features: not reusing %s: %s", output, error)
+        return {}, {}
+    return features, previous.get("extra", {}).get("files", {})
+
+
+def _load_maps(path: Path) -> dict[str, np.ndarray]:
+    """A map file's maps, id -> float16 [H, W, C] (as stored; a truncated file is a CaptionerError)."""
+    with spatial.MapFile(path) as maps:
+        loaded: dict[str, np.ndarray] = {}
+        for ids, batch in maps.batches(maps.ids, 256):
+            for image_id, grid in zip(ids, batch):
+                loaded[image_id] = grid.reshape(maps.height, maps.width, maps.channels).astype(spatial.MAP_DTYPE)
+        return loaded
+
+
+def _fits_float16(vector: np.ndarray) -> bool:
+    """Whether a map survives the map file's float16 (no value beyond its range)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(vector.astype(spatial.MAP_DTYPE)).all())
+
+
+def _check_kind(output: Path, maps_out: bool, vector: np.ndarray, layer: str) -> None:
+    """A convolutional map goes to a map file (.h5), a pooled vector to a vector file; else one line naming both."""
+    if vector.ndim == 3 and not maps_out:
+        raise CaptionerError(
+            f"layer {layer!r} gives maps of {'x'.join(map(str, vector.shape))}, not pooled vectors; write them to "
+            f"an HDF5 map file (--output {output.with_suffix('.h5')}) for model.kind=attention"
+        )
+    if vector.ndim != 3 and maps_out:
+        raise CaptionerError(
+            f"layer {layer!r} gives {list(vector.shape)} vectors, not [H, W, C] maps; {output} is a map file: "
+            "name a convolutional layer with --layer (or write pooled vectors to a .pkl)"
+        )
+
+
+def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[str, Any], batch: int) -> None:
+    """Writes id -> [H, W, C] maps into the map file `output`, atomically: a temporary file beside it
+    is written and only then renamed over it (a killed run leaves the previous file as it was)."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    first = next(iter(features.values()))
+    height, width, channels = first.shape
+    ids = list(features)
+    try:
+        with spatial.open_map_writer(tmp, grid=(height, width), channels=channels, provenance=provenance,
+                                     force=True) as writer:
+            for begin in range(0, len(ids), batch):
+                part = ids[begin : begin + batch]
+                writer.append(part, np.stack([features[i] for i in part]))
+        with cache.reporting_write_errors(output):
+            tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def extract_stage(
+    config: Any,
+    force: bool = False,
+    *,
+    model_factory: Callable[[], Any] | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Stage 1 (see the module docstring): `config.features.images` -> `config.features.output`.
+
+    model_factory: builds the network instead of `build_backbone` (tests use a tiny
+    one; the manifest still records the configured params). after_chunk: called with
+    the number of chunks written so far, after each one (tests use it to simulate a
+    crash). Raises CaptionerError for a missing/empty folder, bad options, an
+    unreadable weights file, or too many unreadable images.
+    """
+    started = time.monotonic()
+    fc = config.features
+    # Ranges (batch_size, chunk_size, resample, ...) are checked by the config; the rest here.
+    tflite_weights = is_tflite(fc.weights)
+    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
+    weights = normalize_weights(fc.weights)
+    shard = parse_shard(fc.shard)
+    folder = Path(fc.images)
+    output = Path(fc.output)
+    maps_out = spatial.is_map_file(output)  # a convolutional map per image, into an HDF5 map file
+    if not folder.is_dir():
+        raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
+    if maps_out and shard is not None:
+        raise CaptionerError(
+            f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors"
+        )
+    tflite = None
+    if tflite_weights:
+        # Opened before anything is written: a file that is not a model, or not one of this
+        # family, is refused in one line. Milliseconds; the sha256 is computed once.
+        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers, maps=maps_out)
+        if fc.precision not in ("float32", "auto"):
+            log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision, weights)
+        precision = ""
+    else:
+        precision = resolve_precision(fc.precision)
+
+    # One run per output: a second extraction into the same file refuses in one line.
+    with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
+        params = extractor_params(spec.name, fc.layer, weights, fc.resample, precision, tflite)
+        params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
+        inputs: dict[str, Path] = {"images": folder}
+        if weights not in ("imagenet", "none"):
+            inputs["weights"] = Path(weights).expanduser()
+        stage = cache.Stage("features", cache.manifest_path_for(output), inputs, params, [output])
+        if not force and stage.up_to_date():
+            previous = stage.previous() or {}
+            extra = previous.get("extra", {})
+            return ExtractResult(
+                output=output,
+                up_to_date=True,
+                images=int(extra.get("images", 0)),
+                feature_dim=int(extra.get("feature_dim", 0)),
+                failed=dict(extra.get("failed", {})),
+                params=params,
+                seconds=time.monotonic() - started,
+            )
+
+        images, duplicates = _select_images(folder, shard)
+        # What makes two runs' features interchangeable (everything but the shard).
+        key = {k: v for k, v in params.items() if k != "shard"}
+        key["weights_file"] = stage.input_fingerprints().get("weights")
+
+        previous, previous_files = ({}, {}) if force else _previous_features(stage, output, key)
+        chunks = _Chunks(parts_folder_for(output), key)
+        if force:
+            chunks.remove()
+        chunk_records = chunks.open()
+
+        features: dict[str, np.ndarray] = {}
+        failed: dict[str, str] = {}
+        files: dict[str, list[int]] = {}
+        todo: list[Path] = []
+        reused = resumed = 0
+        for image_id, path in images.items():
+            file_key = _file_key(path)
+            files[path.name] = list(file_key)
+            record = chunk_records.get(path.name)
+            if record is not None and record[0] == file_key:
+                resumed += 1
+                if record[1] is not None:
+                    features[image_id] = record[1]
+                else:
+                    failed[path.name] = record[2] or "unreadable"
+                continue
+            if image_id in previous and previous_files.get(path.name) == list(file_key):
+                features[image_id] = previous[image_id]
+                reused += 1
+                continue
+            todo.append(path)
+        reused += resumed
+        log.info(
+            "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
+            len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
+        )
+
+        extracted = 0
+        if todo:
+            if tflite is not None:
+                predict = tflite  # uint8 pixels in, each image computed alone
+            elif model_factory is not None:
+                predict = make_predict_fn(model_factory())
+            else:
+                predict = make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
+            pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
+            written = 0
+            kind_checked = False
+            run_start = time.monotonic()
+            for path, vector, error in extract_features(
+                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
+                backbone=spec.name, pixels=tflite is not None,
+            ):
+                if vector is not None and not kind_checked:
+                    _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
+                    kind_checked = True
+                if vector is not None and not np.isfinite(vector).all():
+                    # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
+                    vector, error = None, "the network gave non-finite features (NaN or inf)"
+                elif vector is not None and maps_out and not _fits_float16(vector):
+                    vector, error = None, "the network gave values beyond float16's range for the map file"
+                pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
+                if vector is not None:
+                    # maps are kept as stored (float16): half the memory of a whole folder's maps
+                    features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
+                    extracted += 1
+                else:
+                    failed[path.name] = error or "unreadable"
+                    log.warning("features: skipped %s: %s", path.name, error)
+                if len(pending) >= fc.chunk_size:
+                    chunks.write(pending)
+                    pending = []
+                    written += 1
+                    if after_chunk is not None:
+                        after_chunk(written)
+            if pending:
+                chunks.write(pending)
+                written += 1
+                if after_chunk is not None:
+                    after_chunk(written)
+            elapsed = time.monotonic() - run_start
+            log.info("features: %d images through the network in %.1f s (%.2f images/s)",
+                     len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+
+        total = len(images)
+        if failed:
+            log.warning("features: %d of %d images could not be read: %s", len(failed), total,
+                        "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
+        if total and len(failed) / total > fc.max_failed_fraction:
+            first = sorted(failed.items())[0]
+            raise CaptionerError(
+                f"{len(failed)} of {total} images in {folder} could not be read, more than "
+                f"features.max_failed_fraction={fc.max_failed_fraction} (first: {first[0]}: {first[1]})"
+            )
+
+        ordered = {image_id: features[image_id] for image_id in sorted(features)}
+        dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
+        feature_dim = dims.pop() if dims else 0
+        extra_maps: dict[str, Any] = {}
+        if maps_out:
+            if not ordered:
+                raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
+            _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
+            extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
+        else:
+            feature_files.save_features(output, ordered)
+        stage.finish(
+            config,
+            extra={
+                **extra_maps,
+                "images": len(ordered),
+                "feature_dim": feature_dim,
+                "extracted": extracted,
+                "reused": reused,
+                "failed": failed,
+                "duplicates": duplicates,
+                "files": files,
+            },
+        )
+        chunks.remove()
+        return ExtractResult(
+            output=output,
+            images=len(ordered),
+            extracted=extracted,
+            reused=reused,
+            resumed=resumed,
+            failed=failed,
+            duplicates=duplicates,
+            feature_dim=feature_dim,
+            params=params,
+            seconds=time.monotonic() - started,
+        )
+
+
+# --------------------------------------------------------------------------- merging shards
+
+
+def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
+    """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
+
+    Every part needs its manifest (stage "features", a shard "i/N"); all must share
+    params (backbone, layer, weights, resample, precision), N, and the image folder
+    state; together they must cover shards 0..N-1 once each, and each id must belong
+    to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
+    ids) and its manifest (stage "merge-features", the shared params without shard).
+    """
+    parts = [Path(p) for p in parts]
+    output = Path(output)
+    if not parts:
+        raise CaptionerError("merge-features: no part files given")
+    manifests = []
+    for part in parts:
+        if not part.is_file():
+            raise CaptionerError(f"part file not found: {part}")
+        manifest = cache.read_manifest(part)
+        if manifest is None or manifest.get("stage") != "features":
+            raise CaptionerError(f"{part}: no features manifest beside it ({cache.manifest_path_for(part).name})")
+        if not manifest.get("params", {}).get("shard"):
+            raise CaptionerError(f"{part}: not a shard part (extracted without --shard)")
+        manifests.append(manifest)
+
+    shared = {k: v for k, v in manifests[0]["params"].items() if k != "shard"}
+    shards: dict[int, Path] = {}
+    count = None
+    for part, manifest in zip(parts, manifests):
+        own = {k: v for k, v in manifest["params"].items() if k != "shard"}
+        if own != shared:
+            differing = sorted(k for k in set(own) | set(shared) if own.get(k) != shared.get(k))
+            raise CaptionerError(f"{part}: extracted with different params than {parts[0]} ({', '.join(differing)})")
+        if manifest.get("inputs") != manifests[0].get("inputs"):
+            raise CaptionerError(
+                f"{part}: extracted from a different image folder (or weights) state than {parts[0]}; "
+                "re-extract the parts from the same folder"
+            )
+        index, n = parse_shard(manifest["params"]["shard"])  # type: ignore[misc]
+        if count is None:
+            count = n
+        elif n != count:
+            raise CaptionerError(f"{part}: shard {index}/{n} does not belong to a {count}-way split")
+        if index in shards:
+            raise CaptionerError(f"{part} and {shards[index]} are both shard {index}/{n}")
+        shards[index] = part
+    assert count is not None
+    missing = [f"{i}/{count}" for i in range(count) if i not in shards]
+    if missing:
+        raise CaptionerError(f"merge-features: missing shard parts {', '.join(missing)}")
+
+    # One run per output, as for extraction.
+    with cache.output_lock(output):
+        ordered_parts = [shards[i] for i in range(count)]  # by shard index: the order given does not matter
+        stage = cache.Stage("merge-features", cache.manifest_path_for(output), {"parts": ordered_parts}, shared, [output])
+        if stage.up_to_date():
+            extra = (stage.previous() or {}).get("extra", {})
+            return MergeResult(
+                output, parts=len(parts), images=int(extra.get("images", 0)),
+                feature_dim=int(extra.get("feature_dim", 0)), up_to_date=True,
+            )
+
+        merged: dict[str, np.ndarray] = {}
+        owner: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        duplicates: dict[str, str] = {}
+        for index, part in sorted(shards.items()):
+            for image_id, vector in feature_files.load_features_file(part).items():
+                if image_id in merged:
+                    raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
+                if shard_of(image_id, count) != index:
+                    raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
+                merged[image_id] = vector
+                owner[image_id] = part
+            extra = manifests[parts.index(part)].get("extra", {})
+            failed.update(extra.get("failed", {}))
+            duplicates.update(extra.get("duplicates", {}))
+        ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+        dims = {vector.shape[0] for vector in ordered.values()}
+        if len(dims) > 1:
+            raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")
+        feature_dim = dims.pop() if dims else 0
+        feature_files.save_features(output, ordered)
+        stage.finish(
+            None,
+            extra={
+                "images": len(ordered),
+                "feature_dim": feature_dim,
+                "shards": count,
+                "failed": failed,
+                "duplicates": duplicates,
+            },
+        )
+        return MergeResult(output, parts=len(parts), images=len(ordered), feature_dim=feature_dim)

@@ -36,6 +36,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from captioner.config import to_dict
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,6 @@ class Stage:
 
     def finish(self, config: Any = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Records a finished run. Call after every output has been written."""
-        from captioner.config import (
-            to_dict,  # local: config imports nothing from here, keep it that way
-        )
 
         manifest = {
             "version": MANIFEST_VERSION,

@@ -22,7 +22,15 @@ from typing import Any
 
 from captioner import config as config_lib
 from captioner import runtime
+from captioner.data.demo import make_demo_data
+from captioner.decoding.inference import caption_files
 from captioner.errors import CaptionerError
+from captioner.stages.evaluation import evaluate_stage
+from captioner.stages.features import extract_stage, merge_feature_parts
+from captioner.stages.finetune import finetune_stage
+from captioner.stages.prepare import prepare_stage
+from captioner.stages.training import train_stage
+from captioner.vision.quantize import quantize_config_stage
 
 log = logging.getLogger("captioner")
 
@@ -252,35 +260,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             runtime.import_keras()  # before the stage imports it: the backend's start-up chatter stays off stderr
 
         if args.command == "demo-data":
-            from captioner.data.demo import make_demo_data
 
             return _print_summary(make_demo_data(config.demo, config=config))
         if args.command == "extract":
-            from captioner.stages.features import extract_stage
 
             return _print_summary(extract_stage(config, force=force))
         if args.command == "quantize":
-            from captioner.vision.quantize import quantize_config_stage
 
             return _print_summary(quantize_config_stage(config))
         if args.command == "merge-features":
-            from captioner.stages.features import merge_feature_parts
 
             return _print_summary(merge_feature_parts([Path(p) for p in args.parts], Path(args.output)))
         if args.command == "prepare":
-            from captioner.stages.prepare import prepare_stage
 
             return _print_summary(prepare_stage(config, force=force))
         if args.command == "train":
-            from captioner.stages.training import train_stage
 
             return _print_summary(train_stage(config, force=force, resume=args.resume))
         if args.command == "finetune":
-            from captioner.stages.finetune import finetune_stage
 
             return _print_summary(finetune_stage(config, force=force, resume=args.resume))
         if args.command == "evaluate":
-            from captioner.stages.evaluation import evaluate_stage
 
             return _print_summary(evaluate_stage(config, force=force, models=ensemble_members(args, config)))
         if args.command == "serve":
@@ -301,7 +301,6 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.verbose, quiet=True)
         config = resolve_config("caption", args, _split_overrides(extra))
         runtime.import_keras()
-        from captioner.decoding.inference import caption_files
 
         models = [Path(m) for m in ensemble_members(args, config)]
         outcomes = caption_files(

@@ -23,7 +23,7 @@ from captioner.models.attention import (
     AttentionLSTM,
     AttentionStepModel,
     build_attention_model,
-    is_attention_model,
+    is_model,
     map_shape,
 )
 
@@ -80,7 +80,7 @@ def test_parameter_counts_match_a_hand_computation():
         "deep_context": 3 * 5 + 5,
         "logits": 5 * 11 + 11,
     }
-    assert is_attention_model(model) and map_shape(model) == (POSITIONS, CHANNELS)
+    assert is_model(model) and map_shape(model) == (POSITIONS, CHANNELS)
     assert [t.name for t in model.inputs] == ["image_map", "input_ids"]
 
 

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from captioner import cache
+from captioner.data.feature_files import load_features_file
 from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -431,7 +432,6 @@ def expect_map_file(path: str | Path, positions: int | None = None, channels: in
         return
     found = "pooled feature vectors [N, D]"
     if path.is_file():
-        from captioner.data.feature_files import load_features_file
 
         try:
             vectors = load_features_file(path)

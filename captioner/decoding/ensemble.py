@@ -43,8 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from captioner.data.tokenizer import Tokenizer
 from captioner.decoding.beam import split_step_output
 from captioner.errors import CaptionerError
+from captioner.layout import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +188,6 @@ class _Described:
 
 def _described(model_dir: Path) -> _Described:
     """A model directory's tokenizer and config.json facts, without loading its model."""
-    from captioner.data.tokenizer import Tokenizer
-    from captioner.layout import TOKENIZER_FILE
     from captioner.models import directory as model_lib
 
     if not model_dir.is_dir():

@@ -57,8 +57,13 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 
 from captioner.config import DecodeConfig, FeaturesConfig
+from captioner.data.images import ImageError, load_image, resample_filter
+from captioner.decoding.beam import BannedWords, beam_search_n_best
+from captioner.decoding.explain import save_attention_strip, strip_file_names
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
+from captioner.models import registry
+from captioner.vision import backbones
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +198,6 @@ def _load_models(model_dirs: list[Path]) -> Any:
 
 def _stepper(loaded: Any, allow_unk: bool) -> Any:
     """The model's step function, never proposing pad, start (and unk unless allowed)."""
-    from captioner.decoding.beam import BannedWords
 
     tokenizer = loaded.tokenizer
     banned = [tokenizer.pad_id, tokenizer.start_id] + ([] if allow_unk else [tokenizer.unk_id])
@@ -209,7 +213,6 @@ def _beam_search(
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Beam]]:
     """float32 [N, D] -> per image its `n_best` beams, best first, in chunks of decode.batch_size."""
-    from captioner.decoding.beam import beam_search_n_best
 
     image_features = np.asarray(image_features, dtype=np.float32)
     results: list[list[Beam]] = []
@@ -307,8 +310,6 @@ class Captioner:
         decode: DecodeConfig | None = None,
         backbone_weights: str | Path | None = None,
     ) -> None:
-        from captioner.data.images import resample_filter
-        from captioner.vision import backbones
 
         self.model_dirs = _model_dirs(model_dir)
         self.model_dir = self.model_dirs[0]
@@ -335,13 +336,14 @@ class Captioner:
         # Exactly the extractor the features were made with (a weights file is checked by its SHA-256).
         self.kind = loaded.kind  # "merge" or "attention" (ModelConfig.kind)
         # attention: the grid (h, w) of the maps the model takes; their channels are feature_dim
-        self.map_grid = tuple(loaded.info["map_grid"]) if self.kind == "attention" else None
+        self.decoder = registry.get(self.kind)
+        self.map_grid = tuple(loaded.info["map_grid"]) if self.decoder.takes_maps else None
         self.extractor = backbones.build_extractor(
             provenance,
             weights_file=backbone_weights,
             batch_size=self.batch_size,
             defaults={"weights": _FEATURES_DEFAULTS.weights, "precision": _FEATURES_DEFAULTS.precision},
-            maps=self.kind == "attention",
+            maps=self.decoder.takes_maps,
         )
         if self.extractor.feature_dim != self.feature_dim:
             raise CaptionerError(
@@ -369,7 +371,6 @@ class Captioner:
         """
         from PIL import Image
 
-        from captioner.data.images import ImageError, load_image, resample_filter
 
         height, width = self.image_size
         if not isinstance(image, np.ndarray):
@@ -446,9 +447,8 @@ class Captioner:
         return that many top beams in `.beams` (None: only the best caption). An image
         that cannot be used gets its reason in `.error` and the others are still captioned.
         """
-        from captioner.data.images import ImageError
 
-        if explain and self.kind != "attention":
+        if explain and not self.decoder.explains:
             raise CaptionerError(
                 f"--explain needs an attention model (model.kind=attention); {self.model_dir} is a {self.kind} model"
             )
@@ -514,10 +514,6 @@ def caption_files(
     paths = [Path(p) for p in image_paths]
     outcomes = captioner.caption(paths, explain=explain_dir is not None)
     if explain_dir is not None:
-        from captioner.decoding.explain import (
-            save_attention_strip,
-            strip_file_names,
-        )
 
         assert captioner.map_grid is not None  # caption(explain=True) refused any other model
         for outcome, name in zip(outcomes, strip_file_names(paths)):

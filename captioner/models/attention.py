@@ -56,6 +56,7 @@ computed once per image and carried in the decoding state.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -64,12 +65,13 @@ import numpy as np
 from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.layout import CONFIG_FILE
 from captioner.models.stepping import compile_step, run_step
 
 log = logging.getLogger(__name__)
 
 # The layers `AttentionStepModel` and model loading look up: a Keras file without them is another model.
-ATTENTION_LAYERS = (
+LAYERS = (
     "init_h", "init_c", "map_projection", "embedding", "attention_lstm", "deep_h", "deep_context", "logits"
 )
 # The per-step extra output the step model returns, and `DecodedCaption.extras` then holds.
@@ -290,7 +292,7 @@ def build_attention_model(positions: int, channels: int, vocab_size: int, model:
     return keras.Model(inputs=[image_map, input_ids], outputs=logits, name="attention_captioner")
 
 
-def is_attention_model(model: keras.Model) -> bool:
+def is_model(model: keras.Model) -> bool:
     """Whether a Keras model is `build_attention_model`'s (it has the `attention_lstm` layer)."""
     return any(layer.name == "attention_lstm" for layer in model.layers)
 
@@ -383,12 +385,50 @@ class AttentionStepModel:
         return log_probs, [image_map, projected, h, c], {ATTENTION_EXTRA: alpha}
 
 
+
+# --------------------------------------------------------------------------- the registry's protocol
+
+
+def build(features: Any, vocab_size: int, model: ModelConfig) -> keras.Model:
+    """`build_attention_model` for `models.registry`: `features` is a FeatureShape (positions, dim)."""
+    return build_attention_model(features.positions, features.dim, vocab_size, model)
+
+
+def step_model(model: keras.Model) -> AttentionStepModel:
+    return AttentionStepModel(model)
+
+
+def check_loaded(model_dir: Path, model: keras.Model, config: Any, info: dict[str, Any]) -> None:
+    """The model's maps (positions, channels) against config.json's map_grid and feature_dim."""
+    positions, channels = map_shape(model)
+    grid = info.get("map_grid")
+    if (
+        not isinstance(grid, list) or len(grid) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid)
+    ):
+        raise CaptionerError(f"{Path(model_dir) / CONFIG_FILE}: an attention model needs map_grid [H, W], got {grid!r}")
+    if grid[0] * grid[1] != positions or channels != info["feature_dim"]:
+        raise CaptionerError(
+            f"model directory {model_dir}: the model takes maps of {positions} positions x {channels} channels, "
+            f"{CONFIG_FILE} says {grid[0]}x{grid[1]}x{info['feature_dim']}"
+        )
+
+
+def finetune_regularisers(model: keras.Model) -> list[tuple[Any, str]]:
+    """The doubly stochastic penalty, which SCST switches off as it does dropout."""
+    return [(layer, "doubly_stochastic") for layer in model.layers if isinstance(layer, AttentionLSTM)]
+
+
 __all__ = [
     "ATTENTION_EXTRA",
-    "ATTENTION_LAYERS",
+    "LAYERS",
     "AttentionLSTM",
     "AttentionStepModel",
     "build_attention_model",
-    "is_attention_model",
+    "is_model",
+    "build",
+    "check_loaded",
+    "finetune_regularisers",
+    "step_model",
     "map_shape",
 ]

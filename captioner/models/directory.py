@@ -10,9 +10,8 @@ A model directory (written by training, read by `load_model_dir`; file names in
                      (model.kind "attention", `captioner.models.attention`) also "map_grid": [H, W],
                      and its feature_dim is the maps' channels C
 
-`load_model_dir` loads either kind; `LoadedModel.step_model()` is the matching step
-function (`StepModel`, or `captioner.models.attention.AttentionStepModel`, whose steps also
-return the attention weights).
+`load_model_dir` loads any kind of `captioner.models.registry`; `LoadedModel.step_model()`
+is that kind's step model (an attention model's steps also return its attention weights).
 
 Loading checks what it reads and says what is wrong in one line naming the file:
 a missing file, a `model.keras` that is corrupt or not a Keras model file (Keras
@@ -43,12 +42,10 @@ import keras
 from captioner import cache
 from captioner import config as config_lib
 from captioner.config import Config
+from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError, ConfigError
 from captioner.layout import CONFIG_FILE, MODEL_DIR_FILES, MODEL_FILE, TOKENIZER_FILE
-from captioner.models import (
-    attention as attention_lib,  # registers AttentionLSTM: attention .keras files load
-)
-from captioner.models.merge import INIT_INJECT_LAYERS, MERGE_LAYERS, StepModel
+from captioner.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +112,18 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def decoder(self) -> registry.DecoderKind:
+        """The model's decoder kind (`models.registry`), recognised from the Keras model itself."""
+        return registry.kind_of(self.model)
+
+    @property
     def kind(self) -> str:
-        """"attention" for a `captioner.models.attention` model, else "merge" (ModelConfig.kind)."""
-        return "attention" if attention_lib.is_attention_model(self.model) else "merge"
+        """The kind's name, as ModelConfig.kind spells it."""
+        return self.decoder.name
 
     def step_model(self) -> Any:
-        """The decoding step function: `StepModel`, or `captioner.models.attention.AttentionStepModel`."""
-        if self.kind == "attention":
-            return attention_lib.AttentionStepModel(self.model)
-        return StepModel(self.model)
+        """The decoding step function of the model's kind (initial_state, step)."""
+        return self.decoder.implementation.step_model(self.model)
 
 
 def _kind(value: Any) -> str:
@@ -226,26 +226,11 @@ def load_keras_model(path: str | Path) -> keras.Model:
     if damaged is not None:
         raise corrupt(f"{damaged} inside it is damaged")
     try:
+        registry.load_implementations()  # their custom layers, which Keras must know to load
         return keras.models.load_model(path, compile=False)
     except (ValueError, OSError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError) as error:
         lines = str(error).strip().splitlines()
         raise corrupt(lines[0] if lines else type(error).__name__) from None
-
-
-def _check_map_grid(model_dir: Path, model: keras.Model, info: dict[str, Any]) -> None:
-    """An attention model's maps (positions, channels) against config.json's map_grid and feature_dim."""
-    positions, channels = attention_lib.map_shape(model)
-    grid = info.get("map_grid")
-    if (
-        not isinstance(grid, list) or len(grid) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid)
-    ):
-        raise CaptionerError(f"{Path(model_dir) / CONFIG_FILE}: an attention model needs map_grid [H, W], got {grid!r}")
-    if grid[0] * grid[1] != positions or channels != info["feature_dim"]:
-        raise CaptionerError(
-            f"model directory {model_dir}: the model takes maps of {positions} positions x {channels} channels, "
-            f"{CONFIG_FILE} says {grid[0]}x{grid[1]}x{info['feature_dim']}"
-        )
 
 
 def load_model_dir(model_dir: str | Path) -> LoadedModel:
@@ -255,7 +240,6 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     incompatible or damaged config.json, a corrupt model.keras, a Keras model that is
     not the merge model, or a model that does not match its config.json and tokenizer.
     """
-    from captioner.data.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -268,16 +252,16 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     model_path = model_dir / MODEL_FILE
     model = load_keras_model(model_path)
     present = {layer.name for layer in model.layers}
-    attention = attention_lib.is_attention_model(model)
-    expected_layers = attention_lib.ATTENTION_LAYERS if attention else MERGE_LAYERS
-    absent = [name for name in expected_layers if name not in present]
+    decoder = registry.kind_of(model)
+    absent = [name for name in decoder.implementation.LAYERS if name not in present]
     if absent:
-        what = "attention" if attention else "merge"
-        raise CaptionerError(f"{model_path}: a Keras model, but not a captioner {what} model (no layer {absent[0]!r})")
-    if attention != (config.model.kind == "attention"):
         raise CaptionerError(
-            f"model directory {model_dir}: model.keras is {'an attention' if attention else 'a merge'} model, "
-            f"{CONFIG_FILE} says model.kind {config.model.kind!r}"
+            f"{model_path}: a Keras model, but not a captioner {decoder.name} model (no layer {absent[0]!r})"
+        )
+    if decoder.name != config.model.kind:
+        raise CaptionerError(
+            f"model directory {model_dir}: model.keras is {'an' if decoder.name[0] in 'aeiou' else 'a'} "
+            f"{decoder.name} model, {CONFIG_FILE} says model.kind {config.model.kind!r}"
         )
     vocab_size = int(model.get_layer("logits").units)
     if vocab_size != info["vocab_size"] or vocab_size != tokenizer.vocab_size:
@@ -285,21 +269,7 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
             f"model directory {model_dir}: the model has {vocab_size} words, {CONFIG_FILE} says "
             f"{info['vocab_size']}, {TOKENIZER_FILE} has {tokenizer.vocab_size}"
         )
-    if attention:
-        _check_map_grid(model_dir, model, info)
-    else:
-        injects = all(name in present for name in INIT_INJECT_LAYERS)
-        if injects != config.model.init_inject:
-            raise CaptionerError(
-                f"model directory {model_dir}: model.keras {'starts' if injects else 'does not start'} its LSTM "
-                f"from the image, {CONFIG_FILE} says model.init_inject {str(config.model.init_inject).lower()}"
-            )
-        feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
-        if feature_dim != info["feature_dim"]:
-            raise CaptionerError(
-                f"model directory {model_dir}: the model takes {feature_dim}-d features, "
-                f"{CONFIG_FILE} says {info['feature_dim']}"
-            )
-    log.info("loaded %s (%s model, %d words, %d-d features)", model_dir, "attention" if attention else "merge",
+    decoder.implementation.check_loaded(model_dir, model, config, info)
+    log.info("loaded %s (%s model, %d words, %d-d features)", model_dir, decoder.name,
              vocab_size, info["feature_dim"])
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)

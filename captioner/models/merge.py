@@ -28,6 +28,7 @@ about 5.5 M parameters (22 MB in model.keras).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -36,6 +37,7 @@ import numpy as np
 from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.layout import CONFIG_FILE
 from captioner.models.stepping import compile_step, run_step
 
 # The init-inject layers (`ModelConfig.init_inject`): the LSTM's starting h and c from the image.
@@ -141,6 +143,42 @@ class StepModel:
 
 
 # The layers `StepModel` and `load_model_dir` look up: a Keras file without them is another model.
-MERGE_LAYERS = ("image_dense", "embedding", "lstm", "decoder_dense", "logits")
+LAYERS = ("image_dense", "embedding", "lstm", "decoder_dense", "logits")
 
 
+# --------------------------------------------------------------------------- the registry's protocol
+
+
+def build(features: Any, vocab_size: int, model: ModelConfig) -> keras.Model:
+    """`build_model` for `models.registry`: `features` is a FeatureShape (one pooled vector of `dim`)."""
+    return build_model(features.dim, vocab_size, model)
+
+
+def is_model(model: keras.Model) -> bool:
+    present = {layer.name for layer in model.layers}
+    return all(name in present for name in LAYERS)
+
+
+def step_model(model: keras.Model) -> StepModel:
+    return StepModel(model)
+
+
+def check_loaded(model_dir: Path, model: keras.Model, config: Any, info: dict[str, Any]) -> None:
+    """init-inject and the feature width against config.json."""
+    present = {layer.name for layer in model.layers}
+    injects = all(name in present for name in INIT_INJECT_LAYERS)
+    if injects != config.model.init_inject:
+        raise CaptionerError(
+            f"model directory {model_dir}: model.keras {'starts' if injects else 'does not start'} its LSTM "
+            f"from the image, {CONFIG_FILE} says model.init_inject {str(config.model.init_inject).lower()}"
+        )
+    feature_dim = int(model.get_layer("image_dense").kernel.shape[0])
+    if feature_dim != info["feature_dim"]:
+        raise CaptionerError(
+            f"model directory {model_dir}: the model takes {feature_dim}-d features, "
+            f"{CONFIG_FILE} says {info['feature_dim']}"
+        )
+
+
+def finetune_regularisers(model: keras.Model) -> list[tuple[Any, str]]:
+    return []  # dropout only, which fine-tuning switches off for every kind

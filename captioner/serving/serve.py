@@ -63,6 +63,7 @@ from pydantic import BaseModel
 
 from captioner import layout
 from captioner.config import Config, DecodeConfig, ServeConfig
+from captioner.data.images import ImageError, load_image
 from captioner.decoding.inference import Beam
 from captioner.errors import CaptionerError
 
@@ -430,7 +431,6 @@ def prepare_image(upload: Upload, limits: ServeConfig, size: tuple[int, int], re
     """
     from PIL import Image, UnidentifiedImageError
 
-    from captioner.data.images import ImageError, load_image
 
     name = upload.file_name
     if upload.too_large:

@@ -53,7 +53,11 @@ from captioner import cache, layout
 from captioner.config import Config, to_dict
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_split
+from captioner.decoding.explain import strip_data_uri
 from captioner.errors import CaptionerError
+from captioner.models import registry
+from captioner.scoring import metrics as metrics_lib
+from captioner.scoring.metrics import BLEU_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +185,6 @@ def sentence_bleu4(references: list[list[str]], hypothesis: list[str]) -> float:
     """
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    from captioner.scoring.metrics import BLEU_WEIGHTS
 
     if not hypothesis:
         return 0.0
@@ -198,7 +201,6 @@ def score_captions(
 
     references: id -> reference captions; hypotheses: id -> generated caption, same ids.
     """
-    from captioner.scoring import metrics as metrics_lib
 
     scores = metrics_lib.score({image_id: references[image_id] for image_id in hypotheses}, hypotheses)
     corpus = {key: float(scores[key]) for key in METRIC_NAMES}
@@ -363,7 +365,6 @@ def _attention_strips(
         return {}
     from PIL import Image, ImageOps
 
-    from captioner.decoding.explain import strip_data_uri
     from captioner.models.directory import read_model_config
 
     _, info = read_model_config(model_dir)
@@ -519,8 +520,8 @@ def build_report(
     else:
         loaded = inference.load_model(members[0])
     width = inference.feature_dim(loaded, model_dir)
-    attention = getattr(loaded, "kind", "merge") == "attention"
-    if attention:
+    decoder = registry.get(loaded.kind)
+    if decoder.takes_maps:
         ids, missing, matrix = _map_rows(config.eval.features, references, loaded)
         bad: dict[str, str] = {}  # a map file holds no NaN/inf: its writer refuses them
     else:
@@ -548,7 +549,7 @@ def build_report(
             f"none of the {len(references)} {split} images in {split_path} has features in "
             f"{', '.join(config.eval.features)}{unusable_note}"
         )
-    if not attention:
+    if not decoder.takes_maps:
         matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
         if matrix.shape[1] != width:
             raise CaptionerError(
@@ -561,7 +562,7 @@ def build_report(
 
     log.info("evaluate: captioning %d %s images (beam %d)", len(ids), split, config.decode.beam_size)
     with tqdm(total=len(ids), desc=f"captioning {split}", unit="img", leave=False, disable=None) as bar:
-        if attention:  # the best beams, with the caption's attention per word
+        if decoder.explains:  # the best beams, with the caption's attention per word
             beams = inference.decode_beams(loaded, matrix, config.decode, progress=bar.update)
             decoded = [(beam.caption, -np.inf if beam.log_prob is None else beam.log_prob) for beam in beams]
             if attention_out is not None:

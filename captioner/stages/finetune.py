@@ -117,8 +117,11 @@ from captioner import config as config_lib
 from captioner.config import Config
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_prepared_split
-from captioner.decoding.beam import split_step_output
+from captioner.decoding.beam import BannedWords, beam_search, greedy, split_step_output
 from captioner.errors import CaptionerError, ConfigError
+from captioner.models import registry
+from captioner.scoring import metrics
+from captioner.scoring.rewards import CiderD
 from captioner.stages import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
@@ -563,7 +566,6 @@ class _Data:
 
 def _load_data(config: Config, paths: _Inputs) -> _Data:
     from captioner.models import directory as model_lib
-    from captioner.scoring.rewards import CiderD
 
     ft = config.finetune
     train_refs = _references(paths.train_json, ft.train_split)
@@ -571,7 +573,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     loaded = model_lib.load_model_dir(paths.model_dir)
     width = int(loaded.info["feature_dim"])
     map_grid = None
-    if loaded.kind == "attention":
+    if registry.get(loaded.kind).takes_maps:
         map_grid = tuple(loaded.info["map_grid"])
         train_ids, train_maps = _maps_of(paths, loaded, train_refs, ft.train_split)
         train_features = train_maps.astype(np.float16)  # as stored in the file: half the memory, exact
@@ -790,11 +792,9 @@ def _regularisers_off(model: Any) -> list[tuple[Any, str, float]]:
     (see the module docstring); returns (layer, attribute, value) to restore."""
     import keras
 
-    from captioner.models.attention import AttentionLSTM
-
     saved = [(layer, "rate", layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-    saved += [(layer, "doubly_stochastic", layer.doubly_stochastic)
-              for layer in model.layers if isinstance(layer, AttentionLSTM)]
+    saved += [(layer, attribute, getattr(layer, attribute))
+              for layer, attribute in registry.kind_of(model).implementation.finetune_regularisers(model)]
     for layer, attribute, _ in saved:
         setattr(layer, attribute, 0.0)
     return saved
@@ -826,7 +826,6 @@ def _banned_ids(tokenizer: Any, allow_unk: bool) -> list[int]:
 
 def _stepper(loaded: Any, allow_unk: bool) -> Any:
     """The step model, never proposing or sampling `_banned_ids`."""
-    from captioner.decoding.beam import BannedWords
 
     return BannedWords(loaded.step_model(), _banned_ids(loaded.tokenizer, allow_unk))
 
@@ -834,8 +833,6 @@ def _stepper(loaded: Any, allow_unk: bool) -> Any:
 def _dev_scores(stepper: Any, data: _Data, config: Config) -> tuple[float, float]:
     """(CIDEr-D, BLEU-4) of the val split decoded with finetune.select_beam_size and the decode
     section's other settings, scored as `evaluate` does."""
-    from captioner.decoding.beam import beam_search
-    from captioner.scoring import metrics
 
     decode = config.decode
     tokenizer = data.loaded.tokenizer
@@ -868,7 +865,6 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
                  rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray, int]:
     """One SCST step on train images `images` (int [B]); returns (loss, rewards float64 [B*K],
     baselines float64 [B*K], target words trained on)."""
-    from captioner.decoding.beam import greedy
 
     ft, decode, tokenizer = config.finetune, config.decode, data.loaded.tokenizer
     k = ft.samples_per_image

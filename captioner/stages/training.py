@@ -84,8 +84,11 @@ from captioner import config as config_lib
 from captioner.config import Config
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_prepared_split
+from captioner.data.reports import read_report_captions
+from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError
 from captioner.layout import HISTORY_FILE, TOKENIZER_FILE, TRAINED_FILES, split_file
+from captioner.models import registry
 from captioner.stages import checkpoints as ckpt
 from captioner.stages.checkpoints import EpochRecord, Run, TrainState
 
@@ -187,7 +190,6 @@ def _input_paths(config: Config) -> _Inputs:
 
 
 # Model fields that only the attention model reads (captioner.config.ModelConfig), left out of a merge run's params.
-_ATTENTION_ONLY = frozenset({"kind", "attention_dim", "doubly_stochastic"})
 
 
 def stage_params(config: Config) -> dict[str, Any]:
@@ -207,11 +209,12 @@ def stage_params(config: Config) -> dict[str, Any]:
         if key == "label_smoothing" and value == 0:
             continue  # plain cross-entropy: params (manifests, checkpoints) are as before the option
         params[f"train.{key}"] = value
+    ignored = registry.get(config.model.kind).ignores
     for key, value in config_lib.to_dict(config.model).items():
-        if config.model.kind == "merge" and key in _ATTENTION_ONLY:
-            continue  # a merge model's params (and so its manifests and checkpoints) are as before attention
-        if key == "init_inject" and not (value and config.model.kind == "merge"):
-            continue  # off (or an attention model, which always starts from the image): params as before the option
+        if key in ignored:
+            continue  # a setting the kind does not use: its params (manifests, checkpoints) stay as they were
+        if key == "init_inject" and not value:
+            continue  # off: params as before the option
         if key == "decoder_dropout":
             value = config_lib.decoder_dropout(config.model)  # unset: the kind's default, as the model is built
         params[f"model.{key}"] = value
@@ -280,7 +283,6 @@ def with_teacher_captions(
     with no caption for any of the split's images. Images a report lacks or captions as
     empty keep their references alone (a warning counts them).
     """
-    from captioner.data.reports import read_report_captions
 
     merged = {image_id: list(captions) for image_id, captions in references.items()}
     for path in reports:
@@ -311,7 +313,6 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         TeacherForcingBatches,
         encode_captions,
     )
-    from captioner.data.tokenizer import Tokenizer
 
     train = config.train
     tokenizer = Tokenizer.load(paths.tokenizer_json)
@@ -319,7 +320,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
     if paths.teacher_reports:
         splits[train.train_split] = with_teacher_captions(splits[train.train_split], paths.teacher_reports, train.train_split)
     maps = None
-    if config.model.kind == "attention":
+    if registry.get(config.model.kind).takes_maps:
         maps = _open_maps(paths)  # read a batch at a time, never loaded whole
         log.info("train: reading maps %s (%d images, %dx%dx%d)", maps.path, len(maps), *maps.grid, maps.channels)
         table = FeatureTable(maps, maps.index)
@@ -812,17 +813,11 @@ def _build_model(config: Config, strategy: Any, data: _Data, run: Run) -> Any:
 
     Also sets how the batches round T (`XLA_PAD_TO_MULTIPLE`), now that Keras has said whether
     the model runs under XLA."""
-    from captioner.models import merge as merge_lib
-
+    positions = data.map_grid[0] * data.map_grid[1] if data.map_grid is not None else 0
+    features = registry.FeatureShape(dim=data.feature_dim, positions=positions)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        if data.map_grid is not None:
-            from captioner.models.attention import build_attention_model
-
-            positions = data.map_grid[0] * data.map_grid[1]
-            model = build_attention_model(positions, data.feature_dim, data.tokenizer.vocab_size, config.model)
-        else:
-            model = merge_lib.build_model(data.feature_dim, data.tokenizer.vocab_size, config.model)
+        model = registry.get(config.model.kind).build(features, data.tokenizer.vocab_size, config.model)
         # "auto": Keras' choice (XLA on GPUs, not on CPUs, where it measured no faster here).
         _compile(model, config.train, jit_compile="auto", steps_per_epoch=len(data.train_batches))
         if run.state is not None and run.state.weights is not None:

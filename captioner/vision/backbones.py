@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner.cache import file_sha256
 from captioner.config import FEATURE_PRECISIONS
 from captioner.data.images import (
     PREPROCESSING,
@@ -339,7 +340,6 @@ def open_tflite(spec: Backbone, path: str | Path, tensor: str = "", threads: int
 
 def weights_sha256(weights: str) -> str | None:
     """The SHA-256 of a weights file (.h5 or .tflite); None for "imagenet" and "none"."""
-    from captioner.cache import file_sha256
 
     return None if weights in ("imagenet", "none") else file_sha256(Path(weights).expanduser())
 

@@ -37,6 +37,7 @@ from captioner.cache import atomic_write_bytes, file_sha256, output_lock
 from captioner.config import QuantizeConfig
 from captioner.data.images import ImageError, list_images, load_image
 from captioner.errors import CaptionerError
+from captioner.vision import backbones
 from captioner.vision.tflite import Preprocess, TFLiteBackbone, captured_output
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,6 @@ def catalogue_target(backbone: str, weights: str, layer: str = "") -> QuantizeTa
     weights: "imagenet", "none" (random: tests) or a Keras weights file; CaptionerError for
     an unknown backbone or layer, or a .tflite (already quantized).
     """
-    from captioner.vision import backbones
 
     spec = backbones.get_backbone(backbone, layer)
     if backbones.is_tflite(weights):
@@ -342,7 +342,6 @@ def catalogue_target(backbone: str, weights: str, layer: str = "") -> QuantizeTa
 def quantize_config_stage(config: Any) -> QuantizeReport:
     """`captioner quantize`: `config.quantize` -> an int8 .tflite file; see `quantize_stage`."""
     qc = config.quantize
-    from captioner.vision import backbones
 
     backbones.get_backbone(qc.backbone, qc.layer)  # before reading any image
     weights = backbones.normalize_weights(qc.weights)

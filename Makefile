@@ -6,7 +6,8 @@ DEMO := data/demo
 DEMO_IMAGES ?= 800
 DEMO_TRAIN ?= --train.epochs=30 --train.patience=5
 
-# The real path on ../shared/flickr8k (see README): JPEGs -> int8 MobileNetV2 features -> captions.
+# The real path on this project's reference Flickr8k copy in ../shared (SHARED=DIR for another; see README):
+# JPEGs -> int8 MobileNetV2 features -> captions.
 SHARED ?= ../shared
 F8K := $(SHARED)/flickr8k
 F8K_BACKBONE := $(SHARED)/backbones/mobilenet_v2_imagenet_int8.tflite
@@ -15,7 +16,7 @@ F8K_FEATURES := $(F8K_DATA)/features/mobilenet_v2-int8-train-dev.pkl
 F8K_CAPTIONS := $(F8K_DATA)/captions
 F8K_MODEL ?= models/flickr8k-mobilenet_v2
 F8K_TRAIN ?=
-# Runs a stage and says how long it took (the README's per-stage times come from these lines).
+# Runs a stage and says how long it took (the per-stage times in results/benchmarks.md come from these lines).
 TIMED = t0=$$(date +%s); $(1) && echo "  [$(2): $$(( $$(date +%s) - t0 )) s]"
 
 .PHONY: demo test test-slow bench clean-demo flickr8k
@@ -29,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The fast suite (offline, about a minute and a half on 2 cores); slow tests are marked and left to test-slow.
+# The fast suite (offline; about 80 s on 2 idle cores, 2.5 min when another job shares them); slow tests are marked and left to test-slow.
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -45,7 +46,7 @@ demo: $(VENV)/.installed
 	$(BIN)/captioner train --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --output models/demo $(DEMO_TRAIN)
 	$(BIN)/captioner evaluate --model models/demo --features $(DEMO)/features/vgg16-fc2.pkl --captions $(DEMO)/captions --split test --beam 3
 
-# The README's benchmark tables (about 17 minutes on 2 CPU cores; the real-data rows after `make flickr8k`).
+# The tables of results/benchmarks.md (about 17 minutes on 2 CPU cores; the real-data rows after `make flickr8k`).
 bench: $(VENV)/.installed
 	$(BIN)/python bench/extract.py --count 60 --course-count 20
 	if [ -d $(F8K_CAPTIONS) ]; then \
@@ -57,8 +58,8 @@ bench: $(VENV)/.installed
 	else $(BIN)/python bench/serve.py; fi
 
 # Every stage on the real Flickr8k files beside the checkout, each cached (a rerun is quick):
-# extract the 7,000 train+dev images-224 JPEGs with the shared int8 MobileNetV2 (about a minute
-# on 2 cores), prepare the captions, train (30+ minutes on 2 cores), evaluate on dev (beam 3),
+# extract the 7,000 train+dev images-224 JPEGs with the shared int8 MobileNetV2 (about 1.5 minutes
+# on 2 cores), prepare the captions, train (about 20 minutes on 2 cores), evaluate on dev (beam 3),
 # then caption the original-resolution dev photos in $(F8K)/images. F8K_TRAIN passes train
 # overrides (e.g. F8K_TRAIN=--train.epochs=1 F8K_MODEL=models/scratch for a quick plumbing check).
 flickr8k: $(VENV)/.installed

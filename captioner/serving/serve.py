@@ -63,7 +63,7 @@ from pydantic import BaseModel
 
 from captioner import layout
 from captioner.config import Config, DecodeConfig, ServeConfig
-from captioner.data.images import ImageError, load_image
+from captioner.data import images
 from captioner.decoding.inference import Beam
 from captioner.errors import CaptionerError
 
@@ -454,8 +454,8 @@ def prepare_image(upload: Upload, limits: ServeConfig, size: tuple[int, int], re
     handle = io.BytesIO(data)
     handle.name = name  # for load_image's messages; the name never reaches a path
     try:
-        return load_image(handle, size=size, resample=resample, max_pixels=limits.max_pixels)
-    except ImageError as error:
+        return images.load_image(handle, size=size, resample=resample, max_pixels=limits.max_pixels)
+    except images.ImageError as error:
         raise ImageRefused(400, str(error)) from None
 
 

@@ -121,11 +121,59 @@ def test_a_refusal_inside_a_new_folders_lock_leaves_no_folder_behind(tmp_path):
                     (output / "part.json").write_text("{}")
                 raise CaptionerError("refused")
     assert not (tmp_path / "new").exists()  # the folders the lock made go
-    assert [p.name for p in existing.iterdir()] == [".lock"]  # a folder that was there stays as it was
-    assert sorted(p.name for p in written.iterdir()) == [".lock", "part.json"]  # never what a run wrote
+    assert list(existing.iterdir()) == []  # a folder that was there stays as it was, without a lock file
+    assert sorted(p.name for p in written.iterdir()) == ["part.json"]  # never what a run wrote
     with cache.output_lock(fresh):  # and the output can be taken again
+        assert [p.name for p in fresh.iterdir()] == [".lock"]
+    assert not (tmp_path / "new").exists()  # a run that wrote nothing leaves nothing
+
+
+def test_a_run_leaves_no_lock_file_behind_refused_or_not(tmp_path):
+    output = tmp_path / "features.pkl"
+    with cache.output_lock(output):
+        assert cache.lock_path_for(output).exists()
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            with cache.output_lock(output):
+                pass
+        assert cache.lock_path_for(output).exists()  # the refused run leaves the holder's lock alone
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CaptionerError, match="refused"):
+        with cache.output_lock(output):
+            raise CaptionerError("refused")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_by_two_runs(tmp_path, monkeypatch):
+    """The race that makes removing a lock file unsafe: a run opens the file, the holder then
+    removes it and lets go, and the run locks a file nobody else can see while a third run
+    locks the new one. The lock checks that the path still names the file it locked."""
+    output = tmp_path / "out.pkl"
+    path = cache.lock_path_for(output)
+    real_flock = cache.fcntl.flock
+    holder = []
+
+    def flock_after_the_holder_left(fd, operation):
+        if not holder:  # the first try: the holder removes and releases its file in between
+            holder.append(True)
+            path.unlink()
+            third = os.open(path, os.O_RDWR | os.O_CREAT)  # a third run takes the path's new file
+            real_flock(third, cache.fcntl.LOCK_EX | cache.fcntl.LOCK_NB)
+            holder.append(third)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(cache.fcntl, "flock", flock_after_the_holder_left)
+    with pytest.raises(CaptionerError, match="being written by another run"):
+        with cache.output_lock(output):
+            pass
+    os.close(holder[1])
+
+
+def test_a_killed_runs_lock_file_is_taken_over(tmp_path):
+    output = tmp_path / "out.pkl"
+    cache.lock_path_for(output).write_text("")  # what a killed run leaves
+    with cache.output_lock(output):
         pass
-    assert [p.name for p in fresh.iterdir()] == [".lock"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_lock_holds_across_processes(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cli, demo
+from captioner import cache, cli, demo
 from captioner.config import DemoConfig
 from captioner.errors import CaptionerError
 
@@ -223,7 +223,8 @@ def test_an_interrupted_run_is_not_taken_for_a_finished_one(tmp_path, monkeypatc
         _make(tmp_path, images=10, seed=4)
     monkeypatch.setattr(demo, "render_scene", original)
     folder = tmp_path / "demo"
-    assert not (folder / "manifest.json").exists()
+    assert cache.read_manifest(folder) is None  # no finished run recorded: an unfinished manifest marks it ours
+    assert cache.manifest_stage(folder) == "demo-data"
     assert not list(folder.rglob(".*.tmp-*"))
     assert not _make(tmp_path, images=10, seed=4).up_to_date
     fresh = tmp_path / "fresh"

@@ -639,13 +639,6 @@ class _Run:
     staged: bool
 
 
-def _holds_run(output: Path) -> bool:
-    manifest = cache.read_manifest(output)
-    if manifest is not None and manifest.get("stage") == STAGE_NAME:
-        return True
-    return any((output / name / ckpt.STATE_FILE).exists() for name in (ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR))
-
-
 def _choose_run(output: Path, force: bool, resume: bool) -> _Run:
     """As `captioner.checkpoints.choose_run`, for fine-tuning states; changes nothing on disk."""
     current = FinetuneFolder(output / ckpt.CHECKPOINTS_DIR)
@@ -664,15 +657,7 @@ def _choose_run(output: Path, force: bool, resume: bool) -> _Run:
             return _Run(folder, state, staged=folder is staging)
         if resume:
             log.info("finetune: nothing to resume in %s; starting from epoch 1", output)
-        owned = {
-            ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR, ckpt.CHECKPOINTS_DIR + ".old", cache.lock_path_for(output).name
-        }
-        foreign = sorted(p.name for p in output.iterdir() if p.name not in owned) if output.is_dir() else []
-        if foreign and not _holds_run(output):
-            raise CaptionerError(
-                f"{output} is not empty and holds no fine-tuning run ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}): choose another --output, or --force writes into it"
-            )
+        ckpt.claim_run_folder(output, STAGE_NAME, "fine-tuning run", "--output")
     current_state = current.peek_state()
     protect = (output / layout.MODEL_FILE).is_file() or (current_state is not None and current_state.finished)
     return _Run(staging if protect else current, None, staged=protect)

@@ -490,11 +490,13 @@ def test_a_second_run_and_a_foreign_folder_are_refused_in_one_line(
         code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(output)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "another run" in err
+    assert not output.exists()  # the folder the lock made goes with it: nothing was written
 
+    output.mkdir()
     (output / "notes.txt").write_text("not a model")
     with pytest.raises(CaptionerError, match=r"is not empty and holds no training run \(notes\.txt\).*--force"):
         train_stage(config)
-    assert sorted(p.name for p in output.iterdir() if p.name != ".lock") == ["notes.txt"]
+    assert sorted(p.name for p in output.iterdir()) == ["notes.txt"]  # not even a lock file left
 
 
 # --------------------------------------------------------------------------- bad input

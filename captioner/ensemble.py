@@ -187,11 +187,13 @@ class _Described:
 def _described(model_dir: Path) -> _Described:
     """A model directory's tokenizer and config.json facts, without loading its model."""
     from captioner import model as model_lib
+    from captioner import layout
     from captioner.layout import TOKENIZER_FILE
     from captioner.tokenizer import Tokenizer
 
-    if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found: {model_dir}")
+    problem = layout.not_a_model_dir(model_dir)
+    if problem:
+        raise CaptionerError(problem)
     _, info = model_lib.read_model_config(model_dir)
     return _Described(tokenizer=Tokenizer.load(model_dir / TOKENIZER_FILE), info=info)
 

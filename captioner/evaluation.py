@@ -466,6 +466,8 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     model_dir = model_dirs[0]
     model_files: list[Path] = []
     for member in model_dirs:
+        if member.exists() and not member.is_dir():
+            raise CaptionerError(f"--model {layout.not_a_model_dir(member)}")
         if not member.is_dir():
             raise CaptionerError(f"model directory not found: {member} (train one, or pass --model DIR)")
         for path in layout.model_files(member):

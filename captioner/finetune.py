@@ -459,6 +459,8 @@ def _input_paths(config: Config) -> _Inputs:
     """Checks the paths and that --model is a cross-entropy model directory of ours, before loading anything."""
     ft = config.finetune
     model_dir, output = Path(ft.model), Path(ft.output)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CaptionerError(f"--model {layout.not_a_model_dir(model_dir)}")
     if not model_dir.is_dir():
         raise CaptionerError(
             f"model directory not found (finetune.model / --model): {model_dir}; train one with `captioner train`"
@@ -498,7 +500,32 @@ def _input_paths(config: Config) -> _Inputs:
     for path in paths.feature_files:
         if not path.is_file():
             raise CaptionerError(f"features file not found (finetune.features / --features): {path}")
+    _check_same_vocabulary(model_dir, captions)
     return paths
+
+
+def _check_same_vocabulary(model_dir: Path, captions: Path) -> None:
+    """The captions folder must be the one the model was trained on, or one with its vocabulary:
+    the rewards and the cross-entropy term encode its captions with the model's tokenizer, and
+    another vocabulary's words would silently become <unk>. Refused in one line naming both files."""
+    from captioner.tokenizer import Tokenizer
+
+    theirs_path, ours_path = captions / layout.TOKENIZER_FILE, model_dir / layout.TOKENIZER_FILE
+    if not theirs_path.is_file():
+        return  # a folder without a tokenizer is read for its references only
+    ours, theirs = Tokenizer.load(ours_path), Tokenizer.load(theirs_path)
+    if ours.words == theirs.words:
+        return
+    extra = [w for w in theirs.words if w not in set(ours.words)]
+    missing = [w for w in ours.words if w not in set(theirs.words)]
+    differences = "; ".join(part for part in (
+        f"{len(extra)} words not in the model's (e.g. {', '.join(map(repr, extra[:3]))})" if extra else "",
+        f"{len(missing)} of the model's words missing (e.g. {', '.join(map(repr, missing[:3]))})" if missing else "",
+    ) if part) or "the same words in another order"
+    raise CaptionerError(
+        f"{theirs_path} ({theirs.vocab_size} words) is another vocabulary than the model's {ours_path} "
+        f"({ours.vocab_size} words; {differences}): fine-tune on the captions folder the model was trained on"
+    )
 
 
 def _references(path: Path, split: str) -> dict[str, list[str]]:

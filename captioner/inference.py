@@ -58,6 +58,7 @@ import numpy as np
 
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.errors import CaptionerError
+from captioner import layout
 from captioner.layout import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def load_model(model_dir: str | Path) -> Any:
     Returns the `LoadedModel` (model, tokenizer, config, info, step_model()).
     """
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CaptionerError(f"--model {layout.not_a_model_dir(model_dir)}")
     if not model_dir.is_dir():
         raise CaptionerError(
             f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"

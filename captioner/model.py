@@ -64,7 +64,7 @@ import keras
 import numpy as np
 
 from captioner import attention as attention_lib  # registers AttentionLSTM: attention .keras files load
-from captioner import cache
+from captioner import cache, layout
 from captioner import config as config_lib
 from captioner.config import Config, ModelConfig
 from captioner.errors import CaptionerError, ConfigError
@@ -105,6 +105,20 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
     hidden = layers.Dense(model.units, activation="relu", name="decoder_dense")(merged)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(hidden)
     return keras.Model(inputs=[image_features, input_ids], outputs=logits, name="merge_captioner")
+
+
+def count_parameters(feature_dim: int, vocab_size: int, model: ModelConfig) -> int:
+    """How many weights `build_model` makes, without building it (a size too big for the machine is
+    refused before any memory is taken: `captioner.training`). A test keeps it equal to Keras' count."""
+    units, embedding = int(model.units), int(model.embedding_dim)
+    count = feature_dim * units + units  # image_dense
+    count += vocab_size * embedding  # embedding
+    count += 4 * units * (embedding + units + 1)  # lstm: input and recurrent kernels, bias
+    if model.init_inject:
+        count += len(INIT_INJECT_LAYERS) * (feature_dim * units + units)
+    count += units * units + units  # decoder_dense
+    count += units * vocab_size + vocab_size  # logits
+    return count
 
 
 # --------------------------------------------------------------------------- the step model
@@ -384,8 +398,9 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     from captioner.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found: {model_dir}")
+    problem = layout.not_a_model_dir(model_dir)
+    if problem:
+        raise CaptionerError(problem)
     missing = [name for name in MODEL_DIR_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CaptionerError(f"model directory {model_dir} is missing {', '.join(missing)}")

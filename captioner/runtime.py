@@ -155,3 +155,12 @@ def run_interruptibly(work: Callable[[], T], on_interrupt: Callable[[], None]) -
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say): the bound a model's
+    training memory is checked against before it is built."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None

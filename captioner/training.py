@@ -82,7 +82,7 @@ from typing import Any, TextIO
 from captioner import cache
 from captioner import checkpoints as ckpt
 from captioner import config as config_lib
-from captioner import feature_files, spatial
+from captioner import feature_files, runtime, spatial
 from captioner.checkpoints import EpochRecord, Run, TrainState
 from captioner.config import Config
 from captioner.datasets import read_prepared_split
@@ -251,6 +251,40 @@ class _Data:
     map_grid: tuple[int, int] | None = None  # model.kind attention: the maps' grid (H, W); feature_dim is C
     maps: Any = None  # model.kind attention: the open captioner.spatial.MapFile the batches read from
     provenance: dict[str, Any] | None = None  # model.kind attention: the map file's own provenance
+
+
+# Bytes per weight while training: the float32 weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_model_fits(config: Config, feature_dim: int, vocab_size: int, attention: bool = False) -> int:
+    """The model's parameter count, counted before it is built; CaptionerError (one line) when
+    training it needs more memory than the machine has (`--model.units=100000000` would otherwise
+    end in TensorFlow's out-of-memory error, or the kernel's OOM killer, after minutes)."""
+    from captioner import model as model_lib
+
+    if attention:
+        from captioner.attention import count_parameters
+    else:
+        count_parameters = model_lib.count_parameters
+    count = count_parameters(feature_dim, vocab_size, config.model)
+    needed = count * TRAINING_BYTES_PER_PARAMETER
+    memory = runtime.physical_memory_bytes()
+    if memory is not None and needed > memory:
+        m = config.model
+        sizes = f"model.units={m.units}, model.embedding_dim={m.embedding_dim}" + (
+            f", model.attention_dim={m.attention_dim}" if attention else "")
+        raise CaptionerError(
+            f"{sizes} with {vocab_size} words and {feature_dim}-d features make a model of {count:,} parameters: "
+            f"training it needs about {_gib(needed)} of memory (weights, gradients and Adam's moments in float32), "
+            f"more than this machine's {_gib(memory)}; choose smaller sizes"
+        )
+    return count
+
+
+def _gib(size: float) -> str:
+    gib = size / 2**30
+    return f"{gib:,.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
 def _open_maps(paths: _Inputs) -> spatial.MapFile:
@@ -726,6 +760,7 @@ def _train(
         _refuse_changes(output, run.state.conflicts(stage.params))  # before loading anything
     data = _load_data(config, paths)
     try:
+        check_model_fits(config, data.feature_dim, data.tokenizer.vocab_size, attention=data.map_grid is not None)
         return _train_loaded(config, paths, output, stage, run, data, callbacks, chief, bar)
     finally:
         if data.maps is not None:

@@ -202,3 +202,130 @@ def test_a_broken_symlink_added_to_an_input_folder_makes_the_stage_stale(tmp_pat
     (folder / "b.jpg").symlink_to(tmp_path / "missing.jpg")
     after = cache.fingerprint(folder)
     assert after != before and after["files"] == 2
+
+
+# ----------------------------------------------------------------- what a stage may write over
+
+
+def test_claim_output_lets_a_stage_write_only_over_its_own_files(tmp_path):
+    output = tmp_path / "features.pkl"
+    cache.claim_output(output, "features")  # nothing there: free
+    output.write_bytes(b"the user's own pickle")
+    with pytest.raises(CaptionerError) as caught:
+        cache.claim_output(output, "features")
+    assert str(caught.value) == (
+        f"{output} exists and there is no manifest of captioner extract beside it (features.pkl.manifest.json): "
+        "choose another --output, or --force replaces it"
+    )
+    cache.claim_output(output, "features", force=True)  # --force replaces it
+
+    stage = cache.Stage("merge-features", cache.manifest_path_for(output), {}, {}, [output])
+    stage.finish()
+    with pytest.raises(CaptionerError, match="captioner merge-features wrote it, not captioner extract"):
+        cache.claim_output(output, "features")
+    cache.claim_output(output, "merge-features")  # its own
+
+    marked = tmp_path / "other.pkl"
+    marked.write_bytes(b"x")
+    (tmp_path / "mark").write_text("")
+    cache.claim_output(marked, "features", marks=[tmp_path / "mark"])  # a mark of the stage's own
+
+
+def test_claim_output_checks_every_file_the_stage_writes(tmp_path):
+    report, page = tmp_path / "eval-dev.json", tmp_path / "eval-dev.html"
+    page.write_text("<p>the user's page</p>")
+    with pytest.raises(CaptionerError, match=f"^{page} exists"):
+        cache.claim_output(report, "evaluate", also=[page])
+    page.unlink()
+    (tmp_path / "eval-dev.parts").mkdir()  # an empty folder is nothing to lose
+    cache.claim_output(report, "evaluate", also=[tmp_path / "eval-dev.parts"])
+
+
+def test_claim_output_never_writes_into_a_folder_or_through_a_dangling_link(tmp_path):
+    folder = tmp_path / "out.pkl"
+    folder.mkdir()
+    with pytest.raises(CaptionerError, match="is a folder; it must name a file"):
+        cache.claim_output(folder, "features", force=True)
+    link = tmp_path / "link.pkl"
+    link.symlink_to(tmp_path / "nowhere" / "x.pkl")
+    with pytest.raises(CaptionerError, match=r"link\.pkl is a symbolic link to .*nowhere/x\.pkl, which does not exist"):
+        cache.claim_output(link, "features", force=True)
+    with pytest.raises(CaptionerError, match="which does not exist"):
+        with cache.output_lock(link):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pkl", "out.pkl"]
+
+
+def test_claim_output_can_ask_each_file_itself(tmp_path):
+    strip = tmp_path / "a.png"
+    strip.write_bytes(b"a user's picture")
+    with pytest.raises(CaptionerError, match="it is not a file caption --explain wrote"):
+        cache.claim_output(strip, "explain", ours=lambda path: False, option="--explain folder")
+    cache.claim_output(strip, "explain", ours=lambda path: True)
+
+
+def test_claim_folder_lets_a_stage_write_only_into_a_folder_of_its_own(tmp_path):
+    folder = tmp_path / "captions"
+    cache.claim_folder(folder, "captions")  # missing: free
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    cache.claim_folder(folder, "captions")  # nothing but a lock: free
+    for name in ("train.json", "tokenizer.json", "notes.txt", "zz.txt"):
+        (folder / name).write_text("the user's")
+    with pytest.raises(CaptionerError) as caught:
+        cache.claim_folder(folder, "captions", what="prepared captions")
+    assert str(caught.value) == (
+        f"{folder} is not empty and holds no prepared captions (notes.txt, tokenizer.json, train.json, ...): "
+        "choose another --output, or --force writes into it"
+    )
+    cache.claim_folder(folder, "captions", force=True)
+    cache.claim_folder(folder, "captions", own=["notes.txt", "tokenizer.json", "train.json", "zz.txt"])
+
+    cache.atomic_write_json(folder / "manifest.json", {"version": 1, "stage": "demo-data"})
+    with pytest.raises(CaptionerError, match="holds the output of captioner demo-data, not of captioner prepare"):
+        cache.claim_folder(folder, "captions")
+    cache.atomic_write_json(folder / "manifest.json", {"version": 1, "stage": "captions"})
+    cache.claim_folder(folder, "captions")  # its own, whatever else the user keeps there
+
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(CaptionerError, match="is a file; it must name a folder"):
+        cache.claim_folder(afile, "captions", force=True)
+
+
+def test_a_run_being_written_is_marked_as_the_stages_and_as_unfinished(tmp_path):
+    output = tmp_path / "out.txt"
+    stage = cache.Stage("demo", cache.manifest_path_for(output), {}, {"k": 1}, [output])
+    with pytest.raises(RuntimeError):
+        with stage.writing():
+            raise RuntimeError("failed before writing anything")
+    assert list(tmp_path.iterdir()) == []  # the mark went with it
+
+    with pytest.raises(KeyboardInterrupt):
+        with stage.writing():
+            output.write_text("half")
+            raise KeyboardInterrupt
+    assert cache.manifest_stage(output) == "demo"  # a killed run's output is still the stage's
+    assert cache.read_manifest(output) is None and stage.previous() is None  # but no finished run
+    assert stage.stale_reason() == "no finished run recorded"
+    cache.claim_output(output, "demo")
+
+    with stage.writing():
+        output.write_text("whole")
+    stage.finish()
+    assert stage.stale_reason() is None
+    with stage.writing():  # a finished manifest stays until the next finish
+        assert stage.previous() is not None
+    with stage.writing(restart=True):
+        assert stage.previous() is None
+
+
+def test_a_folder_fingerprint_takes_a_file_name_that_is_not_utf8(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "plain.jpg").write_bytes(b"x")
+    before = cache.fingerprint(folder)
+    with open(os.fsencode(folder) + b"/caf\xe9.jpg", "wb") as handle:
+        handle.write(b"y")
+    after = cache.fingerprint(folder)
+    assert after["files"] == 2 and after["digest"] != before["digest"]

@@ -289,10 +289,9 @@ def output_lock(output: str | Path, timeout: float = 0, folder: bool | None = No
 
     `timeout` seconds to wait for the other run first (0: refuse at once). folder: whether
     `output` is a folder (see `lock_path_for`). The lock file is removed when the block ends,
-    and a killed run's lock is released with its process (see `_HeldLock`). A block that
-    raises in a folder the lock created, leaving nothing else in it (a refusal before any
-    output), takes the folders it created away again. A dangling symbolic link as `output`
-    is refused in one line.
+    and a killed run's lock is released with its process (see `_HeldLock`). The folders the
+    lock created that hold nothing else when the block ends (a refusal before any output)
+    are taken away again. A dangling symbolic link as `output` is refused in one line.
     """
     output = Path(output)
     _refuse_dangling_link(output)

@@ -61,7 +61,12 @@ denied) stops the stage with one line naming the file and the cause
 (`cache.WriteError`); the previous features file is left as it was, and the chunks
 already written stay, so a rerun resumes from them. The stage (and `merge_feature_parts`)
 holds `cache.output_lock(output)` while it runs: a second run on the same output
-refuses in one line.
+refuses in one line. It writes only over its own output (`cache.claim_output`): an
+existing file with no features manifest beside it (a user's pickle, or another stage's
+file such as a merge's) is refused in one line, and so is a `<output>.parts/` that holds
+no chunks of ours; `--force` replaces them. An image whose file name is not valid UTF-8
+is skipped, named and counted (no caption file or report could hold its id). A run whose
+every feature is zero (an extractor that computes nothing) is refused, nothing written.
 
 Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
 to i modulo N, a split that stays put when images are added; the N part files

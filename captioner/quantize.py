@@ -2,7 +2,10 @@
 
 Reads: an image folder (`quantize_stage`: a few hundred images are decoded, some to
 calibrate, the rest held out to measure), the backbone's Keras weights.
-Writes: one `.tflite` file (atomically; nothing is written when anything fails),
+Writes: one `.tflite` file (atomically; nothing is written when anything fails, or when
+the features it computes are degenerate: all zero, or the same for every image) and its
+manifest `<output>.manifest.json` (which marks the file as ours: a file at the output
+without it is refused, `--force` replaces it),
 whose single output is the chosen feature layer's tensor (int8) and whose input is the
 family's PREPROCESSED image quantized to uint8 (or int8): preprocessing stays outside
 the model, as in the shared MobileNetV2, so `captioner.tflite.TFLiteBackbone` runs it

@@ -32,7 +32,9 @@ train.label_smoothing > 0, the label-smoothed one (`captioner.losses`).
 Nothing finished is lost. A new run into a directory that holds a finished model trains in
 `checkpoints.next/`; the old model, manifest and checkpoints stay as they were (and usable)
 until the new run finishes and replaces them. A directory that is not empty but holds no run
-of ours is refused without --force. A failed write (disk full, file-size limit, permission)
+of ours is refused without --force (`cache.claim_folder`, the rule of every stage). A model
+too big for the machine's memory (its parameters counted before it is built: `--model.units=
+100000000`) is refused in one line before anything is written. A failed write (disk full, file-size limit, permission)
 stops the stage with one line naming the file, after the last committed epoch; --resume goes
 on from there. The stage holds `cache.output_lock(output)` while it runs: a second `train`
 on the same output refuses.

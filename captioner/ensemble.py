@@ -186,8 +186,8 @@ class _Described:
 
 def _described(model_dir: Path) -> _Described:
     """A model directory's tokenizer and config.json facts, without loading its model."""
-    from captioner import model as model_lib
     from captioner import layout
+    from captioner import model as model_lib
     from captioner.layout import TOKENIZER_FILE
     from captioner.tokenizer import Tokenizer
 

@@ -516,8 +516,9 @@ def _check_same_vocabulary(model_dir: Path, captions: Path) -> None:
     ours, theirs = Tokenizer.load(ours_path), Tokenizer.load(theirs_path)
     if ours.words == theirs.words:
         return
-    extra = [w for w in theirs.words if w not in set(ours.words)]
-    missing = [w for w in ours.words if w not in set(theirs.words)]
+    our_words, their_words = set(ours.words), set(theirs.words)
+    extra = [w for w in theirs.words if w not in our_words]
+    missing = [w for w in ours.words if w not in their_words]
     differences = "; ".join(part for part in (
         f"{len(extra)} words not in the model's (e.g. {', '.join(map(repr, extra[:3]))})" if extra else "",
         f"{len(missing)} of the model's words missing (e.g. {', '.join(map(repr, missing[:3]))})" if missing else "",

@@ -56,9 +56,9 @@ from typing import Any, BinaryIO, Union
 
 import numpy as np
 
+from captioner import layout
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.errors import CaptionerError
-from captioner import layout
 from captioner.layout import CONFIG_FILE
 
 log = logging.getLogger(__name__)

@@ -293,6 +293,7 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
     from captioner import config as config_lib
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the classic code lives with the tests
     import reference
+
     from captioner.config import Config
     from captioner.data import sequences
     from captioner.models import merge as merge_lib

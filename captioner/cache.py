@@ -16,7 +16,17 @@ outputs writes them with `write_together`: all are written to temporary files fi
 and only when every one succeeded are they renamed into place.
 
 Two runs on one output: every stage holds `output_lock(output)` while it runs, so
-a second run refuses at once, in one line, instead of both writing.
+a second run refuses at once, in one line, instead of both writing. The lock file goes
+when the run ends, refused or not: a run leaves only its outputs.
+
+What a stage may write over, one rule for every output (`claim_output` for files,
+`claim_folder` for folders): only what that stage wrote. Its marker is the manifest the
+stage writes anyway (of a finished run, or of one being written: `Stage.writing`), or a
+mark of its own where it keeps no manifest (an attention strip's PNG text). A file of the
+user's, or another stage's, is refused in one line naming it, and `--force` replaces it;
+a folder that holds anything but a run of the stage is refused the same way (`train` and
+`finetune` too, with their checkpoints as marks). A rerun on the stage's own output is the
+stage's cache as ever: up to date, nothing to do; changed, rewritten.
 
 Feature files (reading, writing, provenance) live in `captioner.data.feature_files`.
 """
@@ -30,14 +40,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from captioner.config import to_dict
 from captioner.errors import CaptionerError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: output_lock falls back to the filelock package
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +96,21 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+_TEMPORARIES: set[Path] = set()  # the temporary files being written now, for `abandon_outputs`
+
+
+@contextlib.contextmanager
+def registered_temporary(path: str | Path) -> Iterator[Path]:
+    """Marks `path` as a temporary file being written during the block: a process interrupted
+    meanwhile removes it on its way out (`abandon_outputs`)."""
+    path = Path(path)
+    _TEMPORARIES.add(path)
+    try:
+        yield path
+    finally:
+        _TEMPORARIES.discard(path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Opens a temporary file beside `path`; on success it is fsynced and renamed to `path`.
@@ -91,7 +121,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     tmp = _temporary_name(path)
     try:
-        with reporting_write_errors(path):
+        with reporting_write_errors(path), registered_temporary(tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, mode) as handle:
                 yield handle
@@ -122,20 +152,24 @@ def write_together(files: Mapping[str | Path, bytes]) -> None:
             target = Path(target)
             tmp = _temporary_name(target)
             written.append((tmp, target))
+            _TEMPORARIES.add(tmp)
             with reporting_write_errors(target):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(tmp, "wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
+        for tmp, target in written:
+            with reporting_write_errors(target):
+                os.replace(tmp, target)
     except BaseException:
         for tmp, _ in written:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
-    for tmp, target in written:
-        with reporting_write_errors(target):
-            os.replace(tmp, target)
+    finally:
+        for tmp, _ in written:
+            _TEMPORARIES.discard(tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -149,46 +183,269 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # --------------------------------------------------------------------------- one run per output
 
 
-def lock_path_for(output: str | Path) -> Path:
-    """The lock of a stage writing `output`: inside a folder output, a hidden file beside a file output."""
+def lock_path_for(output: str | Path, folder: bool | None = None) -> Path:
+    """The lock of a stage writing `output`: inside a folder output, a hidden file beside a file output.
+
+    folder: whether `output` is a folder (None: a folder when it is one, or has no suffix).
+    """
     output = Path(output)
-    if output.suffix == "" or output.is_dir():
+    if folder is None:
+        folder = output.suffix == "" or output.is_dir()
+    if folder:
         return output / ".lock"
     return output.with_name(f".{output.name}.lock")
 
 
+def _busy(output: Path, path: Path) -> CaptionerError:
+    return CaptionerError(f"{output} is being written by another run (it holds {path}); wait for it to finish")
+
+
+class _HeldLock:
+    """An OS lock on one lock file, taken by `output_lock`; `release` removes the file again.
+
+    POSIX: flock(2) on the file, which then is unlinked while still locked, so that the lock
+    leaves nothing behind. That is safe because every taker checks, once it holds the lock,
+    that the path still names the file it locked (a run that opened the file just before
+    the holder unlinked it would otherwise lock a file nobody else can see), and tries again
+    when not. A killed run's lock is released with its process (its file stays, and is
+    reused by the next run). Elsewhere the `filelock` package, whose file stays.
+    """
+
+    def __init__(self, output: Path, path: Path, timeout: float, created: list[Path]) -> None:
+        self.output, self.path, self.created = output, path, created
+        self._fd: int | None = None
+        self._fallback: Any = None
+        self._guard = threading.Lock()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._try_acquire():
+            if time.monotonic() >= deadline:
+                raise _busy(output, path)
+            time.sleep(0.05)
+
+    def _try_acquire(self) -> bool:
+        if fcntl is None:  # pragma: no cover - not POSIX
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(str(self.path), timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                return False
+            self._fallback = lock
+            return True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder we waited for removed this file: take the path's new one
+
+    def release(self) -> None:
+        """Unlocks and removes the lock file, and the folders the lock created that are empty then
+        (a refusal leaves no empty folder behind). Repeatable."""
+        with self._guard:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.stat(self.path), os.fstat(self._fd)):
+                        self.path.unlink()
+                os.close(self._fd)
+                self._fd = None
+            elif self._fallback is not None:  # pragma: no cover - not POSIX
+                self._fallback.release()
+                self._fallback = None
+            else:
+                return
+            _HELD.discard(self)
+            with contextlib.suppress(OSError):
+                for folder in self.created:  # deepest first; a folder anything was written to stays
+                    folder.rmdir()
+
+
+_HELD: set[_HeldLock] = set()  # the locks this process holds, for `abandon_outputs`
+
+
+def _refuse_dangling_link(output: Path, option: str = "--output") -> None:
+    if output.is_symlink() and not output.exists():
+        raise CaptionerError(
+            f"{option} {output} is a symbolic link to {os.readlink(output)}, which does not exist: "
+            "point it at a real place or remove the link"
+        )
+
+
 @contextlib.contextmanager
-def output_lock(output: str | Path, timeout: float = 0) -> Iterator[None]:
+def output_lock(output: str | Path, timeout: float = 0, folder: bool | None = None) -> Iterator[None]:
     """Holds the lock of `output` for the block: a second run on the same output refuses in one line.
 
-    `timeout` seconds to wait for the other run first (0: refuse at once). The lock is
-    an OS file lock (the `filelock` package): a killed run's lock is released with its process.
-    A block that raises in a folder the lock created, leaving nothing but the lock in it
-    (a refusal before any output), takes the folders it created away again.
+    `timeout` seconds to wait for the other run first (0: refuse at once). folder: whether
+    `output` is a folder (see `lock_path_for`). The lock file is removed when the block ends,
+    and a killed run's lock is released with its process (see `_HeldLock`). The folders the
+    lock created that hold nothing else when the block ends (a refusal before any output)
+    are taken away again. A dangling symbolic link as `output` is refused in one line.
     """
-    path = lock_path_for(output)
-    created = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]  # deepest first
+    output = Path(output)
+    _refuse_dangling_link(output)
+    path = lock_path_for(output, folder)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists() and not p.is_symlink()]  # deepest first
     with reporting_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), timeout=timeout)
         try:
-            lock.acquire()
-        except Timeout:
-            raise CaptionerError(
-                f"{output} is being written by another run (it holds {path}); wait for it to finish"
-            ) from None
+            held = _HeldLock(output, path, timeout, created)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                for created_folder in created:
+                    created_folder.rmdir()
+            raise
+    _HELD.add(held)
     try:
         yield
-    except BaseException:
-        lock.release()
+    finally:
+        held.release()
+
+
+def abandon_outputs() -> None:
+    """What an interrupted process does last (`captioner.cli` on Ctrl-C, before it exits at once):
+    releases every output lock it holds and removes its unfinished temporary files, so that the
+    interruption leaves nothing behind but what a finished step wrote (a rerun picks up from it)."""
+    for held in list(_HELD):
+        held.release()
+    for tmp in list(_TEMPORARIES):
         with contextlib.suppress(OSError):
-            if created and [p.name for p in path.parent.iterdir()] == [path.name]:
-                path.unlink()
-                for folder in created:
-                    folder.rmdir()  # empty, unless another process wrote there meanwhile: then it stays
-        raise
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- what a stage may write over
+
+# What each stage name in a manifest is called on the command line, for messages.
+STAGE_COMMANDS = {
+    "features": "captioner extract",
+    "captions": "captioner prepare",
+    "explain": "caption --explain",
+}
+
+
+def stage_command(stage: str) -> str:
+    """The command that runs `stage` (a manifest's "stage"), as a user types it."""
+    return STAGE_COMMANDS.get(stage, f"captioner {stage}")
+
+
+def _raw_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("stage"), str) else None
+
+
+def manifest_stage(output: str | Path, folder: bool | None = None) -> str | None:
+    """The stage whose manifest (finished or still being written) sits at `output`'s manifest path, or None."""
+    manifest = _raw_manifest(manifest_path_for(output, folder))
+    return None if manifest is None else manifest["stage"]
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def claim_output(
+    output: str | Path,
+    stage: str,
+    force: bool = False,
+    *,
+    also: Sequence[str | Path] = (),
+    marks: Sequence[str | Path] = (),
+    ours: Callable[[Path], bool] | None = None,
+    option: str = "--output",
+) -> None:
+    """The one rule before a stage writes a file: it writes over only what that stage wrote.
+
+    `output` (and `also`, the other files the stage writes beside it) may be replaced when
+    they do not exist, when the manifest beside `output` is one of `stage` (`manifest_path_for`;
+    a run that is still being written counts, see `Stage.writing`), or when one of `marks`
+    exists (a file only this stage writes, such as an interrupted extraction's chunk
+    parameters). `ours`, when given, decides instead of the manifest, path by path (an
+    attention strip carries its own mark). Anything else, a file of the user's or another
+    stage's, is refused in one line naming it; `force` replaces it. Never allowed, forced or
+    not: `output` a folder, or a symbolic link to nothing. An empty folder among `also` is
+    nothing to lose. Changes nothing on disk.
+    """
+    output = Path(output)
+    _refuse_dangling_link(output, option)
+    if output.is_dir():
+        raise CaptionerError(f"{option} {output} is a folder; it must name a file")
+    if force:
+        return
+    if ours is None:
+        owner = manifest_stage(output, folder=False)
+        if owner == stage or any(Path(mark).exists() for mark in marks):
+            return
+    for path in (output, *map(Path, also)):
+        if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_dir() and not any(path.iterdir()):
+            continue
+        if ours is not None:
+            if ours(path):
+                continue
+            why = f"it is not a file {stage_command(stage)} wrote"
+        elif owner is None:
+            why = f"there is no manifest of {stage_command(stage)} beside it ({manifest_path_for(output, False).name})"
+        else:
+            why = f"{stage_command(owner)} wrote it, not {stage_command(stage)}"
+        raise CaptionerError(
+            f"{path} exists and {why}: choose another {option}, or --force replaces it"
+        )
+
+
+def claim_folder(
+    output: str | Path,
+    stage: str,
+    force: bool = False,
+    *,
+    own: Collection[str] = (),
+    marks: Sequence[str | Path] = (),
+    what: str = "",
+    option: str = "--output",
+) -> None:
+    """The one rule before a stage writes into a folder: a folder that holds anything but a run of
+    that stage is refused in one line naming what it holds (`force` writes into it).
+
+    A folder is this stage's when its manifest (`manifest_path_for`, finished or being written)
+    is one of `stage`, or one of `marks` exists (train: a checkpoint's state); `own` names the
+    entries the stage itself puts in an empty folder (its lock is always one). A folder that is
+    missing or holds nothing else is free. what: the run the message says the folder does not
+    hold ("a training run"; default: the stage's output). Never allowed: `output` a file, or a
+    symbolic link to nothing. Changes nothing on disk.
+    """
+    output = Path(output)
+    _refuse_dangling_link(output, option)
+    if output.exists() and not output.is_dir():
+        raise CaptionerError(f"{option} {output} is a file; it must name a folder")
+    if force or not output.is_dir():
+        return
+    owner = manifest_stage(output, folder=True)
+    if owner == stage or any(Path(mark).exists() for mark in marks):
+        return
+    mine = {lock_path_for(output, folder=True).name, *own}
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in mine)
+    if not foreign:
+        return
+    if owner is not None:
+        holds = f"holds the output of {stage_command(owner)}, not of {stage_command(stage)}"
     else:
-        lock.release()
+        holds = f"is not empty and holds no {what or 'output of ' + stage_command(stage)}"
+    raise CaptionerError(f"{output} {holds} ({_listing(foreign)}): choose another {option}, or --force writes into it")
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -215,7 +472,8 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
         # Broken symbolic links count too (by their own lstat): a stage must see them to report them.
         for child in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
             stat = child.stat() if child.exists() else child.lstat()
-            digest.update(f"{child.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            # os.fsencode: a name that is not valid UTF-8 (kept by Python as surrogates) hashes as its bytes
+            digest.update(os.fsencode(child.relative_to(path)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             count += 1
         return {"kind": "folder", "files": count, "digest": digest.hexdigest()}
     if path.is_file():
@@ -240,10 +498,15 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def manifest_path_for(output: str | Path) -> Path:
-    """Where a stage writing `output` keeps its manifest: inside a folder output, beside a file."""
+def manifest_path_for(output: str | Path, folder: bool | None = None) -> Path:
+    """Where a stage writing `output` keeps its manifest: inside a folder output, beside a file.
+
+    folder: whether `output` is a folder (None: a folder when it is one, or has no suffix).
+    """
     output = Path(output)
-    if output.suffix == "" or output.is_dir():
+    if folder is None:
+        folder = output.suffix == "" or output.is_dir()
+    if folder:
         return output / "manifest.json"
     return output.with_name(output.name + ".manifest.json")
 
@@ -283,11 +546,40 @@ class Stage:
         return self._input_fingerprints
 
     def previous(self) -> dict[str, Any] | None:
-        """The manifest of the last finished run, or None."""
+        """The manifest of the last finished run, or None (also while a run is being written)."""
+        manifest = _raw_manifest(self.manifest)
+        return None if manifest is None or manifest.get("unfinished") else manifest
+
+    @contextlib.contextmanager
+    def writing(self, restart: bool = False) -> Iterator[None]:
+        """Marks the outputs as this stage's while the block writes them, until `finish`.
+
+        Unless a manifest of this stage is there already, an unfinished one (the stage's name,
+        no record of a run) takes its place for the block, so that a run killed between its
+        first write and its manifest is still known as ours by `claim_output` and
+        `claim_folder`, and still a run to redo by `stale_reason`. restart: replace a finished
+        manifest too (a stage whose outputs are rewritten one by one: a half-written set must
+        never look finished). A block that fails before writing anything (every output as
+        before) takes a marker it added away again.
+        """
+        existing = _raw_manifest(self.manifest)
+        mark = restart or existing is None or existing.get("stage") != self.name
+        before = {path: _output_fingerprint(path) for path in self.outputs}
+        if mark:
+            atomic_write_json(self.manifest, {
+                "version": MANIFEST_VERSION, "stage": self.name, "unfinished": True,
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            })
         try:
-            return json.loads(self.manifest.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            yield
+        except BaseException:
+            if mark and not restart and all(_output_fingerprint(p) == before[p] for p in self.outputs):
+                with contextlib.suppress(OSError):
+                    if existing is None:
+                        self.manifest.unlink()
+                    else:
+                        atomic_write_json(self.manifest, existing)
+            raise
 
     def stale_reason(self) -> str | None:
         """None when the last run's outputs are current; otherwise why the stage must run."""
@@ -344,8 +636,6 @@ class Stage:
 
 
 def read_manifest(output: str | Path) -> dict[str, Any] | None:
-    """The manifest written by the stage that produced `output`, if any."""
-    try:
-        return json.loads(manifest_path_for(output).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    """The manifest of the finished run of the stage that produced `output`, if any."""
+    manifest = _raw_manifest(manifest_path_for(output))
+    return None if manifest is None or manifest.get("unfinished") else manifest

@@ -12,6 +12,7 @@ on an unreadable file); 2 a user error (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -20,10 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from captioner import cache, runtime
 from captioner import config as config_lib
-from captioner import runtime
 from captioner.data.demo import make_demo_data
-from captioner.decoding.inference import caption_files
+from captioner.decoding.inference import iter_caption_files
 from captioner.errors import CaptionerError
 from captioner.stages.evaluation import evaluate_stage
 from captioner.stages.features import extract_stage, merge_feature_parts
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output", metavar="DIR")
     sub.add_argument("--images", metavar="N")
     sub.add_argument("--seed", metavar="S")
+    sub.add_argument("--force", action="store_true", help="regenerate even if up to date; write into a folder "
+                     "that holds no demo set")
 
     sub = commands.add_parser("extract", help="stage 1: image folder -> features cache")
     sub.add_argument("--images", metavar="DIR")
@@ -108,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "with a .tflite: a tensor name")
     sub.add_argument("--weights", metavar="imagenet|none|PATH.h5|PATH.tflite")
     sub.add_argument("--shard", metavar="i/N")
-    sub.add_argument("--force", action="store_true", help="rerun even if up to date")
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
+                     "that no extraction wrote")
 
     sub = commands.add_parser("quantize", help="a catalogue backbone -> a full-int8 .tflite feature extractor")
     sub.add_argument("--backbone", metavar="NAME", help="default mobilenet_v2")
@@ -116,16 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--weights", metavar="imagenet|none|PATH.h5")
     sub.add_argument("--images", metavar="DIR", help="photos to calibrate on (and to measure the int8 error)")
     sub.add_argument("--output", metavar="FILE.tflite")
+    sub.add_argument("--force", action="store_true", help="replace an output file that no quantize wrote")
 
     sub = commands.add_parser("merge-features", help="join shard part files into one features cache")
     sub.add_argument("parts", nargs="+", metavar="PART.pkl")
     sub.add_argument("--output", metavar="FILE.pkl", required=True)
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
+                     "that no merge wrote")
 
     sub = commands.add_parser("prepare", help="stage 2: captions -> cleaned splits + tokenizer")
     sub.add_argument("--captions", metavar="TOKEN_FILE|KARPATHY.json")
     sub.add_argument("--splits", metavar="DIR")
     sub.add_argument("--output", metavar="DIR")
-    sub.add_argument("--force", action="store_true")
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date; write into a folder that "
+                     "holds no prepared captions")
 
     sub = commands.add_parser("train", help="stage 3: features + captions -> model directory")
     sub.add_argument("--features", nargs="+", metavar="FILE")
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--beam", metavar="K")
     sub.add_argument("--images", metavar="DIR", help="image folder for thumbnails")
     sub.add_argument("--output", metavar="DIR")
-    sub.add_argument("--force", action="store_true")
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace report files "
+                     "that no evaluation wrote")
 
     sub = commands.add_parser("serve", help="HTTP API and web page captioning photos (FastAPI + uvicorn)")
     sub.add_argument("--model", metavar="MODEL_DIR")
@@ -175,6 +184,9 @@ def build_caption_parser() -> argparse.ArgumentParser:
                         help="attention models: write a PNG per caption with each word's attention on the photo")
     parser.add_argument("--backbone-weights", metavar="FILE",
                         help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
+    parser.add_argument("--force", action="store_true",
+                        help="with --explain: replace files in OUT_DIR that are not attention strips (never a photo "
+                        "being captioned)")
     _add_common(parser)
     return parser
 
@@ -227,9 +239,24 @@ def _run(handler: Callable[[], int]) -> int:
     except CaptionerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"error: file name too long: {error.filename}", file=sys.stderr)  # a path given by the user
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupted() -> None:
+    cache.abandon_outputs()
+    print("interrupted", file=sys.stderr)
+
+
+def _interruptible(work: Callable[[], int]) -> int:
+    """`work` under `runtime.run_interruptibly`: Ctrl-C stops at once, exit 130, one line."""
+    return runtime.run_interruptibly(work, _interrupted)
 
 
 def _print_summary(result: Any) -> int:
@@ -261,16 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "demo-data":
 
-            return _print_summary(make_demo_data(config.demo, config=config))
+            return _print_summary(make_demo_data(config.demo, config=config, force=force))
         if args.command == "extract":
 
-            return _print_summary(extract_stage(config, force=force))
+            return _interruptible(lambda: _print_summary(extract_stage(config, force=force)))
         if args.command == "quantize":
 
-            return _print_summary(quantize_config_stage(config))
+            return _interruptible(lambda: _print_summary(quantize_config_stage(config, force=force)))
         if args.command == "merge-features":
 
-            return _print_summary(merge_feature_parts([Path(p) for p in args.parts], Path(args.output)))
+            return _print_summary(merge_feature_parts([Path(p) for p in args.parts], Path(args.output), force=force))
         if args.command == "prepare":
 
             return _print_summary(prepare_stage(config, force=force))
@@ -303,25 +330,30 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         runtime.import_keras()
 
         models = [Path(m) for m in ensemble_members(args, config)]
-        outcomes = caption_files(
-            models if len(models) > 1 else models[0], [Path(p) for p in args.images], config.decode,
-            args.backbone_weights,
-            explain_dir=Path(args.explain) if args.explain else None,
-        )
-        failed = 0
-        for outcome in outcomes:
-            if outcome.error is not None:
-                failed += 1
-                print(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
-                if not args.json:
-                    continue
-            if args.json:
-                print(json.dumps(outcome.to_dict()))
-            elif len(args.images) == 1:
-                print(outcome.caption)
-            else:
-                print(f"{outcome.path}\t{outcome.caption}")
-        return 1 if failed else 0
+
+        def work() -> int:
+            # Each batch's captions are printed as soon as it is done: Ctrl-C keeps what was finished.
+            failed = 0
+            for outcome in iter_caption_files(
+                models if len(models) > 1 else models[0], [Path(p) for p in args.images], config.decode,
+                args.backbone_weights,
+                explain_dir=Path(args.explain) if args.explain else None,
+                force=args.force,
+            ):
+                if outcome.error is not None:
+                    failed += 1
+                    print(f"error: {outcome.path}: {outcome.error}", file=sys.stderr, flush=True)
+                    if not args.json:
+                        continue
+                if args.json:
+                    print(json.dumps(outcome.to_dict()), flush=True)
+                elif len(args.images) == 1:
+                    print(outcome.caption, flush=True)
+                else:
+                    print(f"{outcome.path}\t{outcome.caption}", flush=True)
+            return 1 if failed else 0
+
+        return _interruptible(work)
 
     return _run(handler)
 

@@ -83,6 +83,17 @@ MODEL_DIR_FILES = (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE)
 TRAINED_FILES = MODEL_DIR_FILES + (HISTORY_FILE,)
 
 
+def not_a_model_dir(model_dir: str | Path) -> str | None:
+    """Why `model_dir` cannot be a model directory because it is not a folder (None when it is one):
+    "model directory not found: X", or "X is a file, not a model directory" (a .keras file, say)."""
+    path = Path(model_dir)
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{path} is a file, not a model directory (a directory written by `captioner train`)"
+    return f"model directory not found: {path}"
+
+
 def model_files(model_dir: str | Path) -> list[Path]:
     """The files that determine a model's captions."""
     return [Path(model_dir) / name for name in MODEL_DIR_FILES]

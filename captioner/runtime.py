@@ -14,6 +14,10 @@ the backend) and initialises the backend's devices with file descriptor 2 pointe
 a temporary file, then writes back to stderr only the lines that are not such
 chatter: a real problem during the import is still shown. The CLI calls it before
 any stage that needs Keras; later imports of keras are then silent.
+
+Ctrl-C while the runtime computes: `run_interruptibly` runs a stage in a worker thread so
+that the main thread stops the process within a fraction of a second (exit 130), instead of
+after the network's current batch.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Lines of start-up chatter: absl-format C++ log lines (I/W/E + MMDD), absl's preamble,
 # TensorFlow's CPU-feature and oneDNN notices.
@@ -108,3 +115,52 @@ def device_description() -> str:
         device = jax.devices()[0]
         return f"the CPU ({backend})" if device.platform == "cpu" else f"{device.platform.upper()} {device.id} ({backend})"
     return backend
+
+
+def run_interruptibly(work: Callable[[], T], on_interrupt: Callable[[], None]) -> T:
+    """Runs `work()` in a worker thread while this (main) thread waits for it; returns its result
+    or raises its exception.
+
+    Why: Python handles Ctrl-C (SIGINT) only in the main thread, and only between bytecodes. A
+    main thread inside TensorFlow or LiteRT (a batch through VGG16, a conversion) sees it when
+    that call returns, seconds later. Waiting here instead, the main thread takes Ctrl-C at
+    once: it calls `on_interrupt()` (release locks, remove temporaries, say one line), flushes
+    stdout and stderr, and ends the process with exit status 130 without waiting for the
+    worker, which cannot be stopped inside a native call (`os._exit`: no Python clean-up runs
+    after `on_interrupt`). Called from another thread, `work` simply runs there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the main thread as it is
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, name="captioner-work", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        try:
+            on_interrupt()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(130)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say): the bound a model's
+    training memory is checked against before it is built."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None

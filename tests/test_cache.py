@@ -122,11 +122,59 @@ def test_a_refusal_inside_a_new_folders_lock_leaves_no_folder_behind(tmp_path):
                     (output / "part.json").write_text("{}")
                 raise CaptionerError("refused")
     assert not (tmp_path / "new").exists()  # the folders the lock made go
-    assert [p.name for p in existing.iterdir()] == [".lock"]  # a folder that was there stays as it was
-    assert sorted(p.name for p in written.iterdir()) == [".lock", "part.json"]  # never what a run wrote
+    assert list(existing.iterdir()) == []  # a folder that was there stays as it was, without a lock file
+    assert sorted(p.name for p in written.iterdir()) == ["part.json"]  # never what a run wrote
     with cache.output_lock(fresh):  # and the output can be taken again
+        assert [p.name for p in fresh.iterdir()] == [".lock"]
+    assert not (tmp_path / "new").exists()  # a run that wrote nothing leaves nothing
+
+
+def test_a_run_leaves_no_lock_file_behind_refused_or_not(tmp_path):
+    output = tmp_path / "features.pkl"
+    with cache.output_lock(output):
+        assert cache.lock_path_for(output).exists()
+        with pytest.raises(CaptionerError, match="being written by another run"):
+            with cache.output_lock(output):
+                pass
+        assert cache.lock_path_for(output).exists()  # the refused run leaves the holder's lock alone
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CaptionerError, match="refused"):
+        with cache.output_lock(output):
+            raise CaptionerError("refused")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_by_two_runs(tmp_path, monkeypatch):
+    """The race that makes removing a lock file unsafe: a run opens the file, the holder then
+    removes it and lets go, and the run locks a file nobody else can see while a third run
+    locks the new one. The lock checks that the path still names the file it locked."""
+    output = tmp_path / "out.pkl"
+    path = cache.lock_path_for(output)
+    real_flock = cache.fcntl.flock
+    holder = []
+
+    def flock_after_the_holder_left(fd, operation):
+        if not holder:  # the first try: the holder removes and releases its file in between
+            holder.append(True)
+            path.unlink()
+            third = os.open(path, os.O_RDWR | os.O_CREAT)  # a third run takes the path's new file
+            real_flock(third, cache.fcntl.LOCK_EX | cache.fcntl.LOCK_NB)
+            holder.append(third)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(cache.fcntl, "flock", flock_after_the_holder_left)
+    with pytest.raises(CaptionerError, match="being written by another run"):
+        with cache.output_lock(output):
+            pass
+    os.close(holder[1])
+
+
+def test_a_killed_runs_lock_file_is_taken_over(tmp_path):
+    output = tmp_path / "out.pkl"
+    cache.lock_path_for(output).write_text("")  # what a killed run leaves
+    with cache.output_lock(output):
         pass
-    assert [p.name for p in fresh.iterdir()] == [".lock"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_lock_holds_across_processes(tmp_path):
@@ -155,3 +203,130 @@ def test_a_broken_symlink_added_to_an_input_folder_makes_the_stage_stale(tmp_pat
     (folder / "b.jpg").symlink_to(tmp_path / "missing.jpg")
     after = cache.fingerprint(folder)
     assert after != before and after["files"] == 2
+
+
+# ----------------------------------------------------------------- what a stage may write over
+
+
+def test_claim_output_lets_a_stage_write_only_over_its_own_files(tmp_path):
+    output = tmp_path / "features.pkl"
+    cache.claim_output(output, "features")  # nothing there: free
+    output.write_bytes(b"the user's own pickle")
+    with pytest.raises(CaptionerError) as caught:
+        cache.claim_output(output, "features")
+    assert str(caught.value) == (
+        f"{output} exists and there is no manifest of captioner extract beside it (features.pkl.manifest.json): "
+        "choose another --output, or --force replaces it"
+    )
+    cache.claim_output(output, "features", force=True)  # --force replaces it
+
+    stage = cache.Stage("merge-features", cache.manifest_path_for(output), {}, {}, [output])
+    stage.finish()
+    with pytest.raises(CaptionerError, match="captioner merge-features wrote it, not captioner extract"):
+        cache.claim_output(output, "features")
+    cache.claim_output(output, "merge-features")  # its own
+
+    marked = tmp_path / "other.pkl"
+    marked.write_bytes(b"x")
+    (tmp_path / "mark").write_text("")
+    cache.claim_output(marked, "features", marks=[tmp_path / "mark"])  # a mark of the stage's own
+
+
+def test_claim_output_checks_every_file_the_stage_writes(tmp_path):
+    report, page = tmp_path / "eval-dev.json", tmp_path / "eval-dev.html"
+    page.write_text("<p>the user's page</p>")
+    with pytest.raises(CaptionerError, match=f"^{page} exists"):
+        cache.claim_output(report, "evaluate", also=[page])
+    page.unlink()
+    (tmp_path / "eval-dev.parts").mkdir()  # an empty folder is nothing to lose
+    cache.claim_output(report, "evaluate", also=[tmp_path / "eval-dev.parts"])
+
+
+def test_claim_output_never_writes_into_a_folder_or_through_a_dangling_link(tmp_path):
+    folder = tmp_path / "out.pkl"
+    folder.mkdir()
+    with pytest.raises(CaptionerError, match="is a folder; it must name a file"):
+        cache.claim_output(folder, "features", force=True)
+    link = tmp_path / "link.pkl"
+    link.symlink_to(tmp_path / "nowhere" / "x.pkl")
+    with pytest.raises(CaptionerError, match=r"link\.pkl is a symbolic link to .*nowhere/x\.pkl, which does not exist"):
+        cache.claim_output(link, "features", force=True)
+    with pytest.raises(CaptionerError, match="which does not exist"):
+        with cache.output_lock(link):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pkl", "out.pkl"]
+
+
+def test_claim_output_can_ask_each_file_itself(tmp_path):
+    strip = tmp_path / "a.png"
+    strip.write_bytes(b"a user's picture")
+    with pytest.raises(CaptionerError, match="it is not a file caption --explain wrote"):
+        cache.claim_output(strip, "explain", ours=lambda path: False, option="--explain folder")
+    cache.claim_output(strip, "explain", ours=lambda path: True)
+
+
+def test_claim_folder_lets_a_stage_write_only_into_a_folder_of_its_own(tmp_path):
+    folder = tmp_path / "captions"
+    cache.claim_folder(folder, "captions")  # missing: free
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    cache.claim_folder(folder, "captions")  # nothing but a lock: free
+    for name in ("train.json", "tokenizer.json", "notes.txt", "zz.txt"):
+        (folder / name).write_text("the user's")
+    with pytest.raises(CaptionerError) as caught:
+        cache.claim_folder(folder, "captions", what="prepared captions")
+    assert str(caught.value) == (
+        f"{folder} is not empty and holds no prepared captions (notes.txt, tokenizer.json, train.json, ...): "
+        "choose another --output, or --force writes into it"
+    )
+    cache.claim_folder(folder, "captions", force=True)
+    cache.claim_folder(folder, "captions", own=["notes.txt", "tokenizer.json", "train.json", "zz.txt"])
+
+    cache.atomic_write_json(folder / "manifest.json", {"version": 1, "stage": "demo-data"})
+    with pytest.raises(CaptionerError, match="holds the output of captioner demo-data, not of captioner prepare"):
+        cache.claim_folder(folder, "captions")
+    cache.atomic_write_json(folder / "manifest.json", {"version": 1, "stage": "captions"})
+    cache.claim_folder(folder, "captions")  # its own, whatever else the user keeps there
+
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(CaptionerError, match="is a file; it must name a folder"):
+        cache.claim_folder(afile, "captions", force=True)
+
+
+def test_a_run_being_written_is_marked_as_the_stages_and_as_unfinished(tmp_path):
+    output = tmp_path / "out.txt"
+    stage = cache.Stage("demo", cache.manifest_path_for(output), {}, {"k": 1}, [output])
+    with pytest.raises(RuntimeError):
+        with stage.writing():
+            raise RuntimeError("failed before writing anything")
+    assert list(tmp_path.iterdir()) == []  # the mark went with it
+
+    with pytest.raises(KeyboardInterrupt):
+        with stage.writing():
+            output.write_text("half")
+            raise KeyboardInterrupt
+    assert cache.manifest_stage(output) == "demo"  # a killed run's output is still the stage's
+    assert cache.read_manifest(output) is None and stage.previous() is None  # but no finished run
+    assert stage.stale_reason() == "no finished run recorded"
+    cache.claim_output(output, "demo")
+
+    with stage.writing():
+        output.write_text("whole")
+    stage.finish()
+    assert stage.stale_reason() is None
+    with stage.writing():  # a finished manifest stays until the next finish
+        assert stage.previous() is not None
+    with stage.writing(restart=True):
+        assert stage.previous() is None
+
+
+def test_a_folder_fingerprint_takes_a_file_name_that_is_not_utf8(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "plain.jpg").write_bytes(b"x")
+    before = cache.fingerprint(folder)
+    with open(os.fsencode(folder) + b"/caf\xe9.jpg", "wb") as handle:
+        handle.write(b"y")
+    after = cache.fingerprint(folder)
+    assert after["files"] == 2 and after["digest"] != before["digest"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cli
+from captioner import cache, cli
 from captioner.config import DemoConfig
 from captioner.data import demo
 from captioner.errors import CaptionerError
@@ -224,12 +224,50 @@ def test_an_interrupted_run_is_not_taken_for_a_finished_one(tmp_path, monkeypatc
         _make(tmp_path, images=10, seed=4)
     monkeypatch.setattr(demo, "render_scene", original)
     folder = tmp_path / "demo"
-    assert not (folder / "manifest.json").exists()
+    assert cache.read_manifest(folder) is None  # no finished run recorded: an unfinished manifest marks it ours
+    assert cache.manifest_stage(folder) == "demo-data"
     assert not list(folder.rglob(".*.tmp-*"))
     assert not _make(tmp_path, images=10, seed=4).up_to_date
     fresh = tmp_path / "fresh"
     demo.make_demo_data(DemoConfig(output=str(fresh), images=10, seed=4))
     assert _data_files(folder) == _data_files(fresh)
+
+
+def test_demo_data_writes_only_into_a_folder_of_its_own(tmp_path, capsys):
+    """Issue 26: demo-data replaced a user's token file and one of their images."""
+    folder = tmp_path / "mine"
+    (folder / "images").mkdir(parents=True)
+    (folder / "Flickr8k.token.txt").write_text("my own captions\n")
+    Image.new("RGB", (8, 8), "red").save(folder / "images" / "shapes_00001.jpg")
+    Image.new("RGB", (8, 8), "blue").save(folder / "images" / "holiday.jpg")
+    before = _data_files(folder)
+    argv = ["demo-data", "--output", str(folder), "--images", "10"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {folder} is not empty and holds no demo data set (Flickr8k.token.txt, images): "
+                   "choose another --output, or --force writes into it"]
+    assert _data_files(folder) == before and sorted(p.name for p in folder.iterdir()) == ["Flickr8k.token.txt", "images"]
+
+    assert cli.main([*argv, "--force"]) == 0  # --force writes into it
+    assert (folder / "Flickr8k.token.txt").read_text() != "my own captions\n"
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and "up to date" in capsys.readouterr().out  # its own now: cached as ever
+    assert cli.main([*argv, "--force"]) == 0 and "up to date" not in capsys.readouterr().out  # --force redoes it
+    assert not demo.make_demo_data(DemoConfig(output=str(folder), images=12, seed=0)).up_to_date  # changed: redone
+
+
+def test_demo_data_refuses_another_stages_folder(tmp_path):
+    from captioner.config import Config
+    from captioner.stages import prepare
+
+    _make(tmp_path, images=10)
+    config = Config()
+    config.text.captions = str(tmp_path / "demo" / "Flickr8k.token.txt")
+    config.text.splits = str(tmp_path / "demo")
+    config.text.output = str(tmp_path / "captions")
+    prepare.prepare_stage(config)
+    with pytest.raises(CaptionerError, match="holds the output of captioner prepare, not of captioner demo-data"):
+        demo.make_demo_data(DemoConfig(output=str(tmp_path / "captions"), images=10, seed=0))
 
 
 # --------------------------------------------------------------------------- learnability

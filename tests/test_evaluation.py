@@ -325,3 +325,44 @@ def test_a_report_cached_before_the_decode_rename_is_rebuilt(workspace, tmp_path
     assert not result.up_to_date
     rebuilt = json.loads(json_path.read_text())
     assert rebuilt["decode"]["max_generated_words"] == 6 and rebuilt["bad_features"] == {}
+
+
+# --------------------------------------------------------------------------- what evaluate writes over (issue 26)
+
+
+def test_evaluate_writes_only_over_reports_of_its_own(workspace, tmp_path, capsys):
+    """Issue 26: evaluate replaced a user's eval-dev.json."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval-dev.json").write_text('{"mine": true}')
+    args = ["evaluate", "--model", str(workspace["model"]), "--features", str(workspace["features"]),
+            "--captions", str(workspace["captions"]), "--split", "dev", "--beam", "1", "--output", str(out),
+            "--decode.max_generated_words=4"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out / 'eval-dev.json'} exists and there is no manifest of captioner evaluate beside it "
+                   "(eval-dev.json.manifest.json): choose another --output, or --force replaces it"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval-dev.json"] and "mine" in (out / "eval-dev.json").read_text()
+
+    (out / "eval-dev.json").unlink()
+    (out / "eval-dev.html").write_text("<p>my page</p>")  # the page counts as much as the report
+    assert cli_main(args) == 2 and "eval-dev.html exists" in capsys.readouterr().err
+    assert cli_main([*args, "--force"]) == 0  # --force replaces it
+    assert "my page" not in (out / "eval-dev.html").read_text()
+    capsys.readouterr()
+    result = evaluation.evaluate_stage(make_config(workspace, out, eval__split="dev", decode__beam_size=1,
+                                                   decode__max_generated_words=4))
+    assert result.up_to_date  # its own: cached as ever
+    assert not evaluation.evaluate_stage(make_config(workspace, out, eval__split="dev")).up_to_date  # changed: redone
+    assert sorted(p.name for p in out.iterdir()) == ["eval-dev.html", "eval-dev.json", "eval-dev.json.manifest.json"]
+
+
+def test_a_file_given_as_the_model_directory_says_so(workspace, tmp_path, capsys):
+    args = ["evaluate", "--features", str(workspace["features"]), "--captions", str(workspace["captions"]),
+            "--split", "test", "--output", str(tmp_path / "out")]
+    model_file = workspace["model"] / "model.keras"
+    assert cli_main([*args, "--model", str(model_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --model {model_file} is a file, not a model directory (a directory written by "
+                   "`captioner train`)"]
+    assert not (tmp_path / "out").exists()

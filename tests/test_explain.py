@@ -139,11 +139,10 @@ def extracted_provenance(tmp_path: Path, output: str, layer: str) -> dict:
     return feature_provenance(tmp_path / output)
 
 
-@needs_shared_tflite
-def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_path: Path, capsys):
+def attention_model_dir(tmp_path: Path) -> Path:
+    """An untrained attention model over the shared MobileNetV2's 7x7x1280 maps, as training writes it."""
     import keras
 
-    from captioner.cli import caption_main
     from captioner.config import Config, ModelConfig
     from captioner.data.tokenizer import Tokenizer
     from captioner.layout import TOKENIZER_FILE
@@ -159,7 +158,14 @@ def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_p
     save_model(build_attention_model(49, 1280, tokenizer.vocab_size, config.model), model_dir)
     tokenizer.save(model_dir / TOKENIZER_FILE)
     write_model_config(model_dir, config, 1280, tokenizer.vocab_size, provenance, map_grid=(7, 7))
+    return model_dir
 
+
+@needs_shared_tflite
+def test_caption_explain_writes_a_strip_per_caption_for_an_attention_model(tmp_path: Path, capsys):
+    from captioner.cli import caption_main
+
+    model_dir = attention_model_dir(tmp_path)
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
@@ -194,3 +200,84 @@ def test_caption_explain_with_a_merge_model_is_one_line(tmp_path: Path, capsys):
     assert err.endswith("--explain needs an attention model (model.kind=attention); " f"{model_dir} is a merge model")
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- what --explain writes over (issue 26)
+
+
+def test_a_strip_carries_the_mark_by_which_explain_knows_its_own_files(tmp_path: Path):
+    from captioner.decoding.explain import is_attention_strip, strip_file_names
+
+    strip = save_attention_strip(tmp_path / "strip.png", PHOTO, ["dog"], one_hot(0, 0)[None], GRID)
+    assert is_attention_strip(strip)
+    Image.fromarray(PHOTO).save(tmp_path / "photo.png")
+    Image.fromarray(PHOTO).save(tmp_path / "photo.jpg")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert not any(is_attention_strip(tmp_path / name) for name in ("photo.png", "photo.jpg", "notes.png", "none"))
+    # names of one run never collide, not even with a photo named like a numbered one
+    assert strip_file_names(["a/x.jpg", "b/x.jpg", "x-2.png", "c/x.png"]) == ["x.png", "x-2.png", "x-2-2.png", "x-3.png"]
+
+
+def _photo(path: Path, colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 60, 3), colour, np.uint8)).save(path)
+    return path
+
+
+def test_explain_never_writes_over_a_photo_it_captions_even_with_force(tmp_path: Path, capsys):
+    """Issue 26: `caption --explain DIR` on the photos' own folder replaced PNG photos by strips, exit 0."""
+    from captioner.cli import caption_main
+
+    photo = _photo(tmp_path / "photos" / "beach.png")
+    before = photo.read_bytes()
+    for force in ([], ["--force"]):
+        code = caption_main(["--model", str(tmp_path / "any-model"), "--explain", str(tmp_path / "photos"), *force,
+                             str(photo)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err == [
+            f"error: --explain {tmp_path / 'photos'} would write beach.png over the photo {photo} being captioned: "
+            "choose another --explain folder"
+        ]  # refused before the model is even looked for
+        assert photo.read_bytes() == before
+
+
+def test_explain_refuses_a_file_that_is_not_its_strip_and_a_folder_that_is_a_file(tmp_path: Path, capsys):
+    from captioner.cli import caption_main
+
+    photo = _photo(tmp_path / "photos" / "beach.jpg")
+    out = tmp_path / "out"
+    mine = _photo(out / "beach.png", (1, 2, 3))  # a picture of the user's with the strip's name
+    code = caption_main(["--model", str(tmp_path / "any-model"), "--explain", str(out), str(photo)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {mine} exists and it is not a file caption --explain wrote: choose another "
+                                 "--explain folder, or --force replaces it"]
+    assert sorted(p.name for p in out.iterdir()) == ["beach.png"]
+
+    afile = tmp_path / "strips.txt"
+    afile.write_text("a file")
+    code = caption_main(["--model", str(tmp_path / "any-model"), "--explain", str(afile), str(photo)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"error: --explain {afile} is a file; it must name a folder for the attention strips"
+    ]  # before any captioning (it once crashed after captioning, with no caption printed)
+
+
+@needs_shared_tflite
+def test_explain_force_replaces_a_foreign_file_and_a_rerun_replaces_its_own_strips(tmp_path: Path, capsys):
+    from captioner.cli import caption_main
+    from captioner.decoding.explain import is_attention_strip
+
+    model_dir = attention_model_dir(tmp_path)
+    photo = _photo(tmp_path / "photos" / "beach.jpg")
+    out = tmp_path / "out"
+    _photo(out / "beach.png", (1, 2, 3))
+    argv = ["--model", str(model_dir), "--explain", str(out), "--decode.max_generated_words=3", str(photo)]
+    assert caption_main(argv) == 2 and "--force replaces it" in capsys.readouterr().err
+    assert caption_main([*argv, "--force"]) == 0
+    assert is_attention_strip(out / "beach.png")
+    first = (out / "beach.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert caption_main(argv) == 0  # over its own strip: no --force needed
+    assert capsys.readouterr().err == "" and (out / "beach.png").stat().st_mtime_ns != first
+    assert sorted(p.name for p in out.iterdir()) == ["beach.png"]

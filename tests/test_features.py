@@ -795,3 +795,188 @@ def test_the_shared_int8_mobilenet_v2_reproduces_the_shared_features_through_ext
     for image_id, vector in expected.items():
         assert features[image_id].shape == (1280,)
         assert np.abs(features[image_id] - vector).max() <= step, image_id
+
+
+# --------------------------------------------------------------------------- what extract writes over (issue 26)
+
+
+def test_extract_writes_only_over_a_features_file_of_its_own(reference, tmp_path, tiny, capsys):
+    images, expected = reference
+    output = tmp_path / "features.pkl"
+    output.write_bytes(b"the user's own pickle")
+    code = cli_main(["extract", "--images", str(images), "--output", str(output), "--weights", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"error: {output} exists and there is no manifest of captioner extract beside it "
+        "(features.pkl.manifest.json): choose another --output, or --force replaces it"
+    ]
+    assert output.read_bytes() == b"the user's own pickle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.pkl", "images", "ref"]  # no lock, no chunks
+
+    result = extract_stage(make_config(images, output), force=True, model_factory=tiny)  # --force replaces it
+    assert result.extracted == 12
+    assert_same(load(output), expected)
+    assert extract_stage(make_config(images, output), model_factory=tiny).up_to_date  # its own: cached as ever
+    make_images(images, 1, start=12)
+    assert extract_stage(make_config(images, output), model_factory=tiny).extracted == 1  # and brought up to date
+
+    parts = tmp_path / "features.pkl.parts"  # a folder of the user's where the chunks would go
+    output.unlink()
+    cache.manifest_path_for(output).unlink()
+    parts.mkdir()
+    (parts / "mine.txt").write_text("the user's")
+    with pytest.raises(CaptionerError, match=f"{parts} exists and there is no manifest"):
+        extract_stage(make_config(images, output), model_factory=tiny)
+    assert (parts / "mine.txt").read_text() == "the user's"
+
+
+def test_extract_refuses_a_file_another_stage_wrote(reference, tmp_path, tiny):
+    images, _ = reference
+    parts = [tmp_path / f"part-{i}.pkl" for i in range(2)]
+    for i, part in enumerate(parts):
+        extract_stage(make_config(images, part, shard=f"{i}/2"), model_factory=tiny)
+    merged = tmp_path / "merged.pkl"
+    merge_feature_parts(parts, merged)
+    before = merged.read_bytes()
+    with pytest.raises(CaptionerError, match="captioner merge-features wrote it, not captioner extract"):
+        extract_stage(make_config(images, merged), model_factory=tiny)
+    assert merged.read_bytes() == before
+    assert merge_feature_parts(parts, merged).up_to_date  # the merge's own file: cached as ever
+    user = tmp_path / "user.pkl"
+    user.write_bytes(b"not ours")
+    with pytest.raises(CaptionerError, match="no manifest of captioner merge-features"):
+        merge_feature_parts(parts, user)
+    assert merge_feature_parts(parts, user, force=True).images == 12
+
+
+def test_an_interrupted_first_extraction_is_still_its_own_output(reference, tmp_path, tiny, monkeypatch):
+    """Killed between the features file and its manifest: the rerun takes the file as its own."""
+    images, expected = reference
+    output = tmp_path / "out.pkl"
+    original = cache.Stage.finish
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.Stage, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract_stage(make_config(images, output), model_factory=tiny)
+    monkeypatch.setattr(cache.Stage, "finish", original)
+    assert output.is_file() and cache.read_manifest(output) is None
+    result = extract_stage(make_config(images, output), model_factory=tiny)
+    assert result.reused == 12 and result.extracted == 0  # from the chunks the killed run kept
+    assert_same(load(output), expected)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_named_and_counted(tmp_path, tiny, capsys):
+    images = tmp_path / "images"
+    make_images(images, 9)
+    Image.new("RGB", (20, 20), "red").save(os.fsencode(images) + b"/caf\xe9.jpg", format="JPEG")
+    output = tmp_path / "out.pkl"
+    result = extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=tiny)
+    assert result.failed == {"caf\\xe9.jpg": "the file name is not valid UTF-8; rename the file"}
+    assert ", 1 failed ->" in result.summary() and len(load(output)) == 9
+    assert cache.read_manifest(output)["extra"]["failed"] == result.failed
+    assert extract_stage(make_config(images, output, max_failed_fraction=0.5), model_factory=tiny).up_to_date
+    with pytest.raises(CaptionerError, match=r"1 of 10 images .* \(first: caf\\xe9\.jpg: the file name is not"):
+        extract_stage(make_config(images, tmp_path / "strict.pkl"), model_factory=tiny)
+
+
+def _relu_sum_model():
+    """Features relu(sum of the mean caffe-preprocessed pixel): zero for a dark photo, not for a light one."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    x = keras.layers.Dense(4, activation="relu", kernel_initializer="ones")(x)
+    return keras.Model(inputs, x)
+
+
+def test_all_zero_features_are_refused_and_a_few_are_warned_about(tmp_path, caplog):
+    model = _relu_sum_model()
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 30), "black").save(images / f"dark{i}.png")
+    output = tmp_path / "out.pkl"
+    with pytest.raises(CaptionerError) as caught:
+        extract_stage(make_config(images, output), model_factory=lambda: model)
+    message = str(caught.value)
+    assert message.startswith("every feature of all 3 images is zero: vgg16 fc2 with weights none computes nothing")
+    assert f"nothing written to {output}" in message and "\n" not in message
+    assert not output.exists() and not cache.manifest_path_for(output).exists()
+
+    Image.new("RGB", (30, 30), "white").save(images / "light.png")
+    result = extract_stage(make_config(images, output), model_factory=lambda: model)
+    assert result.images == 4 and result.reused == 3  # the refused run's chunks are reused
+    assert "3 of 4 images have all-zero features (first: dark0, dark1, dark2)" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["output", "images"])
+def test_a_file_name_too_long_is_one_line(tmp_path, capsys, where):
+    images, output = tmp_path / "images", tmp_path / "out.pkl"
+    make_images(images, 2)
+    long = "a" * 300
+    if where == "output":
+        output = tmp_path / f"{long}.pkl"
+    else:
+        images = tmp_path / long
+    code = cli_main(["extract", "--images", str(images), "--output", str(output), "--weights", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "too long" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+CTRL_C_SCRIPT = """
+import hashlib, sys
+from captioner import cli
+from captioner.vision import backbones
+from captioner.stages import features
+
+def build(*args, **kwargs):
+    return None
+
+def predict_fn(model):
+    def predict(batch):
+        # holds this thread in native code, the GIL released, deaf to signals: as TensorFlow does
+        print("in the network", file=sys.stderr, flush=True)
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20_000_000)
+        raise SystemExit("the network call was not cut short")
+    return predict
+
+features.build_backbone = build
+features.make_predict_fn = predict_fn
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # starts Python with TensorFlow: several seconds
+def test_ctrl_c_stops_extract_at_once_and_leaves_what_a_rerun_resumes_from(tmp_path):
+    """Issue 26: Ctrl-C took 13-14 s to stop `extract` (the network's batch ran to its end)."""
+    import time
+
+    images = tmp_path / "images"
+    make_images(images, 6)
+    output = tmp_path / "out.pkl"
+    script = tmp_path / "run.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "extract", "--images", str(images), "--output", str(output), "--weights", "none",
+         "--features.batch_size=2", "--features.chunk_size=2"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "in the network" in line:
+            break
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    elapsed = time.monotonic() - started
+    assert process.returncode == 130, "".join(seen) + rest
+    assert elapsed < 3, elapsed
+    assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["images", "out.pkl.parts", "run.py"]  # no lock, no temporary; the chunks stay for a rerun

@@ -614,3 +614,33 @@ def test_maps_and_vectors_are_refused_where_the_other_is_needed(tmp_path: Path) 
     with pytest.raises(CaptionerError, match="an attention model is fine-tuned on one map file"):
         finetune_stage(config)
     assert not (tmp_path / "out" / layout.MODEL_FILE).exists()
+
+
+# --------------------------------------------------------------------------- issue 26
+
+
+def test_a_captions_folder_of_another_vocabulary_is_refused_naming_both(small: dict, tmp_path: Path, capsys) -> None:
+    from captioner.data.tokenizer import Tokenizer
+    from captioner.stages import finetune
+
+    theirs = small["captions"] / layout.TOKENIZER_FILE
+    Tokenizer.build(["a dog runs on the grass", "a red ball"], min_word_count=1).save(theirs)
+    ours = small["model"] / layout.TOKENIZER_FILE
+    common = ["--model", str(small["model"]), "--features", str(small["features"]), "--captions", str(small["captions"])]
+    code, err = run_cli(capsys, *common, "--output", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {theirs} (") and f"is another vocabulary than the model's {ours} (" in err[0]
+    assert "words not in the model's (e.g. 'ball', 'dog'" in err[0] and "of the model's words missing" in err[0]
+    assert err[0].endswith("fine-tune on the captions folder the model was trained on")
+    assert not (tmp_path / "out").exists()
+
+    shutil.copy(ours, theirs)  # the vocabulary the model was trained with: accepted
+    finetune._input_paths(make_config(small, tmp_path / "out"))
+
+
+def test_a_file_given_as_the_model_directory_says_so(small: dict, tmp_path: Path, capsys) -> None:
+    model_file = small["model"] / layout.MODEL_FILE
+    code, err = run_cli(capsys, "--model", str(model_file), "--features", str(small["features"]),
+                        "--captions", str(small["captions"]), "--output", str(tmp_path / "out"))
+    assert code == 2 and err == [f"error: --model {model_file} is a file, not a model directory (a directory "
+                                 "written by `captioner train`)"]

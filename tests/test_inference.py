@@ -481,3 +481,108 @@ def test_caption_with_an_ensemble_of_two_models(known_model_dir, mean_pixel_net,
     assert caption_main(["--model", str(known_model_dir), "--model", str(other), str(colour_images["red"])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "trained on features of different extractors" in err
+
+
+# --------------------------------------------------------------------------- issue 26
+
+
+def test_a_file_given_as_the_model_directory_says_so(tiny_model_dir, tmp_path, capsys):
+    image = tmp_path / "x.jpg"
+    Image.new("RGB", (32, 32)).save(image)
+    model_file = tiny_model_dir / MODEL_FILE
+    assert caption_main(["--model", str(model_file), str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --model {model_file} is a file, not a model directory (a directory written by "
+                   "`captioner train`)"]
+
+
+def _one_image_per_batch(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of `model_dir` whose backbone batches hold one image (its features.batch_size)."""
+    copy = tmp_path / "one-per-batch"
+    copy.mkdir()
+    for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    info = json.loads((copy / CONFIG_FILE).read_text())
+    info["config"]["features"]["batch_size"] = 1
+    (copy / CONFIG_FILE).write_text(json.dumps(info))
+    return copy
+
+
+def test_caption_hands_out_each_batch_as_soon_as_it_is_done(known_model_dir, mean_pixel_net, colour_images, tmp_path):
+    from captioner.decoding.inference import iter_caption_files
+
+    model_dir = _one_image_per_batch(known_model_dir, tmp_path)
+    paths = [colour_images["red"], colour_images["blue"]]
+    calls = []
+    original = Captioner.extract
+
+    def extract(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Captioner, "extract", extract):
+        outcomes = iter_caption_files(model_dir, paths, DecodeConfig(beam_size=1))
+        assert next(outcomes).caption == KNOWN_CAPTIONS["red"] and calls == [1]  # the second not started yet
+        assert next(outcomes).caption == KNOWN_CAPTIONS["blue"] and calls == [1, 1]
+
+
+CTRL_C_SCRIPT = """
+import hashlib, sys
+import keras
+from captioner import cli
+from captioner.vision import backbones
+from captioner.decoding import inference
+
+inputs = keras.Input((224, 224, 3))
+network = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))  # the mean pixel (tests/model_dirs.py)
+backbones.build_backbone = lambda *args, **kwargs: network
+original = inference.Captioner.extract
+calls = []
+
+def extract(self, images):
+    calls.append(1)
+    if len(calls) == 2:
+        # holds this thread in native code, the GIL released, deaf to signals: as TensorFlow does
+        print("in the network", file=sys.stderr, flush=True)
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20_000_000)
+        raise SystemExit("the network call was not cut short")
+    return original(self, images)
+
+inference.Captioner.extract = extract
+sys.exit(cli.caption_main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # starts Python with TensorFlow: several seconds
+def test_ctrl_c_stops_caption_at_once_and_the_finished_captions_are_printed(known_model_dir, colour_images, tmp_path):
+    """Issue 26: Ctrl-C took 13-14 s to stop `caption`, which then printed none of its captions."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir = _one_image_per_batch(known_model_dir, tmp_path)
+    script = tmp_path / "run.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--model", str(model_dir), "--beam", "1",
+         str(colour_images["red"]), str(colour_images["blue"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "in the network" in line:
+            break
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, rest = process.communicate(timeout=60)
+    elapsed = time.monotonic() - started
+    assert process.returncode == 130, "".join(seen) + rest
+    assert elapsed < 3, elapsed
+    assert out == f"{colour_images['red']}\t{KNOWN_CAPTIONS['red']}\n"  # the caption it had finished
+    assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest

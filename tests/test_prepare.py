@@ -391,3 +391,60 @@ def test_real_flickr8k(shared_flickr8k, tmp_path):
     assert tokenizer.words[4] == "a"  # the most common word survives cleaning
     assert 2000 < tokenizer.vocab_size < 3500
     assert stats["vocabulary"]["token_coverage"] > 0.97
+
+
+# --------------------------------------------------------------------------- what prepare writes over (issue 26)
+
+
+def test_prepare_writes_only_into_a_folder_of_its_own(tmp_path, capsys):
+    """Issue 26: prepare replaced a user's train.json and tokenizer.json beside their notes.txt."""
+    token = write_flickr(tmp_path / "data")
+    out = tmp_path / "mine"
+    out.mkdir()
+    users = {"train.json": b'{"mine": ["my own captions"]}', "tokenizer.json": b"{}", "notes.txt": b"my notes"}
+    for name, data in users.items():
+        (out / name).write_bytes(data)
+    argv = ["prepare", "--captions", str(token), "--splits", str(tmp_path / "data"), "--output", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out} is not empty and holds no prepared captions (notes.txt, tokenizer.json, train.json): "
+                   "choose another --output, or --force writes into it"]
+    assert folder_bytes(out) == users  # untouched, and no lock file left
+
+    assert cli.main([*argv, "--force"]) == 0  # --force writes into it
+    assert (out / "notes.txt").read_bytes() == b"my notes" and json.loads((out / "train.json").read_text())["img1"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and "(up to date)" in capsys.readouterr().out  # its own now: cached as ever
+    assert cli.main([*argv, "--text.min_word_count=2"]) == 0  # changed params: rewritten
+    assert "up to date" not in capsys.readouterr().out
+
+
+def test_prepare_refuses_another_stages_folder_and_leaves_no_empty_folder(tmp_path, capsys):
+    from captioner.config import DemoConfig
+    from captioner.data import demo
+
+    token = write_flickr(tmp_path / "data")
+    demo_folder = tmp_path / "demo"
+    demo.make_demo_data(DemoConfig(output=str(demo_folder), images=10, seed=0))
+    before = folder_bytes(demo_folder)
+    with pytest.raises(CaptionerError, match="holds the output of captioner demo-data, not of captioner prepare"):
+        prepare.prepare_stage(make_config(token, tmp_path / "data", demo_folder))
+    assert folder_bytes(demo_folder) == before
+
+    fresh = tmp_path / "new" / "captions"
+    with pytest.raises(CaptionerError, match="no usable captions"):
+        prepare.prepare_stage(make_config(write_flickr(tmp_path / "other", train=("x.jpg",), dev=(), test=()),
+                                           tmp_path / "other", fresh))
+    assert not (tmp_path / "new").exists()  # a refused run leaves no folder (and no lock) behind
+
+
+@pytest.mark.parametrize("where", ["output", "captions", "splits"])
+def test_a_file_name_too_long_is_one_line(tmp_path, capsys, where):
+    token = write_flickr(tmp_path / "data")
+    paths = {"captions": token, "splits": tmp_path / "data", "output": tmp_path / "caps"}
+    paths[where] = tmp_path / ("a" * 300)
+    code = cli.main(["prepare", "--captions", str(paths["captions"]), "--splits", str(paths["splits"]),
+                     "--output", str(paths["output"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "too long" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

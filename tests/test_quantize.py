@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captioner import cache
 from captioner.cache import WriteError
 from captioner.errors import CaptionerError
 from captioner.vision.quantize import QuantizeTarget, quantize_backbone, quantize_stage
@@ -134,12 +135,12 @@ def test_quantize_command_bad_input_is_one_line_exit_2_and_nothing_written(tmp_p
     base = ["quantize", "--images", str(tmp_path / "images"), "--weights", "none"]
     cases = [
         ([*base, "--backbone", "mobilenet_v3", "--output", str(output)],
-         "unknown backbone 'mobilenet_v3' (features.backbone: vgg16, vgg19, resnet50, inception_v3, mobilenet_v2, "
-         "efficientnet_b0)"),
+         "unknown backbone 'mobilenet_v3' (--backbone / quantize.backbone: vgg16, vgg19, resnet50, inception_v3, "
+         "mobilenet_v2, efficientnet_b0)"),
         ([*base, "--backbone", "mobilenet_v2", "--output", str(tmp_path / "out.h5")],
          "quantize.output must be a .tflite file name"),
         ([*base, "--backbone", "mobilenet_v2", "--layer", "fc2", "--output", str(output)],
-         "unknown layer 'fc2' of mobilenet_v2"),
+         "unknown layer 'fc2' of mobilenet_v2 (--layer / quantize.layer: global_average_pooling2d"),
         ([*base, "--backbone", "mobilenet_v2", "--output", str(output)],
          "only 3 images; quantize needs at least 101 readable ones"),
         ([*base, "--backbone", "mobilenet_v2", "--output", str(output), "--quantize.calibration_images=50"],
@@ -158,24 +159,73 @@ def test_quantize_command_bad_input_is_one_line_exit_2_and_nothing_written(tmp_p
 
 
 @pytest.mark.slow  # converts and calibrates a random MobileNetV2: tens of seconds
-def test_quantize_command_makes_a_mobilenet_v2_that_extract_runs(tmp_path, capsys):
-    from captioner import cache
+def test_quantize_of_a_random_mobilenet_v2_is_refused_for_its_all_zero_features(tmp_path, capsys):
+    """Issue 26: `--weights none` once reported success at cosine 0.0000 (every int8 feature zero),
+    and `extract` then wrote all-zero features without a word."""
     from captioner.cli import main
-    from captioner.data import feature_files
 
     _write_images(tmp_path / "images", 14, seed=3, size=64)
     output = tmp_path / "mobilenet_v2-int8.tflite"
     argv = ["quantize", "--backbone", "mobilenet_v2", "--weights", "none", "--images", str(tmp_path / "images"),
             "--output", str(output), "--quantize.calibration_images=10", "--quantize.held_out_images=4",
             "--quantize.min_calibration_images=8"]
-    assert main(argv) == 0
-    report = capsys.readouterr().out.strip().splitlines()[-1]
-    assert report.startswith(f"wrote {output}") and "1280 features" in report and "4 held-out images" in report
-    assert "cosine mean" in report and "relative error mean" in report
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if "has RANDOM weights" not in line]
+    assert len(lines) == 1 and "error: the int8 model's features are all zero on the 4 held-out images" in lines[0]
+    assert f"nothing written to {output}" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no model, manifest, lock or temporary
 
-    features = tmp_path / "features.pkl"
-    assert main(["extract", "--images", str(tmp_path / "images"), "--output", str(features),
-                 "--backbone", "mobilenet_v2", "--weights", str(output)]) == 0
-    loaded = feature_files.load_features(features)
-    assert len(loaded) == 14 and all(v.shape == (1280,) for v in loaded.values())
-    assert feature_files.feature_provenance(features)["weights_sha256"] == cache.file_sha256(output)
+
+def _constant_cnn(keras, bias):
+    """A tiny CNN whose pooled features are `bias` for every photo (a zero kernel)."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(16, 3, kernel_initializer="zeros",
+                            bias_initializer=keras.initializers.Constant(bias), activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x), name="constant")
+
+
+@pytest.mark.parametrize("bias, problem", [(0.0, "are all zero on the 4 held-out images"),
+                                           (0.5, "are the same for all 4 held-out images")])
+def test_an_extractor_whose_features_carry_nothing_is_refused_and_nothing_written(keras, tmp_path, bias, problem):
+    output = tmp_path / "out.tflite"
+    output.write_bytes(b"previous model")
+    images = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    with pytest.raises(CaptionerError, match=problem) as error:
+        quantize_backbone(_constant_cnn(keras, bias), "pool", mobilenet_v2_preprocess, images[4:], output,
+                          held_out_images=images[:4])
+    assert f"nothing written to {output}" in str(error.value) and "\n" not in str(error.value)
+    assert output.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tflite"]
+
+
+def test_quantize_writes_only_over_a_file_of_its_own(keras, tmp_path):
+    """Issue 26: quantize replaced a copy of the shared int8 MobileNetV2. A .tflite without our
+    manifest is refused (before any work); --force replaces it; a rerun on our own file works."""
+    _write_images(tmp_path / "images", 10)
+    model = _tiny_cnn(keras)
+    built = []
+
+    def build(name, weights):
+        built.append(name)
+        return QuantizeTarget(model, "pool", mobilenet_v2_preprocess, (SIZE, SIZE), resample="bilinear")
+
+    output = tmp_path / "mobilenet_v2-int8.tflite"
+    output.write_bytes(b"a copy of the shared model")
+    arguments = dict(build=build, calibration_count=6, held_out_count=2, min_calibration_images=5)
+    with pytest.raises(CaptionerError) as error:
+        quantize_stage("tiny", "none", tmp_path / "images", output, **arguments)
+    message = str(error.value)
+    assert message == (f"{output} exists and there is no manifest of captioner quantize beside it "
+                       f"({output.name}.manifest.json): choose another --output, or --force replaces it")
+    assert output.read_bytes() == b"a copy of the shared model" and not built
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", output.name]  # no lock left behind
+
+    quantize_stage("tiny", "none", tmp_path / "images", output, force=True, **arguments)
+    assert output.read_bytes()[4:8] == b"TFL3"
+    assert cache.read_manifest(output)["stage"] == "quantize"
+    first = output.stat().st_mtime_ns
+    report = quantize_stage("tiny", "none", tmp_path / "images", output, **arguments)  # our own: quantized again
+    assert output.stat().st_mtime_ns != first and report.held_out_images == 2 and len(built) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", output.name, output.name + ".manifest.json"]

@@ -495,11 +495,13 @@ def test_a_second_run_and_a_foreign_folder_are_refused_in_one_line(
         code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(output)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "another run" in err
+    assert not output.exists()  # the folder the lock made goes with it: nothing was written
 
+    output.mkdir()
     (output / "notes.txt").write_text("not a model")
     with pytest.raises(CaptionerError, match=r"is not empty and holds no training run \(notes\.txt\).*--force"):
         train_stage(config)
-    assert sorted(p.name for p in output.iterdir() if p.name != ".lock") == ["notes.txt"]
+    assert sorted(p.name for p in output.iterdir()) == ["notes.txt"]  # not even a lock file left
 
 
 # --------------------------------------------------------------------------- bad input
@@ -667,3 +669,49 @@ def test_bad_teacher_captions_are_refused_in_one_line_before_training(
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "captions the dev split" in err
     assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- issue 26
+
+
+def test_an_output_at_a_dangling_symlink_is_one_line(data: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    features, captions = data
+    output = tmp_path / "model-link"
+    output.symlink_to(tmp_path / "gone" / "model")
+    code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(output)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: --output {output} is a symbolic link to {tmp_path / 'gone' / 'model'}, "
+                                 "which does not exist: point it at a real place or remove the link"]
+    assert output.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_it_is_built(data: tuple[Path, Path], tmp_path: Path,
+                                                                       capsys, monkeypatch) -> None:
+    """Issue 26: --model.units=100000000 ended in TensorFlow's out-of-memory error and an empty output folder."""
+    from captioner.models import merge as merge_lib
+
+    def never(*args, **kwargs):
+        raise AssertionError("built a model that cannot fit")
+
+    monkeypatch.setattr(merge_lib, "build_model", never)
+    features, captions = data
+    output = tmp_path / "new" / "model"
+    code = main(["train", "--features", str(features), "--captions", str(captions), "--output", str(output),
+                 "--model.units=100000000"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("train: ")]
+    assert code == 2 and len(err) == 1, err  # the progress log, then one line
+    assert err[0].startswith("error: model.units=100000000, model.embedding_dim=256 with 16 words and 16-d features "
+                             "make a model of ")
+    assert "parameters: training it needs about" in err[0] and "more than this machine's" in err[0]
+    assert not (tmp_path / "new").exists()  # no empty output folder (and no lock) left behind
+
+
+@pytest.mark.parametrize("init_inject", [False, True])
+def test_the_parameter_count_before_building_is_keras_count(init_inject: bool) -> None:
+    from captioner.models import merge as merge_lib
+    from captioner.models.attention import build_attention_model
+    from captioner.models.attention import count_parameters as count_attention
+
+    sizes = config_lib.ModelConfig(embedding_dim=5, units=7, attention_dim=3, init_inject=init_inject)
+    assert merge_lib.count_parameters(11, 13, sizes) == merge_lib.build_model(11, 13, sizes).count_params()
+    assert count_attention(11, 13, sizes) == build_attention_model(4, 11, 13, sizes).count_params()

@@ -7,7 +7,12 @@ Reads nothing. Writes, under `demo.output` (default `data/demo`):
 - `Flickr8k.token.txt`: `<id>.jpg#k<TAB>caption`, k = 0..4, five per image;
 - `Flickr_8k.trainImages.txt`, `Flickr_8k.devImages.txt`, `Flickr_8k.testImages.txt`:
   one `<id>.jpg` per line, a 70/15/15 split;
-- `manifest.json`: the stage manifest (params: images, seed, generator version).
+- `manifest.json`: the stage manifest (params: images, seed, generator version); while a
+  run writes, an unfinished one, so that a killed run's folder is still known as a demo set.
+
+It writes only into a folder of its own: one that holds anything else (a user's token
+file, another stage's output) is refused in one line naming what it holds; `--force`
+writes into it (`captioner.cache.claim_folder`).
 
 Config: `DemoConfig` (output, images, seed). Everything is drawn from one numpy
 generator seeded with `demo.seed`, so a seed gives byte-identical files. Cost: a few
@@ -257,41 +262,58 @@ def split_ids(image_ids: list[str], seed: int) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- the stage
 
 
-def make_demo_data(demo: DemoConfig, config: Config | None = None) -> DemoResult:
+def make_demo_data(demo: DemoConfig, config: Config | None = None, force: bool = False) -> DemoResult:
     """Generates (or finds up to date) the demo data set described in the module docstring.
 
     `demo`'s ranges (images >= 10, so that every split gets one; seed >= 0) are the
-    config's to check (`captioner.config.CHECKS`). Returns a DemoResult; CaptionerError
-    when the output is a file, is being written by another run, or cannot be written.
+    config's to check (`captioner.config.CHECKS`). It writes only into a folder of its own
+    (`cache.claim_folder`): a folder holding anything but a demo set is refused in one line;
+    force writes into it (and regenerates an up-to-date set). Returns a DemoResult;
+    CaptionerError when the output is a file, another stage's or the user's folder, is being
+    written by another run, or cannot be written.
     """
     output = Path(demo.output)
     if output.exists() and not output.is_dir():
         raise CaptionerError(f"demo.output is a file, not a folder: {output}")
-    with cache.output_lock(output):  # one run per output
-        return _make_locked(demo, output, config)
+    with cache.output_lock(output, folder=True):  # one run per output
+        cache.claim_folder(output, "demo-data", force, what="demo data set")
+        return _make_locked(demo, output, config, force)
 
 
-def _make_locked(demo: DemoConfig, output: Path, config: Config | None) -> DemoResult:
+def _make_locked(demo: DemoConfig, output: Path, config: Config | None, force: bool = False) -> DemoResult:
     images_dir = output / IMAGES_DIR
     image_ids = [f"shapes_{index:05d}" for index in range(demo.images)]
     image_paths = [images_dir / f"{image_id}.jpg" for image_id in image_ids]
     text_paths = [output / TOKEN_FILE] + [output / name for name in SPLIT_FILES.values()]
     stage = cache.Stage(
         "demo-data",
-        cache.manifest_path_for(output),
+        cache.manifest_path_for(output, folder=True),
         inputs={},
         params={"images": demo.images, "seed": demo.seed, "generator_version": GENERATOR_VERSION},
         outputs=text_paths + image_paths,
     )
     train, dev, test = split_counts(demo.images)
     result = DemoResult(output, demo.images, train, dev, test, 5 * demo.images)
-    if stage.up_to_date():
+    if not force and stage.up_to_date():
         result.up_to_date = True
         return result
 
     started = time.perf_counter()
-    # A half-written set must never look finished: the manifest goes first, comes back last.
-    stage.manifest.unlink(missing_ok=True)
+    # A half-written set must never look finished, yet stays ours: an unfinished manifest until the end.
+    with stage.writing(restart=True):
+        vocabulary = _write(demo, output, image_paths, image_ids)
+    result.seconds = time.perf_counter() - started
+    stage.finish(
+        config if config is not None else {"demo": to_dict(demo)},
+        extra={"train": train, "dev": dev, "test": test, "captions": result.captions, "vocabulary": vocabulary},
+    )
+    log.info("demo-data: %d images in %.1f s", demo.images, result.seconds)
+    return result
+
+
+def _write(demo: DemoConfig, output: Path, image_paths: list[Path], image_ids: list[str]) -> int:
+    """Draws the images and writes the caption and split files; returns the vocabulary size."""
+    images_dir = output / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     wanted = {path.name for path in image_paths}
     stale = [path for path in images_dir.glob("*.jpg") if path.name not in wanted]
@@ -311,12 +333,4 @@ def _make_locked(demo: DemoConfig, output: Path, config: Config | None) -> DemoR
     cache.atomic_write_text(output / TOKEN_FILE, "".join(lines))
     for split, ids in split_ids(image_ids, demo.seed).items():
         cache.atomic_write_text(output / SPLIT_FILES[split], "".join(f"{image_id}.jpg\n" for image_id in ids))
-
-    result.seconds = time.perf_counter() - started
-    words = sorted({word for scene in scenes for caption in scene.captions for word in caption.split()})
-    stage.finish(
-        config if config is not None else {"demo": to_dict(demo)},
-        extra={"train": train, "dev": dev, "test": test, "captions": result.captions, "vocabulary": len(words)},
-    )
-    log.info("demo-data: %d images in %.1f s", demo.images, result.seconds)
-    return result
+    return len({word for scene in scenes for caption in scene.captions for word in caption.split()})

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner import layout
 from captioner.data.tokenizer import Tokenizer
 from captioner.decoding.beam import split_step_output
 from captioner.errors import CaptionerError
@@ -190,8 +191,9 @@ def _described(model_dir: Path) -> _Described:
     """A model directory's tokenizer and config.json facts, without loading its model."""
     from captioner.models import directory as model_lib
 
-    if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found: {model_dir}")
+    problem = layout.not_a_model_dir(model_dir)
+    if problem:
+        raise CaptionerError(problem)
     _, info = model_lib.read_model_config(model_dir)
     return _Described(tokenizer=Tokenizer.load(model_dir / TOKENIZER_FILE), info=info)
 

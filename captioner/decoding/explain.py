@@ -4,8 +4,10 @@
 panel per word: the photo lit by that word's attention weights (upsampled from the map's grid
 to the photo bilinearly, scaled so the word's largest weight is full brightness; the parts it
 did not look at are dimmed) with the word written under it, as in Xu et al.'s figures.
-`save_attention_strip` writes it as a PNG, atomically (`caption --explain`); `strip_data_uri`
-gives it as a data URI for the HTML evaluation report.
+`save_attention_strip` writes it as a PNG, atomically (`caption --explain`), marked as ours by a
+text chunk (`STRIP_MARK`): `claim_strips` lets `caption --explain` write over nothing else, and
+never over a photo it captions; `strip_data_uri` gives it as a data URI for the HTML evaluation
+report.
 
 Inputs: image uint8 [H, W, 3] (the photo as loaded, any size); words: the caption's words;
 weights float [len(words), P], P = grid h * grid w, the attention of the step that produced
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,11 +111,29 @@ def attention_strip(
     return strip
 
 
+# The PNG text chunk every strip carries: the mark by which `caption --explain` knows a file in its
+# folder as one of its own strips, the only kind of file it writes over (`captioner.cache.claim_output`).
+STRIP_MARK = ("Software", "captioner explain: attention strip")
+
+
 def strip_png(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> bytes:
-    """`attention_strip` encoded as PNG bytes."""
+    """`attention_strip` encoded as PNG bytes, with `STRIP_MARK` in a text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*STRIP_MARK)
     buffer = io.BytesIO()
-    attention_strip(image, words, weights, grid).save(buffer, format="PNG")
+    attention_strip(image, words, weights, grid).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def is_attention_strip(path: str | Path) -> bool:
+    """Whether `path` is a PNG that `save_attention_strip` wrote (it carries `STRIP_MARK`)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(STRIP_MARK[0]) == STRIP_MARK[1]
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 def strip_data_uri(image: np.ndarray, words: Sequence[str], weights: np.ndarray, grid: tuple[int, int]) -> str:
@@ -132,18 +153,57 @@ def save_attention_strip(
 
 def strip_file_names(images: Sequence[str | Path]) -> list[str]:
     """The PNG name of each image's strip in an explain folder: "<image name without suffix>.png";
-    a name met again gets "-2", "-3", ... (photos of the same name from different folders)."""
+    a name taken already gets "-2", "-3", ... (photos of the same name from different folders), so
+    that no two strips of one run share a file."""
     names: list[str] = []
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     for image in images:
         stem = Path(image).stem
-        count = seen.get(stem, 0) + 1
-        seen[stem] = count
-        names.append(f"{stem}.png" if count == 1 else f"{stem}-{count}.png")
+        name, count = f"{stem}.png", 1
+        while name in taken:
+            count += 1
+            name = f"{stem}-{count}.png"
+        taken.add(name)
+        names.append(name)
     return names
 
 
+def claim_strips(folder: str | Path, images: Sequence[str | Path], force: bool = False) -> list[Path]:
+    """Where `caption --explain folder` puts each image's strip, checked before any work.
+
+    Refused in one line: a `folder` that is a file (or a link to nothing); a strip that would
+    replace one of `images` (never, even with force); a file that is not a strip of ours
+    (`is_attention_strip`: a user's photo or picture of the same name), unless force.
+    """
+
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise CaptionerError(f"--explain {folder} is a symbolic link to {os.readlink(folder)}, which does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise CaptionerError(f"--explain {folder} is a file; it must name a folder for the attention strips")
+    targets = [folder / name for name in strip_file_names(images)]
+    inputs = [Path(image) for image in images]
+    for target in targets:
+        if target.exists() and any(_same_file(target, image) for image in inputs):
+            raise CaptionerError(
+                f"--explain {folder} would write {target.name} over the photo {target} being captioned: "
+                "choose another --explain folder"
+            )
+        cache.claim_output(target, "explain", force, ours=is_attention_strip, option="--explain folder")
+    return targets
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 __all__ = [
+    "STRIP_MARK",
+    "claim_strips",
+    "is_attention_strip",
     "strip_file_names",
     "GAP",
     "LABEL_HEIGHT",

@@ -49,17 +49,18 @@ import concurrent.futures
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
 import numpy as np
 
+from captioner import layout
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.data.images import ImageError, load_image, resample_filter
 from captioner.decoding.beam import BannedWords, beam_search_n_best
-from captioner.decoding.explain import save_attention_strip, strip_file_names
+from captioner.decoding.explain import claim_strips, save_attention_strip
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
 from captioner.models import registry
@@ -131,6 +132,8 @@ def load_model(model_dir: str | Path) -> Any:
     Returns the `LoadedModel` (model, tokenizer, config, info, step_model()).
     """
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CaptionerError(f"--model {layout.not_a_model_dir(model_dir)}")
     if not model_dir.is_dir():
         raise CaptionerError(
             f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"
@@ -497,12 +500,34 @@ def caption_files(
     decode: DecodeConfig,
     backbone_weights: str | Path | None = None,
     explain_dir: str | Path | None = None,
+    force: bool = False,
 ) -> list[CaptionOutcome]:
     """Captions each image with the model in `model_dir`; one outcome per path, in input order.
 
+    `iter_caption_files`, gathered into a list (see there).
+    """
+    return list(iter_caption_files(model_dir, image_paths, decode, backbone_weights, explain_dir, force))
+
+
+def iter_caption_files(
+    model_dir: Path | Sequence[Path],
+    image_paths: Sequence[Path],
+    decode: DecodeConfig,
+    backbone_weights: str | Path | None = None,
+    explain_dir: str | Path | None = None,
+    force: bool = False,
+) -> Iterator[CaptionOutcome]:
+    """Captions each image with the model in `model_dir`, yielding one outcome per path in input
+    order, a batch of the backbone's (`Captioner.batch_size` images) at a time: the `caption`
+    command prints each batch's captions as soon as it is done, so an interrupted run has
+    printed the ones it finished.
+
     explain_dir: also write, for each captioned image, a PNG of the photo with each word's
     attention overlaid (`captioner.decoding.explain`; an attention model only) into that folder,
-    named by `captioner.decoding.explain.strip_file_names`.
+    named by `captioner.decoding.explain.strip_file_names`. Checked before the model loads
+    (`captioner.decoding.explain.claim_strips`): a folder that is a file, a strip that would replace
+    one of the photos, or a file there that is not a strip of ours is refused in one line
+    (force replaces the last kind, never a photo).
 
     backbone_weights: where the weights file (.h5 or .tflite) the model's features were
     made with is on this machine, when not at its recorded path. Raises CaptionerError for
@@ -510,16 +535,24 @@ def caption_files(
     weights file missing or other than the recorded one (SHA-256). An image that cannot
     be read gets its reason in `.error` and the others are still captioned.
     """
-    captioner = Captioner(model_dir, decode, backbone_weights)
     paths = [Path(p) for p in image_paths]
-    outcomes = captioner.caption(paths, explain=explain_dir is not None)
+    strips = None
     if explain_dir is not None:
 
-        assert captioner.map_grid is not None  # caption(explain=True) refused any other model
-        for outcome, name in zip(outcomes, strip_file_names(paths)):
-            if outcome.caption is None or outcome.attention is None or outcome.pixels is None:
-                continue  # an image that could not be captioned has its error instead
-            words = outcome.caption.split()
-            save_attention_strip(Path(explain_dir) / name, outcome.pixels, words, outcome.attention, captioner.map_grid)
-        log.info("wrote attention strips to %s", explain_dir)
-    return outcomes
+        strips = claim_strips(explain_dir, paths, force)
+    captioner = Captioner(model_dir, decode, backbone_weights)
+    size = captioner.batch_size
+    written = 0
+    for begin in range(0, len(paths), size):
+        outcomes = captioner.caption(paths[begin : begin + size], explain=strips is not None)
+        if strips is not None:
+            assert captioner.map_grid is not None  # caption(explain=True) refused any other model
+            for outcome, strip in zip(outcomes, strips[begin : begin + size]):
+                if outcome.caption is None or outcome.attention is None or outcome.pixels is None:
+                    continue  # an image that could not be captioned has its error instead
+                words = outcome.caption.split()
+                save_attention_strip(strip, outcome.pixels, words, outcome.attention, captioner.map_grid)
+                written += 1
+        yield from outcomes
+    if strips is not None:
+        log.info("wrote %d attention strips to %s", written, explain_dir)

@@ -292,6 +292,21 @@ def build_attention_model(positions: int, channels: int, vocab_size: int, model:
     return keras.Model(inputs=[image_map, input_ids], outputs=logits, name="attention_captioner")
 
 
+def count_parameters(channels: int, vocab_size: int, model: ModelConfig) -> int:
+    """How many weights `build_attention_model` makes (any number of positions), without building it;
+    a test keeps it equal to Keras' count."""
+    units, embedding, attention = int(model.units), int(model.embedding_dim), int(model.attention_dim)
+    gates = 4 * units
+    count = 2 * (channels * units + units)  # init_h, init_c
+    count += channels * attention + attention  # map_projection
+    count += vocab_size * embedding  # embedding
+    # AttentionLSTM: word, context and recurrent kernels, bias; U_a and its bias; the score; the gate
+    count += (embedding + channels + units) * gates + gates + units * attention + attention + attention + units + 1
+    count += units * embedding + embedding + channels * embedding + embedding  # deep_h, deep_context
+    count += embedding * vocab_size + vocab_size  # logits
+    return count
+
+
 def is_model(model: keras.Model) -> bool:
     """Whether a Keras model is `build_attention_model`'s (it has the `attention_lstm` layer)."""
     return any(layer.name == "attention_lstm" for layer in model.layers)

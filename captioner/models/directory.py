@@ -39,7 +39,7 @@ from typing import Any
 
 import keras
 
-from captioner import cache
+from captioner import cache, layout
 from captioner import config as config_lib
 from captioner.config import Config
 from captioner.data.tokenizer import Tokenizer
@@ -242,8 +242,9 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     """
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CaptionerError(f"model directory not found: {model_dir}")
+    problem = layout.not_a_model_dir(model_dir)
+    if problem:
+        raise CaptionerError(problem)
     missing = [name for name in MODEL_DIR_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CaptionerError(f"model directory {model_dir} is missing {', '.join(missing)}")

@@ -71,6 +71,20 @@ def build_model(feature_dim: int, vocab_size: int, model: ModelConfig) -> keras.
     return keras.Model(inputs=[image_features, input_ids], outputs=logits, name="merge_captioner")
 
 
+def count_parameters(feature_dim: int, vocab_size: int, model: ModelConfig) -> int:
+    """How many weights `build_model` makes, without building it (a size too big for the machine is
+    refused before any memory is taken: `captioner.stages.training`). A test keeps it equal to Keras' count."""
+    units, embedding = int(model.units), int(model.embedding_dim)
+    count = feature_dim * units + units  # image_dense
+    count += vocab_size * embedding  # embedding
+    count += 4 * units * (embedding + units + 1)  # lstm: input and recurrent kernels, bias
+    if model.init_inject:
+        count += len(INIT_INJECT_LAYERS) * (feature_dim * units + units)
+    count += units * units + units  # decoder_dense
+    count += units * vocab_size + vocab_size  # logits
+    return count
+
+
 # --------------------------------------------------------------------------- the step model
 
 

@@ -12,6 +12,7 @@ one kind does not retrain the others), and its Keras implementation: a module wi
     step_model(keras_model)                 the decoding protocol (initial_state, step)
     check_loaded(model_dir, model, config, info)   kind-specific checks of a model directory
     finetune_regularisers(keras_model)      (layer, attribute) pairs SCST sets to 0 (dropout aside)
+    count_parameters(dim, vocab_size, model)   weights the model will have, counted before building it
 
 The implementation is imported on first use (it loads Keras); the metadata here loads
 nothing, so decoding and serving ask a kind's shape of input without TensorFlow. A new kind

@@ -295,16 +295,20 @@ class Run:
         return self.state is None
 
 
-def _owned_entries(output: Path) -> set[str]:
-    return {CHECKPOINTS_DIR, STAGING_DIR, _RETIRED_DIR, cache.lock_path_for(output).name}
+# What a run puts in a model directory besides its files: entries that are never a user's.
+RUN_ENTRIES = (CHECKPOINTS_DIR, STAGING_DIR, _RETIRED_DIR)
 
 
-def holds_run(output: Path) -> bool:
-    """Whether `output` holds a training run of ours (a manifest or a run folder's state)."""
-    manifest = cache.read_manifest(output)
-    if manifest is not None and manifest.get("stage") == "train":
-        return True
-    return any((output / name / STATE_FILE).exists() for name in (CHECKPOINTS_DIR, STAGING_DIR))
+def run_marks(output: Path) -> list[Path]:
+    """The files whose presence shows a run of ours in `output` beside its manifest: a run folder's state."""
+    return [output / name / STATE_FILE for name in (CHECKPOINTS_DIR, STAGING_DIR)]
+
+
+def claim_run_folder(output: Path, stage: str, what: str, option: str) -> None:
+    """`cache.claim_folder` for a training or fine-tuning run: a non-empty folder without a run of
+    `stage` (no manifest of it, no run folder's state) is refused in one line (--force writes into it)."""
+    cache.claim_folder(output, stage, own=(*RUN_ENTRIES, cache.lock_path_for(output).name),
+                       marks=run_marks(output), what=what, option=option)
 
 
 def _unfinished(output: Path, folder: RunFolder, state: TrainState) -> CaptionerError:
@@ -335,12 +339,7 @@ def choose_run(output: Path, force: bool, resume: bool) -> Run:
             return Run(folder, state, staged=folder is staging)
         if resume:
             log.info("train: nothing to resume in %s; starting from epoch 1", output)
-        foreign = sorted(p.name for p in output.iterdir() if p.name not in _owned_entries(output)) if output.is_dir() else []
-        if foreign and not holds_run(output):
-            raise CaptionerError(
-                f"{output} is not empty and holds no training run ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}): choose another train.output / --output, or --force trains into it"
-            )
+        claim_run_folder(output, "train", "training run", "train.output / --output")
     current_state = current.peek_state()
     protect = (output / MODEL_FILE).is_file() or (current_state is not None and current_state.finished)
     return Run(staging if protect else current, None, staged=protect)

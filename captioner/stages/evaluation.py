@@ -25,7 +25,9 @@ and the previous report stays as it was), names from `captioner.layout.eval_repo
   do not rerun; `--force` does.
 
 The run holds `cache.output_lock` on `eval-<split>.json`, so a second evaluation of the
-same split into the same folder refuses in one line. An image whose feature vector holds
+same split into the same folder refuses in one line. Report files that no evaluation
+wrote (no manifest of ours beside them: a user's own `eval-dev.json`) are refused in one
+line naming them (`cache.claim_output`); `--force` replaces them. An image whose feature vector holds
 NaN or inf is named, counted and skipped, like an image without features; the rest of
 the split is scored.
 
@@ -435,6 +437,8 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     model_dir = model_dirs[0]
     model_files: list[Path] = []
     for member in model_dirs:
+        if member.exists() and not member.is_dir():
+            raise CaptionerError(f"--model {layout.not_a_model_dir(member)}")
         if not member.is_dir():
             raise CaptionerError(f"model directory not found: {member} (train one, or pass --model DIR)")
         for path in layout.model_files(member):
@@ -464,6 +468,8 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     if image_folder is not None:
         inputs["images"] = image_folder
     with cache.output_lock(json_path):
+        # Only over reports of ours: a user's eval-<split>.json or .html is never replaced.
+        cache.claim_output(json_path, "evaluate", force, also=[html_path])
         stage = cache.Stage(
             "evaluate",
             cache.manifest_path_for(json_path),
@@ -483,10 +489,11 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
         thumbnails = _make_thumbnails(image_folder, report["images"])
         strips = _attention_strips(image_folder, report, attention, model_dir) if attention else None
         page = render_html(report, thumbnails, image_folder, strips)
-        cache.write_together({
-            json_path: (json.dumps(report, indent=2) + "\n").encode("utf-8"),
-            html_path: page.encode("utf-8"),
-        })
+        with stage.writing():
+            cache.write_together({
+                json_path: (json.dumps(report, indent=2) + "\n").encode("utf-8"),
+                html_path: page.encode("utf-8"),
+            })
         stage.finish(config, extra={"metrics": report["metrics"], "counts": report["counts"]})
     return _result_from_report(report, json_path, html_path, up_to_date=False)
 

@@ -61,7 +61,12 @@ denied) stops the stage with one line naming the file and the cause
 (`cache.WriteError`); the previous features file is left as it was, and the chunks
 already written stay, so a rerun resumes from them. The stage (and `merge_feature_parts`)
 holds `cache.output_lock(output)` while it runs: a second run on the same output
-refuses in one line.
+refuses in one line. It writes only over its own output (`cache.claim_output`): an
+existing file with no features manifest beside it (a user's pickle, or another stage's
+file such as a merge's) is refused in one line, and so is a `<output>.parts/` that holds
+no chunks of ours; `--force` replaces them. An image whose file name is not valid UTF-8
+is skipped, named and counted (no caption file or report could hold its id). A run whose
+every feature is zero (an extractor that computes nothing) is refused, nothing written.
 
 Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
 to i modulo N, a split that stays put when images are added; the N part files
@@ -75,6 +80,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -215,6 +221,8 @@ class _Chunks:
     the feature vector or the failure reason, plus a SHA-256 of all of it.
     """
 
+    PARAMS_FILE = "params.json"  # the params of the chunks; also the mark of a folder of ours
+
     def __init__(self, folder: Path, key: dict[str, Any]) -> None:
         self.folder = folder
         self.key = {"chunk_format": CHUNK_FORMAT, **key}
@@ -223,7 +231,7 @@ class _Chunks:
     def open(self) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]]:
         """Valid chunk records by file name: ((size, mtime_ns), vector or None, reason or None)."""
         records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] = {}
-        params_file = self.folder / "params.json"
+        params_file = self.folder / self.PARAMS_FILE
         if self.folder.is_dir():
             try:
                 saved = json.loads(params_file.read_text(encoding="utf-8"))
@@ -312,6 +320,8 @@ def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[st
     chosen: dict[str, Path] = {}
     duplicates: dict[str, str] = {}
     for path in list_images(folder):  # sorted by file name: the first of a.jpeg, a.jpg, a.png wins
+        if not _is_utf8(path.name):
+            continue  # named and counted as failed by the stage (`unusable_names`)
         image_id = layout.image_id(path)
         if image_id in chosen:
             duplicates[path.name] = f"duplicate id {image_id!r}: kept {chosen[image_id].name}"
@@ -322,6 +332,29 @@ def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[st
         index, count = shard
         chosen = {key: path for key, path in chosen.items() if shard_of(key, count) == index}
     return chosen, duplicates
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name is valid UTF-8 (Python keeps the bytes of one that is not as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """A file name as text that can be printed and saved as JSON: invalid UTF-8 bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def unusable_names(folder: Path) -> dict[str, str]:
+    """The image files of `folder` that cannot be given an id, by printable name -> why: a name that is
+    not valid UTF-8 would be an id no caption file, manifest or report can hold."""
+    return {
+        printable_name(path.name): "the file name is not valid UTF-8; rename the file"
+        for path in list_images(folder) if not _is_utf8(path.name)
+    }
 
 
 def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -376,6 +409,23 @@ def _check_kind(output: Path, maps_out: bool, vector: np.ndarray, layer: str) ->
         )
 
 
+def _check_not_all_zero(features: dict[str, np.ndarray], output: Path, params: dict[str, Any]) -> None:
+    """Refuses a run whose every feature is exactly zero (an extractor that computes nothing: say a
+    random-weights network whose ReLUs are all dead, or a broken .tflite): such a file trains
+    nothing and fails nowhere else. A few all-zero images among others are logged, and kept."""
+    zero = [image_id for image_id, vector in features.items() if not np.any(vector)]
+    if not zero:
+        return
+    if len(zero) == len(features):
+        raise CaptionerError(
+            f"every feature of all {len(features)} images is zero: {params.get('backbone')} "
+            f"{params.get('layer')} with weights {params.get('weights')} computes nothing from these photos; "
+            f"nothing written to {output} (check --weights and --layer)"
+        )
+    log.warning("features: %d of %d images have all-zero features (first: %s)", len(zero), len(features),
+                ", ".join(zero[:5]))
+
+
 def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[str, Any], batch: int) -> None:
     """Writes id -> [H, W, C] maps into the map file `output`, atomically: a temporary file beside it
     is written and only then renamed over it (a killed run leaves the previous file as it was)."""
@@ -384,8 +434,9 @@ def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[s
     height, width, channels = first.shape
     ids = list(features)
     try:
-        with spatial.open_map_writer(tmp, grid=(height, width), channels=channels, provenance=provenance,
-                                     force=True) as writer:
+        with cache.registered_temporary(tmp), spatial.open_map_writer(
+            tmp, grid=(height, width), channels=channels, provenance=provenance, force=True
+        ) as writer:
             for begin in range(0, len(ids), batch):
                 part = ids[begin : begin + batch]
                 writer.append(part, np.stack([features[i] for i in part]))
@@ -439,6 +490,9 @@ def extract_stage(
 
     # One run per output: a second extraction into the same file refuses in one line.
     with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
+        # Only over what an extraction wrote: a features file with our manifest, or an interrupted run's chunks.
+        parts = parts_folder_for(output)
+        cache.claim_output(output, "features", force, also=[parts], marks=[parts / _Chunks.PARAMS_FILE])
         params = extractor_params(spec.name, fc.layer, weights, fc.resample, precision, tflite)
         params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
         inputs: dict[str, Path] = {"images": folder}
@@ -491,6 +545,10 @@ def extract_stage(
                 continue
             todo.append(path)
         reused += resumed
+        unusable = unusable_names(folder)
+        for name, reason in unusable.items():
+            failed[name] = reason
+            log.warning("features: skipped %s: %s", name, reason)
         log.info(
             "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
             len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
@@ -543,7 +601,7 @@ def extract_stage(
             log.info("features: %d images through the network in %.1f s (%.2f images/s)",
                      len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
 
-        total = len(images)
+        total = len(images) + len(unusable)
         if failed:
             log.warning("features: %d of %d images could not be read: %s", len(failed), total,
                         "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
@@ -555,16 +613,18 @@ def extract_stage(
             )
 
         ordered = {image_id: features[image_id] for image_id in sorted(features)}
+        _check_not_all_zero(ordered, output, params)
         dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
         feature_dim = dims.pop() if dims else 0
         extra_maps: dict[str, Any] = {}
-        if maps_out:
-            if not ordered:
-                raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
-            _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
-            extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
-        else:
-            feature_files.save_features(output, ordered)
+        if maps_out and not ordered:
+            raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
+        with stage.writing():
+            if maps_out:
+                _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
+                extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
+            else:
+                feature_files.save_features(output, ordered)
         stage.finish(
             config,
             extra={
@@ -596,14 +656,15 @@ def extract_stage(
 # --------------------------------------------------------------------------- merging shards
 
 
-def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
+def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) -> MergeResult:
     """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
 
     Every part needs its manifest (stage "features", a shard "i/N"); all must share
     params (backbone, layer, weights, resample, precision), N, and the image folder
     state; together they must cover shards 0..N-1 once each, and each id must belong
     to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
-    ids) and its manifest (stage "merge-features", the shared params without shard).
+    ids) and its manifest (stage "merge-features", the shared params without shard). An
+    existing `output` that no merge wrote is refused (`cache.claim_output`); force replaces it.
     """
     parts = [Path(p) for p in parts]
     output = Path(output)
@@ -648,9 +709,10 @@ def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
 
     # One run per output, as for extraction.
     with cache.output_lock(output):
+        cache.claim_output(output, "merge-features", force)
         ordered_parts = [shards[i] for i in range(count)]  # by shard index: the order given does not matter
         stage = cache.Stage("merge-features", cache.manifest_path_for(output), {"parts": ordered_parts}, shared, [output])
-        if stage.up_to_date():
+        if not force and stage.up_to_date():
             extra = (stage.previous() or {}).get("extra", {})
             return MergeResult(
                 output, parts=len(parts), images=int(extra.get("images", 0)),
@@ -677,7 +739,8 @@ def merge_feature_parts(parts: list[Path], output: Path) -> MergeResult:
         if len(dims) > 1:
             raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")
         feature_dim = dims.pop() if dims else 0
-        feature_files.save_features(output, ordered)
+        with stage.writing():
+            feature_files.save_features(output, ordered)
         stage.finish(
             None,
             extra={

@@ -117,6 +117,7 @@ from captioner import config as config_lib
 from captioner.config import Config
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_prepared_split
+from captioner.data.tokenizer import Tokenizer
 from captioner.decoding.beam import BannedWords, beam_search, greedy, split_step_output
 from captioner.errors import CaptionerError, ConfigError
 from captioner.models import registry
@@ -463,6 +464,8 @@ def _input_paths(config: Config) -> _Inputs:
     """Checks the paths and that --model is a cross-entropy model directory of ours, before loading anything."""
     ft = config.finetune
     model_dir, output = Path(ft.model), Path(ft.output)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CaptionerError(f"--model {layout.not_a_model_dir(model_dir)}")
     if not model_dir.is_dir():
         raise CaptionerError(
             f"model directory not found (finetune.model / --model): {model_dir}; train one with `captioner train`"
@@ -502,7 +505,32 @@ def _input_paths(config: Config) -> _Inputs:
     for path in paths.feature_files:
         if not path.is_file():
             raise CaptionerError(f"features file not found (finetune.features / --features): {path}")
+    _check_same_vocabulary(model_dir, captions)
     return paths
+
+
+def _check_same_vocabulary(model_dir: Path, captions: Path) -> None:
+    """The captions folder must be the one the model was trained on, or one with its vocabulary:
+    the rewards and the cross-entropy term encode its captions with the model's tokenizer, and
+    another vocabulary's words would silently become <unk>. Refused in one line naming both files."""
+
+    theirs_path, ours_path = captions / layout.TOKENIZER_FILE, model_dir / layout.TOKENIZER_FILE
+    if not theirs_path.is_file():
+        return  # a folder without a tokenizer is read for its references only
+    ours, theirs = Tokenizer.load(ours_path), Tokenizer.load(theirs_path)
+    if ours.words == theirs.words:
+        return
+    our_words, their_words = set(ours.words), set(theirs.words)
+    extra = [w for w in theirs.words if w not in our_words]
+    missing = [w for w in ours.words if w not in their_words]
+    differences = "; ".join(part for part in (
+        f"{len(extra)} words not in the model's (e.g. {', '.join(map(repr, extra[:3]))})" if extra else "",
+        f"{len(missing)} of the model's words missing (e.g. {', '.join(map(repr, missing[:3]))})" if missing else "",
+    ) if part) or "the same words in another order"
+    raise CaptionerError(
+        f"{theirs_path} ({theirs.vocab_size} words) is another vocabulary than the model's {ours_path} "
+        f"({ours.vocab_size} words; {differences}): fine-tune on the captions folder the model was trained on"
+    )
 
 
 def _references(path: Path, split: str) -> dict[str, list[str]]:
@@ -642,13 +670,6 @@ class _Run:
     staged: bool
 
 
-def _holds_run(output: Path) -> bool:
-    manifest = cache.read_manifest(output)
-    if manifest is not None and manifest.get("stage") == STAGE_NAME:
-        return True
-    return any((output / name / ckpt.STATE_FILE).exists() for name in (ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR))
-
-
 def _choose_run(output: Path, force: bool, resume: bool) -> _Run:
     """As `captioner.stages.checkpoints.choose_run`, for fine-tuning states; changes nothing on disk."""
     current = FinetuneFolder(output / ckpt.CHECKPOINTS_DIR)
@@ -667,15 +688,7 @@ def _choose_run(output: Path, force: bool, resume: bool) -> _Run:
             return _Run(folder, state, staged=folder is staging)
         if resume:
             log.info("finetune: nothing to resume in %s; starting from epoch 1", output)
-        owned = {
-            ckpt.CHECKPOINTS_DIR, ckpt.STAGING_DIR, ckpt.CHECKPOINTS_DIR + ".old", cache.lock_path_for(output).name
-        }
-        foreign = sorted(p.name for p in output.iterdir() if p.name not in owned) if output.is_dir() else []
-        if foreign and not _holds_run(output):
-            raise CaptionerError(
-                f"{output} is not empty and holds no fine-tuning run ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}): choose another --output, or --force writes into it"
-            )
+        ckpt.claim_run_folder(output, STAGE_NAME, "fine-tuning run", "--output")
     current_state = current.peek_state()
     protect = (output / layout.MODEL_FILE).is_file() or (current_state is not None and current_state.finished)
     return _Run(staging if protect else current, None, staged=protect)

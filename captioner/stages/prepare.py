@@ -29,6 +29,9 @@ The five files are written together (`cache.write_together`): a failed write (fu
 file-size limit, permission) is one CaptionerError line naming the file and the cause, and
 leaves the previous files of the folder as they were; the manifest is written last. The
 run holds `cache.output_lock(text.output)`, so a second run on the same folder refuses.
+It writes only into a folder of its own (`cache.claim_folder`): a folder that holds
+anything but prepared captions (a user's `train.json`, another stage's output) is
+refused in one line naming what it holds; `--force` writes into it.
 
 Cleaning: `captioner.data.cleaning` (the rule the scorers use too). File names and the image id
 rule (file name without its suffix): `captioner.layout`.
@@ -214,13 +217,12 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
         for split, path in split_paths(text.splits).items():
             inputs[f"{split}_split"] = path
 
-    # The folder exists before its lock and manifest are placed: cache puts both inside a folder.
-    with cache.reporting_write_errors(output):
-        output.mkdir(parents=True, exist_ok=True)
-    with cache.output_lock(output):
+    with cache.output_lock(output, folder=True):
+        # Only into a folder of ours: a user's train.json or tokenizer.json is never replaced.
+        cache.claim_folder(output, "captions", force, what="prepared captions")
         stage = cache.Stage(
             "captions",
-            cache.manifest_path_for(output),
+            cache.manifest_path_for(output, folder=True),
             inputs=inputs,
             params={
                 "min_word_count": text.min_word_count,
@@ -304,7 +306,8 @@ def _run(config: Any, stage: cache.Stage, captions_path: Path, output: Path, kar
     contents = {layout.split_file(output, split): _json_bytes(prepared[split]) for split in SPLITS}
     contents[output / layout.TOKENIZER_FILE] = _json_bytes(tokenizer.to_dict())
     contents[output / layout.STATS_FILE] = _json_bytes(stats)
-    cache.write_together(contents)
+    with stage.writing():
+        cache.write_together(contents)
     stage.finish(config, extra={"vocab_size": tokenizer.vocab_size,
                                 "captions": {split: split_stats[split]["captions"] for split in SPLITS}})
 

@@ -32,7 +32,9 @@ train.label_smoothing > 0, the label-smoothed one (`captioner.models.losses`).
 Nothing finished is lost. A new run into a directory that holds a finished model trains in
 `checkpoints.next/`; the old model, manifest and checkpoints stay as they were (and usable)
 until the new run finishes and replaces them. A directory that is not empty but holds no run
-of ours is refused without --force. A failed write (disk full, file-size limit, permission)
+of ours is refused without --force (`cache.claim_folder`, the rule of every stage). A model
+too big for the machine's memory (its parameters counted before it is built: `--model.units=
+100000000`) is refused in one line before anything is written. A failed write (disk full, file-size limit, permission)
 stops the stage with one line naming the file, after the last committed epoch; --resume goes
 on from there. The stage holds `cache.output_lock(output)` while it runs: a second `train`
 on the same output refuses.
@@ -79,7 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from captioner import cache
+from captioner import cache, runtime
 from captioner import config as config_lib
 from captioner.config import Config
 from captioner.data import feature_files, spatial
@@ -254,6 +256,35 @@ class _Data:
     map_grid: tuple[int, int] | None = None  # model.kind attention: the maps' grid (H, W); feature_dim is C
     maps: Any = None  # model.kind attention: the open captioner.data.spatial.MapFile the batches read from
     provenance: dict[str, Any] | None = None  # model.kind attention: the map file's own provenance
+
+
+# Bytes per weight while training: the float32 weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_model_fits(config: Config, feature_dim: int, vocab_size: int) -> int:
+    """The model's parameter count, counted before it is built; CaptionerError (one line) when
+    training it needs more memory than the machine has (`--model.units=100000000` would otherwise
+    end in TensorFlow's out-of-memory error, or the kernel's OOM killer, after minutes)."""
+    kind = registry.get(config.model.kind)
+    count = kind.implementation.count_parameters(feature_dim, vocab_size, config.model)
+    needed = count * TRAINING_BYTES_PER_PARAMETER
+    memory = runtime.physical_memory_bytes()
+    if memory is not None and needed > memory:
+        m = config.model
+        sizes = f"model.units={m.units}, model.embedding_dim={m.embedding_dim}" + (
+            f", model.attention_dim={m.attention_dim}" if "attention_dim" not in kind.ignores else "")
+        raise CaptionerError(
+            f"{sizes} with {vocab_size} words and {feature_dim}-d features make a model of {count:,} parameters: "
+            f"training it needs about {_gib(needed)} of memory (weights, gradients and Adam's moments in float32), "
+            f"more than this machine's {_gib(memory)}; choose smaller sizes"
+        )
+    return count
+
+
+def _gib(size: float) -> str:
+    gib = size / 2**30
+    return f"{gib:,.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
 def _open_maps(paths: _Inputs) -> spatial.MapFile:
@@ -731,6 +762,7 @@ def _train(
         _refuse_changes(output, run.state.conflicts(stage.params))  # before loading anything
     data = _load_data(config, paths)
     try:
+        check_model_fits(config, data.feature_dim, data.tokenizer.vocab_size)
         return _train_loaded(config, paths, output, stage, run, data, callbacks, chief, bar)
     finally:
         if data.maps is not None:

@@ -145,18 +145,24 @@ CATALOGUE: Mapping[str, Backbone] = types.MappingProxyType(
 BACKBONES = tuple(CATALOGUE)  # the names features.backbone accepts
 
 
-def get_backbone(name: str, layer: str | None = None) -> Backbone:
+def get_backbone(name: str, layer: str | None = None, section: str = "features") -> Backbone:
     """The catalogue entry of `name`; with `layer`, also checks the layer is one of its feature layers
     ("" means the default layer and is always accepted).
 
-    Raises CaptionerError naming the option and the valid values.
+    Raises CaptionerError naming the option and the valid values; section: the config section
+    whose options those are ("features"; "quantize" names the flags of `captioner quantize`).
     """
+    options = _OPTIONS.get(section, (f"{section}.backbone", f"{section}.layer", f"{section}.weights"))
     spec = CATALOGUE.get(name)
     if spec is None:
-        raise CaptionerError(f"unknown backbone {name!r} (features.backbone: {', '.join(BACKBONES)})")
+        raise CaptionerError(f"unknown backbone {name!r} ({options[0]}: {', '.join(BACKBONES)})")
     if layer and layer not in spec.layers:
-        raise CaptionerError(f"unknown layer {layer!r} of {name} (features.layer: {', '.join(spec.layers)})")
+        raise CaptionerError(f"unknown layer {layer!r} of {name} ({options[1]}: {', '.join(spec.layers)})")
     return spec
+
+
+# How the errors of a section name its backbone, layer and weights options.
+_OPTIONS = {"quantize": ("--backbone / quantize.backbone", "--layer / quantize.layer", "--weights / quantize.weights")}
 
 
 def is_tflite(weights: str | Path | None) -> bool:
@@ -164,8 +170,9 @@ def is_tflite(weights: str | Path | None) -> bool:
     return str(weights or "").strip().lower().endswith(".tflite")
 
 
-def normalize_weights(weights: str) -> str:
-    """ "imagenet", "none", or a path to a weights file that exists (CaptionerError otherwise)."""
+def normalize_weights(weights: str, section: str = "features") -> str:
+    """ "imagenet", "none", or a path to a weights file that exists (CaptionerError otherwise,
+    naming the option of `section`, as `get_backbone`)."""
     text = (weights or "").strip()
     if text.lower() in {"none", "null", "random", ""}:
         return "none"
@@ -173,9 +180,9 @@ def normalize_weights(weights: str) -> str:
         return "imagenet"
     path = Path(text).expanduser()
     if not path.is_file():
-        raise CaptionerError(
-            f"weights file not found: {text} (features.weights: imagenet, none, a .h5 or a .tflite path)"
-        )
+        option = _OPTIONS.get(section, ("", "", f"{section}.weights"))[2]
+        kinds = "imagenet, none or a .h5 path" if section == "quantize" else "imagenet, none, a .h5 or a .tflite path"
+        raise CaptionerError(f"weights file not found: {text} ({option}: {kinds})")
     return text
 
 

@@ -2,7 +2,10 @@
 
 Reads: an image folder (`quantize_stage`: a few hundred images are decoded, some to
 calibrate, the rest held out to measure), the backbone's Keras weights.
-Writes: one `.tflite` file (atomically; nothing is written when anything fails),
+Writes: one `.tflite` file (atomically; nothing is written when anything fails, or when
+the features it computes are degenerate: all zero, or the same for every image) and its
+manifest `<output>.manifest.json` (which marks the file as ours: a file at the output
+without it is refused, `--force` replaces it),
 whose single output is the chosen feature layer's tensor (int8) and whose input is the
 family's PREPROCESSED image quantized to uint8 (or int8): preprocessing stays outside
 the model, as in the shared MobileNetV2, so `captioner.vision.tflite.TFLiteBackbone` runs it
@@ -33,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from captioner.cache import atomic_write_bytes, file_sha256, output_lock
+from captioner import cache
+from captioner.cache import file_sha256, output_lock
 from captioner.config import QuantizeConfig
 from captioner.data.images import ImageError, list_images, load_image
 from captioner.errors import CaptionerError
@@ -179,6 +183,26 @@ def _feature_errors(reference: np.ndarray, quantized: np.ndarray) -> tuple[np.nd
     return cosine, relative
 
 
+def _refuse_degenerate(reference: np.ndarray, quantized: np.ndarray, output: Path) -> None:
+    """CaptionerError when the features carry nothing: all zero, or one vector for every image
+    (float [N, ...] `reference` or int8 `quantized`); e.g. a random-weights network whose
+    activations die, or ranges calibrated to nothing. Such a file would extract all-zero or
+    constant features, which train nothing and fail nowhere else."""
+    count = len(reference)
+    for what, features in (("the float32 model's", reference), ("the int8 model's", quantized)):
+        rows = features.reshape(count, -1)
+        if not np.any(rows):
+            problem = f"are all zero on the {count} held-out images"
+        elif count > 1 and np.all(rows == rows[:1]):
+            problem = f"are the same for all {count} held-out images"
+        else:
+            continue
+        raise CaptionerError(
+            f"{what} features {problem}: this network computes nothing from the photos (random or "
+            f"wrong --weights, or a --layer whose activations are dead); nothing written to {output}"
+        )
+
+
 def quantize_backbone(
     keras_model: Any,
     feature_layer: str | None,
@@ -204,11 +228,15 @@ def quantize_backbone(
     model = feature_model(keras_model, feature_layer)
     data = convert_int8(model, preprocess, calibration_images, input_type)
     output_path = Path(output_path)
-    atomic_write_bytes(output_path, data)
-
-    backbone = TFLiteBackbone(output_path, threads=1, preprocess=preprocess)
-    quantized = backbone(measured)
-    reference = np.asarray(model.predict(preprocess(measured.astype(np.float32)), verbose=0), dtype=np.float32)
+    # Measured from the atomic write's temporary file: a model whose features are degenerate is
+    # refused without ever replacing what `output_path` held.
+    with cache.atomic_write(output_path) as handle:
+        handle.write(data)
+        handle.flush()
+        backbone = TFLiteBackbone(Path(handle.name), threads=1, preprocess=preprocess)
+        quantized = backbone(measured)
+        reference = np.asarray(model.predict(preprocess(measured.astype(np.float32)), verbose=0), dtype=np.float32)
+        _refuse_degenerate(reference, quantized, output_path)
     cosine, relative = _feature_errors(reference, quantized)
     return QuantizeReport(
         output=str(output_path),
@@ -270,6 +298,8 @@ def quantize_stage(
     min_calibration_images: int = MIN_CALIBRATION_IMAGES,
     input_type: str = "uint8",
     seed: int = 0,
+    force: bool = False,
+    config: Any = None,
 ) -> QuantizeReport:
     """`captioner quantize`: a backbone from the catalogue -> an int8 `.tflite` file at `output`.
 
@@ -281,6 +311,10 @@ def quantize_stage(
     CaptionerError (nothing written) when the output is not a .tflite path, the counts
     make no sense, or the folder has fewer than `min_calibration_images` + 1 readable
     images; the output is written only when conversion succeeded, under `output`'s lock.
+    Beside it, `<output>.manifest.json` (stage "quantize": params, inputs and the report)
+    marks the file as ours: an existing `output` without it (a downloaded or copied model,
+    a user's file) is refused in one line (`cache.claim_output`); force replaces it. A file
+    of ours is quantized again on every run. config: saved in the manifest.
     """
     output = Path(output)
     if output.suffix.lower() != ".tflite":
@@ -299,6 +333,16 @@ def quantize_stage(
         )
     random.Random(seed).shuffle(paths)  # a spread of the folder, not its first names in order
     with output_lock(output):
+        cache.claim_output(output, "quantize", force)
+        inputs: dict[str, Path] = {"images": Path(images)}
+        if weights not in ("imagenet", "none"):
+            inputs["weights"] = Path(weights).expanduser()
+        stage = cache.Stage(
+            "quantize", cache.manifest_path_for(output, folder=False), inputs,
+            params={"backbone": backbone, "weights": weights, "input_type": input_type, "seed": seed,
+                    "calibration_images": calibration_count, "held_out_images": held_out_count},
+            outputs=[output],
+        )
         target = build(backbone, weights)
         pixels, failed = read_images(
             paths, calibration_count + held_out_count, tuple(target.input_size), target.resample
@@ -310,16 +354,18 @@ def quantize_stage(
                 f"{images}: only {len(pixels)} readable images ({len(failed)} unreadable); quantize needs at least "
                 f"{min_calibration_images + 1}: {min_calibration_images} to calibrate and one or more held out"
             )
-        report = quantize_backbone(
-            target.model,
-            target.feature_layer,
-            target.preprocess,
-            pixels[held:],
-            output,
-            held_out_images=pixels[:held],
-            input_type=input_type,
-        )
-    report.unreadable_images = len(failed)
+        with stage.writing():
+            report = quantize_backbone(
+                target.model,
+                target.feature_layer,
+                target.preprocess,
+                pixels[held:],
+                output,
+                held_out_images=pixels[:held],
+                input_type=input_type,
+            )
+        report.unreadable_images = len(failed)
+        stage.finish(config, extra=report.to_dict())
     log.info("quantize: %s", report.summary())
     return report
 
@@ -332,19 +378,20 @@ def catalogue_target(backbone: str, weights: str, layer: str = "") -> QuantizeTa
     an unknown backbone or layer, or a .tflite (already quantized).
     """
 
-    spec = backbones.get_backbone(backbone, layer)
+    spec = backbones.get_backbone(backbone, layer, section="quantize")
     if backbones.is_tflite(weights):
         raise CaptionerError(f"--weights {weights}: quantize takes Keras weights (imagenet, none or a .h5 file)")
     model = backbones.build_backbone(spec.name, layer, weights, "float32")
     return QuantizeTarget(model, None, spec.preprocess, tuple(spec.input_size), spec.resample)
 
 
-def quantize_config_stage(config: Any) -> QuantizeReport:
-    """`captioner quantize`: `config.quantize` -> an int8 .tflite file; see `quantize_stage`."""
+def quantize_config_stage(config: Any, force: bool = False) -> QuantizeReport:
+    """`captioner quantize`: `config.quantize` -> an int8 .tflite file; see `quantize_stage`
+    (force: replace an output that is not a file of ours)."""
     qc = config.quantize
 
-    backbones.get_backbone(qc.backbone, qc.layer)  # before reading any image
-    weights = backbones.normalize_weights(qc.weights)
+    backbones.get_backbone(qc.backbone, qc.layer, section="quantize")  # before reading any image
+    weights = backbones.normalize_weights(qc.weights, section="quantize")
     return quantize_stage(
         qc.backbone,
         weights,
@@ -356,4 +403,6 @@ def quantize_config_stage(config: Any) -> QuantizeReport:
         min_calibration_images=qc.min_calibration_images,
         input_type=qc.input_type,
         seed=qc.seed,
+        force=force,
+        config=config,
     )

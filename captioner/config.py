@@ -211,6 +211,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`captioner export`: a model directory -> a bundle that captions without TensorFlow (docs/runtime.md)."""
+
+    model: str = "models/flickr8k"  # the model directory to export: any kind, cross-entropy or fine-tuned
+    output: str = "models/flickr8k-bundle"  # the bundle folder; one holding anything but a bundle is refused
+    backbone: bool = True  # copy the backbone .tflite into the bundle when it is found (4 MB for the int8 MobileNetV2): the bundle then captions photos on any machine
+
+
+@dataclass
 class ServeConfig:
     """`captioner serve`: where it listens, what a request may hold, how requests are batched."""
 
@@ -240,6 +249,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
@@ -351,6 +361,8 @@ CHECKS: dict[str, Check] = {
     "eval.features": _paths,
     "eval.captions": _not_empty,
     "eval.split": _not_empty,
+    "export.model": _not_empty,
+    "export.output": _not_empty,
     "serve.host": _not_empty,
     "serve.port": lambda value: None if 1 <= value <= 65535 else "must be a TCP port, 1 to 65535",
     "serve.max_upload_bytes": _at_least(1),

@@ -58,7 +58,9 @@ import numpy as np
 
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.data.images import ImageError, load_image, resample_filter
+from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.beam import BannedWords, beam_search_n_best
+from captioner.decoding.ensemble import load_ensemble
 from captioner.decoding.explain import save_attention_strip, strip_file_names
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
@@ -126,18 +128,17 @@ def _finite(value: float) -> float | None:
 
 
 def load_model(model_dir: str | Path) -> Any:
-    """`captioner.models.directory.load_model_dir`, with a missing directory explained in one line.
+    """A bundle (`captioner.decoding.bundle`, no TensorFlow) or a model directory
+    (`captioner.models.directory.load_model_dir`), with a missing directory explained in one line.
 
-    Returns the `LoadedModel` (model, tokenizer, config, info, step_model()).
+    Returns the `Bundle` or `LoadedModel` (tokenizer, config, info, kind, step_model()).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CaptionerError(
             f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"
         )
-    from captioner.models import directory as model_lib
-
-    return model_lib.load_model_dir(model_dir)
+    return bundle_lib.load_model(model_dir)
 
 
 def features_provenance(loaded: Any, model_dir: Path) -> dict[str, Any]:
@@ -173,14 +174,11 @@ def _load_models(model_dirs: list[Path]) -> Any:
     extractor (a photo goes through one backbone for all of them)."""
     if len(model_dirs) == 1:
         return load_model(model_dirs[0])
-    from captioner.decoding.ensemble import load_ensemble
-    from captioner.models.directory import read_model_config
-
     for model_dir in model_dirs:
         if not model_dir.is_dir():
             load_model(model_dir)  # the one-line "model directory not found"
-    # From the small config.json files first: a misfit is refused before any model loads.
-    described = [read_model_config(model_dir) for model_dir in model_dirs]
+    # From the small config.json / bundle.json files first: a misfit is refused before any model loads.
+    described = [bundle_lib.describe(model_dir) for model_dir in model_dirs]
     first_dir, (first_config, first_info) = model_dirs[0], described[0]
     for model_dir, (config, info) in zip(model_dirs[1:], described[1:]):
         if config.model.kind != first_config.model.kind:
@@ -239,10 +237,8 @@ def _beam_search(
 def _beam(tokenizer: Any, caption: Any) -> Beam:
     """A `decoding.DecodedCaption` as a Beam; an attention model's weights kept for its words only
     (the end token's row dropped)."""
-    from captioner.models.attention import ATTENTION_EXTRA
-
     extras = caption.extras or {}
-    attention = extras.get(ATTENTION_EXTRA)
+    attention = extras.get(registry.ATTENTION_EXTRA)
     if attention is not None:
         attention = np.asarray(attention, dtype=np.float32)[: len(caption.ids)]
     return Beam(tokenizer.decode(caption.ids), _finite(caption.log_prob), attention)
@@ -338,6 +334,10 @@ class Captioner:
         # attention: the grid (h, w) of the maps the model takes; their channels are feature_dim
         self.decoder = registry.get(self.kind)
         self.map_grid = tuple(loaded.info["map_grid"]) if self.decoder.takes_maps else None
+        # A bundle finds its .tflite backbone by sha256 (`captioner.decoding.bundle.locate_backbone`).
+        locate = getattr(loaded, "locate_backbone", None)
+        if locate is not None:
+            backbone_weights = locate(backbone_weights)
         self.extractor = backbones.build_extractor(
             provenance,
             weights_file=backbone_weights,

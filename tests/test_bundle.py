@@ -435,3 +435,25 @@ def test_a_bundle_refuses_features_of_another_shape(merge_bundle):
     steps = bundle_lib.load_bundle(merge_bundle).step_model()
     with pytest.raises(CaptionerError, match=r"image features have shape \(2, 5\), the model expects \[N, 8\]"):
         steps.initial_state(np.zeros((2, 5), np.float32))
+
+
+def test_float16_weights_are_offered_and_int8_is_not(merge_dir, merge_bundle, tmp_path, capsys):
+    output = tmp_path / "half"
+    args = ["export", "--model", str(merge_dir), "--output", str(output)]
+    assert main([*args, "--export.weights=int8"]) == 2
+    assert "export.weights must be one of float32, float16" in one_error_line(capsys)
+    assert not output.exists()
+    assert main([*args, "--export.weights=float16"]) == 0
+    manifest = json.loads((output / layout.BUNDLE_MANIFEST).read_text())
+    assert manifest["export"]["weights"] == "float16"
+    from ai_edge_litert.interpreter import Interpreter
+
+    def dtypes(bundle: Path) -> set:
+        return {d["dtype"] for d in Interpreter(model_path=str(bundle / layout.BUNDLE_STEP)).get_tensor_details()}
+
+    assert np.float16 in dtypes(output) and np.float16 not in dtypes(merge_bundle)
+    features = np.random.default_rng(1).uniform(0, 2, (6, 8)).astype(np.float32)
+    decode = DecodeConfig(beam_size=3, max_generated_words=8)
+    expected = decode_beams(bundle_lib.load_bundle(merge_bundle), features, decode)
+    got = decode_beams(bundle_lib.load_bundle(output), features, decode)
+    assert np.allclose([b.log_prob for b in got], [b.log_prob for b in expected], atol=0.05)

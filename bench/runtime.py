@@ -8,7 +8,8 @@ Same trained model as a model directory (`--model`, Keras) and as its bundle (`-
   peak RSS of the process, median of `--repeats` runs after one unmeasured run (disk cache warm);
 - 100 photos in one `caption` call (the photos of `--photos`, cycled to `--count`), wall and RSS;
 - beam-3 decoding of the `--features` vectors in one process (the decoder alone: Keras
-  `StepModel` vs LiteRT `BundleStep`, the same numpy beam search), after a warm-up;
+  `StepModel` vs LiteRT `BundleStep`, the same numpy beam search), after a warm-up, median of
+  `--repeats` runs, the two alternated;
 - installed size: the base install (`pip install .` into a temporary venv; `--skip-install`
   leaves it out) against the full one (the venv running this script: train and test extras).
 
@@ -133,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
 
     features = feature_files.load_features([args.features])
     matrix = np.stack([features[k] for k in sorted(features)]).astype(np.float32)
-    bundle_s = decode_seconds(load_bundle(args.bundle), matrix, args.beam)
     runtime.import_keras()
     from captioner.decoding.inference import load_model
 
-    keras_s = decode_seconds(load_model(args.model), matrix, args.beam)
+    bundle, keras_model = load_bundle(args.bundle), load_model(args.model)
+    times: dict[str, list[float]] = {"keras": [], "bundle": []}
+    for _ in range(args.repeats):  # alternated, so that both see the machine's load alike
+        times["keras"].append(decode_seconds(keras_model, matrix, args.beam))
+        times["bundle"].append(decode_seconds(bundle, matrix, args.beam))
+    keras_s, bundle_s = statistics.median(times["keras"]), statistics.median(times["bundle"])
     rows.append(("Keras (model directory)", f"beam-{args.beam} decoding of {len(matrix)} feature vectors", f"{keras_s:.1f} s", ""))
     rows.append(("bundle (LiteRT)", f"beam-{args.beam} decoding of {len(matrix)} feature vectors", f"{bundle_s:.1f} s", ""))
 

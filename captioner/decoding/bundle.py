@@ -316,8 +316,13 @@ class Bundle:
         return str(backbone.get("file") or Path(str(backbone.get("weights") or "backbone.tflite")).name)
 
     def locate_backbone(self, explicit: str | Path | None = None) -> Path:
-        """The backbone .tflite file, found by its sha256 (see `locate_backbone`)."""
-        return locate_backbone(self.path, self.manifest["backbone"], explicit)
+        """The backbone .tflite file, found by its sha256 (see `locate_backbone`); one the bundle lists
+        among its files was checked when it loaded and is not hashed again."""
+        backbone = self.manifest["backbone"]
+        listed = self.manifest["files"].get(str(backbone.get("file")))
+        if not explicit and listed is not None and listed["sha256"] == backbone.get("weights_sha256"):
+            return self.path / str(backbone["file"])
+        return locate_backbone(self.path, backbone, explicit)
 
 
 def _shape(shape: Sequence[int] | None) -> str:

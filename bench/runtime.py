@@ -4,8 +4,9 @@
 Same trained model as a model directory (`--model`, Keras) and as its bundle (`--bundle`,
 `captioner export`: numpy + LiteRT), same photos, same features:
 
-- cold `caption PHOTO`: one photo in a fresh Python process (what a user types), wall time and
-  peak RSS of the process, median of `--repeats` runs after one unmeasured run (disk cache warm);
+- cold `caption PHOTO`: one photo in a fresh Python process (what a user types), wall time, CPU
+  time (user + system: less sensitive to other jobs on the cores than wall time) and peak RSS of
+  the process, median of `--repeats` runs after one unmeasured run (disk cache warm);
 - 100 photos in one `caption` call (the photos of `--photos`, cycled to `--count`), wall and RSS;
 - beam-3 decoding of the `--features` vectors in one process (the decoder alone: Keras
   `StepModel` vs LiteRT `BundleStep`, the same numpy beam search), after a warm-up, median of
@@ -42,8 +43,8 @@ _MEASURED = (
     "start = time.perf_counter()\n"
     "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
     "wall = time.perf_counter() - start\n"
-    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "print(code, wall, rss)\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(code, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n"
 )
 _CAPTION = "import sys; from captioner.cli import caption_main; sys.exit(caption_main(sys.argv[1:]))"
 
@@ -61,33 +62,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_caption(model: str, photos: list[Path], beam: int) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of one fresh `caption` process."""
+def run_caption(model: str, photos: list[Path], beam: int) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of one fresh `caption` process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-c", _MEASURED, sys.executable, "-c", _CAPTION, "--model", model,
                "--beam", str(beam), *map(str, photos)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    code, wall, rss = result.stdout.split()
+    code, wall, cpu, rss = result.stdout.split()
     if code != "0":
         raise SystemExit(f"caption failed ({code}) with {model}")
-    return float(wall), int(rss) / 1024
+    return float(wall), float(cpu), int(rss) / 1024
 
 
-def median_run(model: str, photos: list[Path], beam: int, repeats: int) -> tuple[float, float]:
+def median_run(model: str, photos: list[Path], beam: int, repeats: int) -> tuple[float, float, float]:
     run_caption(model, photos, beam)  # unmeasured: files in the page cache for both paths alike
     runs = [run_caption(model, photos, beam) for _ in range(repeats)]
-    return statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs)
+    return tuple(statistics.median(run[k] for run in runs) for k in range(3))  # type: ignore[return-value]
 
 
-def decode_seconds(loaded, features, beam: int) -> float:
+def decode_seconds(loaded, features, beam: int) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of one beam search over `features`, after a warm-up."""
     from captioner.config import DecodeConfig
     from captioner.decoding.inference import decode_features
 
     decode = DecodeConfig(beam_size=beam)
     decode_features(loaded, features[:64], decode)  # warm-up: traces / allocates once
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     decode_features(loaded, features, decode)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def folder_mb(path: Path) -> float:
@@ -122,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     many = list(itertools.islice(itertools.cycle(photos), args.count))
     rows = []
     for label, model in (("Keras (model directory)", args.model), ("bundle (LiteRT)", args.bundle)):
-        wall, rss = median_run(model, photos[:1], args.beam, args.repeats)
-        rows.append((label, "cold `caption` of 1 photo, fresh process", f"{wall:.2f} s", f"{rss:.0f} MB"))
-        wall, rss = median_run(model, many, args.beam, 1)
+        wall, cpu, rss = median_run(model, photos[:1], args.beam, args.repeats)
+        rows.append((label, "cold `caption` of 1 photo, fresh process", f"{wall:.2f} s", f"{cpu:.2f} s", f"{rss:.0f} MB"))
+        wall, cpu, rss = median_run(model, many, args.beam, 1)
         rows.append((label, f"`caption` of {len(many)} photos, one call", f"{wall:.1f} s ({len(many) / wall:.0f}/s)",
-                     f"{rss:.0f} MB"))
+                     f"{cpu:.1f} s", f"{rss:.0f} MB"))
 
     from captioner import runtime
     from captioner.data import feature_files
@@ -138,23 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.decoding.inference import load_model
 
     bundle, keras_model = load_bundle(args.bundle), load_model(args.model)
-    times: dict[str, list[float]] = {"keras": [], "bundle": []}
+    times: dict[str, list[tuple[float, float]]] = {"keras": [], "bundle": []}
     for _ in range(args.repeats):  # alternated, so that both see the machine's load alike
         times["keras"].append(decode_seconds(keras_model, matrix, args.beam))
         times["bundle"].append(decode_seconds(bundle, matrix, args.beam))
-    keras_s, bundle_s = statistics.median(times["keras"]), statistics.median(times["bundle"])
-    rows.append(("Keras (model directory)", f"beam-{args.beam} decoding of {len(matrix)} feature vectors", f"{keras_s:.1f} s", ""))
-    rows.append(("bundle (LiteRT)", f"beam-{args.beam} decoding of {len(matrix)} feature vectors", f"{bundle_s:.1f} s", ""))
+    what = f"beam-{args.beam} decoding of {len(matrix)} feature vectors, in process"
+    for label, key in (("Keras (model directory)", "keras"), ("bundle (LiteRT)", "bundle")):
+        wall, cpu = (statistics.median(t[k] for t in times[key]) for k in range(2))
+        rows.append((label, what, f"{wall:.1f} s", f"{cpu:.1f} s", ""))
 
     full = folder_mb(next(Path(sys.prefix, "lib").glob("python3*/site-packages")))
-    rows.append(("full install (train + test extras)", "site-packages", f"{full:.0f} MB", ""))
+    rows.append(("full install (train + test extras)", "site-packages", f"{full:.0f} MB", "", ""))
     if not args.skip_install:
         total, added = base_install_mb()
-        rows.append(("base install (`pip install .`)", "site-packages of a fresh venv (its pip included)", f"{total:.0f} MB", ""))
-        rows.append(("base install (`pip install .`)", "what the install added", f"{added:.0f} MB", ""))
+        rows.append(("base install (`pip install .`)", "site-packages of a fresh venv (its pip included)",
+                     f"{total:.0f} MB", "", ""))
+        rows.append(("base install (`pip install .`)", "what the install added", f"{added:.0f} MB", "", ""))
 
-    print(f"| path | what | time or size | peak RSS |")
-    print("| --- | --- | ---: | ---: |")
+    print("| path | what | wall time or size | CPU time | peak RSS |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return 0

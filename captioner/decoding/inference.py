@@ -1,8 +1,9 @@
-"""Captions new photos with a trained model directory (the `caption` command, and `Captioner`).
+"""Captions new photos with a trained model directory or bundle (the `caption` command, and `Captioner`).
 
 Reads: a model directory (`model.keras`, `tokenizer.json`, `config.json` with the
-"features_provenance" the model was trained on; names in `captioner.layout`) and
-images: files of any format Pillow reads, binary file objects (uploads held in
+"features_provenance" the model was trained on; names in `captioner.layout`), or a bundle
+(`captioner export`: run by `captioner.decoding.bundle` with numpy and LiteRT, never
+TensorFlow; its .tflite backbone found by sha256), and images: files of any format Pillow reads, binary file objects (uploads held in
 memory), or decoded uint8 RGB arrays. Writes nothing. Config used: `eval.model` (the
 default model directory, models/flickr8k) and `decode` (beam_size,
 max_generated_words, length_normalization, batch_size, allow_unk).
@@ -284,7 +285,7 @@ def _name_of(image: ImageInput) -> Path | None:
 class Captioner:
     """A model directory and the backbone its features came from, loaded once.
 
-    model_dir: a directory written by `captioner train`, or several (an ensemble: their
+    model_dir: a directory written by `captioner train` or a bundle, or several (an ensemble: their
     log-probabilities averaged in one beam search, `captioner.decoding.ensemble`; they must share
     one tokenizer and the features of one extractor). decode: the default decode
     settings (`DecodeConfig()` when None); `caption` and `decode` may override the beam

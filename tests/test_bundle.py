@@ -148,6 +148,8 @@ def test_the_manifest_says_what_the_bundle_holds(merge_bundle, merge_dir, tiny_t
     assert manifest["decode"] == {"beam_size": 3, "max_generated_words": 30, "length_normalization": 0.5,
                                   "batch_size": 64, "allow_unk": False}
     assert manifest["source"]["files"]["model.keras"] == cache.file_sha256(merge_dir / "model.keras")
+    assert manifest["model"] == json.loads((merge_dir / "config.json").read_text())["config"]["model"]
+    assert manifest["train"] == json.loads((merge_dir / "config.json").read_text())["config"]["train"]
     listed = set(manifest["files"])
     assert listed == {layout.BUNDLE_INITIAL, layout.BUNDLE_STEP, layout.TOKENIZER_FILE, "tiny.tflite"}
     assert {p.name for p in merge_bundle.iterdir()} == listed | {layout.BUNDLE_MANIFEST}  # nothing else, no temporaries

@@ -7,10 +7,10 @@ it was copied in. Writes nothing. Imports numpy, Pillow and LiteRT only, never T
 bundle.json (FORMAT_VERSION 1): "kind" (a `captioner.models.registry` kind), "widths"
 {"features": [D] or [P, C], "vocab_size"}, "map_grid" [H, W] (attention), "decoder" (its two
 LiteRT files and the names of their tensors: `initial` features -> states, `step` last_ids +
-states -> log_probs, the `updates`d states and the `extras`), "model" and "decode" (the model's
-ModelConfig and its decoding defaults), "backbone" (the features provenance of the model
-directory: backbone, layer, weights, weights_sha256, input_size, resample, precision; plus
-"file", the backbone's file name), "metrics" ({split: BLEU-1..4, CIDEr-D, images, decode} from
+states -> log_probs, the `updates`d states and the `extras`), "model", "train" and "decode" (the
+model's config sections: its sizes, how it was trained, its decoding defaults), "backbone" (the
+model directory's features provenance: backbone, layer, weights, weights_sha256, input_size,
+resample, precision; plus "file", the backbone's file name), "metrics" ({split: BLEU-1..4, CIDEr-D, images, decode} from
 the model directory's eval reports, when they were made from its current files), "source" (the
 model directory and its files' sha256), and "files" ({name: {"sha256", "bytes"}}, every other
 file of the bundle).
@@ -217,7 +217,7 @@ class Bundle:
     """A bundle loaded and checked; stands in for a loaded model directory (`LoadedModel`).
 
     Attributes: path, manifest (bundle.json), tokenizer, config (defaults with the model's
-    `model` section and the bundle's decoding defaults), info (feature_dim, vocab_size,
+    `model` and `train` sections and its decoding defaults), info (feature_dim, vocab_size,
     features_provenance, and map_grid for an attention model), kind, decoder (the registry
     entry), metrics ({split: scores} recorded at export), functions (the two LiteRT functions).
     threads: LiteRT threads per decoder call (0: the interpreter's default).
@@ -237,7 +237,8 @@ class Bundle:
                 if name not in contents:
                     raise _fail(manifest_path, f"its files do not list {name}")
             self.decoder = registry.get(manifest["kind"])
-            config = config_lib.from_dict({"model": manifest.get("model") or {}, "decode": manifest.get("decode") or {}})
+            sections = ("model", "train", "decode")
+            config = config_lib.from_dict({name: manifest.get(name) or {} for name in sections})
         except (KeyError, TypeError) as error:
             raise _fail(manifest_path, f"its decoder section is incomplete ({error})") from None
         except ConfigError as error:

@@ -337,6 +337,7 @@ def _export(model_dir: Path, output: Path, source: dict[str, Any], params: dict[
         "widths": {"features": list(functions.features.shape), "vocab_size": int(loaded.info["vocab_size"])},
         "decoder": _decoder_section(functions),
         "model": to_dict(loaded.config.model),
+        "train": to_dict(loaded.config.train),
         "decode": to_dict(loaded.config.decode),
         "backbone": backbone,
         "metrics": recorded_metrics(model_dir),

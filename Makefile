@@ -27,7 +27,7 @@ $(BIN)/python:
 
 # Installs the package (editable) with the test extra; re-run only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[train,test]'
 	touch $@
 
 # The fast suite (offline; about 80 s on 2 idle cores, 2.5 min when another job shares them); slow tests are marked and left to test-slow.

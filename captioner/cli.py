@@ -21,12 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from captioner import cache, runtime
+from captioner import cache, layout, runtime
 from captioner import config as config_lib
 from captioner.data.demo import make_demo_data
 from captioner.decoding.inference import iter_caption_files
 from captioner.errors import CaptionerError
 from captioner.stages.evaluation import evaluate_stage
+from captioner.stages.export import export_stage
 from captioner.stages.features import extract_stage, merge_feature_parts
 from captioner.stages.finetune import finetune_stage
 from captioner.stages.prepare import prepare_stage
@@ -70,13 +71,18 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "images": "eval.images",
         "output": "eval.output",
     },
+    "export": {"model": "export.model", "output": "export.output"},
     "caption": {"model": "eval.model", "beam": "decode.beam_size"},
     "serve": {"model": "eval.model", "host": "serve.host", "port": "serve.port", "cors_origin": "serve.cors_origin"},
 }
 
 
-# Subcommands that run a Keras model (the others never import the backend).
-KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "finetune", "evaluate", "serve"})
+# Subcommands that run a Keras model (the others never import the backend); evaluate and serve
+# with bundles (`captioner.decoding.bundle`) run without it.
+KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "finetune", "evaluate", "serve", "export"})
+# What the `train` extra adds to the base install (the TensorFlow-free runtime): a command that
+# needs one of them on a base install says so in one line.
+TRAIN_EXTRA_MODULES = frozenset({"tensorflow", "keras", "h5py", "nltk"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="start over even if up to date or resumable")
 
     sub = commands.add_parser("evaluate", help="stage 4: caption a split, BLEU/CIDEr, HTML report")
-    sub.add_argument("--model", metavar="MODEL_DIR", action="append",
+    sub.add_argument("--model", metavar="MODEL_DIR|BUNDLE", action="append",
                      help="repeat for an ensemble (--model A --model B: decoded together; needs --output)")
     sub.add_argument("--features", nargs="+", metavar="FILE")
     sub.add_argument("--captions", metavar="DIR")
@@ -162,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace report files "
                      "that no evaluation wrote")
 
+    sub = commands.add_parser("export", help="model directory -> a bundle that captions without TensorFlow (LiteRT)")
+    sub.add_argument("--model", metavar="MODEL_DIR", help="the trained model directory (never written)")
+    sub.add_argument("--output", metavar="BUNDLE_DIR", help="the bundle folder (new, or an earlier bundle)")
+    sub.add_argument("--force", action="store_true", help="export again even if up to date")
+
     sub = commands.add_parser("serve", help="HTTP API and web page captioning photos (FastAPI + uvicorn)")
-    sub.add_argument("--model", metavar="MODEL_DIR")
+    sub.add_argument("--model", metavar="MODEL_DIR|BUNDLE")
     sub.add_argument("--host", metavar="HOST", help="default 127.0.0.1 (this machine only)")
     sub.add_argument("--port", metavar="PORT", help="default 8000")
     sub.add_argument("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN call the API; default: CORS off")
@@ -176,14 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 def build_caption_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="caption", description="Caption images with a trained model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--model", metavar="MODEL_DIR", action="append",
-                        help="default: models/flickr8k (eval.model); repeat it for an ensemble")
+    parser.add_argument("--model", metavar="MODEL_DIR|BUNDLE", action="append",
+                        help="a model directory or a bundle (captioner export); default: models/flickr8k "
+                             "(eval.model), else the pretrained bundle; repeat it for an ensemble")
     parser.add_argument("--beam", metavar="K")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument("--explain", metavar="OUT_DIR",
                         help="attention models: write a PNG per caption with each word's attention on the photo")
     parser.add_argument("--backbone-weights", metavar="FILE",
-                        help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
+                        help="the .h5/.tflite file the model's features were made with, when not at its recorded "
+                             "path (a bundle also looks in its folder, $CAPTIONER_BACKBONES and ../shared/backbones)")
     parser.add_argument("--force", action="store_true",
                         help="with --explain: replace files in OUT_DIR that are not attention strips (never a photo "
                         "being captioned)")
@@ -244,6 +257,16 @@ def _run(handler: Callable[[], int]) -> int:
             raise
         print(f"error: file name too long: {error.filename}", file=sys.stderr)  # a path given by the user
         return 2
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES:
+            raise
+        print(
+            f"error: this needs {missing}, which the base install leaves out (it captions with bundles only): "
+            "pip install 'captioner[train]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -257,6 +280,21 @@ def _interrupted() -> None:
 def _interruptible(work: Callable[[], int]) -> int:
     """`work` under `runtime.run_interruptibly`: Ctrl-C stops at once, exit 130, one line."""
     return runtime.run_interruptibly(work, _interrupted)
+
+
+def default_model(config: config_lib.Config, given: bool) -> None:
+    """With no --model and eval.model at its default, which does not exist, `caption` and `serve` use
+    the pretrained bundle (`captioner.layout.default_bundle`) when the package ships one."""
+    if given or config.eval.model != config_lib.EvalConfig().model or Path(config.eval.model).exists():
+        return
+    pretrained = layout.default_bundle()
+    if pretrained is not None:
+        config.eval.model = str(pretrained)
+
+
+def _needs_keras(models: Sequence[str | Path]) -> bool:
+    """Whether any of the models is a model directory (Keras), not a bundle."""
+    return not all(layout.is_bundle(m) for m in models)
 
 
 def _print_summary(result: Any) -> int:
@@ -282,8 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _split_overrides(extra)
         config = resolve_config(args.command, args, overrides)
         force = getattr(args, "force", False)
+        if args.command == "serve":
+            default_model(config, given=args.model is not None)
         tflite_extract = args.command == "extract" and config.features.weights.strip().lower().endswith(".tflite")
-        if args.command in KERAS_COMMANDS and not tflite_extract:  # a .tflite runs in LiteRT, without TensorFlow
+        bundles_only = args.command in ("evaluate", "serve") and not _needs_keras(ensemble_members(args, config))
+        if args.command in KERAS_COMMANDS and not tflite_extract and not bundles_only:
+            # A .tflite backbone and a bundle run in LiteRT, without TensorFlow.
             runtime.import_keras()  # before the stage imports it: the backend's start-up chatter stays off stderr
 
         if args.command == "demo-data":
@@ -310,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
 
             return _print_summary(evaluate_stage(config, force=force, models=ensemble_members(args, config)))
+        if args.command == "export":
+
+            return _print_summary(export_stage(config, force=force))
         if args.command == "serve":
             from captioner.serving.serve import serve
 
@@ -327,9 +372,10 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
         args, extra = build_caption_parser().parse_known_args(argv)
         _setup_logging(args.verbose, quiet=True)
         config = resolve_config("caption", args, _split_overrides(extra))
-        runtime.import_keras()
-
+        default_model(config, given=args.model is not None)
         models = [Path(m) for m in ensemble_members(args, config)]
+        if _needs_keras(models):  # a bundle alone runs on numpy and LiteRT: TensorFlow is never imported
+            runtime.import_keras()
 
         def work() -> int:
             # Each batch's captions are printed as soon as it is done: Ctrl-C keeps what was finished.

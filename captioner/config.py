@@ -51,6 +51,7 @@ BATCH_SIZE_BY_KIND = {"merge": 96, "attention": 64}
 # train.learning_rate when unset (None): this much per 64 captions of train.batch_size (the linear
 # scaling rule: 1e-3 at 64, 1.5e-3 at 96, 2e-3 at 128, as the sweep ran its batch-128 arm).
 LEARNING_RATE_PER_64_CAPTIONS = 1e-3
+EXPORT_WEIGHTS = ("float32", "float16")  # what `captioner export` offers (docs/runtime.md: the parity rule)
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters
 SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format names `serve.formats` may list
 # Values renamed since a config was saved (key, old value) -> new value.
@@ -211,6 +212,16 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`captioner export`: a model directory -> a bundle that captions without TensorFlow (docs/runtime.md)."""
+
+    model: str = "models/flickr8k"  # the model directory to export: any kind, cross-entropy or fine-tuned
+    output: str = "models/flickr8k-bundle"  # the bundle folder; one holding anything but a bundle is refused
+    backbone: bool = True  # copy the backbone .tflite into the bundle when it is found (4 MB for the int8 MobileNetV2): the bundle then captions photos on any machine
+    weights: str = "float32"  # the decoder's weights: float32 (captions identical to Keras), or float16 (half the size; on Flickr8k dev 99.7% identical captions, scores within 0.002: results/runtime.md). int8 is not offered: 82% identical, CIDEr-D -0.008
+
+
+@dataclass
 class ServeConfig:
     """`captioner serve`: where it listens, what a request may hold, how requests are batched."""
 
@@ -240,6 +251,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
@@ -351,6 +363,9 @@ CHECKS: dict[str, Check] = {
     "eval.features": _paths,
     "eval.captions": _not_empty,
     "eval.split": _not_empty,
+    "export.model": _not_empty,
+    "export.output": _not_empty,
+    "export.weights": _one_of(*EXPORT_WEIGHTS),
     "serve.host": _not_empty,
     "serve.port": lambda value: None if 1 <= value <= 65535 else "must be a TCP port, 1 to 65535",
     "serve.max_upload_bytes": _at_least(1),

@@ -13,6 +13,18 @@ A model directory (written by `captioner train`, read by `caption`, `evaluate`):
     manifest.json    the stage cache's record of the finished run (`captioner.cache`)
     eval-<split>.json, eval-<split>.html   written by `captioner evaluate`
 
+A bundle (written by `captioner export`, read by `caption`, `serve`, `evaluate` with no
+TensorFlow; `captioner.decoding.bundle`)::
+
+    bundle.json            the manifest: format version, kind, widths, decoding defaults,
+                           the backbone's provenance and sha256, dev metrics, every file's sha256
+    decoder-initial.tflite the decoder's initial state from the image features (LiteRT)
+    decoder-step.tflite    one word over a batch of beams (LiteRT)
+    tokenizer.json         the vocabulary
+    *.tflite               optionally, the backbone itself (found by its sha256)
+
+A folder holding `bundle.json` is a bundle; any other model path is a model directory.
+
 A captions folder (written by `captioner prepare`)::
 
     <split>.json     {image_id: [cleaned caption, ...]} for split in train, dev, test
@@ -95,7 +107,10 @@ def not_a_model_dir(model_dir: str | Path) -> str | None:
 
 
 def model_files(model_dir: str | Path) -> list[Path]:
-    """The files that determine a model's captions."""
+    """The files that determine a model's captions: a bundle's manifest (which holds the sha256 of
+    every other file of it, checked when it loads), else a model directory's MODEL_DIR_FILES."""
+    if is_bundle(model_dir):
+        return [Path(model_dir) / BUNDLE_MANIFEST]
     return [Path(model_dir) / name for name in MODEL_DIR_FILES]
 
 
@@ -103,6 +118,36 @@ def eval_report_files(output_dir: str | Path, split: str) -> tuple[Path, Path]:
     """Where `evaluate` writes a split's report: (eval-<split>.json, eval-<split>.html)."""
     folder = Path(output_dir)
     return folder / f"eval-{split}.json", folder / f"eval-{split}.html"
+
+
+# --------------------------------------------------------------------------- bundles
+
+BUNDLE_MANIFEST = "bundle.json"
+BUNDLE_INITIAL = "decoder-initial.tflite"
+BUNDLE_STEP = "decoder-step.tflite"
+# The folder of .tflite backbones that `caption` searches for a bundle's backbone (by sha256).
+BACKBONES_ENV = "CAPTIONER_BACKBONES"
+# Where a pretrained bundle ships inside the package (package data; empty in a checkout until one is
+# committed): `default_bundle` finds it.
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a bundle folder (it holds bundle.json), rather than a model directory."""
+    return (Path(path) / BUNDLE_MANIFEST).is_file()
+
+
+def default_bundle() -> Path | None:
+    """The pretrained bundle shipped with the package (`captioner/pretrained/`), or None when there is none.
+
+    The one place that says where the default model of `caption` and `serve` is looked for.
+    """
+    return PRETRAINED_DIR if is_bundle(PRETRAINED_DIR) else None
+
+
+def shared_backbones_dir() -> Path:
+    """`../shared/backbones/` beside the checkout (this project's reference copy of the int8 MobileNetV2)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "backbones"
 
 
 # --------------------------------------------------------------------------- features

@@ -2,6 +2,11 @@
 
 `make_model_dir`: a tiny untrained (seeded) model: captions are some words of its vocabulary.
 
+`make_attention_model_dir`: a tiny untrained (seeded) attention model for maps [positions, channels].
+
+`convert_tiny_tflite`: a tiny full-int8 .tflite backbone (8-d pooled features), and
+`tflite_provenance`: the features provenance `captioner extract` records for it.
+
 `make_known_model_dir`: a model whose weights are set by hand so that its captions are
 known in advance. It reads 3-d image features, the mean caffe-preprocessed pixel of the
 image (B, G, R minus the ImageNet means; the tests pair it with a global-average-pooling
@@ -60,6 +65,71 @@ def make_model_dir(
     tokenizer.save(model_dir / TOKENIZER_FILE)
     model_lib.write_model_config(model_dir, config, feature_dim, tokenizer.vocab_size, provenance)
     return model_dir
+
+
+def make_attention_model_dir(
+    model_dir: Path, train_captions: list[str], provenance: dict, grid: tuple[int, int], channels: int
+) -> Path:
+    """model.keras (an attention model with embedding, units and attention of 8, seeded), tokenizer.json and
+    config.json (map_grid `grid`, feature_dim `channels`) in `model_dir`."""
+    import keras
+
+    from captioner.models.attention import build_attention_model
+
+    config = Config()
+    config.model.kind = "attention"
+    config.model.embedding_dim = config.model.units = config.model.attention_dim = 8
+    tokenizer = Tokenizer.build(train_captions, min_word_count=1)
+    keras.utils.set_random_seed(0)
+    model = build_attention_model(grid[0] * grid[1], channels, tokenizer.vocab_size, config.model)
+    model_lib.save_model(model, model_dir)
+    tokenizer.save(model_dir / TOKENIZER_FILE)
+    model_lib.write_model_config(model_dir, config, channels, tokenizer.vocab_size, provenance, map_grid=grid)
+    return model_dir
+
+
+def convert_tiny_tflite(path: Path) -> Path:
+    """A tiny random classifier at 224x224 as a full-int8 .tflite (uint8 raw-pixel input, [-1, 1]
+    calibration, as the shared MobileNetV2): its pooled tensor is 8 wide."""
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    from captioner.data.images import preprocess_tf
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(8, 8, strides=8, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
+
+    def representative():
+        for seed in range(4):
+            pixels = np.random.default_rng(seed).integers(0, 256, (1, 224, 224, 3)).astype(np.uint8)
+            pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255
+            yield [preprocess_tf(pixels)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        path.write_bytes(converter.convert())
+    return path
+
+
+def tflite_provenance(path: Path) -> dict:
+    """What `captioner extract --backbone mobilenet_v2 --weights PATH` records for a .tflite backbone."""
+    from captioner.vision import backbones
+
+    spec = backbones.get_backbone("mobilenet_v2")
+    with backbones.open_tflite(spec, path) as model:
+        return backbones.extractor_params(spec.name, "", str(path), "", "", model)
 
 
 def make_known_model_dir(model_dir: Path) -> Path:

@@ -18,6 +18,7 @@ import pytest
 from model_dirs import (
     KNOWN_CAPTIONS,
     KNOWN_PROVENANCE,
+    convert_tiny_tflite,
     make_known_model_dir,
     make_model_dir,
 )
@@ -358,41 +359,6 @@ def test_missing_provenance_fields_come_from_the_backbone_catalogue_and_the_feat
 
 
 # --------------------------------------------------------------------------- backbone weights files
-
-
-def convert_tiny_tflite(path: Path) -> Path:
-    """A tiny random classifier at 224x224 as a full-int8 .tflite (uint8 raw-pixel input, [-1, 1]
-    calibration, as the shared MobileNetV2): its pooled tensor is 8 wide."""
-    import warnings
-
-    import keras
-    import tensorflow as tf
-
-    from captioner.data.images import preprocess_tf
-
-    keras.utils.set_random_seed(4)
-    inputs = keras.Input((224, 224, 3))
-    x = keras.layers.Conv2D(8, 8, strides=8, activation="relu")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
-
-    def representative():
-        for seed in range(4):
-            pixels = np.random.default_rng(seed).integers(0, 256, (1, 224, 224, 3)).astype(np.uint8)
-            pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255
-            yield [preprocess_tf(pixels)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        path.write_bytes(converter.convert())
-    return path
 
 
 def test_caption_rebuilds_a_tflite_extractor_found_by_path_or_flag_and_refuses_another_file(

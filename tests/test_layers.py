@@ -187,6 +187,7 @@ def test_the_inference_path_loads_no_tensorflow_or_keras():
         import sys
         import captioner.decoding.beam, captioner.decoding.ensemble, captioner.decoding.explain
         import captioner.vision.tflite, captioner.data.images, captioner.data.tokenizer
+        import captioner.decoding.bundle, captioner.decoding.inference, captioner.cli
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
         print(heavy)
         sys.exit(1 if heavy else 0)

@@ -1,6 +1,6 @@
 """Ensembles: several models decoded as one, in the same beam search.
 
-Reads: several model directories (`load_ensemble`), or several step functions
+Reads: several model directories or bundles (`load_ensemble`), or several step functions
 (`EnsembleStep`). Writes nothing. Config: none of its own; decoding uses `decode.*`
 as for one model.
 
@@ -45,6 +45,7 @@ import numpy as np
 
 from captioner import layout
 from captioner.data.tokenizer import Tokenizer
+from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.beam import split_step_output
 from captioner.errors import CaptionerError
 from captioner.layout import TOKENIZER_FILE
@@ -141,6 +142,11 @@ class Ensemble:
         """The first member's model kind ("merge" or "attention"); `caption` checks they agree."""
         return str(self.members[0].kind)
 
+    def locate_backbone(self, explicit: Any = None) -> Any:
+        """The first member's backbone file when it is a bundle (`captioner.decoding.bundle`), else `explicit`."""
+        locate = getattr(self.members[0], "locate_backbone", None)
+        return explicit if locate is None else locate(explicit)
+
     def step_model(self) -> Any:
         """One member's step model when there is one member, else an `EnsembleStep` over all of them."""
         steps = [member.step_model() for member in self.members]
@@ -188,24 +194,20 @@ class _Described:
 
 
 def _described(model_dir: Path) -> _Described:
-    """A model directory's tokenizer and config.json facts, without loading its model."""
-    from captioner.models import directory as model_lib
-
+    """A model directory's (or bundle's) tokenizer and config facts, without loading its model."""
     problem = layout.not_a_model_dir(model_dir)
     if problem:
         raise CaptionerError(problem)
-    _, info = model_lib.read_model_config(model_dir)
+    _, info = bundle_lib.describe(model_dir)
     return _Described(tokenizer=Tokenizer.load(model_dir / TOKENIZER_FILE), info=info)
 
 
 def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
-    """Loads every model directory (`captioner.models.directory.load_model_dir`) and checks they fit together.
+    """Loads every model directory or bundle (`captioner.decoding.bundle.load_model`) and checks they fit together.
 
     Raises CaptionerError (one line) for a missing or broken directory, a directory given
     twice, different tokenizers, or different feature widths.
     """
-    from captioner.models import directory as model_lib
-
     dirs = [Path(d) for d in model_dirs]
     if not dirs:
         raise CaptionerError("no model directory given (--model DIR)")
@@ -217,7 +219,7 @@ def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
         seen.add(key)
     # Vocabularies and widths first, from the small files: a misfit is refused before any model loads.
     check_members(dirs, [_described(model_dir) for model_dir in dirs])
-    members = [model_lib.load_model_dir(model_dir) for model_dir in dirs]
+    members = [bundle_lib.load_model(model_dir) for model_dir in dirs]
     check_members(dirs, members)  # the loaded models agree with their files (load_model_dir checks it)
     if len(dirs) > 1:
         log.info("ensemble of %d models: %s", len(dirs), ", ".join(map(str, dirs)))

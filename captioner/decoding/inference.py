@@ -1,8 +1,9 @@
-"""Captions new photos with a trained model directory (the `caption` command, and `Captioner`).
+"""Captions new photos with a trained model directory or bundle (the `caption` command, and `Captioner`).
 
 Reads: a model directory (`model.keras`, `tokenizer.json`, `config.json` with the
-"features_provenance" the model was trained on; names in `captioner.layout`) and
-images: files of any format Pillow reads, binary file objects (uploads held in
+"features_provenance" the model was trained on; names in `captioner.layout`), or a bundle
+(`captioner export`: run by `captioner.decoding.bundle` with numpy and LiteRT, never
+TensorFlow; its .tflite backbone found by sha256), and images: files of any format Pillow reads, binary file objects (uploads held in
 memory), or decoded uint8 RGB arrays. Writes nothing. Config used: `eval.model` (the
 default model directory, models/flickr8k) and `decode` (beam_size,
 max_generated_words, length_normalization, batch_size, allow_unk).
@@ -59,8 +60,13 @@ import numpy as np
 from captioner import layout
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.data.images import ImageError, load_image, resample_filter
+from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.beam import BannedWords, beam_search_n_best
-from captioner.decoding.explain import claim_strips, save_attention_strip
+from captioner.decoding.ensemble import load_ensemble
+from captioner.decoding.explain import (
+    claim_strips,
+    save_attention_strip,
+)
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
 from captioner.models import registry
@@ -127,9 +133,10 @@ def _finite(value: float) -> float | None:
 
 
 def load_model(model_dir: str | Path) -> Any:
-    """`captioner.models.directory.load_model_dir`, with a missing directory explained in one line.
+    """A bundle (`captioner.decoding.bundle`, no TensorFlow) or a model directory
+    (`captioner.models.directory.load_model_dir`), with a missing directory explained in one line.
 
-    Returns the `LoadedModel` (model, tokenizer, config, info, step_model()).
+    Returns the `Bundle` or `LoadedModel` (tokenizer, config, info, kind, step_model()).
     """
     model_dir = Path(model_dir)
     if model_dir.exists() and not model_dir.is_dir():
@@ -138,9 +145,7 @@ def load_model(model_dir: str | Path) -> Any:
         raise CaptionerError(
             f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"
         )
-    from captioner.models import directory as model_lib
-
-    return model_lib.load_model_dir(model_dir)
+    return bundle_lib.load_model(model_dir)
 
 
 def features_provenance(loaded: Any, model_dir: Path) -> dict[str, Any]:
@@ -176,14 +181,11 @@ def _load_models(model_dirs: list[Path]) -> Any:
     extractor (a photo goes through one backbone for all of them)."""
     if len(model_dirs) == 1:
         return load_model(model_dirs[0])
-    from captioner.decoding.ensemble import load_ensemble
-    from captioner.models.directory import read_model_config
-
     for model_dir in model_dirs:
         if not model_dir.is_dir():
             load_model(model_dir)  # the one-line "model directory not found"
-    # From the small config.json files first: a misfit is refused before any model loads.
-    described = [read_model_config(model_dir) for model_dir in model_dirs]
+    # From the small config.json / bundle.json files first: a misfit is refused before any model loads.
+    described = [bundle_lib.describe(model_dir) for model_dir in model_dirs]
     first_dir, (first_config, first_info) = model_dirs[0], described[0]
     for model_dir, (config, info) in zip(model_dirs[1:], described[1:]):
         if config.model.kind != first_config.model.kind:
@@ -242,10 +244,8 @@ def _beam_search(
 def _beam(tokenizer: Any, caption: Any) -> Beam:
     """A `decoding.DecodedCaption` as a Beam; an attention model's weights kept for its words only
     (the end token's row dropped)."""
-    from captioner.models.attention import ATTENTION_EXTRA
-
     extras = caption.extras or {}
-    attention = extras.get(ATTENTION_EXTRA)
+    attention = extras.get(registry.ATTENTION_EXTRA)
     if attention is not None:
         attention = np.asarray(attention, dtype=np.float32)[: len(caption.ids)]
     return Beam(tokenizer.decode(caption.ids), _finite(caption.log_prob), attention)
@@ -291,7 +291,7 @@ def _name_of(image: ImageInput) -> Path | None:
 class Captioner:
     """A model directory and the backbone its features came from, loaded once.
 
-    model_dir: a directory written by `captioner train`, or several (an ensemble: their
+    model_dir: a directory written by `captioner train` or a bundle, or several (an ensemble: their
     log-probabilities averaged in one beam search, `captioner.decoding.ensemble`; they must share
     one tokenizer and the features of one extractor). decode: the default decode
     settings (`DecodeConfig()` when None); `caption` and `decode` may override the beam
@@ -341,6 +341,10 @@ class Captioner:
         # attention: the grid (h, w) of the maps the model takes; their channels are feature_dim
         self.decoder = registry.get(self.kind)
         self.map_grid = tuple(loaded.info["map_grid"]) if self.decoder.takes_maps else None
+        # A bundle finds its .tflite backbone by sha256 (`captioner.decoding.bundle.locate_backbone`).
+        locate = getattr(loaded, "locate_backbone", None)
+        if locate is not None:
+            backbone_weights = locate(backbone_weights)
         self.extractor = backbones.build_extractor(
             provenance,
             weights_file=backbone_weights,

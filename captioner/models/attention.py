@@ -66,7 +66,12 @@ from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
-from captioner.models.stepping import compile_step, run_step
+from captioner.models.stepping import (
+    ExportFunctions,
+    TensorSpec,
+    compile_step,
+    run_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +439,39 @@ def finetune_regularisers(model: keras.Model) -> list[tuple[Any, str]]:
     return [(layer, "doubly_stochastic") for layer in model.layers if isinstance(layer, AttentionLSTM)]
 
 
+def export_functions(model: keras.Model) -> ExportFunctions:
+    """`AttentionStepModel`'s two functions for `captioner export`: states [image_map [N, P, C] (the
+    features, passed through), projected_map [N, P, A], h, c [N, units]]; a step updates h and c
+    and also returns "attention" float32 [N, P]."""
+    steps = AttentionStepModel(model)
+
+    def initial(image_map: Any) -> dict[str, Any]:
+        projected, h, c = steps._initial(image_map)
+        return {"projected_map": projected, "h": h, "c": c}
+
+    def step(last_ids: Any, image_map: Any, projected_map: Any, h: Any, c: Any) -> dict[str, Any]:
+        log_probs, h, c, alpha = steps._step(last_ids, image_map, projected_map, h, c)
+        return {"log_probs": log_probs, "h": h, "c": c, ATTENTION_EXTRA: alpha}
+
+    units = (steps.units,)
+    return ExportFunctions(
+        features=TensorSpec("image_map", (steps.positions, steps.channels)),
+        states=(
+            TensorSpec("image_map", (steps.positions, steps.channels)),
+            TensorSpec("projected_map", (steps.positions, steps._cell.attention_dim)),
+            TensorSpec("h", units),
+            TensorSpec("c", units),
+        ),
+        updates=("h", "c"),
+        extras=(ATTENTION_EXTRA,),
+        initial=initial,
+        step=step,
+        variables=list(model.variables),
+    )
+
+
 __all__ = [
+    "export_functions",
     "ATTENTION_EXTRA",
     "LAYERS",
     "AttentionLSTM",

@@ -38,7 +38,12 @@ from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.layout import CONFIG_FILE
-from captioner.models.stepping import compile_step, run_step
+from captioner.models.stepping import (
+    ExportFunctions,
+    TensorSpec,
+    compile_step,
+    run_step,
+)
 
 # The init-inject layers (`ModelConfig.init_inject`): the LSTM's starting h and c from the image.
 INIT_INJECT_LAYERS = ("init_h", "init_c")
@@ -196,3 +201,30 @@ def check_loaded(model_dir: Path, model: keras.Model, config: Any, info: dict[st
 
 def finetune_regularisers(model: keras.Model) -> list[tuple[Any, str]]:
     return []  # dropout only, which fine-tuning switches off for every kind
+
+
+def export_functions(model: keras.Model) -> ExportFunctions:
+    """`StepModel`'s two functions for `captioner export`: states [projection, h, c], each float32
+    [N, units]; a step updates h and c. Without init-inject the initial h, c are zeros."""
+    steps = StepModel(model)
+
+    def initial(image_features: Any) -> dict[str, Any]:
+        projection, *start = steps._initial(image_features)
+        if not start:
+            start = [keras.ops.zeros_like(projection), keras.ops.zeros_like(projection)]
+        return {"projection": projection, "h": start[0], "c": start[1]}
+
+    def step(last_ids: Any, projection: Any, h: Any, c: Any) -> dict[str, Any]:
+        log_probs, h, c = steps._step(last_ids, projection, h, c)
+        return {"log_probs": log_probs, "h": h, "c": c}
+
+    width = (steps.units,)
+    return ExportFunctions(
+        features=TensorSpec("image_features", (steps.feature_dim,)),
+        states=(TensorSpec("projection", width), TensorSpec("h", width), TensorSpec("c", width)),
+        updates=("h", "c"),
+        extras=(),
+        initial=initial,
+        step=step,
+        variables=list(model.variables),
+    )

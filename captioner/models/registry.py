@@ -13,6 +13,8 @@ one kind does not retrain the others), and its Keras implementation: a module wi
     check_loaded(model_dir, model, config, info)   kind-specific checks of a model directory
     finetune_regularisers(keras_model)      (layer, attribute) pairs SCST sets to 0 (dropout aside)
     count_parameters(dim, vocab_size, model)   weights the model will have, counted before building it
+    export_functions(keras_model)           the step protocol as named-tensor functions for
+                                            `captioner export` (`captioner.models.stepping.ExportFunctions`)
 
 The implementation is imported on first use (it loads Keras); the metadata here loads
 nothing, so decoding and serving ask a kind's shape of input without TensorFlow. A new kind
@@ -29,6 +31,10 @@ from typing import Any
 
 from captioner.config import MODEL_KINDS
 from captioner.errors import ConfigError
+
+# The step extra of a kind that attends (`DecoderKind.explains`): its weights over the map positions,
+# float32 [N, H*W] (`captioner.models.attention.ATTENTION_EXTRA` spells it the same).
+ATTENTION_EXTRA = "attention"
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class DecoderKind:
     @property
     def explains(self) -> bool:
         """Whether `caption --explain` can draw what it looked at (its step returns attention weights)."""
-        return "attention" in self.step_extras
+        return ATTENTION_EXTRA in self.step_extras
 
     def build(self, features: FeatureShape, vocab_size: int, model: Any) -> Any:
         return self.implementation.build(features, vocab_size, model)
@@ -78,7 +84,7 @@ KINDS: dict[str, DecoderKind] = {
         ignores=frozenset({"kind", "attention_dim", "doubly_stochastic"}), _implementation=_merge,
     ),
     "attention": DecoderKind(
-        "attention", takes_maps=True, step_extras=("attention",),
+        "attention", takes_maps=True, step_extras=(ATTENTION_EXTRA,),
         ignores=frozenset({"init_inject"}), _implementation=_attention,  # always starts from the image
     ),
 }

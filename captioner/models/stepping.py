@@ -10,11 +10,17 @@ function into a fast callable for the backend in use (per-call overhead is what 
 - jax: `jax.jit`, with N rounded up to a power of two (`bucket`), so it compiles once per
   power of two rather than once per N;
 - torch (or anything else): eager, under `torch.no_grad()`.
+
+`ExportFunctions` is what a kind's `export_functions(keras_model)` hands `captioner export`:
+the same two functions as named-tensor functions over declared inputs, which the export stage
+traces with TensorFlow and converts to LiteRT (`captioner.stages.export`), and the bundle runtime
+runs in the same protocol (`captioner.decoding.bundle`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -61,3 +67,34 @@ def run_step(function: Callable[..., Any], arrays: list[np.ndarray]) -> list[np.
     if not isinstance(outputs, (tuple, list)):
         outputs = [outputs]
     return [keras.ops.convert_to_numpy(x)[:n] for x in outputs]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or state of an exported function: shape without the batch dimension N."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ExportFunctions:
+    """A decoder's step protocol as two functions of named tensors, for `captioner export`.
+
+    initial(features [N, *features.shape]) -> {state name: [N, ...]} for every state in `states`
+    except the one named like `features` (that state is the features themselves, passed through);
+    step(last_ids int32 [N], *states in `states` order) -> {"log_probs": float32 [N, V], each
+    state in `updates`: its new value, each name in `extras`: [N, ...]}. The states that a step
+    does not update are carried unchanged by the caller. Keras layers and keras.ops only; the
+    export stage traces them under TensorFlow.
+    """
+
+    features: TensorSpec
+    states: tuple[TensorSpec, ...]
+    updates: tuple[str, ...]
+    extras: tuple[str, ...]
+    initial: Callable[[Any], dict[str, Any]]
+    step: Callable[..., dict[str, Any]]
+    variables: list[Any]  # the Keras variables the functions read (the converter must see them)
+    ids: TensorSpec = field(default=TensorSpec("last_ids", (), "int32"))  # the step's word input

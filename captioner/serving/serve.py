@@ -1,7 +1,8 @@
-"""`captioner serve`: an HTTP API and a web page that caption photos with one model directory.
+"""`captioner serve`: an HTTP API and a web page that caption photos with one model directory or bundle.
 
 Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json with the
-features provenance; eval-dev.json when present, for the metadata's dev metrics) and the
+features provenance; eval-dev.json when present, for the metadata's dev metrics) or a bundle
+(`captioner export`; run by numpy and LiteRT, no TensorFlow; its metrics from bundle.json) and the
 images in each request. Writes nothing: uploads are held in memory (streamed from the
 request into bytes, never spooled to a temporary file) and nothing from a request ever
 becomes part of a file path. Config used: `serve` (address, limits, batching, decode
@@ -64,6 +65,7 @@ from pydantic import BaseModel
 from captioner import layout
 from captioner.config import Config, DecodeConfig, ServeConfig
 from captioner.data import images
+from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.inference import Beam
 from captioner.errors import CaptionerError
 
@@ -164,7 +166,17 @@ def check_servable(model_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def recorded_metrics(model_dir: Path, split: str) -> dict[str, float] | None:
-    """The corpus metrics of `captioner evaluate` on `split` recorded in the model directory, or None."""
+    """The corpus metrics of `captioner evaluate` on `split` recorded in the model directory (or, for a
+    bundle, in its bundle.json at export), or None."""
+    if layout.is_bundle(model_dir):
+        try:
+            metrics = (bundle_lib.read_manifest(model_dir).get("metrics") or {}).get(split)
+        except CaptionerError as error:
+            log.warning("%s: cannot read its metrics (%s); metadata leaves them out", model_dir, error)
+            return None
+        if not isinstance(metrics, dict):
+            return None
+        return {key: value for key, value in metrics.items() if isinstance(value, float)}
     path, _ = layout.eval_report_files(model_dir, split)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))["metrics"]
@@ -858,16 +870,21 @@ def serve(config: Config, sockets: Sequence[socket.socket] | None = None) -> int
     """
     import uvicorn
 
-    from captioner.models import directory as model_lib
-
     model_dir = Path(config.eval.model)
     if not model_dir.is_dir():
         raise CaptionerError(f"model directory not found: {model_dir} (pass --model DIR)")
-    missing = [name for name in layout.MODEL_DIR_FILES if not (model_dir / name).is_file()]
-    if missing:
-        raise CaptionerError(f"model directory {model_dir} is missing {', '.join(missing)}")
-    _, info = model_lib.read_model_config(model_dir)
-    check_servable(model_dir, info)
+    if layout.is_bundle(model_dir):
+        # The bundle checked whole (files, sha256, decoder widths, its backbone found) before listening.
+        loaded = bundle_lib.load_bundle(model_dir)
+        info = loaded.info
+        check_servable(model_dir, info)
+        loaded.locate_backbone()
+    else:
+        missing = [name for name in layout.MODEL_DIR_FILES if not (model_dir / name).is_file()]
+        if missing:
+            raise CaptionerError(f"model directory {model_dir} is missing {', '.join(missing)}")
+        _, info = bundle_lib.describe(model_dir)
+        check_servable(model_dir, info)
     failure: list[str] = []
     server: list[Any] = []
 

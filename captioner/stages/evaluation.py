@@ -1,6 +1,7 @@
 """Stage 4: caption every image of a split and score the captions against all references.
 
-Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json), or
+Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json) or a bundle
+(`captioner export`: decoded by the LiteRT runtime, `captioner.decoding.bundle`), or
 several (an ensemble, `evaluate --model A --model B ...`: decoded together by
 `captioner.decoding.ensemble`, the log of the members' mean probability in one beam search),
 the prepared split `<eval.captions>/<eval.split>.json` ({image id: [reference
@@ -55,6 +56,7 @@ from captioner import cache, layout
 from captioner.config import Config, to_dict
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_split
+from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.explain import strip_data_uri
 from captioner.errors import CaptionerError
 from captioner.models import registry
@@ -367,9 +369,7 @@ def _attention_strips(
         return {}
     from PIL import Image, ImageOps
 
-    from captioner.models.directory import read_model_config
-
-    _, info = read_model_config(model_dir)
+    _, info = bundle_lib.describe(model_dir)
     grid = tuple(info["map_grid"])
     height, width = (info.get("features_provenance") or {}).get("input_size") or (224, 224)
     examples = [item for item in _pick_examples(report["images"]) if item["id"] in attention]

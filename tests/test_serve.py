@@ -95,9 +95,14 @@ def fake():
 
 @pytest.fixture
 def client(fake):
-    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0))) as test_client:
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=0))) as test_client:
         wait_ready(test_client)
         yield test_client
+
+
+def client_for(app) -> TestClient:
+    """A TestClient that calls the app by one of its default Host names (TestClient's own, "testserver", is refused)."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
@@ -121,7 +126,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_live_answers_meanwhile():
         release.wait(10)
         return ColourModel()
 
-    with TestClient(create_app(slow_load, config_with(batch_window_ms=0))) as client:
+    with client_for(create_app(slow_load, config_with(batch_window_ms=0))) as client:
         assert client.get("/health/live").json() == {"status": "live"}
         assert client.get("/v2/health/live").status_code == 200
         loading = client.get("/health/ready")
@@ -142,7 +147,7 @@ def test_a_model_that_fails_to_load_is_reported_by_ready():
     def broken():
         raise CaptionerError("models/x is missing model.keras")
 
-    with TestClient(create_app(broken, on_load_error=reported.append)) as client:
+    with client_for(create_app(broken, on_load_error=reported.append)) as client:
         deadline = time.monotonic() + 10
         while not reported and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -226,7 +231,7 @@ def test_requests_that_are_not_multipart_or_have_no_image_are_refused(client):
 def test_an_upload_over_the_byte_limit_is_refused_in_its_slot_and_the_others_captioned(fake):
     big = image_bytes((220, 20, 20), size=(600, 600), fmt="PNG") + b"\0" * 5000
     assert len(big) > 5000
-    with TestClient(create_app(lambda: fake, config_with(max_upload_bytes=len(RED) + 10, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_upload_bytes=len(RED) + 10, batch_window_ms=0))) as client:
         wait_ready(client)
         slots = client.post("/v1/captions", files=files(("big.png", big), ("red.jpg", RED))).json()["images"]
     assert slots[0]["error"]["status"] == 413 and "serve.max_upload_bytes" in slots[0]["error"]["message"]
@@ -236,7 +241,7 @@ def test_an_upload_over_the_byte_limit_is_refused_in_its_slot_and_the_others_cap
 
 def test_a_request_over_the_total_byte_limit_is_refused_whole(fake):
     config = config_with(max_upload_bytes=1000, max_images=2, batch_window_ms=0)
-    with TestClient(create_app(lambda: fake, config)) as client:
+    with client_for(create_app(lambda: fake, config)) as client:
         wait_ready(client)
         answer = client.post("/v1/captions", files=files(("a.jpg", b"\xff" * 40_000), ("b.jpg", b"\xff" * 40_000)))
         assert answer.status_code == 413 and "byte limit" in answer.json()["message"]
@@ -252,7 +257,7 @@ def test_a_request_over_the_total_byte_limit_is_refused_whole(fake):
 
 
 def test_more_images_than_allowed_are_refused_whole(fake):
-    with TestClient(create_app(lambda: fake, config_with(max_images=2, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_images=2, batch_window_ms=0))) as client:
         wait_ready(client)
         answer = client.post("/v1/captions", files=files(("a.jpg", RED), ("b.jpg", RED), ("c.jpg", RED)))
     assert answer.status_code == 413 and answer.json()["message"] == "more than 2 images in one request (serve.max_images)"
@@ -269,7 +274,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(fake, monkeypatch):
     bomb = image_bytes(0, size=(5000, 5000), fmt="PNG", mode="1")  # 25 megapixels in a few kB
     huge = image_bytes(0, size=(15_000, 15_000), fmt="PNG", mode="1")  # over twice Pillow's own limit too
     assert len(bomb) < 10_000 and len(huge) < 50_000
-    with TestClient(create_app(lambda: fake, config_with(max_pixels=1_000_000, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_pixels=1_000_000, batch_window_ms=0))) as client:
         wait_ready(client)
         slots = client.post("/v1/captions", files=files(("bomb.png", bomb), ("red.jpg", RED), ("huge.png", huge))).json()["images"]
     assert slots[0]["error"] == {
@@ -291,7 +296,7 @@ def test_formats_outside_the_accepted_list_get_415_in_their_slot(client):
 
 def test_a_request_slower_than_the_timeout_gets_503_and_the_server_keeps_serving():
     slow = ColourModel(delay_s=0.8)
-    with TestClient(create_app(lambda: slow, config_with(request_timeout_s=0.2, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: slow, config_with(request_timeout_s=0.2, batch_window_ms=0))) as client:
         wait_ready(client)
         started = time.monotonic()
         answer = client.post("/v1/captions", files=files(("red.jpg", RED)))
@@ -305,7 +310,7 @@ def test_a_request_slower_than_the_timeout_gets_503_and_the_server_keeps_serving
 def test_a_full_queue_answers_503_at_once():
     blocked = ColourModel(delay_s=0.6)
     config = config_with(max_queued_images=1, batch_window_ms=0, max_batch=1)
-    with TestClient(create_app(lambda: blocked, config)) as client:
+    with client_for(create_app(lambda: blocked, config)) as client:
         wait_ready(client)
         answers = {}
         first = threading.Thread(target=lambda: answers.setdefault("a", client.post("/v1/captions", files=files(("a.jpg", RED)))))
@@ -330,7 +335,7 @@ def test_a_model_failure_answers_500_and_the_next_request_is_served(client, fake
 def test_concurrent_requests_share_one_backbone_call_and_one_decoder_call(fake):
     config = config_with(batch_window_ms=1000, max_batch=16)
     colours = [("red.jpg", RED), ("green.png", GREEN), ("blue.webp", BLUE)] * 2
-    with TestClient(create_app(lambda: fake, config)) as client:
+    with client_for(create_app(lambda: fake, config)) as client:
         wait_ready(client)
         answers: list = [None] * len(colours)
         start = threading.Barrier(len(colours))
@@ -349,7 +354,7 @@ def test_concurrent_requests_share_one_backbone_call_and_one_decoder_call(fake):
 
 
 def test_batches_never_exceed_max_batch_and_split_by_decode_settings(fake):
-    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=300, max_batch=4))) as client:
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=300, max_batch=4))) as client:
         wait_ready(client)
         answers = {}
         first = threading.Thread(target=lambda: answers.setdefault(
@@ -406,10 +411,10 @@ def test_a_default_beam_over_the_served_bound_is_refused_at_start():
 
 def test_cors_is_off_by_default_and_allows_only_the_configured_origin(fake):
     preflight = {"origin": "http://example.org", "access-control-request-method": "POST"}
-    with TestClient(create_app(lambda: fake)) as client:
+    with client_for(create_app(lambda: fake)) as client:
         assert "access-control-allow-origin" not in client.options("/v1/captions", headers=preflight).headers
         assert "access-control-allow-origin" not in client.get("/health/live", headers={"origin": "http://example.org"}).headers
-    with TestClient(create_app(lambda: fake, config_with(cors_origin="http://example.org"))) as client:
+    with client_for(create_app(lambda: fake, config_with(cors_origin="http://example.org"))) as client:
         allowed = client.options("/v1/captions", headers=preflight)
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://example.org"
         other = client.options("/v1/captions", headers={**preflight, "origin": "http://evil.example"})
@@ -472,7 +477,7 @@ def test_a_real_model_directory_gives_its_known_captions(known_model_dir, mean_p
     config.decode = decode
     red = image_bytes((255, 0, 0), size=(64, 48), fmt="PNG")  # lossless: the mean pixel is exact
     blue = image_bytes((0, 0, 255), size=(40, 30), fmt="PNG")
-    with TestClient(create_app(lambda: ModelCaptioner(known_model_dir, decode), config)) as client:
+    with client_for(create_app(lambda: ModelCaptioner(known_model_dir, decode), config)) as client:
         wait_ready(client)
         slots = client.post(
             "/v1/captions", files=files(("red.png", red), ("broken.jpg", b"\xff\xd8garbage"), ("blue.png", blue))

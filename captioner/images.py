@@ -270,12 +270,13 @@ def _decode_bytes(
     total = stored * copies + _SLACK_BYTES
     if image.format in _COPIES_INPUT:
         total += input_bytes
-    if image.format == "JPEG":
+    if image.format in _JPEG_FORMATS:
         total += _jpeg_coefficient_bytes(head, declared)
     shrunk = -(-width // factor) * -(-height // factor)
     return total + shrunk * _CONVERT_BYTES_PER_PIXEL
 
 
+_JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's JPEG with a multi-picture block; Pillow decodes its first picture
 _JPEG_HEAD_BYTES = 1 << 20  # where a JPEG's first scan is looked for (its APPn segments come first: EXIF, ICC, XMP)
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
 _JPEG_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
@@ -341,7 +342,7 @@ def _wide_top(image: Image.Image) -> float | None:
     255, else 255 (read from the whole image, before shrinking); None for other modes."""
     if image.mode not in _WIDE_MODES:
         return None
-    low, high = image.getextrema()
+    _, high = image.getextrema()
     return 65535.0 if high > 255 else 255.0
 
 
@@ -408,7 +409,7 @@ class _InMemory:
         position = self.source.tell()
         end = self.source.seek(0, 2)
         self.source.seek(position)
-        return end - position
+        return end - self.start
 
     def read_all(self) -> bytes:
         return self.head(-1)
@@ -424,6 +425,8 @@ class _InMemory:
 
 def _without_text(path: _OnDisk | _InMemory) -> _InMemory | None:
     """The file again without its PNG text chunks; None when it is not a PNG or has none."""
+    if path.head(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+        return None
     data = path.read_all()
     stripped = strip_png_text(data)
     return None if stripped is data else _InMemory(io.BytesIO(stripped), path.name)
@@ -472,10 +475,10 @@ def read_header(
         with _open(source.source, limit, source.name) as image:
             _too_large(source.name, image, limit)
             declared = image.size
-            if image.format == "JPEG":
+            if image.format in _JPEG_FORMATS:
                 image.draft("RGB", (width, height))
             factor = _shrink_factor(image, size)
-            head = source.head(_JPEG_HEAD_BYTES) if image.format == "JPEG" else b""
+            head = source.head(_JPEG_HEAD_BYTES) if image.format in _JPEG_FORMATS else b""
             cost = _decode_bytes(image, declared, head, source.size(), factor)
             if source is not path:
                 cost += source.size()  # the copy without text chunks
@@ -487,7 +490,7 @@ def read_header(
         return _with_text_retry(path, read)
     except ImageError:
         raise
-    except BaseException as error:
+    except _FAILURES as error:
         raise _image_error(path, error) from None
     finally:
         if isinstance(path, _InMemory):
@@ -518,7 +521,7 @@ def load_image(
     def decode(source: _OnDisk | _InMemory) -> np.ndarray:
         with _open(source.source, limit, source.name) as image:
             _too_large(source.name, image, limit)
-            if image.format == "JPEG":
+            if image.format in _JPEG_FORMATS:
                 # DCT-domain downscale while decoding: bounded memory and time for huge photos;
                 # a no-op below 448 px on a side (see the module docstring).
                 image.draft("RGB", (width, height))
@@ -541,16 +544,19 @@ def load_image(
         pixels = _with_text_retry(path, decode)
     except ImageError:
         raise
-    except BaseException as error:
+    except _FAILURES as error:
         raise _image_error(path, error) from None
     if pixels.shape != (height, width, 3):  # a decoder quirk must not reach the network
         raise ImageError(f"{path.name}: decoded to shape {pixels.shape}, expected {(height, width, 3)}")
     return pixels
 
 
+# What opening or decoding an image may raise for a bad image (or too little memory for it).
+_FAILURES = (*_DECODE_ERRORS, Image.DecompressionBombWarning, MemoryError)
+
+
 def _image_error(path: _OnDisk | _InMemory, error: BaseException) -> ImageError:
-    """The one-line ImageError for an exception raised while opening or decoding `path`;
-    anything not a decoding failure is raised again as it is."""
+    """The one-line ImageError for one of `_FAILURES` raised while opening or decoding `path`."""
     if isinstance(error, Image.UnidentifiedImageError):
         return ImageError(f"{path.name}: not an image Pillow can read")
     if isinstance(error, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
@@ -560,16 +566,14 @@ def _image_error(path: _OnDisk | _InMemory, error: BaseException) -> ImageError:
         return ImageTooLarge(
             f"{path.name}: {said} (possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
         )
-    if isinstance(error, _DECODE_ERRORS):
-        reason = str(error) or type(error).__name__
-        if isinstance(path.source, Path) and _is_broken_link(path.source):
-            reason = f"broken symbolic link (its target {os.readlink(path.source)} is missing)"
-        elif isinstance(error, FileNotFoundError):
-            reason = "file not found"
-        return ImageError(f"{path.name}: {reason}")
     if isinstance(error, MemoryError):
         return ImageError(f"{path.name}: out of memory while decoding")
-    raise error
+    reason = str(error) or type(error).__name__
+    if isinstance(path.source, Path) and _is_broken_link(path.source):
+        reason = f"broken symbolic link (its target {os.readlink(path.source)} is missing)"
+    elif isinstance(error, FileNotFoundError):
+        reason = "file not found"
+    return ImageError(f"{path.name}: {reason}")
 
 
 def preprocess_caffe(images: np.ndarray) -> np.ndarray:

@@ -799,7 +799,7 @@ class DecodePool:
         except ImageRefused as refused:
             self._finish(task, refused)
             return
-        except Exception as error:  # noqa: BLE001 - a probe bug fails this image's request, not the worker
+        except Exception as error:  # a probe bug fails this image's request, not the worker
             log.exception("probing %s failed", task.upload.file_name)
             self._finish(task, error=error)
             return
@@ -820,7 +820,7 @@ class DecodePool:
                 pixels = self._decode(task.upload)
             except ImageRefused as refused:
                 self._finish(task, refused)
-            except Exception as error:  # noqa: BLE001 - a decoder bug fails this image's request, not the worker
+            except Exception as error:  # a decoder bug fails this image's request, not the worker
                 log.exception("decoding %s failed", task.upload.file_name)
                 self._finish(task, error=error)
             else:
@@ -892,8 +892,9 @@ def host_allowed(host: str | None, allowed: Sequence[str]) -> bool:
 
 
 def same_origin(origin: str, host: str | None) -> bool:
-    """Whether a browser's Origin ("http://name:port") is the server the request's Host names:
-    the same name, and the same port where the Host states one (behind a proxy it often does not)."""
+    """Whether a browser's Origin ("http://name:port") is the server the request's Host names: the
+    same name and port; a Host without a port (port 80 or 443, or a proxy that may have turned
+    https into http) takes an Origin on either default port."""
     from urllib.parse import urlsplit
 
     if not host or origin == "null":
@@ -906,7 +907,9 @@ def same_origin(origin: str, host: str | None) -> bool:
     name, port = _split_host(host)
     if (parts.hostname or "").rstrip(".") != name:
         return False
-    return port is None or (port.isdigit() and int(port) == origin_port)
+    if port is None:  # the server is on a default port, or behind a proxy that may have changed the scheme
+        return origin_port in (80, 443)
+    return port.isdigit() and int(port) == origin_port
 
 
 class _Guard:
@@ -932,10 +935,11 @@ class _Guard:
                 f"{', '.join(self.allowed)})" if host else "the request has no Host header"
             )
         origin = headers.get("origin")
-        if method not in ("GET", "HEAD") and origin is not None:
-            if not same_origin(origin, host) and (not self.cors_origin or origin.rstrip("/").lower() != self.cors_origin):
-                return 403, f"cross-origin request from {origin} refused (serve.cors_origin, --cors-origin, allows one origin)"
-        return None
+        if method in ("GET", "HEAD") or origin is None or same_origin(origin, host):
+            return None
+        if self.cors_origin and origin.rstrip("/").lower() == self.cors_origin:
+            return None
+        return 403, f"cross-origin request from {origin} refused (serve.cors_origin, --cors-origin, allows one origin)"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -1507,9 +1511,7 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.transport.is_closing():
-                self._stop_idle()
-            elif self._busy():
+            if self.transport.is_closing() or self._busy():
                 self._stop_idle()
             elif self._deadline is None:
                 self._become_idle()

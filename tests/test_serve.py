@@ -9,6 +9,7 @@ directory (its VGG16 swapped for a tiny seeded network, as in tests/test_inferen
 from __future__ import annotations
 
 import io
+import json
 import math
 import threading
 import time
@@ -221,7 +222,7 @@ def test_requests_that_are_not_multipart_or_have_no_image_are_refused(client):
         "/v1/captions", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nxx\r\n--bX",
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
-    assert malformed.status_code in (200, 400)  # python-multipart tolerates some damage; never a 500
+    assert malformed.status_code == 400 and malformed.json()["status"] == "error"  # never a 500
     assert client.get("/health/live").status_code == 200
 
 
@@ -493,6 +494,10 @@ def test_a_real_model_directory_gives_its_known_captions(known_model_dir, mean_p
     assert predicted["status"] == "ok" and [p["caption"] for p in predicted["predictions"]] == ["a blue square"]
     assert meta["backbone"]["backbone"] == "vgg16" and meta["feature_dim"] == 3 and meta["vocab_size"] == 9
     assert meta["dev_metrics"] is None  # no eval-dev.json in the directory
+    from captioner.cache import file_sha256
+
+    assert meta["model_files"]["model.keras"] == file_sha256(known_model_dir / "model.keras")
+    assert str(known_model_dir.parent) not in json.dumps(meta)  # names and hashes, never a path of the server
 
 
 def test_serve_command_refuses_a_bad_model_directory_in_one_line(tmp_path, known_model_dir, capsys):
@@ -521,3 +526,238 @@ def test_serve_command_reports_a_port_in_use(known_model_dir, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(known_model_dir), "--port", str(port)]) == 2
     assert f"error: cannot listen on 127.0.0.1:{port}: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one error shape, HEAD, multipart
+
+
+def test_every_error_has_one_json_shape_including_404_405_and_422(client):
+    shapes = {
+        404: client.get("/no/such/path"),
+        405: client.get("/v1/captions"),
+        422: client.post("/v1/captions?beam_size=9", files=files(("red.jpg", RED))),
+        415: client.post("/v1/captions", content=b"x", headers={"content-type": "text/plain"}),
+    }
+    for status, answer in shapes.items():
+        body = answer.json()
+        assert answer.status_code == status and set(body) == {"status", "message"} and body["status"] == "error", status
+        assert "\n" not in body["message"] and body["message"], status
+    assert shapes[404].json()["message"] == "/no/such/path: not found"
+    assert shapes[405].json()["message"] == "GET is not allowed on /v1/captions (allowed: POST)"
+    assert shapes[405].headers["allow"] == "POST"
+    assert shapes[422].json()["message"] == "beam_size: Input should be less than or equal to 5"
+    static_405 = client.post("/static/app.js")
+    assert static_405.status_code == 405 and static_405.json()["status"] == "error"
+
+
+def test_head_is_answered_wherever_get_is(client):
+    for path in ("/", "/health/live", "/health/ready", "/v2/health/live", "/model/metadata", "/static/app.js",
+                 "/openapi.json", "/docs"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/no/such/path").status_code == 404
+    refused = client.head("/v1/captions")
+    assert refused.status_code == 405 and refused.content == b""
+
+
+def test_a_multipart_body_without_its_closing_boundary_is_refused(client, fake):
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="red.jpg"\r\n\r\n' + RED + b"\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    for body in (part, part + b"--b\r\n", part[:-2]):
+        answer = client.post("/v1/captions", content=body, headers=headers)
+        assert answer.status_code == 400 and answer.json() == {
+            "status": "error", "message": "malformed multipart body: it ends without its closing boundary"
+        }
+    assert fake.extract_sizes == []  # nothing of a cut-short request was captioned
+    whole = client.post("/v1/captions", content=part + b"--b--\r\n", headers=headers)
+    assert whole.status_code == 200 and whole.json()["images"][0]["caption"] == "a red photo"
+
+
+def test_a_png_with_a_large_text_chunk_is_captioned(client):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 3_000_000, zip=True)  # 3 MB of text in a few kB: over Pillow's MAX_TEXT_CHUNK
+    info.add_itxt("note", "y" * 2_000_000, zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (20, 200, 20)).save(buffer, format="PNG", pnginfo=info)
+    assert len(buffer.getvalue()) < 20_000
+    slots = client.post("/v1/captions", files=files(("notes.png", buffer.getvalue()))).json()["images"]
+    assert slots[0]["error"] is None and slots[0]["caption"] == "a green photo"
+
+
+# --------------------------------------------------------------------------- Host and Origin
+
+
+def test_other_host_headers_are_refused_except_on_the_health_endpoints(fake):
+    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0)), base_url="http://rebound.example") as client:
+        for path in ("/", "/model/metadata", "/openapi.json"):
+            refused = client.get(path)
+            assert refused.status_code == 400 and refused.json() == {
+                "status": "error",
+                "message": "Host 'rebound.example' is not a name of this server (serve.allowed_hosts, --allowed-host: "
+                           "127.0.0.1, localhost)",
+            }, path
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).status_code == 400
+        assert client.get("/health/live").status_code == 200  # probes reach a server by its address
+        assert fake.extract_sizes == []
+    for base, allowed in (("http://127.0.0.1:8000", []), ("http://[::1]:8000", ["::1"]), ("http://photos.example.org", ["*.example.org"]),
+                          ("http://anything", ["*"]), ("http://Captioner.Local.", ["captioner.local"])):
+        with TestClient(create_app(lambda: fake, config_with(allowed_hosts=allowed)), base_url=base) as client:
+            wait_ready(client)
+            assert client.get("/model/metadata").status_code == 200, base
+    with TestClient(create_app(lambda: fake, config_with(allowed_hosts=["photos.example.org"])), base_url="http://localhost") as client:
+        assert client.get("/model/metadata").status_code == 400  # a given list replaces the defaults
+
+
+def test_cross_origin_posts_are_refused_unless_cors_allows_the_origin(fake):
+    def post(client, origin):
+        return client.post("/v1/captions", files=files(("red.jpg", RED)), headers={"origin": origin})
+
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=0))) as client:
+        wait_ready(client)
+        for origin in ("http://evil.example", "null", "http://localhost:9999", "http://localhost.evil.example"):
+            refused = post(client, origin)
+            assert refused.status_code == 403 and refused.json() == {
+                "status": "error",
+                "message": f"cross-origin request from {origin} refused (serve.cors_origin, --cors-origin, allows one origin)",
+            }, origin
+        assert fake.extract_sizes == []
+        assert post(client, "http://localhost").status_code == 200  # the page's own origin
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).status_code == 200  # no Origin: not a browser
+        assert client.get("/model/metadata", headers={"origin": "http://evil.example"}).status_code == 200  # reads stay CORS's
+    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0)), base_url="http://localhost:8000") as client:
+        wait_ready(client)
+        assert post(client, "http://localhost:8000").status_code == 200
+        assert post(client, "http://localhost:8001").status_code == 403
+    with client_for(create_app(lambda: fake, config_with(cors_origin="https://app.example", batch_window_ms=0))) as client:
+        wait_ready(client)
+        allowed = post(client, "https://app.example")
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert post(client, "https://other.example").status_code == 403
+
+
+# --------------------------------------------------------------------------- budgets and cancellation
+
+
+def gray16_png(size: tuple[int, int], value: int = 40_000) -> bytes:
+    """A 16-bit grayscale PNG (Pillow mode I;16), one value everywhere: a few kB for millions of pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full(size[::-1], value, np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_whose_decoding_needs_more_than_the_budget_gets_413_in_its_slot(fake):
+    big = gray16_png((3000, 3000))  # 18 MB as I;16 pixels
+    assert len(big) < 100_000
+    with client_for(create_app(lambda: fake, config_with(decode_budget_mb=16, batch_window_ms=0))) as client:
+        wait_ready(client)
+        slots = client.post("/v1/captions", files=files(("huge.png", big), ("red.jpg", RED))).json()["images"]
+        state = client.app.state.captioner
+    assert slots[0]["error"]["status"] == 413
+    assert slots[0]["error"]["message"].startswith("huge.png: decoding its 3000x3000 I;16 pixels needs ")
+    assert slots[0]["error"]["message"].endswith("MB, over the 16 MB decode budget (serve.decode_budget_mb)")
+    assert slots[1]["caption"] == "a red photo"
+    assert state.pool.used == 0 and state.uploads.used == 0
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_and_decodes_within_the_budget(fake):
+    with client_for(create_app(lambda: fake, config_with(decode_budget_mb=64, batch_window_ms=0))) as client:
+        wait_ready(client)
+        slots = client.post("/v1/captions", files=files(("gray.png", gray16_png((2000, 1500), 65535)))).json()["images"]
+        state = client.app.state.captioner
+    assert slots[0]["error"] is None and slots[0]["caption"].startswith("a ")
+    assert 0 < state.pool.peak <= 64 << 20 and state.pool.used == 0
+
+
+def test_uploads_over_their_budget_get_503_at_once_and_their_bytes_are_given_back(fake):
+    photo = image_bytes(size=(400, 300), fmt="PNG")
+    assert len(photo) < 1 << 20
+    with client_for(create_app(lambda: fake, config_with(upload_budget_mb=1, batch_window_ms=0))) as client:
+        wait_ready(client)
+        refused = client.post("/v1/captions", files=files(*[(f"{i}.bmp", image_bytes(size=(400, 300), fmt="BMP")) for i in range(4)]))
+        state = client.app.state.captioner
+        assert refused.status_code == 503 and refused.json()["message"] == (
+            "the server holds 1 MB of uploads (serve.upload_budget_mb); retry later"
+        )
+        assert state.uploads.used == 0
+        assert client.post("/v1/captions", files=files(("a.png", photo))).status_code == 200
+        assert state.uploads.used == 0 and state.uploads.peak <= 1 << 20
+
+
+def test_a_timed_out_request_stops_its_pending_decodes(fake, monkeypatch):
+    from captioner import images
+
+    decoded = []
+    real_load = images.load_image
+
+    def slow_load(handle, **kwargs):
+        decoded.append(handle.name)
+        time.sleep(0.3)
+        return real_load(handle, **kwargs)
+
+    monkeypatch.setattr(images, "load_image", slow_load)
+    config = config_with(request_timeout_s=0.5, decode_threads=1, batch_window_ms=0)
+    with client_for(create_app(lambda: fake, config)) as client:
+        wait_ready(client)
+        started = time.monotonic()
+        answer = client.post("/v1/captions", files=files(*[(f"{i}.jpg", RED) for i in range(12)]))
+        assert answer.status_code == 503 and time.monotonic() - started < 1.0
+        time.sleep(1.0)
+        state = client.app.state.captioner
+        assert len(decoded) <= 3  # 12 queued; the one in progress at the timeout finishes, no more start
+        assert state.pool.used == 0 and state.uploads.used == 0
+        monkeypatch.setattr(images, "load_image", real_load)
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).json()["images"][0]["caption"] == "a red photo"
+    assert fake.extract_sizes in ([], [1], [1, 1])  # nothing of the timed-out request reached the backbone after it
+
+
+# --------------------------------------------------------------------------- MAX order, metadata
+
+
+class UnorderedModel(ColourModel):
+    """Beams as a length-normalised beam search ranks them: the best first, but not the most probable."""
+
+    def decode(self, image_features, beam_size, max_generated_words):
+        beams = [Beam("a red photo of a ball on the grass", -1.2), Beam("a red photo", -0.7), Beam("red", -3.0)]
+        return [beams[:beam_size] for _ in image_features]
+
+
+def test_model_predict_lists_predictions_most_probable_first():
+    with client_for(create_app(UnorderedModel, config_with(batch_window_ms=0))) as client:
+        wait_ready(client)
+        predictions = client.post("/model/predict", files=files(("red.jpg", RED))).json()["predictions"]
+        slot = client.post("/v1/captions", files=files(("red.jpg", RED))).json()["images"][0]
+    assert [p["index"] for p in predictions] == ["0", "1", "2"]
+    assert [p["caption"] for p in predictions] == ["a red photo", "a red photo of a ball on the grass", "red"]
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert slot["caption"] == "a red photo of a ball on the grass"  # /v1/captions keeps the decoder's choice
+
+
+def test_metadata_names_the_decoder_kind_and_no_path_of_the_server(monkeypatch):
+    from types import SimpleNamespace
+
+    from captioner import cache
+
+    monkeypatch.setattr(cache, "file_sha256", lambda path: "cd" * 32)  # the model files are not here
+    model = ModelCaptioner.__new__(ModelCaptioner)
+    seen = {}
+    for kind in ("attention", "merge"):
+        model.captioner = SimpleNamespace(
+            kind=kind, provenance={"backbone": "mobilenet_v2", "weights": "/home/someone/backbones/m.tflite",
+                                   "weights_sha256": "ab" * 32},
+            backbone=SimpleNamespace(name="mobilenet_v2"), model_dir=Path("/nonexistent/models/run7"), feature_dim=1280,
+            tokenizer=SimpleNamespace(vocab_size=9), config=Config(),
+        )
+        seen[kind] = model.metadata()
+    attention, merge = seen["attention"], seen["merge"]
+    assert attention["name"] == "captioner mobilenet_v2 + soft-attention LSTM" and attention["decoder"] == "attention"
+    assert "merge" not in attention["description"] and "Show, Attend and Tell" in attention["description"]
+    assert merge["name"] == "captioner mobilenet_v2 + merge LSTM" and merge["decoder"] == "merge"
+    assert attention["backbone"]["weights"] == "m.tflite" and attention["backbone"]["weights_sha256"] == "ab" * 32
+    assert attention["model_files"] == {"model.keras": "cd" * 32, "tokenizer.json": "cd" * 32, "config.json": "cd" * 32}
+    assert attention["training_data"]["features"] == [{"name": "vgg16-fc2.pkl", "sha256": None}]
+    text = json.dumps(attention)
+    assert "/home/someone" not in text and "/nonexistent" not in text and "data/features" not in text

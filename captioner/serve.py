@@ -1389,7 +1389,7 @@ def create_app(
 
 _KEEP_ALIVE_S = 5  # an idle keep-alive connection closes after this (uvicorn's default, said here)
 _MAX_HEAD_BYTES = 16 * 1024  # a request line and headers longer than this are refused (h11's default, said here)
-_BACKLOG = 256  # connections the kernel queues, and asyncio accepts in one go, before any is seen
+_MAX_BACKLOG = 2048  # connections the kernel queues (and asyncio accepts in one go): a flood's burst waits here, not in SYN retries
 _FD_RESERVE = 256  # open files the process needs besides its connections (model, libraries, logs, pipes)
 _SUMMARY_INTERVAL_S = 10.0  # connection trouble is logged as one line per this many seconds at most
 # asyncio's accept() failures that mean "out of a resource" (it pauses accepting for a second)
@@ -1590,14 +1590,20 @@ def raise_open_file_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+def accept_backlog(open_files: int) -> int:
+    """The listen backlog: `_MAX_BACKLOG`, or a quarter of what the open-file limit leaves, at least 64.
+    asyncio accepts up to this many connections before the protocol sees any, so they need files too."""
+    return min(_MAX_BACKLOG, max(64, (open_files - _FD_RESERVE) // 4))
+
+
 def connection_cap(limits: ServeConfig, open_files: int) -> int:
-    """serve.max_connections, lowered to fit the open-file limit (less `_BACKLOG` and `_FD_RESERVE`).
+    """serve.max_connections, lowered to fit the open-file limit (less the backlog and `_FD_RESERVE`).
     CaptionerError when the limit leaves room for none."""
-    room = open_files - _BACKLOG - _FD_RESERVE
+    room = open_files - accept_backlog(open_files) - _FD_RESERVE
     if room < 1:
         raise CaptionerError(
             f"the open-file limit ({open_files}) leaves no room for connections; raise it (ulimit -n) "
-            f"to at least {_BACKLOG + _FD_RESERVE + 64}"
+            f"to at least {64 + _FD_RESERVE + 64}"
         )
     if room < limits.max_connections:
         log.info("serve: at most %d connections (serve.max_connections %d does not fit the open-file limit %d)",
@@ -1638,10 +1644,11 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
         timeout_keep_alive=_KEEP_ALIVE_S,
         # uvicorn's own cap counts idle connections too, so alone it would answer every request
         # 503 while a slowloris holds them; the guard keeps connections under the cap by closing
-        # idle ones, and this stays as a backstop that never triggers before it.
-        limit_concurrency=guard.max_connections + 1,
+        # idle ones (closed ones linger in uvicorn's count until the loop's next turn: at most an
+        # accept batch), and this stays as a backstop that never triggers before it.
+        limit_concurrency=guard.max_connections + accept_backlog(open_files) + 1,
         h11_max_incomplete_event_size=_MAX_HEAD_BYTES,
-        backlog=_BACKLOG,
+        backlog=accept_backlog(open_files),
     )
     server = GuardedServer(uv_config)
     server.guard = guard
@@ -1662,7 +1669,7 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-        sock.listen(_BACKLOG)
+        sock.listen(128)  # uvicorn listens again with its backlog (accept_backlog)
     except OSError as error:
         sock.close()
         raise CaptionerError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None

@@ -300,6 +300,7 @@ def slowloris_phase(server: Server, count: int, seconds: float = 30.0) -> dict:
     attacker = multiprocessing.Process(target=slowloris_attacker, args=(server.port, count, seconds, opened))
     attacker.start()
     latencies: list[float] = []
+    failures: list[str] = []
     fds: list[int] = []
     started = time.monotonic()
     while time.monotonic() - started < seconds:
@@ -308,8 +309,9 @@ def slowloris_phase(server: Server, count: int, seconds: float = 30.0) -> dict:
             with urllib.request.urlopen(server.base + "/health/live", timeout=10) as answer:
                 answer.read()
             latencies.append(time.monotonic() - t0)
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except (urllib.error.URLError, ConnectionError, OSError) as error:
             latencies.append(float("inf"))
+            failures.append(f"{time.monotonic() - t0:.2f} s: {error}")
         fds.append(len(list(Path(f"/proc/{server.process.pid}/fd").iterdir())))
         time.sleep(0.25)
     attacker.join()
@@ -318,7 +320,7 @@ def slowloris_phase(server: Server, count: int, seconds: float = 30.0) -> dict:
     other = [line for line in lines if '"GET /health/live HTTP/1.1" 200' not in line]  # not the probes' access lines
     return {"opened": opened.value, "probes": len(latencies), "worst_s": max(latencies),
             "p50_s": float(np.percentile(latencies, 50)), "max_fds": max(fds),
-            "stderr_lines": len(lines), "other_lines": other}
+            "stderr_lines": len(lines), "other_lines": other, "failures": failures}
 
 
 # --------------------------------------------------------------------------- report
@@ -382,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 print()
                 for line in s["other_lines"]:
                     print(f"    {line}")
+                for failure in s["failures"]:
+                    print(f"    a probe failed after {failure}")
                 print()
         finally:
             server.stop()

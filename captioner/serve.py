@@ -58,7 +58,9 @@ its request head within `serve.header_timeout_s` of opening or of its previous r
 408 and closed), idle keep-alive connections close after `_KEEP_ALIVE_S`, a response sent
 before the request body was read closes the connection, and at most `serve.max_connections`
 are open: at the cap the longest-silent connection still waiting for its head is closed to
-make room (a slowloris cannot lock others out), and with none such a new connection gets 503.
+make room (a slowloris cannot lock others out); one not yet read from is spared (for a second
+at most), so a burst of fresh connections may pass the cap by one accept batch, past which a
+new connection gets 503; the count is brought back to the cap as soon as they have been read.
 The process's open-file limit is raised to its hard limit first and the cap fitted under it.
 What these close and refuse, and failed accepts, are logged as one summary line per
 `_SUMMARY_INTERVAL_S`, never a line (or a traceback) per connection.
@@ -1391,6 +1393,8 @@ _KEEP_ALIVE_S = 5  # an idle keep-alive connection closes after this (uvicorn's 
 _MAX_HEAD_BYTES = 16 * 1024  # a request line and headers longer than this are refused (h11's default, said here)
 _MAX_BACKLOG = 2048  # connections the kernel queues (and asyncio accepts in one go): a flood's burst waits here, not in SYN retries
 _FD_RESERVE = 256  # open files the process needs besides its connections (model, libraries, logs, pipes)
+_EVICT_GRACE_S = 1.0  # a connection not yet read from is not closed to admit another for this long
+_EVICT_SCAN = 64  # idle connections looked at, oldest first, for one to close
 _SUMMARY_INTERVAL_S = 10.0  # connection trouble is logged as one line per this many seconds at most
 # asyncio's accept() failures that mean "out of a resource" (it pauses accepting for a second)
 _ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -1413,27 +1417,51 @@ class ConnectionGuard:
 
     `idle`: the connections not in a request (waiting for a request head, or for the rest of a
     body nobody reads), least recently heard from first: at the cap the first is closed to
-    admit a new one. `log_summary()` writes one line for what happened since the last line,
-    at most every `interval_s`.
+    admit a new one, if it has had its chance to send a head (`evict`: a flood's burst must not
+    close a connection before it was read); when none has, the new one is admitted over the cap,
+    up to `ceiling` (the cap plus `burst`, an accept batch), and past that refused (503); `trim`
+    brings the count back to the cap as soon as they have been read.
+    `log_summary()` writes one line for what happened since the last line, at most every
+    `interval_s`.
     """
 
-    def __init__(self, max_connections: int, header_timeout_s: float, interval_s: float = _SUMMARY_INTERVAL_S) -> None:
+    def __init__(
+        self, max_connections: int, header_timeout_s: float, burst: int = 0, interval_s: float = _SUMMARY_INTERVAL_S
+    ) -> None:
         self.max_connections = max_connections
+        self.ceiling = max_connections + burst  # a burst of just-opened connections may pass the cap up to here
         self.header_timeout_s = header_timeout_s
         self.interval_s = interval_s
         self.open = 0
-        self.idle: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        self.idle: collections.OrderedDict[Any, float] = collections.OrderedDict()  # protocol -> when last heard from
         self.counts: collections.Counter[str] = collections.Counter()
         self.accept_error = ""
         self._last = time.monotonic()
 
     def evict(self) -> bool:
-        """Closes the idle connection heard from longest ago; False when none is idle."""
-        if not self.idle:
-            return False
-        protocol, _ = self.idle.popitem(last=False)
-        protocol.close_idle(evicted=True)
-        return True
+        """Closes the idle connection heard from longest ago among those that had their chance: it
+        has sent something since it became idle (was read), or it has been idle `_EVICT_GRACE_S`.
+        A connection just accepted is spared until its first bytes are read, however many come
+        after it in a flood's burst. False when none of the first `_EVICT_SCAN` qualifies."""
+        now = time.monotonic()
+        for protocol, heard in itertools.islice(self.idle.items(), _EVICT_SCAN):
+            if protocol.read_since_idle or now - heard >= _EVICT_GRACE_S:
+                del self.idle[protocol]
+                protocol.close_idle(evicted=True)
+                return True
+        return False
+
+    def trim(self) -> None:
+        """Closes idle connections past their grace while more than `max_connections` are open:
+        a burst admitted over the cap is brought back to it within the grace (`GuardedServer`
+        calls this every tick, and every new connection does)."""
+        while self.open > self.max_connections and self.evict():
+            pass
+
+    def heard(self, protocol: Any) -> None:
+        """`protocol` is idle and was just heard from: it goes last in the eviction order."""
+        self.idle.pop(protocol, None)
+        self.idle[protocol] = time.monotonic()
 
     def handle_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """The event loop's exception handler: a failed accept (out of files or memory) is counted
@@ -1468,7 +1496,7 @@ class ConnectionGuard:
             parts.append(f"{counts['evicted']} idle ones closed to admit new ones at serve.max_connections "
                          f"{self.max_connections}")
         if counts["refused"]:
-            parts.append(f"{counts['refused']} refused with 503, all {self.max_connections} busy")
+            parts.append(f"{counts['refused']} refused with 503, all {self.max_connections} busy or just opened")
         if counts["invalid"]:
             parts.append(f"{counts['invalid']} invalid requests answered 400")
         if counts["over_limit"]:
@@ -1487,36 +1515,45 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
-        _refused = False
+        _counted = True  # in guard.open
+        read_since_idle = False  # bytes arrived since it last became idle (ConnectionGuard.evict)
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            if guard.open >= guard.max_connections and not guard.evict():
+            if guard.open >= guard.max_connections and not guard.evict() and guard.open >= guard.ceiling:
                 guard.counts["refused"] += 1
-                self._refused = True
-                transport.write(_raw_error(503, f"all {guard.max_connections} connections are busy "
+                self._counted = False
+                transport.write(_raw_error(503, f"all {guard.max_connections} connections are busy or just opened "
                                                 "(serve.max_connections); retry shortly"))
                 transport.close()
                 return
             guard.open += 1
             super().connection_made(transport)
             self._become_idle()
+            guard.trim()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._refused:
+            if self.transport is None:  # refused in connection_made: uvicorn never saw it
                 return
-            guard.open -= 1
+            self._uncount()
             self._stop_idle()
             super().connection_lost(exc)
 
+        def _uncount(self) -> None:
+            """Leaves `guard.open` (once): when we close a connection, at once, not a turn of the loop later."""
+            if self._counted:
+                self._counted = False
+                guard.open -= 1
+
         def data_received(self, data: bytes) -> None:
+            self.read_since_idle = True
             super().data_received(data)
             if self.transport.is_closing() or self._busy():
                 self._stop_idle()
             elif self._deadline is None:
                 self._become_idle()
             else:
-                guard.idle.move_to_end(self)  # heard from: the longest-silent are closed first
+                guard.heard(self)  # the longest-silent are closed first
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -1544,7 +1581,8 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
         def _become_idle(self) -> None:
             self._stop_idle()
             self._deadline = self.loop.call_later(guard.header_timeout_s, self._deadline_passed)
-            guard.idle[self] = None
+            self.read_since_idle = False
+            guard.heard(self)
 
         def _stop_idle(self) -> None:
             if self._deadline is not None:
@@ -1563,6 +1601,7 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
             self._stop_idle()
             if self.transport.is_closing():
                 return
+            self._uncount()
             if evicted:
                 guard.counts["evicted"] += 1
                 self.transport.abort()  # its file descriptor is wanted now
@@ -1597,13 +1636,14 @@ def accept_backlog(open_files: int) -> int:
 
 
 def connection_cap(limits: ServeConfig, open_files: int) -> int:
-    """serve.max_connections, lowered to fit the open-file limit (less the backlog and `_FD_RESERVE`).
+    """serve.max_connections, lowered to fit the open-file limit less two accept batches (one
+    being accepted, one burst over the cap, `ConnectionGuard.ceiling`) and `_FD_RESERVE`.
     CaptionerError when the limit leaves room for none."""
-    room = open_files - accept_backlog(open_files) - _FD_RESERVE
+    room = open_files - 2 * accept_backlog(open_files) - _FD_RESERVE
     if room < 1:
         raise CaptionerError(
             f"the open-file limit ({open_files}) leaves no room for connections; raise it (ulimit -n) "
-            f"to at least {64 + _FD_RESERVE + 64}"
+            f"to at least {2 * 64 + _FD_RESERVE + 64}"
         )
     if room < limits.max_connections:
         log.info("serve: at most %d connections (serve.max_connections %d does not fit the open-file limit %d)",
@@ -1620,7 +1660,7 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
         import resource
 
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    guard = ConnectionGuard(connection_cap(limits, open_files), limits.header_timeout_s)
+    guard = ConnectionGuard(connection_cap(limits, open_files), limits.header_timeout_s, burst=accept_backlog(open_files))
     uvicorn_log = logging.getLogger("uvicorn.error")
     for old in [f for f in uvicorn_log.filters if isinstance(getattr(f, "__self__", None), ConnectionGuard)]:
         uvicorn_log.removeFilter(old)
@@ -1632,7 +1672,8 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
             await super().startup(sockets=sockets)
 
         async def on_tick(self, counter: int) -> bool:
-            if counter % 10 == 0:  # ticks are 0.1 s apart
+            guard.trim()  # ticks are 0.1 s apart
+            if counter % 10 == 0:
                 guard.log_summary()
             return await super().on_tick(counter)
 
@@ -1646,7 +1687,7 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
         # 503 while a slowloris holds them; the guard keeps connections under the cap by closing
         # idle ones (closed ones linger in uvicorn's count until the loop's next turn: at most an
         # accept batch), and this stays as a backstop that never triggers before it.
-        limit_concurrency=guard.max_connections + accept_backlog(open_files) + 1,
+        limit_concurrency=guard.ceiling + accept_backlog(open_files) + 1,
         h11_max_incomplete_event_size=_MAX_HEAD_BYTES,
         backlog=accept_backlog(open_files),
     )

@@ -267,24 +267,25 @@ def wait_ready(port: int) -> None:
 
 def test_a_slowloris_cannot_starve_the_server_and_its_connections_are_closed_in_time(caplog):
     caplog.set_level(logging.INFO)
-    config = config_with(batch_window_ms=0, header_timeout_s=1.5, max_connections=100)
+    config = config_with(batch_window_ms=0, header_timeout_s=2.0, max_connections=100)
     with running(create_app(ColourModel, config), config.serve) as (port, server):
         wait_ready(port)
         caplog.clear()
         slow = []
-        for i in range(400):  # four times the cap, each sending part of a request head, then a byte at a time
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nX-")
-            slow.append(sock)
-            if i % 100 == 99:
-                status, body, took = request(port, "GET", "/health/live")
-                assert status == 200 and body == {"status": "live"} and took < 1.0
-        for sock in slow[-50:]:
+        for wave in range(4):  # four times the cap, each sending part of a request head
+            for _ in range(100):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nX-")
+                slow.append(sock)
+            status, body, took = request(port, "GET", "/health/live")
+            assert status == 200 and body == {"status": "live"} and took < 1.0
+            time.sleep(0.6)  # past the grace a just-opened connection has
+            assert server.guard.open <= 100
+        for sock in slow[-50:]:  # a byte now and then does not move the deadline
             with contextlib.suppress(OSError):
                 sock.sendall(b"a")
         status, body, took = request(port, "GET", "/health/live")
         assert status == 200 and took < 1.0
-        assert server.guard.open <= 100
         time.sleep(2.0)  # past the head deadline: every slow connection is gone
         answers = []
         for sock in slow:
@@ -298,10 +299,10 @@ def test_a_slowloris_cannot_starve_the_server_and_its_connections_are_closed_in_
         timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408 ")]
         assert len(timed_out) >= 50  # the last ones waited out their deadline and were told why
         assert json.loads(timed_out[0].split(b"\r\n\r\n", 1)[1]) == {
-            "status": "error", "message": "the request head did not arrive within 1.5 s (serve.header_timeout_s)"
+            "status": "error", "message": "the request head did not arrive within 2 s (serve.header_timeout_s)"
         }
         summary = server.guard.log_summary(force=True)
-    assert "closed for not sending a request head within 1.5 s" in summary and "idle ones closed to admit new ones" in summary
+    assert "closed for not sending a request head within 2 s" in summary and "idle ones closed to admit new ones" in summary
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(noisy) <= 3, [r.getMessage() for r in noisy]  # a summary line or so, never a line per connection
 
@@ -310,6 +311,7 @@ def test_at_the_cap_with_no_idle_connection_a_new_one_gets_503_in_the_one_shape(
     slow = ColourModel(delay_s=1.0)
     config = config_with(batch_window_ms=0, max_connections=2, max_batch=1)
     with running(create_app(lambda: slow, config), config.serve) as (port, server):
+        server.guard.ceiling = server.guard.max_connections  # no room for a burst over the cap
         wait_ready(port)
         results = []
         body, content_type = multipart_body([("a.jpg", image_bytes())])
@@ -325,7 +327,7 @@ def test_at_the_cap_with_no_idle_connection_a_new_one_gets_503_in_the_one_shape(
         for thread in busy:
             thread.join()
     assert refused.startswith(b"HTTP/1.1 503 ")
-    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["message"].startswith("all 2 connections are busy")
+    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["message"].startswith("all 2 connections are busy or just opened")
     assert results == [200, 200]
 
 
@@ -418,9 +420,9 @@ def test_the_open_file_limit_is_raised_and_the_cap_fits_under_it():
     assert hard == resource.RLIM_INFINITY or soft == hard
     limits = config_with(max_connections=1000).serve
     assert connection_cap(limits, 100_000) == 1000
-    assert connection_cap(limits, 1024) == 1024 - 192 - 256  # a quarter of the rest for the backlog
+    assert connection_cap(limits, 1024) == 1024 - 2 * 192 - 256  # a quarter of the rest per accept batch
     with pytest.raises(CaptionerError, match="open-file limit"):
-        connection_cap(limits, 300)
+        connection_cap(limits, 350)
 
 
 # --------------------------------------------------------------------------- config and flags

@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import heapq
 import io
@@ -668,6 +669,7 @@ def prepare_image(upload: Upload, limits: ServeConfig, size: tuple[int, int], re
 # A decode at most this costly is "cheap": any worker takes it, while one worker is kept for
 # cheap work only, so photos of ordinary size never wait behind a queue of huge images.
 _CHEAP_DECODE_BYTES = 48 * _MB
+_BACKGROUND_NICE = 10  # the CPU priority (nice) of the workers that may take huge images
 
 
 @dataclass(eq=False)
@@ -689,7 +691,7 @@ class DecodePool:
     ImageRefused. Probes (header reads, cheap) go first, in order; then the cheapest queued
     decode whose cost fits what is free of the budget; nothing smaller fits when it does not,
     so the worker waits. Worker 0 takes only probes and cheap decodes (`_CHEAP_DECODE_BYTES`),
-    when there are two or more. `cancel(tasks)` drops queued ones (their uploads' bytes given
+    when there are two or more; the others run at a lower CPU priority (`_BACKGROUND_NICE`, Linux). `cancel(tasks)` drops queued ones (their uploads' bytes given
     back to `uploads`); one being decoded finishes and is dropped after; a set `cancelled`
     event is checked before each step. The pool gives back every upload's bytes once it is
     done with it.
@@ -714,7 +716,7 @@ class DecodePool:
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._run, args=(i == 0 and workers > 1,), name=f"captioner-decode-{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i == 0 and workers > 1, i > 0), name=f"captioner-decode-{i}", daemon=True)
             for i in range(workers)
         ]
         for thread in self._threads:
@@ -767,7 +769,12 @@ class DecodePool:
             return task
         return None
 
-    def _run(self, cheap_only: bool) -> None:
+    def _run(self, cheap_only: bool, background: bool) -> None:
+        if background and hasattr(os, "setpriority"):
+            # The workers that take huge images yield the cores to ordinary requests (worker 0,
+            # the event loop, the backbone): on Linux a thread is a task with its own nice value.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
         while True:
             with self._cond:
                 task = self._pick(cheap_only)
@@ -1398,8 +1405,13 @@ _EVICT_SCAN = 64  # idle connections looked at, oldest first, for one to close
 _SUMMARY_INTERVAL_S = 10.0  # connection trouble is logged as one line per this many seconds at most
 # asyncio's accept() failures that mean "out of a resource" (it pauses accepting for a second)
 _ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-# uvicorn's per-event warnings that connection trouble turns into floods; counted in the summary instead
-_UVICORN_FLOODS = {"Invalid HTTP request received.": "invalid", "Exceeded concurrency limit.": "over_limit"}
+# uvicorn's per-event warnings (by how they start) that hostile traffic turns into floods; counted instead
+_UVICORN_FLOODS = {
+    "Invalid HTTP request received.": "invalid",
+    "Exceeded concurrency limit.": "over_limit",
+    "Unsupported upgrade request.": "upgrade",
+    "No supported WebSocket library detected.": "",  # the second line of the one above: dropped, not counted
+}
 
 
 def _raw_error(status: int, message: str) -> bytes:
@@ -1467,7 +1479,7 @@ class ConnectionGuard:
         """The event loop's exception handler: a failed accept (out of files or memory) is counted
         for the summary; anything else goes to asyncio's own handler."""
         error = context.get("exception")
-        if isinstance(error, OSError) and error.errno in _ACCEPT_ERRNOS:
+        if isinstance(error, OSError) and error.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
             self.counts["accept_failed"] += 1
             self.accept_error = os.strerror(error.errno)
             return
@@ -1475,10 +1487,12 @@ class ConnectionGuard:
 
     def filter(self, record: logging.LogRecord) -> bool:
         """A logging filter for uvicorn's logger: its per-request floods are counted, not written."""
-        what = _UVICORN_FLOODS.get(str(record.msg))
+        message = str(record.msg)
+        what = next((kind for start, kind in _UVICORN_FLOODS.items() if message.startswith(start)), None)
         if what is None:
             return True
-        self.counts[what] += 1
+        if what:
+            self.counts[what] += 1
         return False
 
     def log_summary(self, force: bool = False) -> str | None:
@@ -1499,6 +1513,8 @@ class ConnectionGuard:
             parts.append(f"{counts['refused']} refused with 503, all {self.max_connections} busy or just opened")
         if counts["invalid"]:
             parts.append(f"{counts['invalid']} invalid requests answered 400")
+        if counts["upgrade"]:
+            parts.append(f"{counts['upgrade']} upgrade requests (WebSocket) answered as plain HTTP")
         if counts["over_limit"]:
             parts.append(f"{counts['over_limit']} requests over uvicorn's concurrency limit answered 503")
         if counts["accept_failed"]:
@@ -1682,6 +1698,7 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
         log_config=None,
         server_header=False,
         http=_guarded_protocol(guard),
+        ws="none",  # no WebSocket endpoint: an upgrade request must not take its connection out of the guard's count
         timeout_keep_alive=_KEEP_ALIVE_S,
         # uvicorn's own cap counts idle connections too, so alone it would answer every request
         # 503 while a slowloris holds them; the guard keeps connections under the cap by closing
@@ -1717,6 +1734,29 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def return_freed_memory() -> bool:
+    """Makes glibc map every allocation of 1 MB or more on its own, returned to the system when freed.
+
+    glibc's threshold for that starts at 128 KB and rises, after the first large free, up to
+    32 MB: the decoded images' buffers (Pillow's 16 MB blocks, numpy arrays) then come from the
+    decode threads' arenas and stay resident after they are freed, so the process grows past its
+    budgets with every thread. A fixed threshold keeps what `serve.decode_budget_mb` counts the
+    memory the process holds. True when set (glibc only; elsewhere nothing is changed)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
 def serve(config: Config, sockets: Sequence[socket.socket] | None = None, backbone_weights: str | None = None) -> int:
     """Runs `captioner serve` until interrupted: the model in `eval.model`, on `serve.host`:`serve.port`.
 
@@ -1748,6 +1788,7 @@ def serve(config: Config, sockets: Sequence[socket.socket] | None = None, backbo
             server[0].should_exit = True
 
     app = create_app(lambda: ModelCaptioner(model_dir, config.decode, backbone_weights), config, on_load_error=stop)
+    return_freed_memory()
     open_files = raise_open_file_limit()
     listening = list(sockets) if sockets else [_listen(config.serve.host, config.serve.port)]
     server.append(build_server(app, config.serve, open_files))

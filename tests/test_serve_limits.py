@@ -369,12 +369,16 @@ def test_malformed_requests_and_oversized_heads_get_400_in_the_one_shape():
         assert server.guard.counts["invalid"] == 2
         status, _, _ = request(port, "GET", "/health/live")
         assert status == 200
+        upgrade = request(port, "GET", "/health/live", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        assert upgrade[0] == 200  # answered as plain HTTP: no WebSocket endpoint here
+        time.sleep(0.1)
+        assert server.guard.counts["upgrade"] == 1 and server.guard.open == 0  # and it left the count
 
 
 def test_a_client_that_leaves_cancels_its_queued_work():
     slow = ColourModel(delay_s=0.5)
     config = config_with(batch_window_ms=0, max_batch=1)
-    with running(create_app(lambda: slow, config), config.serve) as (port, server):
+    with running(create_app(lambda: slow, config), config.serve) as (port, _):
         wait_ready(port)
         body, content_type = multipart_body([(f"{i}.jpg", image_bytes()) for i in range(6)])
         sock = socket.create_connection(("127.0.0.1", port))

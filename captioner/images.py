@@ -18,7 +18,7 @@ What `load_image` does, in order, and why:
    either side (all of Flickr8k) are decoded at full scale, so their pixels are
    exactly what `keras.utils.load_img` gives; bigger JPEGs differ slightly (a DCT
    downscale before the final resize).
-3. Any image still at least twice the target size on both sides after decoding is
+3. Any image still at least twice the target's longer side on both sides after decoding is
    shrunk by that whole factor in its own mode before anything else touches it
    (`Image.reduce`, a box average; nearest for palette and 1-bit images, whose
    values are indices), the same rule as the JPEG draft: an image under 448 pixels on

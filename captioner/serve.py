@@ -742,14 +742,19 @@ class DecodePool:
             self._uploads.release(task.upload)
 
     def close(self) -> None:
+        """Cancels what is queued and stops the workers after the decodes in progress."""
         with self._cond:
             self._closed = True
+            queued = list(self._probes) + [task for _, _, task in self._queued]
             self._cond.notify_all()
+        self.cancel(queued)
         for thread in self._threads:
             thread.join(timeout=30)
 
     def _pick(self, cheap_only: bool) -> _Decode | None:
         """The next task for a worker (its state set), or None; call with the lock held."""
+        if self._closed:
+            return None
         while self._probes:
             task = self._probes.popleft()
             if task.state == "probe":
@@ -1793,6 +1798,9 @@ def serve(config: Config, sockets: Sequence[socket.socket] | None = None, backbo
     listening = list(sockets) if sockets else [_listen(config.serve.host, config.serve.port)]
     server.append(build_server(app, config.serve, open_files))
     host, port = listening[0].getsockname()[:2]
+    if config.serve.host in ("0.0.0.0", "::", "") and not config.serve.allowed_hosts:
+        log.warning("serve: listening on every interface, but requests are answered only for the Host names %s; "
+                    "pass --allowed-host NAME for each name clients use", ", ".join(allowed_hosts(config.serve)))
     log.info("serve: listening on http://%s:%d/ (loading %s); Host names accepted: %s; at most %d connections",
              host, port, model_dir, ", ".join(allowed_hosts(config.serve)), server[0].guard.max_connections)
     server[0].run(sockets=listening)

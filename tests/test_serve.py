@@ -424,6 +424,9 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origin(fake):
 
 def test_openapi_and_docs_work_offline(client):
     schema = client.get("/openapi.json").json()
+    assert schema["info"]["summary"] == "Captions photos: merge and attention decoders over cached image features"
+    assert "int8 MobileNetV2" in schema["info"]["description"] and "VGG16 fc2" in schema["info"]["description"]
+    assert "merge LSTM)" not in schema["info"]["summary"]
     assert {"/v1/captions", "/model/predict", "/model/metadata", "/health/live", "/health/ready"} <= set(schema["paths"])
     body = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["image"] == {"type": "array", "items": {"type": "string", "format": "binary"}}

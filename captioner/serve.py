@@ -1405,7 +1405,8 @@ _KEEP_ALIVE_S = 5  # an idle keep-alive connection closes after this (uvicorn's 
 _MAX_HEAD_BYTES = 16 * 1024  # a request line and headers longer than this are refused (h11's default, said here)
 _MAX_BACKLOG = 2048  # connections the kernel queues (and asyncio accepts in one go): a flood's burst waits here, not in SYN retries
 _FD_RESERVE = 256  # open files the process needs besides its connections (model, libraries, logs, pipes)
-_EVICT_GRACE_S = 1.0  # a connection not yet read from is not closed to admit another for this long
+_EVICT_GRACE_S = 1.0  # a connection not yet read from is not closed to admit another for this long,
+_EVICT_GRACE_TICKS = 3  # nor before the server's loop has ticked (every 0.1 s when it is free) this often
 _EVICT_SCAN = 64  # idle connections looked at, oldest first, for one to close
 _SUMMARY_INTERVAL_S = 10.0  # connection trouble is logged as one line per this many seconds at most
 # asyncio's accept() failures that mean "out of a resource" (it pauses accepting for a second)
@@ -1450,6 +1451,7 @@ class ConnectionGuard:
         self.header_timeout_s = header_timeout_s
         self.interval_s = interval_s
         self.open = 0
+        self.ticks = 0  # the server's ticks (GuardedServer.on_tick): the event loop's turns, as seen here
         self.idle: collections.OrderedDict[Any, float] = collections.OrderedDict()  # protocol -> when last heard from
         self.counts: collections.Counter[str] = collections.Counter()
         self.accept_error = ""
@@ -1457,12 +1459,15 @@ class ConnectionGuard:
 
     def evict(self) -> bool:
         """Closes the idle connection heard from longest ago among those that had their chance: it
-        has sent something since it became idle (was read), or it has been idle `_EVICT_GRACE_S`.
-        A connection just accepted is spared until its first bytes are read, however many come
-        after it in a flood's burst. False when none of the first `_EVICT_SCAN` qualifies."""
+        has sent something since it became idle (was read), or it has been idle `_EVICT_GRACE_S`
+        and the event loop has turned `_EVICT_GRACE_TICKS` times meanwhile (a loop slowed by a
+        flood, or by a busy machine, has not yet read what is waiting). A connection just accepted
+        is spared until its first bytes are read, however many come after it in a flood's burst.
+        False when none of the first `_EVICT_SCAN` qualifies."""
         now = time.monotonic()
         for protocol, heard in itertools.islice(self.idle.items(), _EVICT_SCAN):
-            if protocol.read_since_idle or now - heard >= _EVICT_GRACE_S:
+            had_its_chance = now - heard >= _EVICT_GRACE_S and self.ticks - protocol.idle_tick >= _EVICT_GRACE_TICKS
+            if protocol.read_since_idle or had_its_chance:
                 del self.idle[protocol]
                 protocol.close_idle(evicted=True)
                 return True
@@ -1538,10 +1543,11 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
     class GuardedH11Protocol(H11Protocol):
         _counted = True  # in guard.open
         read_since_idle = False  # bytes arrived since it last became idle (ConnectionGuard.evict)
+        idle_tick = 0  # guard.ticks when it last became idle
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            if guard.open >= guard.max_connections and not guard.evict() and guard.open >= guard.ceiling:
+            if guard.open >= guard.ceiling and not guard.evict():
                 guard.counts["refused"] += 1
                 self._counted = False
                 transport.write(_raw_error(503, f"all {guard.max_connections} connections are busy or just opened "
@@ -1603,6 +1609,7 @@ def _guarded_protocol(guard: ConnectionGuard) -> type:
             self._stop_idle()
             self._deadline = self.loop.call_later(guard.header_timeout_s, self._deadline_passed)
             self.read_since_idle = False
+            self.idle_tick = guard.ticks
             guard.heard(self)
 
         def _stop_idle(self) -> None:
@@ -1693,6 +1700,7 @@ def build_server(app: Any, limits: ServeConfig, open_files: int | None = None) -
             await super().startup(sockets=sockets)
 
         async def on_tick(self, counter: int) -> bool:
+            guard.ticks += 1
             guard.trim()  # ticks are 0.1 s apart
             if counter % 10 == 0:
                 guard.log_summary()

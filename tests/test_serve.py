@@ -706,7 +706,7 @@ def test_a_timed_out_request_stops_its_pending_decodes(fake, monkeypatch):
         wait_ready(client)
         started = time.monotonic()
         answer = client.post("/v1/captions", files=files(*[(f"{i}.jpg", RED) for i in range(12)]))
-        assert answer.status_code == 503 and time.monotonic() - started < 1.0
+        assert answer.status_code == 503 and time.monotonic() - started < 2.0
         time.sleep(1.0)
         state = client.app.state.captioner
         assert len(decoded) <= 3  # 12 queued; the one in progress at the timeout finishes, no more start

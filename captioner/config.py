@@ -228,7 +228,7 @@ class ServeConfig:
     max_queued_images: int = 256  # images waiting for the backbone; beyond that requests get 503 at once instead of timing out
     max_beam_size: int = 5  # the largest `beam_size` a request may ask for (cost grows with it); on Flickr8k beam 5 adds nothing over 3
     max_generated_words: int = 40  # the largest `max_words` a request may ask for (longest cleaned Flickr8k caption: 36)
-    decode_budget_mb: int = 512  # MB that image decodes in flight may hold together (each image's cost read from its header first); one costing more gets 413. 512 fits any image under max_pixels but a WebP over ~32 MP (libwebp holds 4 copies)
+    decode_budget_mb: int = 512  # MB that image decodes in flight may hold together (each image's cost read from its header first); one costing more gets 413. 512 fits any image under max_pixels but a WebP over ~30 MP (libwebp holds 4 copies)
     upload_budget_mb: int = 256  # MB of uploaded bytes held in memory by all requests together; past it a request gets 503 at once. 256 holds one full request (16 x 10 MB) and many small ones
     decode_threads: int = 0  # threads decoding uploads; 0 = the CPU cores, between 2 and 4 (one of them kept for ordinary-sized photos)
     header_timeout_s: float = 10.0  # a connection must send a whole request head within this of opening (or of its last answer), else 408 and closed: slowloris

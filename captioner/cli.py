@@ -73,7 +73,13 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
     },
     "export": {"model": "export.model", "output": "export.output"},
     "caption": {"model": "eval.model", "beam": "decode.beam_size"},
-    "serve": {"model": "eval.model", "host": "serve.host", "port": "serve.port", "cors_origin": "serve.cors_origin"},
+    "serve": {
+        "model": "eval.model",
+        "host": "serve.host",
+        "port": "serve.port",
+        "cors_origin": "serve.cors_origin",
+        "allowed_host": "serve.allowed_hosts",
+    },
 }
 
 
@@ -178,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", metavar="HOST", help="default 127.0.0.1 (this machine only)")
     sub.add_argument("--port", metavar="PORT", help="default 8000")
     sub.add_argument("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN call the API; default: CORS off")
+    sub.add_argument("--allowed-host", metavar="NAME", action="append",
+                     help="a Host name requests may carry (repeat it; * any); default: the bound host, localhost, 127.0.0.1")
+    sub.add_argument("--backbone-weights", metavar="FILE",
+                     help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
 
     for sub in commands.choices.values():
         _add_common(sub)
@@ -358,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from captioner.serving.serve import serve
 
-            return serve(config)
+            return serve(config, backbone_weights=args.backbone_weights)
         raise CaptionerError(f"unknown command {args.command}")  # argparse already refuses these
 
     return _run(handler)

@@ -228,6 +228,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback only unless told otherwise: the API has no authentication
     port: int = 8000  # uvicorn's customary port
     cors_origin: str = ""  # one origin allowed to call the API from a browser page elsewhere; "" = CORS off
+    allowed_hosts: list[str] = field(default_factory=list)  # Host header names accepted (DNS rebinding); [] = the bound host, localhost, 127.0.0.1; "*" any, "*.example.org" its subdomains
     max_upload_bytes: int = 10_000_000  # per image; larger uploads are refused (413) without being read into memory
     max_pixels: int = 50_000_000  # declared width x height; refused before decoding (decompression bombs); a 48-MP phone photo passes
     max_images: int = 16  # images per request; more is refused whole (413)
@@ -238,6 +239,11 @@ class ServeConfig:
     max_queued_images: int = 256  # images waiting for the backbone; beyond that requests get 503 at once instead of timing out
     max_beam_size: int = 5  # the largest `beam_size` a request may ask for (cost grows with it); on Flickr8k beam 5 adds nothing over 3
     max_generated_words: int = 40  # the largest `max_words` a request may ask for (longest cleaned Flickr8k caption: 36)
+    decode_budget_mb: int = 512  # MB that image decodes in flight may hold together (each image's cost read from its header first); one costing more gets 413. 512 fits any image under max_pixels but a WebP over ~30 MP (libwebp holds 4 copies)
+    upload_budget_mb: int = 256  # MB of uploaded bytes held in memory by all requests together; past it a request gets 503 at once. 256 holds one full request (16 x 10 MB) and many small ones
+    decode_threads: int = 0  # threads decoding uploads; 0 = the CPU cores, between 2 and 4 (one of them kept for ordinary-sized photos)
+    header_timeout_s: float = 10.0  # a connection must send a whole request head within this of opening (or of its last answer), else 408 and closed: slowloris
+    max_connections: int = 1000  # open connections at most (lowered to fit the open-file limit); at the cap the longest-silent idle one is closed for a new one
 
 
 @dataclass
@@ -378,6 +384,12 @@ CHECKS: dict[str, Check] = {
     "serve.max_queued_images": _at_least(1),
     "serve.max_beam_size": _at_least(1),
     "serve.max_generated_words": _at_least(1),
+    "serve.allowed_hosts": lambda value: None if all(item.strip() for item in value) else "must not hold an empty name",
+    "serve.decode_budget_mb": _at_least(16),  # below that not even an ordinary photo decodes
+    "serve.upload_budget_mb": _at_least(1),
+    "serve.decode_threads": _at_least(0),
+    "serve.header_timeout_s": _positive,
+    "serve.max_connections": _at_least(1),
 }
 
 

@@ -9,6 +9,7 @@ directory (its VGG16 swapped for a tiny seeded network, as in tests/test_inferen
 from __future__ import annotations
 
 import io
+import json
 import math
 import threading
 import time
@@ -95,9 +96,14 @@ def fake():
 
 @pytest.fixture
 def client(fake):
-    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0))) as test_client:
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=0))) as test_client:
         wait_ready(test_client)
         yield test_client
+
+
+def client_for(app) -> TestClient:
+    """A TestClient that calls the app by one of its default Host names (TestClient's own, "testserver", is refused)."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
@@ -121,7 +127,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_live_answers_meanwhile():
         release.wait(10)
         return ColourModel()
 
-    with TestClient(create_app(slow_load, config_with(batch_window_ms=0))) as client:
+    with client_for(create_app(slow_load, config_with(batch_window_ms=0))) as client:
         assert client.get("/health/live").json() == {"status": "live"}
         assert client.get("/v2/health/live").status_code == 200
         loading = client.get("/health/ready")
@@ -142,7 +148,7 @@ def test_a_model_that_fails_to_load_is_reported_by_ready():
     def broken():
         raise CaptionerError("models/x is missing model.keras")
 
-    with TestClient(create_app(broken, on_load_error=reported.append)) as client:
+    with client_for(create_app(broken, on_load_error=reported.append)) as client:
         deadline = time.monotonic() + 10
         while not reported and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -216,7 +222,7 @@ def test_requests_that_are_not_multipart_or_have_no_image_are_refused(client):
         "/v1/captions", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nxx\r\n--bX",
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
-    assert malformed.status_code in (200, 400)  # python-multipart tolerates some damage; never a 500
+    assert malformed.status_code == 400 and malformed.json()["status"] == "error"  # never a 500
     assert client.get("/health/live").status_code == 200
 
 
@@ -226,7 +232,7 @@ def test_requests_that_are_not_multipart_or_have_no_image_are_refused(client):
 def test_an_upload_over_the_byte_limit_is_refused_in_its_slot_and_the_others_captioned(fake):
     big = image_bytes((220, 20, 20), size=(600, 600), fmt="PNG") + b"\0" * 5000
     assert len(big) > 5000
-    with TestClient(create_app(lambda: fake, config_with(max_upload_bytes=len(RED) + 10, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_upload_bytes=len(RED) + 10, batch_window_ms=0))) as client:
         wait_ready(client)
         slots = client.post("/v1/captions", files=files(("big.png", big), ("red.jpg", RED))).json()["images"]
     assert slots[0]["error"]["status"] == 413 and "serve.max_upload_bytes" in slots[0]["error"]["message"]
@@ -236,7 +242,7 @@ def test_an_upload_over_the_byte_limit_is_refused_in_its_slot_and_the_others_cap
 
 def test_a_request_over_the_total_byte_limit_is_refused_whole(fake):
     config = config_with(max_upload_bytes=1000, max_images=2, batch_window_ms=0)
-    with TestClient(create_app(lambda: fake, config)) as client:
+    with client_for(create_app(lambda: fake, config)) as client:
         wait_ready(client)
         answer = client.post("/v1/captions", files=files(("a.jpg", b"\xff" * 40_000), ("b.jpg", b"\xff" * 40_000)))
         assert answer.status_code == 413 and "byte limit" in answer.json()["message"]
@@ -252,7 +258,7 @@ def test_a_request_over_the_total_byte_limit_is_refused_whole(fake):
 
 
 def test_more_images_than_allowed_are_refused_whole(fake):
-    with TestClient(create_app(lambda: fake, config_with(max_images=2, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_images=2, batch_window_ms=0))) as client:
         wait_ready(client)
         answer = client.post("/v1/captions", files=files(("a.jpg", RED), ("b.jpg", RED), ("c.jpg", RED)))
     assert answer.status_code == 413 and answer.json()["message"] == "more than 2 images in one request (serve.max_images)"
@@ -269,7 +275,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(fake, monkeypatch):
     bomb = image_bytes(0, size=(5000, 5000), fmt="PNG", mode="1")  # 25 megapixels in a few kB
     huge = image_bytes(0, size=(15_000, 15_000), fmt="PNG", mode="1")  # over twice Pillow's own limit too
     assert len(bomb) < 10_000 and len(huge) < 50_000
-    with TestClient(create_app(lambda: fake, config_with(max_pixels=1_000_000, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: fake, config_with(max_pixels=1_000_000, batch_window_ms=0))) as client:
         wait_ready(client)
         slots = client.post("/v1/captions", files=files(("bomb.png", bomb), ("red.jpg", RED), ("huge.png", huge))).json()["images"]
     assert slots[0]["error"] == {
@@ -291,7 +297,7 @@ def test_formats_outside_the_accepted_list_get_415_in_their_slot(client):
 
 def test_a_request_slower_than_the_timeout_gets_503_and_the_server_keeps_serving():
     slow = ColourModel(delay_s=0.8)
-    with TestClient(create_app(lambda: slow, config_with(request_timeout_s=0.2, batch_window_ms=0))) as client:
+    with client_for(create_app(lambda: slow, config_with(request_timeout_s=0.2, batch_window_ms=0))) as client:
         wait_ready(client)
         started = time.monotonic()
         answer = client.post("/v1/captions", files=files(("red.jpg", RED)))
@@ -305,7 +311,7 @@ def test_a_request_slower_than_the_timeout_gets_503_and_the_server_keeps_serving
 def test_a_full_queue_answers_503_at_once():
     blocked = ColourModel(delay_s=0.6)
     config = config_with(max_queued_images=1, batch_window_ms=0, max_batch=1)
-    with TestClient(create_app(lambda: blocked, config)) as client:
+    with client_for(create_app(lambda: blocked, config)) as client:
         wait_ready(client)
         answers = {}
         first = threading.Thread(target=lambda: answers.setdefault("a", client.post("/v1/captions", files=files(("a.jpg", RED)))))
@@ -330,7 +336,7 @@ def test_a_model_failure_answers_500_and_the_next_request_is_served(client, fake
 def test_concurrent_requests_share_one_backbone_call_and_one_decoder_call(fake):
     config = config_with(batch_window_ms=1000, max_batch=16)
     colours = [("red.jpg", RED), ("green.png", GREEN), ("blue.webp", BLUE)] * 2
-    with TestClient(create_app(lambda: fake, config)) as client:
+    with client_for(create_app(lambda: fake, config)) as client:
         wait_ready(client)
         answers: list = [None] * len(colours)
         start = threading.Barrier(len(colours))
@@ -349,7 +355,7 @@ def test_concurrent_requests_share_one_backbone_call_and_one_decoder_call(fake):
 
 
 def test_batches_never_exceed_max_batch_and_split_by_decode_settings(fake):
-    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=300, max_batch=4))) as client:
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=300, max_batch=4))) as client:
         wait_ready(client)
         answers = {}
         first = threading.Thread(target=lambda: answers.setdefault(
@@ -406,10 +412,10 @@ def test_a_default_beam_over_the_served_bound_is_refused_at_start():
 
 def test_cors_is_off_by_default_and_allows_only_the_configured_origin(fake):
     preflight = {"origin": "http://example.org", "access-control-request-method": "POST"}
-    with TestClient(create_app(lambda: fake)) as client:
+    with client_for(create_app(lambda: fake)) as client:
         assert "access-control-allow-origin" not in client.options("/v1/captions", headers=preflight).headers
         assert "access-control-allow-origin" not in client.get("/health/live", headers={"origin": "http://example.org"}).headers
-    with TestClient(create_app(lambda: fake, config_with(cors_origin="http://example.org"))) as client:
+    with client_for(create_app(lambda: fake, config_with(cors_origin="http://example.org"))) as client:
         allowed = client.options("/v1/captions", headers=preflight)
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://example.org"
         other = client.options("/v1/captions", headers={**preflight, "origin": "http://evil.example"})
@@ -418,6 +424,9 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origin(fake):
 
 def test_openapi_and_docs_work_offline(client):
     schema = client.get("/openapi.json").json()
+    assert schema["info"]["summary"] == "Captions photos: merge and attention decoders over cached image features"
+    assert "int8 MobileNetV2" in schema["info"]["description"] and "VGG16 fc2" in schema["info"]["description"]
+    assert "merge LSTM)" not in schema["info"]["summary"]
     assert {"/v1/captions", "/model/predict", "/model/metadata", "/health/live", "/health/ready"} <= set(schema["paths"])
     body = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["image"] == {"type": "array", "items": {"type": "string", "format": "binary"}}
@@ -472,7 +481,7 @@ def test_a_real_model_directory_gives_its_known_captions(known_model_dir, mean_p
     config.decode = decode
     red = image_bytes((255, 0, 0), size=(64, 48), fmt="PNG")  # lossless: the mean pixel is exact
     blue = image_bytes((0, 0, 255), size=(40, 30), fmt="PNG")
-    with TestClient(create_app(lambda: ModelCaptioner(known_model_dir, decode), config)) as client:
+    with client_for(create_app(lambda: ModelCaptioner(known_model_dir, decode), config)) as client:
         wait_ready(client)
         slots = client.post(
             "/v1/captions", files=files(("red.png", red), ("broken.jpg", b"\xff\xd8garbage"), ("blue.png", blue))
@@ -488,6 +497,10 @@ def test_a_real_model_directory_gives_its_known_captions(known_model_dir, mean_p
     assert predicted["status"] == "ok" and [p["caption"] for p in predicted["predictions"]] == ["a blue square"]
     assert meta["backbone"]["backbone"] == "vgg16" and meta["feature_dim"] == 3 and meta["vocab_size"] == 9
     assert meta["dev_metrics"] is None  # no eval-dev.json in the directory
+    from captioner.cache import file_sha256
+
+    assert meta["model_files"]["model.keras"] == file_sha256(known_model_dir / "model.keras")
+    assert str(known_model_dir.parent) not in json.dumps(meta)  # names and hashes, never a path of the server
 
 
 def test_serve_command_refuses_a_bad_model_directory_in_one_line(tmp_path, known_model_dir, capsys):
@@ -516,3 +529,238 @@ def test_serve_command_reports_a_port_in_use(known_model_dir, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(known_model_dir), "--port", str(port)]) == 2
     assert f"error: cannot listen on 127.0.0.1:{port}: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one error shape, HEAD, multipart
+
+
+def test_every_error_has_one_json_shape_including_404_405_and_422(client):
+    shapes = {
+        404: client.get("/no/such/path"),
+        405: client.get("/v1/captions"),
+        422: client.post("/v1/captions?beam_size=9", files=files(("red.jpg", RED))),
+        415: client.post("/v1/captions", content=b"x", headers={"content-type": "text/plain"}),
+    }
+    for status, answer in shapes.items():
+        body = answer.json()
+        assert answer.status_code == status and set(body) == {"status", "message"} and body["status"] == "error", status
+        assert "\n" not in body["message"] and body["message"], status
+    assert shapes[404].json()["message"] == "/no/such/path: not found"
+    assert shapes[405].json()["message"] == "GET is not allowed on /v1/captions (allowed: POST)"
+    assert shapes[405].headers["allow"] == "POST"
+    assert shapes[422].json()["message"] == "beam_size: Input should be less than or equal to 5"
+    static_405 = client.post("/static/app.js")
+    assert static_405.status_code == 405 and static_405.json()["status"] == "error"
+
+
+def test_head_is_answered_wherever_get_is(client):
+    for path in ("/", "/health/live", "/health/ready", "/v2/health/live", "/model/metadata", "/static/app.js",
+                 "/openapi.json", "/docs"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/no/such/path").status_code == 404
+    refused = client.head("/v1/captions")
+    assert refused.status_code == 405 and refused.content == b""
+
+
+def test_a_multipart_body_without_its_closing_boundary_is_refused(client, fake):
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="red.jpg"\r\n\r\n' + RED + b"\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    for body in (part, part + b"--b\r\n", part[:-2]):
+        answer = client.post("/v1/captions", content=body, headers=headers)
+        assert answer.status_code == 400 and answer.json() == {
+            "status": "error", "message": "malformed multipart body: it ends without its closing boundary"
+        }
+    assert fake.extract_sizes == []  # nothing of a cut-short request was captioned
+    whole = client.post("/v1/captions", content=part + b"--b--\r\n", headers=headers)
+    assert whole.status_code == 200 and whole.json()["images"][0]["caption"] == "a red photo"
+
+
+def test_a_png_with_a_large_text_chunk_is_captioned(client):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 3_000_000, zip=True)  # 3 MB of text in a few kB: over Pillow's MAX_TEXT_CHUNK
+    info.add_itxt("note", "y" * 2_000_000, zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (20, 200, 20)).save(buffer, format="PNG", pnginfo=info)
+    assert len(buffer.getvalue()) < 20_000
+    slots = client.post("/v1/captions", files=files(("notes.png", buffer.getvalue()))).json()["images"]
+    assert slots[0]["error"] is None and slots[0]["caption"] == "a green photo"
+
+
+# --------------------------------------------------------------------------- Host and Origin
+
+
+def test_other_host_headers_are_refused_except_on_the_health_endpoints(fake):
+    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0)), base_url="http://rebound.example") as client:
+        for path in ("/", "/model/metadata", "/openapi.json"):
+            refused = client.get(path)
+            assert refused.status_code == 400 and refused.json() == {
+                "status": "error",
+                "message": "Host 'rebound.example' is not a name of this server (serve.allowed_hosts, --allowed-host: "
+                           "127.0.0.1, localhost)",
+            }, path
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).status_code == 400
+        assert client.get("/health/live").status_code == 200  # probes reach a server by its address
+        assert fake.extract_sizes == []
+    for base, allowed in (("http://127.0.0.1:8000", []), ("http://[::1]:8000", ["::1"]), ("http://photos.example.org", ["*.example.org"]),
+                          ("http://anything", ["*"]), ("http://Captioner.Local.", ["captioner.local"])):
+        with TestClient(create_app(lambda: fake, config_with(allowed_hosts=allowed)), base_url=base) as client:
+            wait_ready(client)
+            assert client.get("/model/metadata").status_code == 200, base
+    with TestClient(create_app(lambda: fake, config_with(allowed_hosts=["photos.example.org"])), base_url="http://localhost") as client:
+        assert client.get("/model/metadata").status_code == 400  # a given list replaces the defaults
+
+
+def test_cross_origin_posts_are_refused_unless_cors_allows_the_origin(fake):
+    def post(client, origin):
+        return client.post("/v1/captions", files=files(("red.jpg", RED)), headers={"origin": origin})
+
+    with client_for(create_app(lambda: fake, config_with(batch_window_ms=0))) as client:
+        wait_ready(client)
+        for origin in ("http://evil.example", "null", "http://localhost:9999", "http://localhost.evil.example"):
+            refused = post(client, origin)
+            assert refused.status_code == 403 and refused.json() == {
+                "status": "error",
+                "message": f"cross-origin request from {origin} refused (serve.cors_origin, --cors-origin, allows one origin)",
+            }, origin
+        assert fake.extract_sizes == []
+        assert post(client, "http://localhost").status_code == 200  # the page's own origin
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).status_code == 200  # no Origin: not a browser
+        assert client.get("/model/metadata", headers={"origin": "http://evil.example"}).status_code == 200  # reads stay CORS's
+    with TestClient(create_app(lambda: fake, config_with(batch_window_ms=0)), base_url="http://localhost:8000") as client:
+        wait_ready(client)
+        assert post(client, "http://localhost:8000").status_code == 200
+        assert post(client, "http://localhost:8001").status_code == 403
+    with client_for(create_app(lambda: fake, config_with(cors_origin="https://app.example", batch_window_ms=0))) as client:
+        wait_ready(client)
+        allowed = post(client, "https://app.example")
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert post(client, "https://other.example").status_code == 403
+
+
+# --------------------------------------------------------------------------- budgets and cancellation
+
+
+def gray16_png(size: tuple[int, int], value: int = 40_000) -> bytes:
+    """A 16-bit grayscale PNG (Pillow mode I;16), one value everywhere: a few kB for millions of pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full(size[::-1], value, np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_whose_decoding_needs_more_than_the_budget_gets_413_in_its_slot(fake):
+    big = gray16_png((3000, 3000))  # 18 MB as I;16 pixels
+    assert len(big) < 100_000
+    with client_for(create_app(lambda: fake, config_with(decode_budget_mb=16, batch_window_ms=0))) as client:
+        wait_ready(client)
+        slots = client.post("/v1/captions", files=files(("huge.png", big), ("red.jpg", RED))).json()["images"]
+        state = client.app.state.captioner
+    assert slots[0]["error"]["status"] == 413
+    assert slots[0]["error"]["message"].startswith("huge.png: decoding its 3000x3000 I;16 pixels needs ")
+    assert slots[0]["error"]["message"].endswith("MB, over the 16 MB decode budget (serve.decode_budget_mb)")
+    assert slots[1]["caption"] == "a red photo"
+    assert state.pool.used == 0 and state.uploads.used == 0
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_and_decodes_within_the_budget(fake):
+    with client_for(create_app(lambda: fake, config_with(decode_budget_mb=64, batch_window_ms=0))) as client:
+        wait_ready(client)
+        slots = client.post("/v1/captions", files=files(("gray.png", gray16_png((2000, 1500), 65535)))).json()["images"]
+        state = client.app.state.captioner
+    assert slots[0]["error"] is None and slots[0]["caption"].startswith("a ")
+    assert 0 < state.pool.peak <= 64 << 20 and state.pool.used == 0
+
+
+def test_uploads_over_their_budget_get_503_at_once_and_their_bytes_are_given_back(fake):
+    photo = image_bytes(size=(400, 300), fmt="PNG")
+    assert len(photo) < 1 << 20
+    with client_for(create_app(lambda: fake, config_with(upload_budget_mb=1, batch_window_ms=0))) as client:
+        wait_ready(client)
+        refused = client.post("/v1/captions", files=files(*[(f"{i}.bmp", image_bytes(size=(400, 300), fmt="BMP")) for i in range(4)]))
+        state = client.app.state.captioner
+        assert refused.status_code == 503 and refused.json()["message"] == (
+            "the server holds 1 MB of uploads (serve.upload_budget_mb); retry later"
+        )
+        assert state.uploads.used == 0
+        assert client.post("/v1/captions", files=files(("a.png", photo))).status_code == 200
+        assert state.uploads.used == 0 and state.uploads.peak <= 1 << 20
+
+
+def test_a_timed_out_request_stops_its_pending_decodes(fake, monkeypatch):
+    from captioner.data import images
+
+    decoded = []
+    real_load = images.load_image
+
+    def slow_load(handle, **kwargs):
+        decoded.append(handle.name)
+        time.sleep(0.3)
+        return real_load(handle, **kwargs)
+
+    monkeypatch.setattr(images, "load_image", slow_load)
+    config = config_with(request_timeout_s=0.5, decode_threads=1, batch_window_ms=0)
+    with client_for(create_app(lambda: fake, config)) as client:
+        wait_ready(client)
+        started = time.monotonic()
+        answer = client.post("/v1/captions", files=files(*[(f"{i}.jpg", RED) for i in range(12)]))
+        assert answer.status_code == 503 and time.monotonic() - started < 2.0
+        time.sleep(1.0)
+        state = client.app.state.captioner
+        assert len(decoded) <= 3  # 12 queued; the one in progress at the timeout finishes, no more start
+        assert state.pool.used == 0 and state.uploads.used == 0
+        monkeypatch.setattr(images, "load_image", real_load)
+        assert client.post("/v1/captions", files=files(("red.jpg", RED))).json()["images"][0]["caption"] == "a red photo"
+    assert fake.extract_sizes in ([], [1], [1, 1])  # nothing of the timed-out request reached the backbone after it
+
+
+# --------------------------------------------------------------------------- MAX order, metadata
+
+
+class UnorderedModel(ColourModel):
+    """Beams as a length-normalised beam search ranks them: the best first, but not the most probable."""
+
+    def decode(self, image_features, beam_size, max_generated_words):
+        beams = [Beam("a red photo of a ball on the grass", -1.2), Beam("a red photo", -0.7), Beam("red", -3.0)]
+        return [beams[:beam_size] for _ in image_features]
+
+
+def test_model_predict_lists_predictions_most_probable_first():
+    with client_for(create_app(UnorderedModel, config_with(batch_window_ms=0))) as client:
+        wait_ready(client)
+        predictions = client.post("/model/predict", files=files(("red.jpg", RED))).json()["predictions"]
+        slot = client.post("/v1/captions", files=files(("red.jpg", RED))).json()["images"][0]
+    assert [p["index"] for p in predictions] == ["0", "1", "2"]
+    assert [p["caption"] for p in predictions] == ["a red photo", "a red photo of a ball on the grass", "red"]
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert slot["caption"] == "a red photo of a ball on the grass"  # /v1/captions keeps the decoder's choice
+
+
+def test_metadata_names_the_decoder_kind_and_no_path_of_the_server(monkeypatch):
+    from types import SimpleNamespace
+
+    from captioner import cache
+
+    monkeypatch.setattr(cache, "file_sha256", lambda path: "cd" * 32)  # the model files are not here
+    model = ModelCaptioner.__new__(ModelCaptioner)
+    seen = {}
+    for kind in ("attention", "merge"):
+        model.captioner = SimpleNamespace(
+            kind=kind, provenance={"backbone": "mobilenet_v2", "weights": "/home/someone/backbones/m.tflite",
+                                   "weights_sha256": "ab" * 32},
+            backbone=SimpleNamespace(name="mobilenet_v2"), model_dir=Path("/nonexistent/models/run7"), feature_dim=1280,
+            tokenizer=SimpleNamespace(vocab_size=9), config=Config(),
+        )
+        seen[kind] = model.metadata()
+    attention, merge = seen["attention"], seen["merge"]
+    assert attention["name"] == "captioner mobilenet_v2 + soft-attention LSTM" and attention["decoder"] == "attention"
+    assert "merge" not in attention["description"] and "Show, Attend and Tell" in attention["description"]
+    assert merge["name"] == "captioner mobilenet_v2 + merge LSTM" and merge["decoder"] == "merge"
+    assert attention["backbone"]["weights"] == "m.tflite" and attention["backbone"]["weights_sha256"] == "ab" * 32
+    assert attention["model_files"] == {"model.keras": "cd" * 32, "tokenizer.json": "cd" * 32, "config.json": "cd" * 32}
+    assert attention["training_data"]["features"] == [{"name": "vgg16-fc2.pkl", "sha256": None}]
+    text = json.dumps(attention)
+    assert "/home/someone" not in text and "/nonexistent" not in text and "data/features" not in text

@@ -215,8 +215,8 @@ class ModelCaptioner:
             "decoder": kind,
             "backbone": backbone,
             "feature_dim": int(captioner.feature_dim),
-            "vocab_size": int(captioner.data.tokenizer.vocab_size),
-            "model_files": {name: file_sha256(model_dir / name) for name in layout.MODEL_DIR_FILES},
+            "vocab_size": int(captioner.tokenizer.vocab_size),
+            "model_files": {path.name: file_sha256(path) for path in layout.model_files(model_dir)},
             "training_data": training_inputs(model_dir, captioner.config),
             "dev_metrics": recorded_metrics(model_dir, "dev"),
         }

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,39 +82,17 @@ class ExportResult:
 # --------------------------------------------------------------------------- the output folder
 
 
-def refuse_foreign_output(output: Path) -> None:
-    """Refuses an output folder that holds anything but a bundle (CaptionerError, one line).
-
-    A missing or empty folder, or a bundle (it holds bundle.json), may be written; anything else
-    is someone's files, which a rename over the folder would destroy.
-    """
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise CaptionerError(f"{output} is a file, not a folder: choose another export.output / --output")
-    if layout.is_bundle(output):
-        return
-    entries = sorted(p.name for p in output.iterdir())
-    if entries:
-        raise CaptionerError(
-            f"{output} is not empty and holds no bundle ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
-            ": choose another export.output / --output"
-        )
+def refuse_foreign_output(output: Path, force: bool = False) -> None:
+    """The ownership rule of every stage (`cache.claim_folder`) for a bundle folder: a missing or empty
+    folder, or a bundle (it holds bundle.json), may be written; a folder holding anything else is
+    someone's files, which the rename over the folder would destroy: refused unless `force`."""
+    cache.claim_folder(output, "export", force, marks=[output / layout.BUNDLE_MANIFEST], what="bundle")
 
 
-@contextlib.contextmanager
-def _output_lock(output: Path) -> Iterator[None]:
-    """`cache.output_lock` on a hidden file beside the bundle folder (`.NAME.export.lock`), not in it: the
-    folder itself is replaced by a rename. An export that fails with no bundle there takes its lock file
-    away again (as `cache.output_lock` does with the folders it created)."""
-    target = output.with_name(f"{output.name}.export")
-    with cache.output_lock(target):
-        try:
-            yield
-        except BaseException:
-            if not output.exists():
-                cache.lock_path_for(target).unlink(missing_ok=True)
-            raise
+def _output_lock(output: Path) -> Any:
+    """`cache.output_lock` on a hidden file beside the bundle folder (`.NAME.export.lock`), not in it:
+    the folder itself is replaced by a rename. The lock file goes when the export ends."""
+    return cache.output_lock(output.with_name(f"{output.name}.export"))
 
 
 def _install(staged: Path, output: Path) -> None:
@@ -272,14 +249,14 @@ def export_stage(config: Config, force: bool = False, weights: str | None = None
         raise CaptionerError(f"{model_dir} is a bundle already; export takes a model directory (captioner train)")
     if model_dir.resolve() == output.resolve():
         raise CaptionerError(f"--output {output} is the model directory itself; choose another folder")
-    refuse_foreign_output(output)
+    refuse_foreign_output(output, force)
     source = _source_or_refuse(model_dir)
     weights = config.export.weights if weights is None else weights
     if weights not in WEIGHTS:
         raise CaptionerError(f"unknown export weights {weights!r} ({', '.join(WEIGHTS)})")
     params = {"format_version": bundle_lib.FORMAT_VERSION, "weights": weights, "backbone": config.export.backbone}
     with _output_lock(output):
-        refuse_foreign_output(output)  # again, under the lock
+        refuse_foreign_output(output, force)  # again, under the lock
         if not force and _up_to_date(output, source, params):
             log.info("export: %s is up to date with %s; nothing to do (--force redoes it)", output, model_dir)
             manifest = bundle_lib.read_manifest(output)

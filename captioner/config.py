@@ -446,8 +446,8 @@ def _check_transformer(config: Config) -> None:
 
 
 def _divisor_near(units: int, heads: int) -> int:
-    """The divisor of `units` nearest `heads` (a suggestion for the one-line error)."""
-    return min((d for d in range(1, units + 1) if units % d == 0), key=lambda d: (abs(d - heads), d))
+    """The divisor of `units` nearest `heads`, the larger of two (a suggestion for the one-line error)."""
+    return min((d for d in range(1, units + 1) if units % d == 0), key=lambda d: (abs(d - heads), -d))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -407,6 +407,34 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
         merge_feature_parts(sorted(tampered.glob("*.pkl")), tmp_path / "m6.pkl")
 
 
+def test_a_map_layer_into_a_vector_file_and_a_pooled_layer_into_a_map_file_are_refused_before_building(
+    tmp_path, monkeypatch
+):
+    import captioner.stages.features as features_stage
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(features_stage, "build_backbone", no_network)
+    with pytest.raises(CaptionerError) as error:
+        extract_stage(make_config(images, tmp_path / "maps.pkl", backbone="vgg16", layer="block5_pool"))
+    assert str(error.value) == (
+        f"layer 'block5_pool' of vgg16 gives maps of 7x7x512, not pooled vectors; write them to an HDF5 map file "
+        f"(--output {tmp_path / 'maps.h5'}) for a map model (model.kind attention or transformer)"
+    )
+    with pytest.raises(CaptionerError) as error:
+        extract_stage(make_config(images, tmp_path / "pooled.h5", backbone="resnet50"))
+    assert str(error.value) == (
+        f"layer 'avg_pool' of resnet50 gives pooled vectors, not [H, W, C] maps; {tmp_path / 'pooled.h5'} is a map "
+        "file: name a map layer with --layer (conv5_block3_out 7x7x2048), or write pooled vectors to a .pkl"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written
+
+
 # --------------------------------------------------------------------------- the real backbone
 
 

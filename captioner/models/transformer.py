@@ -121,7 +121,9 @@ class CaptionAttention(keras.layers.Layer):
         scores = ops.cast(ops.einsum("bthk,bshk->bhts", self.queries(x), keys), "float32")  # softmax in float32
         if visible is not None:
             scores = ops.where(visible, scores, _MASKED)
-        weights = ops.softmax(scores, axis=-1)
+        # softmax by hand: Keras' warns of a softmax over one slot (one map position, or the first word)
+        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
+        weights = weights / ops.sum(weights, axis=-1, keepdims=True)
         mixed = ops.einsum("bhts,bshk->bthk", _cast(weights, x.dtype), values)
         output = ops.einsum("bthk,hkd->btd", mixed, self._weight("output_kernel", x)) + self._weight("output_bias", x)
         return output, weights

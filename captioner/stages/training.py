@@ -256,11 +256,11 @@ class _Data:
     provenance: dict[str, Any] | None = None  # model.kind attention: the map file's own provenance
 
 
-def _open_maps(paths: _Inputs) -> spatial.MapFile:
-    """The one map file an attention model trains on (train.features), checked to hold maps."""
+def _open_maps(paths: _Inputs, kind: str) -> spatial.MapFile:
+    """The one map file a map model (`registry.DecoderKind.takes_maps`) trains on (train.features), checked to hold maps."""
     if len(paths.feature_files) != 1:
         raise CaptionerError(
-            f"model.kind=attention trains on one map file (train.features), got {len(paths.feature_files)}: "
+            f"model.kind={kind} trains on one map file (train.features), got {len(paths.feature_files)}: "
             f"{', '.join(map(str, paths.feature_files))}"
         )
     path = paths.feature_files[0]
@@ -321,7 +321,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         splits[train.train_split] = with_teacher_captions(splits[train.train_split], paths.teacher_reports, train.train_split)
     maps = None
     if registry.get(config.model.kind).takes_maps:
-        maps = _open_maps(paths)  # read a batch at a time, never loaded whole
+        maps = _open_maps(paths, config.model.kind)  # read a batch at a time, never loaded whole
         log.info("train: reading maps %s (%d images, %dx%dx%d)", maps.path, len(maps), *maps.grid, maps.channels)
         table = FeatureTable(maps, maps.index)
         feature_dim = maps.channels

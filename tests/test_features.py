@@ -299,7 +299,8 @@ def test_duplicate_ids_are_reported(tmp_path, tiny):
     [
         ("backbone", "resnet51", r"unknown backbone 'resnet51' \(features.backbone: vgg16, vgg19, resnet50, "
          r"inception_v3, mobilenet_v2, efficientnet_b0\)"),
-        ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1\)"),
+        ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1; maps into an .h5: block5_conv3 14x14x512, "
+                            r"block5_pool 7x7x512\)"),
         ("shard", "2/2", r"bad shard '2/2'"),
         ("shard", "one/two", r"bad shard 'one/two'"),
         ("weights", "/nowhere/vgg.h5", r"weights file not found: /nowhere/vgg.h5"),

@@ -2,7 +2,8 @@
 
 Reads
   train.features   one or more feature files (`captioner.data.feature_files.load_features`: dict image id
-                   -> float32 [D], any D), merged; with model.kind=attention, one HDF5 map file
+                   -> float32 [D], any D), merged; with a map model (model.kind attention or transformer: the
+                   registry's `takes_maps`), one HDF5 map file
                    (`captioner.data.spatial`: float16 [N, H, W, C], read a batch at a time, never whole)
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
@@ -23,8 +24,8 @@ Writes (train.output, a folder; see `captioner.layout`)
   manifest.json    `captioner.cache.Stage` "train": a rerun with unchanged inputs and
                    params is a no-op
 
-Config: train (all of it), model (the architecture: model.kind merge, `captioner.models.directory`, or
-attention, `captioner.models.attention`), text.max_prepared_words (captions are cut
+Config: train (all of it), model (the architecture: model.kind merge, attention or transformer, one
+module each in `captioner.models`, told apart only by `captioner.models.registry`), text.max_prepared_words (captions are cut
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
 batches' sample weights are 0 there, see `captioner.data.sequences`), on float32 logits; with
 train.label_smoothing > 0, the label-smoothed one (`captioner.models.losses`).

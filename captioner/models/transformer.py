@@ -14,25 +14,21 @@
     LayerNorm "final_norm" -> WordTable "logits" again: x E^T + b (model.tie_embeddings) or x W + b
       -> logits float32 [B, T, V]
 
-Training contract: the attention model's (inputs `(image_map, input_ids)`, logits [B, T, V], the
-teacher-forced batches of `captioner.data.sequences`, the same masked loss). No Keras mask: pads
-sit right of every real word, so the causal attention never lets a real position read one.
+Trained as the attention model (inputs `(image_map, input_ids)`, logits [B, T, V], the batches
+and masked loss of `captioner.data.sequences`); no Keras mask: pads sit right of every real word,
+which causal attention never lets a real position read. Only `keras.layers`/`keras.ops` and three
+registered layers with `get_config` (`CaptionAttention`, `PositionTable`, `WordTable`).
 
-Only `keras.layers` and `keras.ops`, plus three registered layers with `get_config`
-(`CaptionAttention`, `PositionTable`, `WordTable`): any Keras backend, and `.keras` files round-trip.
-
-`TransformerStepModel` decodes one word at a time with the same layers: states are
-[position int32 [N], per block the cross-attention's keys and values of the memory float32
-[N, P, heads, head_dim], per block the self-attention's cached keys and values float32
-[N, max_positions, heads, head_dim]]; a step writes its word's keys and values at `position`
-and attends to slots 0..position, so a word costs O(max_positions) attention and no recomputation
-of earlier words (O(length) for a caption, not O(length^2)). The cache is fixed-length, not grown:
-every step has the same shapes, so TensorFlow traces it once and JAX compiles it once per batch
-bucket (a growing cache would retrace at every word), and rows stay plain arrays the numpy beam
-search reorders and repeats. Its cost is copying max_positions slots where fewer are filled (48
-against a caption's ~12 words), small beside the vocabulary projection. Each step also returns
-`{"attention": float32 [N, P]}`: the last block's cross-attention weights, averaged over heads.
-Cost per word: O(layers * (max_positions + P) * units + layers * units * feedforward_dim + units * V).
+`TransformerStepModel` decodes one word at a time with the same layers. States: [position int32
+[N], per block the memory's cross-attention keys and values float32 [N, P, heads, head_dim], per
+block the self-attention key/value cache float32 [N, max_positions, heads, head_dim]]; a step
+writes its word's keys and values at `position` and attends to slots 0..position: no earlier word
+is recomputed (O(length) per caption, not O(length^2)). The cache has a fixed length rather than
+growing, so every step has one shape (TensorFlow traces once, JAX compiles once per batch bucket;
+a growing cache retraces at every word) and its rows are plain arrays the numpy beam search
+reorders; the price is carrying 48 slots where a caption fills ~12, small beside the vocabulary
+projection. A step also returns `{"attention": float32 [N, P]}`, the last block's cross-attention
+averaged over heads. Cost per word: O(layers * units * (max_positions + P + feedforward_dim) + units * V).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Training speed and memory, side by side: teacher forcing, the classic per-prefix generator, the attention model.
+"""Training speed and memory, side by side: teacher forcing, the classic per-prefix generator, the attention
+and transformer models.
 
 Same data, same model sizes, one run, each variant in its own subprocess (so each has its
-own peak RSS). Each variant runs at the batch its users get: the merge and attention models at
-their kind's default `train.batch_size` (merge 96, attention 64; `--batch-size` sets both) with
+own peak RSS). Each variant runs at the batch its users get: the merge, attention and transformer
+models at their kind's default `train.batch_size` (merge 96, attention and transformer 64;
+`--batch-size` sets all) with
 the learning rate `captioner train` gives that batch, the classic generator at the course's 64
 prefixes (`--classic-batch-size`):
 
@@ -32,6 +34,9 @@ prefixes (`--classic-batch-size`):
   `--map-shape` (7x7x1280, MobileNetV2's last conv map) for every image the captions
   use, written first to a map file in a temporary folder (float16: 6,000 images of
   7x7x1280 take 750 MB there) and deleted at the end.
+- with `--transformer`, the Transformer decoder (`captioner.models.transformer`, default
+  `ModelConfig` of its kind: 2 blocks, width 256, 4 heads, feed-forward 1024) trained and timed
+  as the attention row (`--transformer-steps`), on the same maps.
 
 Data: real with `--prepared DIR --features FILE...` (a `captioner prepare` folder and feature
 files: the train split's captions and tokenizer, e.g. Flickr8k with the shared MobileNetV2
@@ -52,7 +57,8 @@ max_length ids + feature_dim floats) x 4 bytes.
 Prints a markdown table. Reads nothing but the optional token file and the given
 inputs; writes nothing but the temporary synthetic map file.
 Usage: python bench/train.py [--prepared DIR --features FILE...] [--captions 30000] [--steps 0 (= a whole epoch)]
-       [--classic-steps 60] [--attention [--attention-steps 40] [--maps FILE.h5 | --map-shape 7x7x1280]]
+       [--classic-steps 60] [--attention [--attention-steps 40]] [--transformer [--transformer-steps 40]]
+       [--maps FILE.h5 | --map-shape 7x7x1280]
 `--classic-steps` applies to batches of `--classic-batch-size` prefixes; the matched classic
 row times a quarter as many (its steps are ~12x bigger).
 Cost: a few minutes on 2 CPU cores with the defaults (a whole teacher-forcing epoch);
@@ -103,6 +109,9 @@ def map_shape(text: str) -> tuple[int, int, int]:
     return height, width, channels
 
 
+MAP_VARIANTS = ("attention", "transformer")  # the rows that train on maps: model.kind names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepared", help="a `captioner prepare` folder: train on its train split (real data)")
@@ -114,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size",
         type=int,
-        help="train.batch_size of the merge and attention rows (default: each kind's, BATCH_SIZE_BY_KIND)",
+        help="train.batch_size of the merge and map rows (default: each kind's, BATCH_SIZE_BY_KIND)",
     )
     parser.add_argument(
         "--classic-batch-size",
@@ -138,7 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the soft-attention model on spatial maps, beside the merge model",
     )
     parser.add_argument("--attention-steps", type=int, default=40, help="attention model steps to time")
-    parser.add_argument("--maps", help="with --prepared --attention: a map file (`captioner extract --layer ...`)")
+    parser.add_argument(
+        "--transformer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time the transformer model on spatial maps, beside the merge model",
+    )
+    parser.add_argument("--transformer-steps", type=int, default=40, help="transformer model steps to time")
+    parser.add_argument("--maps", help="with --prepared and a map row: a map file (`captioner extract --layer ...`)")
     parser.add_argument(
         "--map-shape",
         type=map_shape,
@@ -147,11 +163,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="synthetic maps' shape, without --maps (default 7x7x1280: MobileNetV2's last conv map)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", choices=["teacher", "attention", "classic"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["teacher", *MAP_VARIANTS, "classic"], help=argparse.SUPPRESS)
     parser.add_argument("--variant-batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.maps and not args.attention:
-        parser.error("--maps is read only by the attention variant: add --attention")
+    if args.maps and not (args.attention or args.transformer):
+        parser.error("--maps is read only by the map variants: add --attention or --transformer")
     if args.maps and not args.prepared:
         parser.error("--maps needs --prepared: the maps are of a prepared split's images")
     if args.maps and not Path(args.maps).is_file():
@@ -247,7 +263,7 @@ def write_synthetic_maps(path: Path, image_ids: list[str], shape: tuple[int, int
 
 
 def make_map_data(args: argparse.Namespace, scratch: Path):
-    """(CaptionSet, FeatureTable over an open MapFile, data source) for the attention variant:
+    """(CaptionSet, FeatureTable over an open MapFile, data source) for the map variants:
     the same captions as `make_data`, and maps read a batch at a time from the HDF5 file, as
     `captioner.stages.training` reads them (--maps, or synthetic maps written to `scratch`)."""
     from captioner.data import spatial
@@ -300,10 +316,11 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
     from captioner.stages import training
 
     keras.utils.set_random_seed(args.seed)
-    caption_set, table, source = make_map_data(args, scratch) if args.variant == "attention" else make_data(args)
+    maps = args.variant in MAP_VARIANTS
+    caption_set, table, source = make_map_data(args, scratch) if maps else make_data(args)
     args.vocab, args.feature_dim = caption_set.vocab_size, table.feature_dim  # the real data's, with --prepared
     config = Config()
-    config.model.kind = "attention" if args.variant == "attention" else "merge"
+    config.model.kind = args.variant if maps else "merge"
     if args.variant == "classic":
         config.train.batch_size = args.variant_batch_size or args.classic_batch_size
     else:
@@ -321,17 +338,18 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
 
     batch_size = train.batch_size
     whole_epoch = False
-    if args.variant in ("teacher", "attention"):
+    if args.variant != "classic":
         data = sequences.TeacherForcingBatches(caption_set, table, batch_size=batch_size, seed=args.seed)
         if args.variant == "teacher":
             model = merge_lib.build_model(args.feature_dim, args.vocab, config.model)
             steps = min(args.steps or len(data), len(data))
         else:
-            from captioner.models.attention import build_attention_model
+            from captioner.models import registry
 
             positions, channels = table.row_shape  # maps float32 [N, P, C]
-            model = build_attention_model(positions, channels, args.vocab, config.model)
-            steps = min(args.attention_steps, len(data))
+            features = registry.FeatureShape(dim=channels, positions=positions)
+            model = registry.get(args.variant).build(features, args.vocab, config.model)  # as `captioner train`
+            steps = min(getattr(args, f"{args.variant}_steps"), len(data))
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         # As `captioner train` batches: T rounded up to a multiple of 8 where XLA compiles each shape
         # (the JAX backend), else not; without it JAX compiles a step for nearly every batch.
@@ -389,7 +407,8 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
         "mean_words": float(caption_set.lengths.mean()),
         "max_prefix_length": reference.max_prefix_length(caption_set),
         "skipped_captions": data.skipped_captions if args.variant != "classic" else 0,  # no features (maps)
-        "map_grid": list(table.matrix.grid) if args.variant == "attention" else None,
+        "map_grid": list(table.matrix.grid) if maps else None,
+        "parameters": int(model.count_params()),
     }
 
 
@@ -425,6 +444,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
     names = {
         "teacher": "merge model, teacher forcing (right-padded, masked)",
         "attention": "attention model, teacher forcing (right-padded, masked)",
+        "transformer": "transformer model, teacher forcing (right-padded, masked)",
         "classic": "classic per-prefix generator, one-hot",
     }
     for r in results:
@@ -460,19 +480,19 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         f"({vocab:,} one-hot + {first['max_prefix_length']} ids + {feature_dim} features) x 4 bytes): "
         f"{expanded / 1e9:.1f} GB.",
     ]
-    attention = next((r for r in results if r["variant"] == "attention"), None)
-    if attention is not None:
-        height, width = attention["map_grid"]
-        skipped = attention["skipped_captions"]
+    for row in (r for r in results if r["variant"] in MAP_VARIANTS):
+        height, width = row["map_grid"]
+        skipped = row["skipped_captions"]
         lines.append(
-            "Attention beside merge, same captions, each at its own batch size: "
-            f"{attention['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
-            f"({attention['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
-            f"an epoch of {attention['epoch_seconds_extrapolated']:,.0f} s against "
-            f"{teacher['epoch_seconds_extrapolated']:,.0f} s, peak RSS {attention['peak_rss'] / 1e9:.2f} GB against "
-            f"{teacher['peak_rss'] / 1e9:.2f} GB. Maps {height}x{width}x{attention['feature_dim']} "
+            f"{row['variant'].capitalize()} beside merge, same captions, each at its own batch size: "
+            f"{row['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
+            f"({row['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
+            f"an epoch of {row['epoch_seconds_extrapolated']:,.0f} s against "
+            f"{teacher['epoch_seconds_extrapolated']:,.0f} s, peak RSS {row['peak_rss'] / 1e9:.2f} GB against "
+            f"{teacher['peak_rss'] / 1e9:.2f} GB, {row['parameters']:,} parameters against "
+            f"{teacher['parameters']:,}. Maps {height}x{width}x{row['feature_dim']} "
             f"({Path(args.maps).name if args.maps else 'synthetic'}) read from the HDF5 file a batch at a time, "
-            "as `captioner train --model.kind=attention` reads them"
+            f"as `captioner train --model.kind={row['variant']}` reads them"
             + (f"; {skipped:,} captions without a map skipped." if skipped else ".")
         )
     lines += [
@@ -493,9 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = [run_subprocess(argv, ["--variant", "teacher"])]
     print(f"teacher forcing: {results[0]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
-    if args.attention:
-        results.append(run_subprocess(argv, ["--variant", "attention"]))
-        print(f"attention: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
+    for variant in MAP_VARIANTS:
+        if getattr(args, variant):
+            results.append(run_subprocess(argv, ["--variant", variant]))
+            print(f"{variant}: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
     classic_sizes = [args.classic_batch_size]
     if args.classic_matched:
         classic_sizes.append(int(round(results[0]["words_per_step"])))

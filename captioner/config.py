@@ -36,18 +36,20 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_PRECISIONS = PRECISIONS + ("auto",)
 TRAIN_PRECISIONS = PRECISIONS
 STRATEGIES = ("default", "mirrored", "multiworker")
-MODEL_KINDS = ("merge", "attention")  # captioner.models.directory's merge model | captioner.models.attention's soft-attention model
+MODEL_KINDS = ("merge", "attention", "transformer")  # captioner.models: merge.py | attention.py (soft-attention LSTM) | transformer.py
+POSITION_ENCODINGS = ("learned", "sinusoidal")  # model.positions: a trained table | Vaswani et al.'s fixed sines and cosines
 # model.decoder_dropout when a config leaves it unset (None), by model.kind: the sweep's choice on
 # Flickr8k dev (README, "The hyper-parameter sweep"): 0.5 on the merged vector cost the merge model
 # 0.03 BLEU-4 (one seed); 0.5 on the attention model's deep output, where Show, Attend and Tell puts
 # it, gained 0.009 BLEU-4 and 0.007 CIDEr-D with beam 3 (mean of 3 seeds, every seed's BLEU-4 higher).
-DECODER_DROPOUT_BY_KIND = {"merge": 0.0, "attention": 0.5}
+# The transformer's one dropout rate (embeddings, memory, every sublayer's output): Vaswani et al.'s 0.1.
+DECODER_DROPOUT_BY_KIND = {"merge": 0.0, "attention": 0.5, "transformer": 0.1}
 # train.batch_size when a config leaves it unset (None), by model.kind. The merge model's step at 96
 # captions takes about the time of one at 64 on a 2-core CPU (the LSTM's loop costs per step, not per
 # caption), so an epoch runs 1.1-1.3x the target words/s with captions as good (README, "Training"
 # and "The hyper-parameter sweep": mean of 3 seeds on dev); the attention model keeps 64, where its
-# sweep was measured.
-BATCH_SIZE_BY_KIND = {"merge": 96, "attention": 64}
+# sweep was measured; the transformer starts from the attention model's 64.
+BATCH_SIZE_BY_KIND = {"merge": 96, "attention": 64, "transformer": 64}
 # train.learning_rate when unset (None): this much per 64 captions of train.batch_size (the linear
 # scaling rule: 1e-3 at 64, 1.5e-3 at 96, 2e-3 at 128, as the sweep ran its batch-128 arm).
 LEARNING_RATE_PER_64_CAPTIONS = 1e-3
@@ -119,18 +121,25 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    """The decoder: the merge model (image and word paths meet by addition after the LSTM) or
-    the soft-attention model over a convolutional map (`captioner.models.attention`)."""
+    """The decoder: the merge model (image and word paths meet by addition after the LSTM), the
+    soft-attention model over a convolutional map (`captioner.models.attention`), or a Transformer
+    decoder over the map's positions (`captioner.models.transformer`)."""
 
-    kind: str = "merge"  # MODEL_KINDS: merge (pooled vectors; the default until attention beats it on dev) | attention (spatial maps)
-    embedding_dim: int = 256  # word embedding size
-    units: int = 256  # LSTM units, also the size of the image projection they are added to
+    kind: str = "merge"  # MODEL_KINDS: merge (pooled vectors; the default until another kind beats it on dev) | attention | transformer (both spatial maps)
+    embedding_dim: int = 256  # word embedding size (transformer: unused, its embeddings are `units` wide)
+    units: int = 256  # LSTM units, also the size of the image projection they are added to (transformer: the model width)
     image_dropout: float = 0.5  # merge: dropout on the image features before the projection (attention: unused, the map is not dropped)
     word_dropout: float = 0.5  # dropout on the word embeddings before the LSTM
-    decoder_dropout: float | None = None  # dropout on the merged vector before the hidden layer (attention: on the deep output); None: by kind, DECODER_DROPOUT_BY_KIND (merge 0, attention 0.5)
+    decoder_dropout: float | None = None  # dropout on the merged vector before the hidden layer (attention: on the deep output; transformer: its only rate, see DECODER_DROPOUT_BY_KIND); None: by kind (merge 0, attention 0.5, transformer 0.1)
     attention_dim: int = 256  # attention: width of the MLP that scores each map position against the LSTM state (the paper's A)
     doubly_stochastic: float = 1.0  # attention: lambda of the penalty sum_positions (1 - sum_t alpha)^2, per target word; 1 keeps the paper's ratio to the loss
     init_inject: bool = False  # merge: also start the LSTM from the image (h0, c0 = tanh(Dense(image))), "init-inject + merge"
+    layers: int = 2  # transformer: pre-norm decoder blocks; 2 is small enough for Flickr8k's 30k captions on a CPU (the issue: "start small")
+    heads: int = 4  # transformer: attention heads; must divide model.units (heads of 64 at 256, as Vaswani et al.'s)
+    feedforward_dim: int = 1024  # transformer: hidden width of each block's feed-forward layer, 4 x units as in Vaswani et al.
+    positions: str = "learned"  # transformer: POSITION_ENCODINGS, how a word's position is added: learned (a trained table, as GPT) | sinusoidal
+    max_positions: int = 48  # transformer: the longest input (start token included) and the decoding cache's length; >= text.max_prepared_words + 1 (41), and XLA pads 41 to 48
+    tie_embeddings: bool = True  # transformer: the logits reuse the word embedding matrix (Press and Wolf 2017): V x units fewer weights, which a 30k-caption set welcomes
 
 
 @dataclass
@@ -330,6 +339,11 @@ CHECKS: dict[str, Check] = {
     "model.kind": _one_of(*MODEL_KINDS),
     "model.attention_dim": _at_least(1),
     "model.doubly_stochastic": _at_least(0),  # 0 turns the penalty off
+    "model.layers": _at_least(1),  # a transformer of no blocks would read neither the words before nor the image
+    "model.heads": _at_least(1),
+    "model.feedforward_dim": _at_least(1),
+    "model.positions": _one_of(*POSITION_ENCODINGS),
+    "model.max_positions": _at_least(2),  # the start token and one word
     "train.features": _paths,
     "train.captions": _not_empty,
     "train.output": _not_empty,
@@ -427,11 +441,40 @@ def validate(config: Config) -> Config:
         for field_name in _field_types(section):
             check_value(f"{section_name}.{field_name}", getattr(section, field_name))
     config.model.decoder_dropout = decoder_dropout(config.model)  # model.kind is checked by now
+    if config.model.kind == "transformer":
+        _check_transformer(config)
     config.train.learning_rate = train_learning_rate(config)
     config.train.batch_size = train_batch_size(config)
     if config.train.train_split == config.train.val_split:
         raise ConfigError(f"train.train_split and train.val_split are both {config.train.train_split!r}")
     return config
+
+
+def _check_transformer(config: Config) -> None:
+    """The rules between a transformer's fields and the caption lengths it must take (ConfigError)."""
+    model = config.model
+    if model.units % model.heads:
+        raise ConfigError(
+            f"model.units {model.units} is not divisible by model.heads {model.heads}: each head takes "
+            f"units / heads of the width (e.g. --model.heads={_divisor_near(model.units, model.heads)})"
+        )
+    longest = config.text.max_prepared_words + 1  # the start token and the words
+    if model.max_positions < longest:
+        raise ConfigError(
+            f"model.max_positions {model.max_positions} is shorter than the captions it trains on: "
+            f"text.max_prepared_words {config.text.max_prepared_words} + the start token = {longest}"
+        )
+    steps = config.decode.max_generated_words + 1  # decoding feeds the start token and every word
+    if model.max_positions < steps:
+        raise ConfigError(
+            f"model.max_positions {model.max_positions} is shorter than decoding needs: "
+            f"decode.max_generated_words {config.decode.max_generated_words} + the start token = {steps}"
+        )
+
+
+def _divisor_near(units: int, heads: int) -> int:
+    """The divisor of `units` nearest `heads`, the larger of two (a suggestion for the one-line error)."""
+    return min((d for d in range(1, units + 1) if units % d == 0), key=lambda d: (abs(d - heads), -d))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -475,7 +475,7 @@ def test_a_pooled_file_for_an_attention_model_and_a_map_file_for_a_merge_model_a
     with pytest.raises(
         CaptionerError,
         match=(
-            r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps"
+            r"pooled\.pkl: pooled feature vectors \[20, 3\]; a map model \(model.kind attention or transformer\) takes spatial maps"
         ),
     ):
         train_stage(pooled_config)
@@ -581,7 +581,7 @@ def test_evaluate_an_attention_model_on_a_map_file_with_strips_in_the_report(tmp
     with pytest.raises(
         CaptionerError,
         match=(
-            r"pooled\.pkl: pooled feature vectors \[20, 3\]; the attention model takes spatial maps "
+            r"pooled\.pkl: pooled feature vectors \[20, 3\]; a map model \(model.kind attention or transformer\) takes spatial maps "
             r"\[N, 4, 3\]"
         ),
     ):

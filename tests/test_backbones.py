@@ -102,6 +102,55 @@ def test_other_pooled_families_with_random_weights(name):
     _check_pooled_network(name)
 
 
+# The map layers the catalogue lists (Backbone.maps) and their grids: the issue's list.
+MAP_LAYERS = {
+    "vgg16": {"block5_conv3": (14, 14, 512), "block5_pool": (7, 7, 512)},
+    "vgg19": {"block5_conv3": (14, 14, 512), "block5_conv4": (14, 14, 512), "block5_pool": (7, 7, 512)},
+    "resnet50": {"conv5_block3_out": (7, 7, 2048)},
+    "inception_v3": {"mixed10": (8, 8, 2048)},
+    "mobilenet_v2": {"out_relu": (7, 7, 1280)},
+    "efficientnet_b0": {"top_activation": (7, 7, 1280)},
+}
+
+
+def test_every_family_lists_its_map_layers_and_refuses_unknown_ones_naming_them():
+    assert {name: dict(spec.maps) for name, spec in CATALOGUE.items()} == MAP_LAYERS
+    for name, spec in CATALOGUE.items():
+        assert not set(spec.maps) & set(spec.layers), name  # a layer is pooled or a map, never both
+        for layer in spec.maps:
+            assert spec.is_map_layer(layer) and get_backbone(name, layer) is spec
+        assert not spec.is_map_layer(spec.default_layer)
+    with pytest.raises(CaptionerError) as error:
+        get_backbone("vgg16", "block4_pool")
+    assert str(error.value) == (
+        "unknown layer 'block4_pool' of vgg16 (features.layer: fc2, fc1; maps into an .h5: block5_conv3 14x14x512, "
+        "block5_pool 7x7x512)"
+    )
+
+
+def _check_map_network(name: str) -> None:
+    """Builds the family cut at its deepest map layer (random weights) and checks every map layer's grid in it."""
+    spec = CATALOGUE[name]
+    deepest = list(spec.maps)[-1]
+    model = build_backbone(name, deepest, "none")
+    assert tuple(model.output.shape) == (None, *spec.maps[deepest])
+    for layer, grid in spec.maps.items():
+        assert tuple(model.get_layer(layer).output.shape) == (None, *grid), (name, layer)
+    image = spec.preprocess(np.full((1, *spec.input_size, 3), 128, np.uint8))
+    maps = np.asarray(model(image))
+    assert maps.shape == (1, *spec.maps[deepest]) and np.isfinite(maps).all()
+
+
+def test_mobilenet_v2_map_with_random_weights():
+    _check_map_network("mobilenet_v2")
+
+
+@pytest.mark.slow  # each builds a network of millions to a hundred million parameters: seconds
+@pytest.mark.parametrize("name", ["vgg16", "vgg19", "resnet50", "inception_v3", "efficientnet_b0"])
+def test_the_other_families_maps_with_random_weights(name):
+    _check_map_network(name)
+
+
 def test_a_tflite_file_is_not_keras_weights(tmp_path):
     model = tmp_path / "m.tflite"
     model.write_bytes(b"x")

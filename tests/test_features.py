@@ -299,7 +299,8 @@ def test_duplicate_ids_are_reported(tmp_path, tiny):
     [
         ("backbone", "resnet51", r"unknown backbone 'resnet51' \(features.backbone: vgg16, vgg19, resnet50, "
          r"inception_v3, mobilenet_v2, efficientnet_b0\)"),
-        ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1\)"),
+        ("layer", "fc3", r"unknown layer 'fc3' of vgg16 \(features.layer: fc2, fc1; maps into an .h5: block5_conv3 14x14x512, "
+                            r"block5_pool 7x7x512\)"),
         ("shard", "2/2", r"bad shard '2/2'"),
         ("shard", "one/two", r"bad shard 'one/two'"),
         ("weights", "/nowhere/vgg.h5", r"weights file not found: /nowhere/vgg.h5"),
@@ -405,6 +406,34 @@ def test_shards_merge_into_the_unsharded_cache(reference, tmp_path, tiny):
         pickle.dump(data, handle)
     with pytest.raises(CaptionerError, match=f"{wrong}"):
         merge_feature_parts(sorted(tampered.glob("*.pkl")), tmp_path / "m6.pkl")
+
+
+def test_a_map_layer_into_a_vector_file_and_a_pooled_layer_into_a_map_file_are_refused_before_building(
+    tmp_path, monkeypatch
+):
+    import captioner.stages.features as features_stage
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(features_stage, "build_backbone", no_network)
+    with pytest.raises(CaptionerError) as error:
+        extract_stage(make_config(images, tmp_path / "maps.pkl", backbone="vgg16", layer="block5_pool"))
+    assert str(error.value) == (
+        f"layer 'block5_pool' of vgg16 gives maps of 7x7x512, not pooled vectors; write them to an HDF5 map file "
+        f"(--output {tmp_path / 'maps.h5'}) for a map model (model.kind attention or transformer)"
+    )
+    with pytest.raises(CaptionerError) as error:
+        extract_stage(make_config(images, tmp_path / "pooled.h5", backbone="resnet50"))
+    assert str(error.value) == (
+        f"layer 'avg_pool' of resnet50 gives pooled vectors, not [H, W, C] maps; {tmp_path / 'pooled.h5'} is a map "
+        "file: name a map layer with --layer (conv5_block3_out 7x7x2048), or write pooled vectors to a .pkl"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written
 
 
 # --------------------------------------------------------------------------- the real backbone

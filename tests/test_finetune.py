@@ -603,7 +603,7 @@ def test_maps_and_vectors_are_refused_where_the_other_is_needed(tmp_path: Path) 
     data = make_attention_data(tmp_path, doubly_stochastic=1.0)
     config = make_config(data, tmp_path / "out")
     config.finetune.features = [str(data["merge_features"])]
-    with pytest.raises(CaptionerError, match=r"the attention model takes spatial maps \[N, 4, 8\]"):
+    with pytest.raises(CaptionerError, match=r"a map model \(model.kind attention or transformer\) takes spatial maps \[N, 4, 8\]"):
         finetune_stage(config)
     config = make_config(data, tmp_path / "out")
     config.finetune.model = str(tmp_path / "xe")  # the merge model make_data wrote
@@ -611,7 +611,7 @@ def test_maps_and_vectors_are_refused_where_the_other_is_needed(tmp_path: Path) 
         finetune_stage(config)
     config = make_config(data, tmp_path / "out")
     config.finetune.features = [str(data["features"]), str(data["features"])]
-    with pytest.raises(CaptionerError, match="an attention model is fine-tuned on one map file"):
+    with pytest.raises(CaptionerError, match="a map model is fine-tuned on one map file"):
         finetune_stage(config)
     assert not (tmp_path / "out" / layout.MODEL_FILE).exists()
 

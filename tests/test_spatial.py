@@ -217,7 +217,7 @@ def test_shape_errors_name_expected_and_found_shapes(tmp_path: Path):
     with pytest.raises(
         CaptionerError,
         match=(
-            r"features\.pkl: pooled feature vectors \[2, 1280\]; the attention model takes spatial maps "
+            r"features\.pkl: pooled feature vectors \[2, 1280\]; a map model \(model.kind attention or transformer\) takes spatial maps "
             r"\[N, 49, 1280\]"
         ),
     ):

@@ -422,7 +422,7 @@ def check_map_shape(path: str | Path, found: tuple[int, int, int], positions: in
 
 
 def expect_map_file(path: str | Path, positions: int | None = None, channels: int | None = None) -> None:
-    """Refuses a pooled-vector file where maps are needed (the attention model), in one line
+    """Refuses a pooled-vector file where maps are needed (a map model: attention, transformer), in one line
     naming both shapes; with positions/channels, also a map file of another shape."""
     path = Path(path)
     if is_map_file(path):
@@ -441,7 +441,7 @@ def expect_map_file(path: str | Path, positions: int | None = None, channels: in
             found = f"pooled feature vectors [{len(vectors)}, {next(iter(vectors.values())).reshape(-1).shape[0]}]"
     wanted = f"[N, {positions}, {channels}]" if positions is not None and channels is not None else "[N, H, W, C]"
     raise CaptionerError(
-        f"{path}: {found}; the attention model takes spatial maps {wanted} from an HDF5 map file "
+        f"{path}: {found}; a map model (model.kind attention or transformer) takes spatial maps {wanted} from an HDF5 map file "
         f"(`captioner extract --layer <a convolutional layer> --output FILE.h5`)"
     )
 
@@ -469,13 +469,13 @@ def refuse_map_file(path: str | Path, feature_dim: int | None = None) -> None:
 def read_split_maps(
     paths: Sequence[str | Path], wanted: Sequence[str], positions: int, channels: int, role: str
 ) -> tuple[list[str], list[str], np.ndarray]:
-    """An attention model's maps of the images `wanted` (a split's ids, in order), from its one map
+    """A map model's maps of the images `wanted` (a split's ids, in order), from its one map
     file, whose shape must be the model's (positions, channels): (ids with a map, ids without,
     float32 [N, P, C]). `role` names the use in the one-line error for several files
     ("evaluated", "fine-tuned")."""
     if len(paths) != 1:
         raise CaptionerError(
-            f"an attention model is {role} on one map file (--features FILE.h5), got {len(paths)}: "
+            f"a map model is {role} on one map file (--features FILE.h5), got {len(paths)}: "
             f"{', '.join(map(str, paths))}"
         )
     expect_map_file(paths[0], positions, channels)  # shapes, in one line

@@ -421,12 +421,18 @@ def step_model(model: keras.Model) -> AttentionStepModel:
 def check_loaded(model_dir: Path, model: keras.Model, config: Any, info: dict[str, Any]) -> None:
     """The model's maps (positions, channels) against config.json's map_grid and feature_dim."""
     positions, channels = map_shape(model)
+    check_map_grid(model_dir, positions, channels, info, "an attention model")
+
+
+def check_map_grid(model_dir: Path, positions: int, channels: int, info: dict[str, Any], what: str) -> None:
+    """A map model's (positions, channels) against config.json's map_grid [H, W] and feature_dim;
+    CaptionerError (one line) naming both. `what` names the model in it ("an attention model")."""
     grid = info.get("map_grid")
     if (
         not isinstance(grid, list) or len(grid) != 2
         or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid)
     ):
-        raise CaptionerError(f"{Path(model_dir) / CONFIG_FILE}: an attention model needs map_grid [H, W], got {grid!r}")
+        raise CaptionerError(f"{Path(model_dir) / CONFIG_FILE}: {what} needs map_grid [H, W], got {grid!r}")
     if grid[0] * grid[1] != positions or channels != info["feature_dim"]:
         raise CaptionerError(
             f"model directory {model_dir}: the model takes maps of {positions} positions x {channels} channels, "
@@ -480,6 +486,7 @@ __all__ = [
     "is_model",
     "build",
     "check_loaded",
+    "check_map_grid",
     "finetune_regularisers",
     "step_model",
     "map_shape",

@@ -2,8 +2,8 @@
 
 Each kind is one `DecoderKind`: what features it takes (pooled vectors float32 [D], or a map
 float32 [H*W, C] from an HDF5 map file), what its step returns beside the log-probabilities
-(attention: its weights over the map positions, float32 [N, H*W], which `caption --explain`
-draws), which model settings it ignores (left out of a run's params, so adding a setting to
+(attention and transformer: weights over the map positions, float32 [N, H*W], which
+`caption --explain` draws), which model settings it ignores (left out of a run's params, so adding a setting to
 one kind does not retrain the others), and its Keras implementation: a module with
 
     LAYERS                                  layer names a saved model of this kind must have
@@ -57,6 +57,12 @@ def _attention() -> ModuleType:
     return attention
 
 
+def _transformer() -> ModuleType:
+    from captioner.models import transformer  # Keras
+
+    return transformer
+
+
 @dataclass(frozen=True)
 class DecoderKind:
     name: str
@@ -78,14 +84,26 @@ class DecoderKind:
         return self.implementation.build(features, vocab_size, model)
 
 
+# ModelConfig fields only the transformer reads: the LSTM kinds ignore them, so their runs' params
+# (manifests, checkpoints) are as before these fields existed.
+_TRANSFORMER_FIELDS = frozenset({"layers", "heads", "feedforward_dim", "positions", "max_positions", "tie_embeddings"})
+
 KINDS: dict[str, DecoderKind] = {
     "merge": DecoderKind(
         "merge", takes_maps=False, step_extras=(),
-        ignores=frozenset({"kind", "attention_dim", "doubly_stochastic"}), _implementation=_merge,
+        ignores=frozenset({"kind", "attention_dim", "doubly_stochastic"}) | _TRANSFORMER_FIELDS, _implementation=_merge,
     ),
     "attention": DecoderKind(
         "attention", takes_maps=True, step_extras=(ATTENTION_EXTRA,),
-        ignores=frozenset({"init_inject"}), _implementation=_attention,  # always starts from the image
+        ignores=frozenset({"init_inject"}) | _TRANSFORMER_FIELDS, _implementation=_attention,  # always starts from the image
+    ),
+    "transformer": DecoderKind(
+        # its step's "attention" is the last block's cross-attention, averaged over the heads
+        "transformer", takes_maps=True, step_extras=(ATTENTION_EXTRA,),
+        # its embeddings are `units` wide; decoder_dropout is its one dropout rate
+        ignores=frozenset({"embedding_dim", "image_dropout", "word_dropout", "attention_dim", "doubly_stochastic",
+                           "init_inject"}),
+        _implementation=_transformer,
     ),
 }
 assert tuple(KINDS) == MODEL_KINDS, "config.MODEL_KINDS and the registry list the same kinds"

@@ -15,14 +15,15 @@ weights, weights_sha256, input_size, resample, precision) and shard; extra: coun
 "failed" {file name: reason}, "duplicates", per-file sizes/mtimes for incremental
 runs). While running, finished work is kept in `<output>.parts/` (one .npz per
 `features.chunk_size` images), removed at the end.
-Maps for the attention model: with an output named .h5/.hdf5 and a convolutional `--layer`
-(a Keras layer such as VGG16's block5_conv3, or a TFLite tensor such as the int8
+Maps for the attention and transformer models: with an output named .h5/.hdf5 and a convolutional
+`--layer` (a map layer of the catalogue, `captioner.vision.backbones.Backbone.maps`, such as VGG16's
+block5_pool 7x7x512 or block5_conv3 14x14x512, or a TFLite tensor such as the int8
 MobileNetV2's `mobilenetv2_1.00_224/out_relu/Relu6`, 7x7x1280), each image's map [H, W, C]
 goes into an HDF5 map file (`captioner.data.spatial`: float16, chunked per image, provenance in
 its attributes), written beside the output and renamed over it at the end; the chunks give
 resume as for vectors, and a truncated map file is not reused but redone. A map layer into a
 vector file, or a pooled layer into a map file, is refused in one line; sharding maps is not
-supported. Memory and disk: the maps of the run are held, and chunked, in float16 until
+supported; a catalogue layer of the other sort is refused before the network is built. Memory and disk: the maps of the run are held, and chunked, in float16 until
 written (Flickr8k at 7x7x1280: about 1 GB each).
 Config used: the `features` section (backbone, layer, weights, resample, precision,
 batch_size, workers, chunk_size, max_failed_fraction, shard).
@@ -395,12 +396,30 @@ def _fits_float16(vector: np.ndarray) -> bool:
         return bool(np.isfinite(vector.astype(spatial.MAP_DTYPE)).all())
 
 
+def _check_catalogue_layer(spec: Any, layer: str, output: Path, maps_out: bool) -> None:
+    """A Keras backbone's map layer goes to a map file (.h5), a pooled layer to a vector file; else one line
+    naming the layer, what it gives and the layers that fit (`captioner.vision.backbones.Backbone.maps`)."""
+    if spec.is_map_layer(layer) and not maps_out:
+        grid = "x".join(map(str, spec.maps[layer]))
+        raise CaptionerError(
+            f"layer {layer!r} of {spec.name} gives maps of {grid}, not pooled vectors; write them to an HDF5 map "
+            f"file (--output {output.with_suffix('.h5')}) for a map model (model.kind attention or transformer)"
+        )
+    if maps_out and not spec.is_map_layer(layer):
+        maps = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in spec.maps.items())
+        raise CaptionerError(
+            f"layer {layer!r} of {spec.name} gives pooled vectors, not [H, W, C] maps; {output} is a map file: "
+            f"name a map layer with --layer ({maps}), or write pooled vectors to a .pkl"
+        )
+
+
 def _check_kind(output: Path, maps_out: bool, vector: np.ndarray, layer: str) -> None:
     """A convolutional map goes to a map file (.h5), a pooled vector to a vector file; else one line naming both."""
     if vector.ndim == 3 and not maps_out:
         raise CaptionerError(
             f"layer {layer!r} gives maps of {'x'.join(map(str, vector.shape))}, not pooled vectors; write them to "
-            f"an HDF5 map file (--output {output.with_suffix('.h5')}) for model.kind=attention"
+            f"an HDF5 map file (--output {output.with_suffix('.h5')}) for a map model (model.kind attention or "
+            "transformer)"
         )
     if vector.ndim != 3 and maps_out:
         raise CaptionerError(
@@ -477,6 +496,8 @@ def extract_stage(
         raise CaptionerError(
             f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors"
         )
+    if not tflite_weights and model_factory is None:  # (a test's model_factory network stands in for the layer)
+        _check_catalogue_layer(spec, fc.layer or spec.default_layer, output, maps_out)  # before building anything
     tflite = None
     if tflite_weights:
         # Opened before anything is written: a file that is not a model, or not one of this

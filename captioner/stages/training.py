@@ -2,7 +2,8 @@
 
 Reads
   train.features   one or more feature files (`captioner.data.feature_files.load_features`: dict image id
-                   -> float32 [D], any D), merged; with model.kind=attention, one HDF5 map file
+                   -> float32 [D], any D), merged; with a map model (model.kind attention or transformer: the
+                   registry's `takes_maps`), one HDF5 map file
                    (`captioner.data.spatial`: float16 [N, H, W, C], read a batch at a time, never whole)
   train.captions   the `prepare` stage's folder: `<train_split>.json`, `<val_split>.json`
                    ({image_id: [caption, ...]}) and `tokenizer.json`
@@ -23,8 +24,8 @@ Writes (train.output, a folder; see `captioner.layout`)
   manifest.json    `captioner.cache.Stage` "train": a rerun with unchanged inputs and
                    params is a no-op
 
-Config: train (all of it), model (the architecture: model.kind merge, `captioner.models.directory`, or
-attention, `captioner.models.attention`), text.max_prepared_words (captions are cut
+Config: train (all of it), model (the architecture: model.kind merge, attention or transformer, one
+module each in `captioner.models`, told apart only by `captioner.models.registry`), text.max_prepared_words (captions are cut
 to it). The loss is the mean cross-entropy per real target word (pads never count: the
 batches' sample weights are 0 there, see `captioner.data.sequences`), on float32 logits; with
 train.label_smoothing > 0, the label-smoothed one (`captioner.models.losses`).
@@ -287,11 +288,11 @@ def _gib(size: float) -> str:
     return f"{gib:,.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
-def _open_maps(paths: _Inputs) -> spatial.MapFile:
-    """The one map file an attention model trains on (train.features), checked to hold maps."""
+def _open_maps(paths: _Inputs, kind: str) -> spatial.MapFile:
+    """The one map file a map model (`registry.DecoderKind.takes_maps`) trains on (train.features), checked to hold maps."""
     if len(paths.feature_files) != 1:
         raise CaptionerError(
-            f"model.kind=attention trains on one map file (train.features), got {len(paths.feature_files)}: "
+            f"model.kind={kind} trains on one map file (train.features), got {len(paths.feature_files)}: "
             f"{', '.join(map(str, paths.feature_files))}"
         )
     path = paths.feature_files[0]
@@ -352,7 +353,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         splits[train.train_split] = with_teacher_captions(splits[train.train_split], paths.teacher_reports, train.train_split)
     maps = None
     if registry.get(config.model.kind).takes_maps:
-        maps = _open_maps(paths)  # read a batch at a time, never loaded whole
+        maps = _open_maps(paths, config.model.kind)  # read a batch at a time, never loaded whole
         log.info("train: reading maps %s (%d images, %dx%dx%d)", maps.path, len(maps), *maps.grid, maps.channels)
         table = FeatureTable(maps, maps.index)
         feature_dim = maps.channels

@@ -4,16 +4,23 @@ Everything `caption` needs to turn photos into feature vectors, without the extr
 stage (`captioner.stages.features`, which adds chunks, resume, shards and the cache on top).
 
 The catalogue (`CATALOGUE`) declares each backbone once: its `keras.applications`
-constructor, input size, preprocessing, default resize filter, and the layers whose
-output can serve as features, with their widths (the first is the default):
+constructor, input size, preprocessing, default resize filter, the layers whose
+output can serve as pooled features, with their widths (the first is the default), and
+the convolutional map layers an attention or transformer model reads, with their grids
+(`Backbone.maps`, H x W x C; `extract --layer NAME --output FILE.h5`):
 
-| name | input | preprocessing | resize | feature layers |
-| --- | --- | --- | --- | --- |
-| vgg16, vgg19 | 224x224 | caffe | nearest (as Keras `load_img`, the course's way) | fc2, fc1 (4096) |
-| resnet50 | 224x224 | caffe | bilinear | avg_pool (2048) |
-| inception_v3 | 299x299 | tf | bilinear | avg_pool (2048) |
-| mobilenet_v2 | 224x224 | tf | bilinear | global_average_pooling2d (1280) |
-| efficientnet_b0 | 224x224 | none (the network rescales itself) | bilinear | avg_pool (1280) |
+| name | input | preprocessing | resize | feature layers | map layers |
+| --- | --- | --- | --- | --- | --- |
+| vgg16 | 224x224 | caffe | nearest (as Keras `load_img`, the course's way) | fc2, fc1 (4096) | block5_conv3 14x14x512, block5_pool 7x7x512 |
+| vgg19 | 224x224 | caffe | nearest | fc2, fc1 (4096) | block5_conv3, block5_conv4 14x14x512, block5_pool 7x7x512 |
+| resnet50 | 224x224 | caffe | bilinear | avg_pool (2048) | conv5_block3_out 7x7x2048 (the last block) |
+| inception_v3 | 299x299 | tf | bilinear | avg_pool (2048) | mixed10 8x8x2048 |
+| mobilenet_v2 | 224x224 | tf | bilinear | global_average_pooling2d (1280) | out_relu 7x7x1280 |
+| efficientnet_b0 | 224x224 | none (the network rescales itself) | bilinear | avg_pool (1280) | top_activation 7x7x1280 |
+
+A map layer is each family's last convolutional output, the one its pool averages (VGG's
+block5_pool halves block5_conv3's grid: 49 positions instead of 196, the same width); a .tflite
+model names its map by tensor instead (`open_tflite`).
 
 The convolutional families' feature layer is the global average pool that feeds the
 classifier (`Backbone.pooled_layer`): what captioning models use. Keras 3 leaves
@@ -58,7 +65,7 @@ import os
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +106,15 @@ class Backbone:
     resample: str  # the resize filter it is fed with by default (a config.RESAMPLE_FILTERS name)
     layers: Mapping[str, int]  # feature layer -> width; the first is the default layer
     pooled_layer: str | None = None  # the global pool feeding the classifier, taken as "predictions"' input
+    maps: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # map layer -> (H, W, C), for map files
 
     @property
     def default_layer(self) -> str:
         return next(iter(self.layers))
+
+    def is_map_layer(self, layer: str) -> bool:
+        """Whether `layer` is one of the family's convolutional map layers (its output is [H, W, C])."""
+        return layer in self.maps
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8/float RGB [..., H, W, 3] -> new float32 [..., H, W, 3], this backbone's input."""
@@ -113,17 +125,26 @@ class Backbone:
         return self.preprocess(load_image(path, size=self.input_size, resample=resample or self.resample))
 
 
-def _vgg(name: str, application: str) -> Backbone:
+def _maps(**layers: tuple[int, int, int]) -> Mapping[str, tuple[int, int, int]]:
+    return types.MappingProxyType(layers)
+
+
+def _vgg(name: str, application: str, maps: Mapping[str, tuple[int, int, int]]) -> Backbone:
     # nearest: the default of Keras load_img, which is how the course extracted its features.
     return Backbone(
-        name, application, (224, 224), "caffe", "nearest", types.MappingProxyType({"fc2": 4096, "fc1": 4096})
+        name, application, (224, 224), "caffe", "nearest", types.MappingProxyType({"fc2": 4096, "fc1": 4096}),
+        maps=maps,
     )
 
 
-def _pooled(name: str, application: str, size: int, preprocessing: str, layer: str, width: int) -> Backbone:
+def _pooled(
+    name: str, application: str, size: int, preprocessing: str, layer: str, width: int,
+    maps: Mapping[str, tuple[int, int, int]],
+) -> Backbone:
     # bilinear: how the shared 224x224 Flickr8k copies were made, and the usual resize for these families.
     return Backbone(
-        name, application, (size, size), preprocessing, "bilinear", types.MappingProxyType({layer: width}), layer
+        name, application, (size, size), preprocessing, "bilinear", types.MappingProxyType({layer: width}), layer,
+        maps=maps,
     )
 
 
@@ -131,14 +152,17 @@ CATALOGUE: Mapping[str, Backbone] = types.MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            _vgg("vgg16", "VGG16"),
-            _vgg("vgg19", "VGG19"),
-            _pooled("resnet50", "ResNet50", 224, "caffe", "avg_pool", 2048),
-            _pooled("inception_v3", "InceptionV3", 299, "tf", "avg_pool", 2048),
+            _vgg("vgg16", "VGG16", _maps(block5_conv3=(14, 14, 512), block5_pool=(7, 7, 512))),
+            _vgg("vgg19", "VGG19", _maps(block5_conv3=(14, 14, 512), block5_conv4=(14, 14, 512),
+                                         block5_pool=(7, 7, 512))),
+            _pooled("resnet50", "ResNet50", 224, "caffe", "avg_pool", 2048, _maps(conv5_block3_out=(7, 7, 2048))),
+            _pooled("inception_v3", "InceptionV3", 299, "tf", "avg_pool", 2048, _maps(mixed10=(8, 8, 2048))),
             # The name Keras gives the pool in a fresh process, and the one in the shared TFLite
             # file's tensor names (mobilenetv2_1.00_224/global_average_pooling2d/Mean).
-            _pooled("mobilenet_v2", "MobileNetV2", 224, "tf", "global_average_pooling2d", 1280),
-            _pooled("efficientnet_b0", "EfficientNetB0", 224, "none", "avg_pool", 1280),
+            _pooled("mobilenet_v2", "MobileNetV2", 224, "tf", "global_average_pooling2d", 1280,
+                    _maps(out_relu=(7, 7, 1280))),
+            _pooled("efficientnet_b0", "EfficientNetB0", 224, "none", "avg_pool", 1280,
+                    _maps(top_activation=(7, 7, 1280))),
         )
     }
 )
@@ -146,8 +170,8 @@ BACKBONES = tuple(CATALOGUE)  # the names features.backbone accepts
 
 
 def get_backbone(name: str, layer: str | None = None, section: str = "features") -> Backbone:
-    """The catalogue entry of `name`; with `layer`, also checks the layer is one of its feature layers
-    ("" means the default layer and is always accepted).
+    """The catalogue entry of `name`; with `layer`, also checks the layer is one of its feature or map
+    layers ("" means the default layer and is always accepted).
 
     Raises CaptionerError naming the option and the valid values; section: the config section
     whose options those are ("features"; "quantize" names the flags of `captioner quantize`).
@@ -156,8 +180,11 @@ def get_backbone(name: str, layer: str | None = None, section: str = "features")
     spec = CATALOGUE.get(name)
     if spec is None:
         raise CaptionerError(f"unknown backbone {name!r} ({options[0]}: {', '.join(BACKBONES)})")
-    if layer and layer not in spec.layers:
-        raise CaptionerError(f"unknown layer {layer!r} of {name} ({options[1]}: {', '.join(spec.layers)})")
+    if layer and layer not in spec.layers and layer not in spec.maps:
+        maps = ", ".join(f"{m} {'x'.join(map(str, shape))}" for m, shape in spec.maps.items())
+        raise CaptionerError(
+            f"unknown layer {layer!r} of {name} ({options[1]}: {', '.join(spec.layers)}; maps into an .h5: {maps})"
+        )
     return spec
 
 
@@ -235,10 +262,12 @@ def _dtype_policy(name: str) -> Iterator[None]:
 def build_backbone(
     backbone: str = "vgg16", layer: str = "", weights: str = "imagenet", precision: str = "float32"
 ) -> Any:
-    """A Keras model: preprocessed float32 [B, H, W, 3] -> `layer` output float32 [B, D].
+    """A Keras model: preprocessed float32 [B, H, W, 3] -> `layer` output float32 [B, D]
+    (a map layer of `Backbone.maps`: float32 [B, h, w, C]).
 
     `keras.applications.<application>(include_top=True)` cut at `layer` ("" = the
-    backbone's default layer; the classifier is dropped). VGG16/VGG19 at fc2 or fc1:
+    backbone's default layer; the classifier is dropped; the whole network is built whatever
+    the layer, so a weights file of the whole network loads as it is). VGG16/VGG19 at fc2 or fc1:
     [B, 224, 224, 3] caffe input -> [B, 4096] (134,260,544 parameters left of VGG16's
     138,357,544, 139,570,240 of VGG19's 143,667,240); the convolutional families at their
     pool (`Backbone.pooled_layer`, the input of the "predictions" layer): ResNet50 and

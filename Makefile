@@ -19,7 +19,7 @@ F8K_TRAIN ?=
 # Runs a stage and says how long it took (the per-stage times in results/benchmarks.md come from these lines).
 TIMED = t0=$$(date +%s); $(1) && echo "  [$(2): $$(( $$(date +%s) - t0 )) s]"
 
-.PHONY: demo test test-slow bench clean-demo flickr8k
+.PHONY: demo test test-slow bench clean-demo flickr8k pretrained
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,11 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	CAPTIONER_MULTIWORKER_TEST=1 $(BIN)/python -m pytest -q -m slow
 
-# The whole pipeline on generated data, offline: every stage is cached, so a re-run is quick.
+# First the main job: the pretrained default (captioner/pretrained, TensorFlow-free) captions four real
+# Flickr8k dev photos (docs/photos). Then the whole pipeline on generated data, offline: every stage is
+# cached, so a re-run is quick.
 demo: $(VENV)/.installed
+	$(BIN)/caption docs/photos/*.jpg || echo "(the pretrained default needs its backbone file: docs/runtime.md says where it is looked for)"
 	$(BIN)/captioner demo-data --output $(DEMO) --images $(DEMO_IMAGES)
 	$(BIN)/captioner extract --images $(DEMO)/images --output $(DEMO)/features/vgg16-fc2.pkl --weights none
 	$(BIN)/captioner prepare --captions $(DEMO)/Flickr8k.token.txt --splits $(DEMO) --output $(DEMO)/captions
@@ -74,6 +77,24 @@ flickr8k: $(VENV)/.installed
 	$(call TIMED,$(BIN)/captioner evaluate --model $(F8K_MODEL) --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --split dev --beam 3 --images $(F8K)/images-224,evaluate); \
 	ls $(F8K)/images | grep -Fx -f $(F8K)/Flickr_8k.devImages.txt | sed 's|^|$(F8K)/images/|' > $(F8K_DATA)/dev-photos.txt; \
 	$(call TIMED,xargs $(BIN)/caption --model $(F8K_MODEL) --beam 3 < $(F8K_DATA)/dev-photos.txt | tee $(F8K_MODEL)/captions-dev-photos.txt,caption $$(wc -l < $(F8K_DATA)/dev-photos.txt) photos)
+
+# The pretrained default's recipe end to end (model card: captioner/pretrained/README.md): three
+# cross-entropy merge models, their ensemble's captions of the train images, a student trained on the
+# references plus those captions, SCST on CIDEr-D, then the export. Every step is cached and resumes
+# after a kill; about 2.5 hours on 2 idle cores.
+PT := models/pretrained
+pretrained: $(VENV)/.installed
+	$(MAKE) flickr8k F8K_MODEL=$(PT)/ce-s0
+	set -e; for seed in 1 2; do \
+		$(BIN)/captioner train --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/ce-s$$seed --train.seed=$$seed; \
+	done
+	$(BIN)/captioner evaluate --model $(PT)/ce-s0 --model $(PT)/ce-s1 --model $(PT)/ce-s2 --features $(F8K_FEATURES) \
+		--captions $(F8K_CAPTIONS) --split train --output $(PT)/teacher
+	$(BIN)/captioner train --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json
+	$(BIN)/captioner finetune --model $(PT)/student --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/scst \
+		--config configs/pretrained-scst.json
+	$(BIN)/captioner evaluate --model $(PT)/scst --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --split dev --beam 3
+	$(BIN)/captioner export --model $(PT)/scst --output captioner/pretrained --export.backbone=false --force
 
 clean-demo:
 	rm -rf $(DEMO) models/demo

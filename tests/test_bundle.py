@@ -195,7 +195,8 @@ def test_caption_with_a_bundle_never_imports_tensorflow_or_keras(merge_bundle, m
 def test_a_bundle_ensemble_and_a_bundle_in_serve(merge_bundle, photo, tmp_path, capsys):
     from fastapi.testclient import TestClient
 
-    from captioner.serving.serve import ModelCaptioner, create_app
+    from captioner.serving.app import create_app
+    from captioner.serving.model import ModelCaptioner
 
     one = Captioner(merge_bundle, DecodeConfig(beam_size=2)).caption([photo])[0]
     twin = tmp_path / "twin"

@@ -30,7 +30,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from captioner import cache, layout
-from captioner.cache import file_sha256
 from captioner.config import Config, DecodeConfig
 from captioner.decoding import bundle as bundle_lib
 from captioner.decoding.inference import Beam
@@ -118,8 +117,8 @@ class ModelCaptioner:
             "decoder": kind,
             "backbone": backbone,
             "feature_dim": int(captioner.feature_dim),
-            "vocab_size": int(captioner.data.tokenizer.vocab_size),
-            "model_files": {name: file_sha256(model_dir / name) for name in layout.MODEL_DIR_FILES},
+            "vocab_size": int(captioner.tokenizer.vocab_size),
+            "model_files": {path.name: cache.file_sha256(path) for path in layout.model_files(model_dir)},
             "training_data": training_inputs(model_dir, captioner.config),
             "dev_metrics": recorded_metrics(model_dir, "dev"),
         }

@@ -24,7 +24,8 @@ from captioner.cli import main
 from captioner.config import Config, DecodeConfig
 from captioner.decoding.inference import Beam
 from captioner.errors import CaptionerError
-from captioner.serving.serve import ModelCaptioner, create_app
+from captioner.serving.app import create_app
+from captioner.serving.model import ModelCaptioner
 
 STATIC = Path(__file__).resolve().parents[1] / "captioner" / "serving" / "static"
 

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from captioner.config import Config, DecodeConfig
-from captioner.serving.serve import ModelCaptioner, create_app
+from captioner.serving.app import create_app
+from captioner.serving.model import ModelCaptioner
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k" / "images-224"

@@ -27,17 +27,15 @@ from test_serve import ColourModel, config_with, image_bytes
 from captioner import config as config_lib
 from captioner.cli import build_parser, main, resolve_config
 from captioner.errors import CaptionerError
-from captioner.serving.serve import (
+from captioner.serving.app import create_app
+from captioner.serving.connections import (
     ConnectionGuard,
-    DecodePool,
-    ImageRefused,
-    MemoryBudget,
-    Upload,
     build_server,
     connection_cap,
-    create_app,
     raise_open_file_limit,
 )
+from captioner.serving.decode_pool import DecodePool, ImageRefused
+from captioner.serving.uploads import MemoryBudget, Upload
 
 MB = 1 << 20
 

@@ -206,13 +206,8 @@ def test_a_bundle_ensemble_and_a_bundle_in_serve(merge_bundle, photo, tmp_path, 
 
     config = Config()
     config.serve.batch_window_ms, config.decode.beam_size = 0, 2
-<<<<<<< HEAD
-    with TestClient(create_app(lambda: ModelCaptioner(merge_bundle, DecodeConfig(beam_size=2)), config),
-                    base_url="http://localhost") as client:  # a Host the server answers
-=======
     app = create_app(lambda: ModelCaptioner(merge_bundle, DecodeConfig(beam_size=2)), config)
     with TestClient(app, base_url="http://localhost") as client:  # a Host the server answers (serve.allowed_hosts)
->>>>>>> h27serve
         for _ in range(300):
             if client.get("/health/ready").status_code == 200:
                 break

@@ -9,6 +9,10 @@ Reads nothing. Writes, under `demo.output` (default `data/demo`):
   one `<id>.jpg` per line, a 70/15/15 split;
 - `manifest.json`: the stage manifest (params: images, seed, generator version).
 
+`write_demo_shards(folder, images, seed, per_shard)` writes the same scenes as WebDataset shards
+instead (`00000.tar`, ...: `<id>.jpg`, `<id>.txt` with the five captions, `<id>.json` with
+"caption", "captions" and "split"), the input of the Ray engine's tests and `bench/ray_scale.py`.
+
 Config: `DemoConfig` (output, images, seed). Everything is drawn from one numpy
 generator seeded with `demo.seed`, so a seed gives byte-identical files. Cost: a few
 seconds for the default 800 images (mostly fsyncs), ~5 KB per image (800: ~4 MB).
@@ -35,7 +39,9 @@ whether it got the content right rather than which phrasing it chose.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,3 +326,39 @@ def _make_locked(demo: DemoConfig, output: Path, config: Config | None) -> DemoR
     )
     log.info("demo-data: %d images in %.1f s", demo.images, result.seconds)
     return result
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # byte-identical shards for a seed
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_demo_shards(folder: str | Path, images: int, seed: int = 0, per_shard: int = 1000) -> list[Path]:
+    """`images` demo scenes (the ids and pixels `make_demo_data` draws for the seed) as WebDataset
+    shards of `per_shard` samples in `folder`: `NNNNN.tar` holding `<id>.jpg`, `<id>.txt` (the five
+    captions, one a line) and `<id>.json` ({"caption", "captions", "split"}). Each shard is written
+    atomically; returns the shard paths. Cost: about 2 ms and 6 KB per image."""
+    folder = Path(folder)
+    if images < 1 or per_shard < 1:
+        raise CaptionerError(f"demo shards need at least one image and one per shard (got {images}, {per_shard})")
+    scenes = make_scenes(images, seed)
+    splits = {image_id: split for split, ids in split_ids([s.image_id for s in scenes], seed).items() for image_id in ids}
+    split_names = {"train": "train", "dev": "val", "test": "test"}  # Karpathy's names in the JSON
+    paths = []
+    for shard, start in enumerate(range(0, images, per_shard)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for scene in scenes[start : start + per_shard]:
+                jpeg = io.BytesIO()
+                render_scene(scene).save(jpeg, format="JPEG", quality=JPEG_QUALITY)
+                meta = {"caption": scene.captions[0], "captions": list(scene.captions),
+                        "split": split_names[splits[scene.image_id]]}
+                _tar_member(tar, f"{scene.image_id}.jpg", jpeg.getvalue())
+                _tar_member(tar, f"{scene.image_id}.txt", "".join(f"{c}\n" for c in scene.captions).encode())
+                _tar_member(tar, f"{scene.image_id}.json", json.dumps(meta).encode())
+        path = folder / f"{shard:05d}.tar"
+        cache.atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
+    return paths

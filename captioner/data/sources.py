@@ -385,6 +385,8 @@ def read_block(block: Block, image_column: str = "image") -> Iterator[tuple[Item
 
 def _read_parquet_block(source: Path, block: Block, image_column: str) -> Iterator[tuple[Item, bytes | None, str | None]]:
     parquet = _parquet_file(source)
+    if image_column not in parquet.schema_arrow.names:
+        raise CaptionerError(f"{source}: no image column {image_column!r} (engine.image_column / --image-column)")
     rows = [int(item.where) for item in block.items]
     first, last = min(rows), max(rows)
     # The row groups that hold [first, last]: a block reads only those, and only the image column.

@@ -36,7 +36,7 @@ from captioner.data.sources import plan_sources
 from captioner.decoding.inference import Captioner
 from captioner.engines.parts import CaptionsWriter, PartStore, failures
 from captioner.engines.pipeline import EngineResult, check_failed, run_parts
-from captioner.engines.runner import Job
+from captioner.engines.runner import Job, preflight
 from captioner.engines.work import CaptionWorker
 from captioner.errors import CaptionerError
 
@@ -60,6 +60,7 @@ def caption_batch(config: Any, force: bool = False, *,
             import pyarrow  # noqa: F401
         except ImportError:
             raise CaptionerError("parquet output needs pyarrow: pip install 'captioner[ray]'") from None
+    preflight(engine)
     model = Path(cb.model)
     size, resample = Captioner.input_spec(model)  # one line for a missing directory or provenance
     model_files = _model_files(model)

@@ -31,7 +31,7 @@ from captioner.data import spatial
 from captioner.data.sources import plan_sources
 from captioner.engines.parts import FeaturesWriter, PartStore, failures
 from captioner.engines.pipeline import EngineResult, check_failed, run_parts
-from captioner.engines.runner import Job
+from captioner.engines.runner import Job, preflight
 from captioner.engines.work import FeatureWorker
 from captioner.errors import CaptionerError
 from captioner.vision.backbones import (
@@ -65,6 +65,7 @@ def extract_engine(config: Any, force: bool = False, *, after_part: Callable[[in
         )
     if model_factory is not None and engine.name != "local":
         raise CaptionerError("model_factory runs in this process only (engine local)")
+    preflight(engine)
     tflite_weights = is_tflite(fc.weights)
     spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)
     weights = normalize_weights(fc.weights)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'captioner[ray]'"
 CONNECT_TIMEOUT_S = 10.0
 DECODE_TASKS_PER_WORKER = 2  # decoded blocks in flight per actor: enough to keep it busy, 38 MB each
+# Tests only: seconds an actor waits before each block, so that a test can kill a worker mid-run.
+TEST_DELAY_VARIABLE = "CAPTIONER_TEST_BLOCK_DELAY_S"
 
 
 @dataclass
@@ -96,6 +98,13 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         raise CaptionerError(f"cannot reach the Ray cluster at {address} ({reason}); is `ray start --head` running there?") from None
 
 
+def preflight(engine: Any) -> None:
+    """Before any work: with engine ray, Ray must be installed and the cluster address answer (one line each)."""
+    if engine.name == "ray":
+        import_ray()
+        check_reachable(engine.ray_address or os.environ.get("RAY_ADDRESS", ""))
+
+
 @contextlib.contextmanager
 def ray_session(address: str, cpus: int) -> Any:
     """Connected to a cluster (address), or to a Ray started here with `cpus` CPUs; shut down after."""
@@ -140,8 +149,11 @@ class _PartActor:
         self.worker = job.make_worker()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import time
+
         import numpy as np
 
+        time.sleep(float(os.environ.get(TEST_DELAY_VARIABLE, "0") or 0))
         summaries = [self.worker.run(DecodedBlock.from_bytes(bytes(data)), self.job.folder) for data in batch["decoded"]]
         return {"summary": np.array([s.to_json() for s in summaries], dtype=object)}
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from captioner import runtime
 from captioner.config import DecodeConfig
 from captioner.data.images import ImageError, load_image
 from captioner.data.sources import Block, read_block
@@ -111,6 +112,7 @@ class FeatureWorker:
         elif model_factory is not None:
             self._predict = make_predict_fn(model_factory())
         else:
+            runtime.import_keras()  # in a Ray worker: the backend's start-up chatter stays off stderr
             self._predict = make_predict_fn(
                 build_backbone(self.spec.name, params["layer"], params["weights"], params["precision"])
             )
@@ -163,6 +165,7 @@ class CaptionWorker:
                  backbone_weights: str | Path | None = None) -> None:
         if isinstance(decode, dict):
             decode = DecodeConfig(**decode)
+        runtime.import_keras()  # in a Ray worker: the backend's start-up chatter stays off stderr
         self.captioner = Captioner(model, decode, backbone_weights or None)
 
     def run(self, decoded: DecodedBlock, folder: str | Path) -> PartSummary:

@@ -37,7 +37,7 @@ def write_shard(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def write_parquet(path: Path, columns: dict[str, list]) -> Path:
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow")  # the test extra has it; without it parquet tests skip
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)

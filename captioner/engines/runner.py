@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'captioner[ray]'"
 CONNECT_TIMEOUT_S = 10.0
 DECODE_TASKS_PER_WORKER = 2  # decoded blocks in flight per actor: enough to keep it busy, 38 MB each
+# Read by Ray when imported: "0" makes a Ray started here use 127.0.0.1 as its node address.
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Tests only: seconds an actor waits before each block, so that a test can kill a worker mid-run.
 TEST_DELAY_VARIABLE = "CAPTIONER_TEST_BLOCK_DELAY_S"
 
@@ -73,8 +75,11 @@ def run_local(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], No
 # --------------------------------------------------------------------------- Ray
 
 
-def import_ray() -> Any:
-    """`ray` with Ray Data, or one line saying how to install it."""
+def import_ray(address: str = "") -> Any:
+    """`ray` with Ray Data, or one line saying how to install it. With no cluster address, Ray is
+    told to keep to the loopback interface (a Ray of this machine only: nothing listens outside)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(LOOPBACK_VARIABLE, "0")
     try:
         import ray
         import ray.data  # noqa: F401  (the extra: ray[data] brings pyarrow and pandas)
@@ -101,14 +106,14 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 def preflight(engine: Any) -> None:
     """Before any work: with engine ray, Ray must be installed and the cluster address answer (one line each)."""
     if engine.name == "ray":
-        import_ray()
+        import_ray(engine.ray_address)
         check_reachable(engine.ray_address or os.environ.get("RAY_ADDRESS", ""))
 
 
 @contextlib.contextmanager
 def ray_session(address: str, cpus: int) -> Any:
     """Connected to a cluster (address), or to a Ray started here with `cpus` CPUs; shut down after."""
-    ray = import_ray()
+    ray = import_ray(address)
     address = address or os.environ.get("RAY_ADDRESS", "")
     check_reachable(address)
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
@@ -116,7 +121,10 @@ def ray_session(address: str, cpus: int) -> Any:
     if started_here:
         try:
             if address:
-                ray.init(address=address, **quiet)
+                host = address.rpartition(":")[0]
+                # A cluster on this machine's loopback (127.x, as the tests start one): this driver is on it too.
+                local = {"_node_ip_address": host} if host.startswith("127.") else {}
+                ray.init(address=address, **quiet, **local)
             else:
                 ray.init(num_cpus=cpus, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:

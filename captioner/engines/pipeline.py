@@ -64,6 +64,8 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
     expected = {block.name: block.fingerprint for block in todo}
     count = 0
     started = time.monotonic()
+    first: list[float] = []  # (when the first part came, its images): start-up is over by then
+    sizes = {block.name: len(block.items) for block in todo}
 
     def on_part(summary: PartSummary) -> None:
         nonlocal count
@@ -71,6 +73,8 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
             return  # not a block of this run (cannot happen unless a worker misbehaves)
         if store.record(summary):
             count += 1
+            if not first:
+                first.extend([time.monotonic(), sizes[summary.name]])
             if after_part is not None:
                 after_part(count)
 
@@ -83,11 +87,15 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
     missing = [name for name in expected if name not in store.done]
     if missing:
         raise CaptionerError(f"{len(missing)} blocks came back without a part (first: {missing[0]}); rerun to finish them")
-    elapsed = time.monotonic() - started
+    ended = time.monotonic()
+    elapsed = ended - started
     if todo:
         images = sum(len(block.items) for block in todo)
-        log.info("%d images through the %s engine in %.1f s (%.2f images/s)", images, engine.name, elapsed,
-                 images / max(elapsed, 1e-9))
+        steady = ""
+        if first and len(todo) > 1 and ended > first[0]:
+            steady = f"; {(images - first[1]) / (ended - first[0]):.2f} images/s after the first part"
+        log.info("%d images through the %s engine in %.1f s (%.2f images/s%s)", images, engine.name, elapsed,
+                 images / max(elapsed, 1e-9), steady)
     return count, resumed
 
 

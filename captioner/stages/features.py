@@ -63,6 +63,9 @@ already written stay, so a rerun resumes from them. The stage (and `merge_featur
 holds `cache.output_lock(output)` while it runs: a second run on the same output
 refuses in one line.
 
+WebDataset shards, parquet files, or `--engine ray`: `captioner.engines.extract` (the CLI sends
+them there; the same features file and manifest, written part by part).
+
 Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
 to i modulo N, a split that stays put when images are added; the N part files
 are joined by `merge_feature_parts` into a cache identical to an unsharded run.

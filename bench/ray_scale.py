@@ -14,9 +14,10 @@ actor start-up included; the whole command's wall time is beside it):
     ray-1worker   `--engine ray --engine.workers=1` (a Ray started here with 1 CPU), pinned to one core
     ray-2workers  `--engine ray --engine.workers=2` (2 CPUs), on cores 0 and 1
   with the goals: ray-1worker >= 0.85 x local-1core; ray-2workers >= 1.8 x ray-1worker.
-- memory, at each of --sizes: ray-2workers, with the peak RSS (VmHWM, sampled every 0.5 s) of
-  the driver, of each actor process (max), of each decode-task worker (max), and of Ray's own
-  processes (raylet + GCS, summed): flat means the same at 10k as at 100k.
+- memory, at each of --sizes: ray-2workers, with the peak RSS (VmHWM, sampled every 0.5 s) and
+  in brackets the peak private memory (RssAnon) of the driver, of each actor process (max), of
+  each decode-task worker (max), and of Ray's own processes (raylet + GCS, summed): flat means
+  the same at 10k as at 100k. A Ray worker's RSS counts the object-store pages it maps (shared).
 
 Usage (from the repository root):
 
@@ -81,11 +82,14 @@ def _descendants(root: int) -> list[int]:
 
 
 class PeakRss:
-    """Samples the peak RSS (VmHWM) of a process tree, by role, every `interval` seconds."""
+    """Samples a process tree every `interval` seconds, by role: the peak RSS (VmHWM, which counts
+    the object-store pages a Ray worker maps: shared, bounded by the store) and the peak private
+    memory (the largest RssAnon seen: what the process itself holds)."""
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         self.pid, self.interval = pid, interval
-        self.peaks = {"driver": 0, "actor": 0, "task": 0, "ray": 0}
+        self.peaks = {"driver": 0, "actor": 0, "task": 0, "ray": 0,
+                      "driver_anon": 0, "actor_anon": 0, "task_anon": 0}
         self._ray_system: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -94,12 +98,13 @@ class PeakRss:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.peaks["driver"] = max(self.peaks["driver"], _status_kb(self.pid, "VmHWM"))
+            self.peaks["driver_anon"] = max(self.peaks["driver_anon"], _status_kb(self.pid, "RssAnon"))
             for child in _descendants(self.pid):
-                text, peak = _cmdline(child), _status_kb(child, "VmHWM")
-                if "_PartActor" in text:
-                    self.peaks["actor"] = max(self.peaks["actor"], peak)
-                elif "ray::" in text:
-                    self.peaks["task"] = max(self.peaks["task"], peak)
+                text, peak, anon = _cmdline(child), _status_kb(child, "VmHWM"), _status_kb(child, "RssAnon")
+                role = "actor" if "_PartActor" in text else "task" if "ray::" in text else None
+                if role is not None:
+                    self.peaks[role] = max(self.peaks[role], peak)
+                    self.peaks[role + "_anon"] = max(self.peaks[role + "_anon"], anon)
                 elif "raylet" in text or "gcs_server" in text:
                     self._ray_system[child] = max(self._ray_system.get(child, 0), peak)
             self.peaks["ray"] = sum(self._ray_system.values())
@@ -186,13 +191,14 @@ def main() -> None:
             one, two, local = rows["ray-1worker"][key], rows["ray-2workers"][key], rows["local-1core"][key]
             print(f"\n{what}: ray-1worker / local-1core {one / local:.2f} (goal >= 0.85); "
                   f"ray-2workers / ray-1worker {two / one:.2f} (goal >= 1.8)")
-    print("\n| images (ray, 2 workers) | images/s | after the first part | driver peak MB | actor peak MB "
-          "| decode worker peak MB | raylet+GCS MB |")
+    print("\n| images (ray, 2 workers) | images/s | after the first part | driver peak MB (private) "
+          "| actor peak MB (private) | decode worker peak MB (private) | raylet+GCS MB |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in sizes:
         row = run_extract(take(size), output, args.weights, "ray", 2, "0,1", args.block_size)
-        print(f"| {size:,} | {row['rate']:.1f} | {row['steady']:.1f} | {row['driver']:.0f} | {row['actor']:.0f} | "
-              f"{row['task']:.0f} | {row['ray']:.0f} |", flush=True)
+        print(f"| {size:,} | {row['rate']:.1f} | {row['steady']:.1f} | {row['driver']:.0f} ({row['driver_anon']:.0f}) "
+              f"| {row['actor']:.0f} ({row['actor_anon']:.0f}) | {row['task']:.0f} ({row['task_anon']:.0f}) "
+              f"| {row['ray']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from captioner.data import feature_files
 from captioner.data.demo import write_demo_shards
 from captioner.decoding.inference import caption_files
 from captioner.engines import parts as parts_lib
-from captioner.engines.caption_batch import caption_batch
 from captioner.engines.extract import extract_engine
 from captioner.errors import CaptionerError
 from captioner.layout import features_parts_dir
@@ -90,6 +89,24 @@ def test_the_local_engine_on_shards_and_parquet_gives_the_folder_stages_features
                  "--output", str(tmp_path / "cli.pkl"), "--backbone", "mobilenet_v2",
                  "--weights", str(tiny_tflite)]) == 0
     assert feature_files.load_features_file(tmp_path / "cli.pkl").keys() == expected.keys()
+
+
+def test_a_keras_backbone_gives_the_stages_features_on_any_blocks(demo_inputs, tmp_path):
+    """Fixed-size zero-padded batches: features do not depend on which images share a batch."""
+    from test_inference import tiny_backbone
+
+    network = tiny_backbone()
+    config = Config()
+    config.features.images, config.features.output = str(demo_inputs["folder"]), str(tmp_path / "stage.pkl")
+    config.features.weights, config.features.batch_size = "none", 8
+    extract_stage(config, model_factory=lambda: network)
+    expected = feature_files.load_features_file(tmp_path / "stage.pkl")
+    config.features.images, config.features.output = str(demo_inputs["shards"]), str(tmp_path / "engine.pkl")
+    config.engine.block_size = 7  # blocks and batches cut the images elsewhere than the stage did
+    result = extract_engine(config, model_factory=lambda: network)
+    got = feature_files.load_features_file(tmp_path / "engine.pkl")
+    assert result.feature_dim == 16 and got.keys() == expected.keys()
+    assert all(np.array_equal(got[key], expected[key]) for key in expected)
 
 
 def test_a_run_stopped_midway_resumes_without_redoing_finished_parts(demo_inputs, tiny_tflite, tmp_path):

@@ -13,7 +13,8 @@ callable class over an actor pool: the backbone, and the decoder, built once per
 restarts a killed actor and retries its block, whose part is then written again, the same file)
 -> `iter_rows()` in the driver. The driver connects to `engine.ray_address` (or $RAY_ADDRESS),
 else starts Ray on this machine with `workers x cpus_per_worker` CPUs (all cores when workers is
-0). Ray is imported only here, only when asked for; without it: one line saying how to install.
+0) and an object store sized to the decoded blocks in flight (at least 512 MB; Ray's default is
+30% of the memory, whose pages once touched stay resident in raylet). Ray is imported only here, only when asked for; without it: one line saying how to install.
 A cluster address that does not answer is one line (checked with a TCP connect first, 10 s).
 Every node needs captioner installed (same version) and the inputs and the output's folder at
 the same paths (a shared file system); docs/scale.md says how to run it on a cluster.
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'captioner[ray]'"
 CONNECT_TIMEOUT_S = 10.0
 DECODE_TASKS_PER_WORKER = 2  # decoded blocks in flight per actor: enough to keep it busy, 38 MB each
+MIN_OBJECT_STORE_BYTES = 512 << 20  # a Ray started here: never a smaller object store than this
 # Read by Ray when imported: "0" makes a Ray started here use 127.0.0.1 as its node address.
 LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Tests only: seconds an actor waits before each block, so that a test can kill a worker mid-run.
@@ -111,12 +113,15 @@ def preflight(engine: Any) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str, cpus: int) -> Any:
-    """Connected to a cluster (address), or to a Ray started here with `cpus` CPUs; shut down after."""
+def ray_session(address: str, cpus: int, object_store_bytes: int = 0) -> Any:
+    """Connected to a cluster (address), or to a Ray started here with `cpus` CPUs and an object
+    store of `object_store_bytes` (0: Ray's default, 30% of the memory); shut down after."""
     ray = import_ray(address)
     address = address or os.environ.get("RAY_ADDRESS", "")
     check_reachable(address)
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    # Ray's own notices (token authentication, progress bars, execution plans) stay off stderr; the
+    # workers' lines (a skipped image, an error) still come through (log_to_driver).
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -126,10 +131,13 @@ def ray_session(address: str, cpus: int) -> Any:
                 local = {"_node_ip_address": host} if host.startswith("127.") else {}
                 ray.init(address=address, **quiet, **local)
             else:
-                ray.init(num_cpus=cpus, **quiet)
+                store = {"object_store_memory": object_store_bytes} if object_store_bytes else {}
+                ray.init(num_cpus=cpus, **quiet, **store)
         except (ConnectionError, RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CaptionerError(f"cannot start or join Ray{f' at {address}' if address else ''}: {first}") from None
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -185,7 +193,13 @@ def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None
             workers: int = 0, cpus_per_worker: int = 1) -> None:
     """The blocks as a Ray Data pipeline (see the module docstring); `on_part` in the driver, per part."""
     local_cpus = (workers * cpus_per_worker) if workers else (os.cpu_count() or 1)
-    with ray_session(address, local_cpus) as ray:
+    # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, each
+    # copied in and out), not 30% of the machine: its pages, once touched, stay in raylet's RSS.
+    largest = max((len(block.items) for block in blocks), default=1)
+    block_bytes = largest * job.size[0] * job.size[1] * 3
+    actors = max(1, local_cpus // cpus_per_worker)
+    store = max(MIN_OBJECT_STORE_BYTES, 4 * DECODE_TASKS_PER_WORKER * block_bytes * actors)
+    with ray_session(address, local_cpus, store) as ray:
         if not blocks:
             return
         if not workers:

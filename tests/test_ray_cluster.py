@@ -25,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model_dirs import make_model_dir
+from test_inference import convert_tiny_tflite
+
+from captioner.data import feature_files
+from captioner.data.demo import write_demo_shards
+from captioner.engines import parts as parts_lib
+from captioner.engines.runner import TEST_DELAY_VARIABLE
+from captioner.layout import features_parts_dir
+
 pytestmark = pytest.mark.slow
-pytest.importorskip("ray")
-
-from model_dirs import make_model_dir  # noqa: E402
-from test_inference import convert_tiny_tflite  # noqa: E402
-
-from captioner.data import feature_files  # noqa: E402
-from captioner.data.demo import write_demo_shards  # noqa: E402
-from captioner.engines import parts as parts_lib  # noqa: E402
-from captioner.engines.runner import TEST_DELAY_VARIABLE  # noqa: E402
-from captioner.layout import features_parts_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -90,6 +89,7 @@ def _stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     """{"address": "127.0.0.2:PORT", "temp": DIR, "env": ...} of a running head + worker node; stopped after."""
+    pytest.importorskip("ray")  # here, not at import: the fast suite collects this file without loading Ray
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
     port = free_port()
     address = f"{HOST}:{port}"

@@ -16,7 +16,7 @@ actor start-up included; the whole command's wall time is beside it):
   with the goals: ray-1worker >= 0.85 x local-1core; ray-2workers >= 1.8 x ray-1worker.
 - memory, at each of --sizes: ray-2workers, with the peak RSS (VmHWM, sampled every 0.5 s) and
   in brackets the peak private memory (RssAnon) of the driver, of each actor process (max), of
-  each decode-task worker (max), and of Ray's own processes (raylet + GCS, summed): flat means
+  each decode-task worker (max), and of Ray's raylet and GCS binaries (summed): flat means
   the same at 10k as at 100k. A Ray worker's RSS counts the object-store pages it maps (shared).
 
 Usage (from the repository root):
@@ -105,7 +105,7 @@ class PeakRss:
                 if role is not None:
                     self.peaks[role] = max(self.peaks[role], peak)
                     self.peaks[role + "_anon"] = max(self.peaks[role + "_anon"], anon)
-                elif "raylet" in text or "gcs_server" in text:
+                elif Path(text.split(" ", 1)[0]).name in ("raylet", "gcs_server"):  # the binaries, not their agents
                     self._ray_system[child] = max(self._ray_system.get(child, 0), peak)
             self.peaks["ray"] = sum(self._ray_system.values())
             self._stop.wait(self.interval)

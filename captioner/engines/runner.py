@@ -13,8 +13,8 @@ callable class over an actor pool: the backbone, and the decoder, built once per
 restarts a killed actor and retries its block, whose part is then written again, the same file)
 -> `iter_rows()` in the driver. The driver connects to `engine.ray_address` (or $RAY_ADDRESS),
 else starts Ray on this machine with `workers x cpus_per_worker` CPUs (all cores when workers is
-0) and an object store sized to the decoded blocks in flight (at least 512 MB; Ray's default is
-30% of the memory, whose pages once touched stay resident in raylet). Ray is imported only here, only when asked for; without it: one line saying how to install.
+0) and an object store sized to the decoded blocks in flight (at least 512 MB; with Ray's default,
+30% of the memory, the workers' RSS grew with the run as they mapped more of its pages). Ray is imported only here, only when asked for; without it: one line saying how to install.
 A cluster address that does not answer is one line (checked with a TCP connect first, 10 s).
 Every node needs captioner installed (same version) and the inputs and the output's folder at
 the same paths (a shared file system); docs/scale.md says how to run it on a cluster.
@@ -193,8 +193,8 @@ def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None
             workers: int = 0, cpus_per_worker: int = 1) -> None:
     """The blocks as a Ray Data pipeline (see the module docstring); `on_part` in the driver, per part."""
     local_cpus = (workers * cpus_per_worker) if workers else (os.cpu_count() or 1)
-    # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, each
-    # copied in and out), not 30% of the machine: its pages, once touched, stay in raylet's RSS.
+    # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, room
+    # for each twice), not 30% of the machine: workers map its pages, and their RSS grows with them.
     largest = max((len(block.items) for block in blocks), default=1)
     block_bytes = largest * job.size[0] * job.size[1] * 3
     actors = max(1, local_cpus // cpus_per_worker)

@@ -23,8 +23,11 @@ from typing import Any
 
 from captioner import cache, layout, runtime
 from captioner import config as config_lib
+from captioner.data import sources
 from captioner.data.demo import make_demo_data
 from captioner.decoding.inference import iter_caption_files
+from captioner.engines.caption_batch import caption_batch
+from captioner.engines.extract import extract_engine
 from captioner.errors import CaptionerError
 from captioner.stages.evaluation import evaluate_stage
 from captioner.stages.export import export_stage
@@ -46,6 +49,21 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "layer": "features.layer",
         "weights": "features.weights",
         "shard": "features.shard",
+        "engine": "engine.name",
+        "ray_address": "engine.ray_address",
+        "image_column": "engine.image_column",
+        "id_column": "engine.id_column",
+    },
+    "caption-batch": {
+        "inputs": "caption_batch.inputs",
+        "model": "caption_batch.model",
+        "output": "caption_batch.output",
+        "backbone_weights": "caption_batch.backbone_weights",
+        "beam": "decode.beam_size",
+        "engine": "engine.name",
+        "ray_address": "engine.ray_address",
+        "image_column": "engine.image_column",
+        "id_column": "engine.id_column",
     },
     "quantize": {
         "backbone": "quantize.backbone",
@@ -85,7 +103,7 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
 
 # Subcommands that run a Keras model (the others never import the backend); evaluate and serve
 # with bundles (`captioner.decoding.bundle`) run without it.
-KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "finetune", "evaluate", "serve", "export"})
+KERAS_COMMANDS = frozenset({"extract", "quantize", "train", "finetune", "evaluate", "serve", "export", "caption-batch"})
 # What the `train` extra adds to the base install (the TensorFlow-free runtime): a command that
 # needs one of them on a base install says so in one line.
 TRAIN_EXTRA_MODULES = frozenset({"tensorflow", "keras", "h5py", "nltk"})
@@ -114,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="regenerate even if up to date; write into a folder "
                      "that holds no demo set")
 
-    sub = commands.add_parser("extract", help="stage 1: image folder -> features cache")
-    sub.add_argument("--images", metavar="DIR")
+    sub = commands.add_parser("extract", help="stage 1: image folder, WebDataset shards or parquet -> features cache")
+    sub.add_argument("--images", metavar="DIR|SHARDS|PARQUET", nargs="+",
+                     help="an image folder, WebDataset .tar shards (or a glob of them), or .parquet files")
     sub.add_argument("--output", metavar="FILE.pkl")
     sub.add_argument("--backbone", metavar="NAME", help="vgg16 (default), vgg19, resnet50, inception_v3, "
                      "mobilenet_v2, efficientnet_b0")
@@ -125,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--shard", metavar="i/N")
     sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
                      "that no extraction wrote")
+    _add_engine_flags(sub)
+
+    sub = commands.add_parser("caption-batch", help="caption many images (folders, shards, parquet) into one file")
+    sub.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="an image folder, WebDataset .tar shards (or a glob), or .parquet files")
+    sub.add_argument("--model", metavar="MODEL_DIR|BUNDLE")
+    sub.add_argument("--output", metavar="FILE.parquet|FILE.jsonl")
+    sub.add_argument("--beam", metavar="K")
+    sub.add_argument("--backbone-weights", metavar="FILE",
+                     help="the .h5/.tflite file the model's features were made with, when not at its recorded path")
+    _add_engine_flags(sub)
+    sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
+                     "that no caption-batch wrote")
 
     sub = commands.add_parser("quantize", help="a catalogue backbone -> a full-int8 .tflite feature extractor")
     sub.add_argument("--backbone", metavar="NAME", help="default mobilenet_v2")
@@ -141,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "that no merge wrote")
 
     sub = commands.add_parser("prepare", help="stage 2: captions -> cleaned splits + tokenizer")
-    sub.add_argument("--captions", metavar="TOKEN_FILE|KARPATHY.json")
+    sub.add_argument("--captions", metavar="TOKEN_FILE|KARPATHY.json|SHARDS", nargs="+")
     sub.add_argument("--splits", metavar="DIR")
     sub.add_argument("--output", metavar="DIR")
     sub.add_argument("--force", action="store_true", help="rerun even if up to date; write into a folder that "
@@ -194,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_engine_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--engine", metavar="local|ray", help="local (default): this process; ray: a Ray Data pipeline")
+    sub.add_argument("--ray-address", metavar="ADDR", help="a Ray cluster's head (HOST:PORT); default $RAY_ADDRESS, "
+                     "else Ray started on this machine")
+    sub.add_argument("--image-column", metavar="NAME", help="parquet inputs: the image bytes column (default image)")
+    sub.add_argument("--id-column", metavar="NAME", help="parquet inputs: the id column (default id)")
+
+
 def build_caption_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="caption", description="Caption images with a trained model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
@@ -225,6 +265,8 @@ def resolve_config(command: str, args: argparse.Namespace, overrides: Sequence[s
         value = getattr(args, flag, None)
         if flag == "model" and isinstance(value, list):
             value = value[0]
+        if flag in ("images", "captions") and isinstance(value, list):
+            value = os.pathsep.join(value)  # several inputs in one string field (captioner.data.sources.split_inputs)
         if value is not None:
             config_lib.set_value(config, key, value)
     return config_lib.validate(config_lib.apply_overrides(config, list(overrides)))
@@ -252,7 +294,7 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):
+    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib", "ray"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -334,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             default_model(config, given=args.model is not None)
         tflite_extract = args.command == "extract" and config.features.weights.strip().lower().endswith(".tflite")
         bundles_only = args.command in ("evaluate", "serve") and not _needs_keras(ensemble_members(args, config))
-        if args.command in KERAS_COMMANDS and not tflite_extract and not bundles_only:
+        ray_driver = config.engine.name == "ray" and args.command in ("extract", "caption-batch")  # workers load it
+        if args.command in KERAS_COMMANDS and not tflite_extract and not bundles_only and not ray_driver:
             # A .tflite backbone and a bundle run in LiteRT, without TensorFlow.
             runtime.import_keras()  # before the stage imports it: the backend's start-up chatter stays off stderr
 
@@ -342,8 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return _print_summary(make_demo_data(config.demo, config=config, force=force))
         if args.command == "extract":
-
+            if config.engine.name == "ray" or not sources.is_image_folder(config.features.images):
+                return _print_summary(extract_engine(config, force=force))
             return _interruptible(lambda: _print_summary(extract_stage(config, force=force)))
+        if args.command == "caption-batch":
+            return _print_summary(caption_batch(config, force=force))
         if args.command == "quantize":
 
             return _interruptible(lambda: _print_summary(quantize_config_stage(config, force=force)))

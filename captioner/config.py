@@ -36,6 +36,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_PRECISIONS = PRECISIONS + ("auto",)
 TRAIN_PRECISIONS = PRECISIONS
 STRATEGIES = ("default", "mirrored", "multiworker")
+ENGINES = ("local", "ray")  # how extract and caption-batch run: in this process, or as a Ray Data pipeline
 MODEL_KINDS = ("merge", "attention", "transformer")  # captioner.models: merge.py | attention.py (soft-attention LSTM) | transformer.py
 POSITION_ENCODINGS = ("learned", "sinusoidal")  # model.positions: a trained table | Vaswani et al.'s fixed sines and cosines
 # model.decoder_dropout when a config leaves it unset (None), by model.kind: the sweep's choice on
@@ -90,6 +91,29 @@ class FeaturesConfig:
     chunk_size: int = 256  # images per saved chunk: a killed run loses at most this much work
     max_failed_fraction: float = 0.05  # fail the stage when more than this share of images cannot be read
     shard: str = ""  # "i/N": extract only the i-th of N deterministic parts (0-based) into a part file
+
+
+@dataclass
+class EngineConfig:
+    """How `extract` and `caption-batch` run (`captioner.engines`): in this process, or on Ray Data."""
+
+    name: str = "local"  # ENGINES: local (in this process, the default) | ray (a Ray Data pipeline: `pip install 'captioner[ray]'`)
+    ray_address: str = ""  # a running cluster's head (host:port); "" = $RAY_ADDRESS, else a Ray started in this process on this machine
+    workers: int = 0  # Ray: actors running the network (each holds one backbone); 0 = the cluster's CPUs / cpus_per_worker
+    cpus_per_worker: int = 1  # Ray: CPUs each actor reserves, and the threads its network uses
+    block_size: int = 256  # images per part file: the unit of work, of retry and of resume (a killed run loses at most one block per worker)
+    image_column: str = "image"  # parquet inputs: the column of encoded image bytes (binary, or a struct with a "bytes" field)
+    id_column: str = "id"  # parquet inputs: the column of image ids; a file without it gives ids <file stem>-<row>
+
+
+@dataclass
+class CaptionBatchConfig:
+    """`captioner caption-batch`: many images -> one captions file (parquet or JSON lines)."""
+
+    inputs: list[str] = field(default_factory=list)  # image folders, WebDataset shards (.tar, globs) or parquet files
+    model: str = "models/flickr8k"  # a model directory (bundles plug in through `Captioner` when they land)
+    output: str = "data/captions.parquet"  # .parquet or .jsonl: one row per captioned image (id, caption, log_prob)
+    backbone_weights: str = ""  # where the model's backbone weights file is on this machine, when not at its recorded path
 
 
 @dataclass
@@ -259,6 +283,8 @@ class ServeConfig:
 class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    caption_batch: CaptionBatchConfig = field(default_factory=CaptionBatchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -318,6 +344,16 @@ CHECKS: dict[str, Check] = {
     "features.workers": _at_least(0),
     "features.chunk_size": _at_least(1),
     "features.max_failed_fraction": _share,
+    "engine.name": _one_of(*ENGINES),
+    "engine.workers": _at_least(0),
+    "engine.cpus_per_worker": _at_least(1),
+    "engine.block_size": _at_least(1),
+    "engine.image_column": _not_empty,
+    "engine.id_column": _not_empty,
+    "caption_batch.model": _not_empty,
+    "caption_batch.output": lambda value: None if value.strip().lower().endswith((".parquet", ".jsonl")) else (
+        "must be a .parquet or .jsonl file name"
+    ),
     "quantize.backbone": _not_empty,
     "quantize.weights": _not_empty,
     "quantize.images": _not_empty,

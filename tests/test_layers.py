@@ -5,7 +5,7 @@ Layers, lowest first (README "Layout"):
   data       imports root
   vision, models, scoring   import root and data (and their own sub-package)
   decoding   imports those
-  stages, serving           import anything below, never each other (nor one stage another)
+  stages, serving, engines  import anything below, never each other (nor one stage another)
   cli        (root, but the one entry point) imports anything
 
 Also: no import cycle between modules, and a `captioner` import inside a function only where

@@ -4,19 +4,26 @@
 plus every line or key that could not be used (with its line number and reason), read from
 Flickr8k's token file with its split files, or (told apart by the `.json` suffix) Karpathy's
 split file (`images[].filename`, `.split`, `.sentences[].tokens` or `.raw`; restval -> train,
-val -> dev). `read_prepared_split(path)` -> {image_id: [caption, ...]} from a split file that
+val -> dev), or (told apart by `.tar`: a shard, a glob of shards, a folder of them, several
+joined by os.pathsep) WebDataset shards: KEY.txt / KEY.json beside each KEY.jpg
+(`captioner.data.sources.read_shard_captions`), split by the Flickr8k split files in
+`splits_dir` when it has them, else by a sample's JSON "split" field, else by a hash of the id
+(`WEBDATASET_SPLIT`: 90% train, 5% dev, 5% test, stable as shards are added). `read_prepared_split(path)` -> {image_id: [caption, ...]} from a split file that
 `captioner prepare` (stages/prepare.py) wrote. Pure reading: no writes, no config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from captioner import layout
+from captioner.data import sources
 from captioner.data.cleaning import clean_words
 from captioner.errors import CaptionerError
 from captioner.layout import SPLITS
@@ -24,6 +31,8 @@ from captioner.layout import SPLITS
 log = logging.getLogger(__name__)
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
+# WebDataset samples with no split files and no "split" field: percent of ids (by SHA-1) per split.
+WEBDATASET_SPLIT = {"dev": 5, "test": 5}  # the rest is train
 DUPLICATE_ID = "same image id"  # the start of an unusable key's reason when another key has its id
 
 
@@ -34,7 +43,7 @@ DUPLICATE_ID = "same image id"  # the start of an unusable key's reason when ano
 class CaptionData:
     """Captions read from the source files, before truncation and vocabulary."""
 
-    source_format: str  # "flickr8k" | "karpathy"
+    source_format: str  # "flickr8k" | "karpathy" | "webdataset"
     splits: dict[str, dict[str, list[str]]]  # split -> image id -> cleaned captions (file order)
     listed: dict[str, int]  # split -> images the split file (or JSON) names
     without_captions: dict[str, list[str]]  # split -> listed image ids with no usable caption
@@ -238,8 +247,119 @@ def read_karpathy(path: str | Path) -> CaptionData:
     return CaptionData("karpathy", splits, listed, without, bad_lines, unusable, 0, dropped)
 
 
+def is_webdataset(captions: str | Path) -> bool:
+    """Whether a text.captions value names WebDataset shards (a .tar, a glob or folder of them, several)."""
+    parts = sources.split_inputs(str(captions))
+    if not parts:
+        return False
+    if all(part.lower().endswith(sources.TAR_SUFFIX) for part in parts):
+        return True
+    return len(parts) == 1 and Path(parts[0]).is_dir() and any(Path(parts[0]).glob(f"*{sources.TAR_SUFFIX}"))
+
+
+def webdataset_shards(captions: str | Path) -> list[Path]:
+    """The shard files a text.captions value names (CaptionerError if none, or not all shards)."""
+    kind, paths = sources.resolve_inputs(sources.split_inputs(str(captions)))
+    if kind != "webdataset":
+        raise CaptionerError(f"text.captions {captions}: expected WebDataset .tar shards, found {kind} input")
+    return paths
+
+
+def _hash_split(image_id: str) -> str:
+    bucket = int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % 100
+    if bucket < WEBDATASET_SPLIT["dev"]:
+        return "dev"
+    return "test" if bucket < WEBDATASET_SPLIT["dev"] + WEBDATASET_SPLIT["test"] else "train"
+
+
+def _sample_splits(path: Path) -> dict[str, str]:
+    """id -> split from the samples' KEY.json "split" field (Karpathy's names), where present."""
+    found: dict[str, str] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".json"):
+                continue
+            handle = tar.extractfile(member)
+            try:
+                data = json.loads((handle.read() if handle else b"").decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # reported by read_shard_captions
+            split = KARPATHY_SPLITS.get(data.get("split")) if isinstance(data, dict) else None
+            if split:
+                found[member.name.rpartition("/")[2].partition(".")[0]] = split
+    return found
+
+
+def read_webdataset(captions: str | Path, splits_dir: str | Path | None) -> CaptionData:
+    """WebDataset shards' KEY.txt / KEY.json captions, split as the module docstring says.
+
+    An id in a later shard (or twice in one) is not merged: the first keeps it, the others are
+    listed as unusable keys (a duplicate image id), as for the token file.
+    """
+    shards = webdataset_shards(captions)
+    split_ids: dict[str, str] | None = None
+    if splits_dir and Path(splits_dir).is_dir() and all(
+        (Path(splits_dir) / name).is_file() for name in layout.SPLIT_FILES.values()
+    ):
+        split_ids = {}
+        for split, path in split_paths(splits_dir).items():
+            for key in read_split_file(path):
+                if key in split_ids:
+                    raise CaptionerError(f"{path}: image {key} is also in the {split_ids[key]} split; splits must not overlap")
+                split_ids[key] = split
+    splits: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
+    listed = dict.fromkeys(SPLITS, 0)
+    without: dict[str, list[str]] = {split: [] for split in SPLITS}
+    bad_lines: list[dict[str, Any]] = []
+    unusable: list[dict[str, Any]] = []
+    owner: dict[str, str] = {}
+    dropped = unsplit = 0
+    for shard in shards:
+        raw, bad = sources.read_shard_captions(shard)
+        bad_lines.extend(bad)
+        field_splits = _sample_splits(shard) if split_ids is None else {}
+        for key, texts in raw.items():
+            if key in owner:
+                unusable.append({"key": f"{shard.name}:{key}", "reason": f"{DUPLICATE_ID} as {owner[key]!r}",
+                                 "captions": len(texts), "line": None})
+                continue
+            owner[key] = f"{shard.name}:{key}"
+            if split_ids is not None:
+                split = split_ids.get(key)
+                if split is None:
+                    unsplit += 1
+                    continue
+            else:
+                split = field_splits.get(key) or _hash_split(key)
+            cleaned = []
+            for text in texts:
+                words, dropped_here = clean_words(text)
+                dropped += dropped_here
+                if words:
+                    cleaned.append(" ".join(words))
+                else:
+                    bad_lines.append({"line": f"{shard.name}:{key}", "reason": "no words left after cleaning",
+                                      "text": _snippet(text.encode("utf-8"))})
+            if split_ids is None:
+                listed[split] += 1
+                if cleaned:
+                    splits[split][key] = cleaned
+                else:
+                    without[split].append(key)
+            elif cleaned:
+                splits[split][key] = cleaned
+    if split_ids is not None:
+        for key, split in split_ids.items():
+            listed[split] += 1
+            if key not in splits[split]:
+                without[split].append(key)
+    return CaptionData("webdataset", splits, listed, without, bad_lines, unusable, unsplit, dropped)
+
+
 def read_captions(captions: str | Path, splits_dir: str | Path) -> CaptionData:
-    """Either source, by the captions file's suffix (.json -> Karpathy)."""
+    """Any source: WebDataset shards (.tar), Karpathy's JSON (.json), else a Flickr8k token file."""
+    if is_webdataset(captions):
+        return read_webdataset(captions, splits_dir)
     captions = Path(captions)
     if not captions.is_file():
         raise CaptionerError(f"captions file not found (text.captions / --captions): {captions}")

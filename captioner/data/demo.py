@@ -14,6 +14,10 @@ It writes only into a folder of its own: one that holds anything else (a user's 
 file, another stage's output) is refused in one line naming what it holds; `--force`
 writes into it (`captioner.cache.claim_folder`).
 
+`write_demo_shards(folder, images, seed, per_shard)` writes the same scenes as WebDataset shards
+instead (`00000.tar`, ...: `<id>.jpg`, `<id>.txt` with the five captions, `<id>.json` with
+"caption", "captions" and "split"), the input of the Ray engine's tests and `bench/ray_scale.py`.
+
 Config: `DemoConfig` (output, images, seed). Everything is drawn from one numpy
 generator seeded with `demo.seed`, so a seed gives byte-identical files. Cost: a few
 seconds for the default 800 images (mostly fsyncs), ~5 KB per image (800: ~4 MB).
@@ -40,7 +44,9 @@ whether it got the content right rather than which phrasing it chose.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,3 +340,39 @@ def _write(demo: DemoConfig, output: Path, image_paths: list[Path], image_ids: l
     for split, ids in split_ids(image_ids, demo.seed).items():
         cache.atomic_write_text(output / SPLIT_FILES[split], "".join(f"{image_id}.jpg\n" for image_id in ids))
     return len({word for scene in scenes for caption in scene.captions for word in caption.split()})
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # byte-identical shards for a seed
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_demo_shards(folder: str | Path, images: int, seed: int = 0, per_shard: int = 1000) -> list[Path]:
+    """`images` demo scenes (the ids and pixels `make_demo_data` draws for the seed) as WebDataset
+    shards of `per_shard` samples in `folder`: `NNNNN.tar` holding `<id>.jpg`, `<id>.txt` (the five
+    captions, one a line) and `<id>.json` ({"caption", "captions", "split"}). Each shard is written
+    atomically; returns the shard paths. Cost: about 2 ms and 6 KB per image."""
+    folder = Path(folder)
+    if images < 1 or per_shard < 1:
+        raise CaptionerError(f"demo shards need at least one image and one per shard (got {images}, {per_shard})")
+    scenes = make_scenes(images, seed)
+    splits = {image_id: split for split, ids in split_ids([s.image_id for s in scenes], seed).items() for image_id in ids}
+    split_names = {"train": "train", "dev": "val", "test": "test"}  # Karpathy's names in the JSON
+    paths = []
+    for shard, start in enumerate(range(0, images, per_shard)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for scene in scenes[start : start + per_shard]:
+                jpeg = io.BytesIO()
+                render_scene(scene).save(jpeg, format="JPEG", quality=JPEG_QUALITY)
+                meta = {"caption": scene.captions[0], "captions": list(scene.captions),
+                        "split": split_names[splits[scene.image_id]]}
+                _tar_member(tar, f"{scene.image_id}.jpg", jpeg.getvalue())
+                _tar_member(tar, f"{scene.image_id}.txt", "".join(f"{c}\n" for c in scene.captions).encode())
+                _tar_member(tar, f"{scene.image_id}.json", json.dumps(meta).encode())
+        path = folder / f"{shard:05d}.tar"
+        cache.atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
+    return paths

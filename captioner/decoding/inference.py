@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import logging
 import math
 import os
@@ -365,6 +366,32 @@ class Captioner:
         self.provenance = dict(provenance)
         self.backbone = spec
         self.image_size = tuple(self.extractor.input_size)
+
+    @staticmethod
+    def input_spec(model_dir: str | Path) -> tuple[tuple[int, int], str]:
+        """((height, width), resize filter) of the images a model's backbone takes, from its config.json
+        alone (no Keras): what a caller decoding images elsewhere (a Ray task) needs. CaptionerError
+        (one line) for a missing directory or a config.json without features_provenance."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise CaptionerError(
+                f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"
+            )
+        path = model_dir / CONFIG_FILE
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CaptionerError(f"model directory {model_dir} has no {CONFIG_FILE}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CaptionerError(f"cannot read {path}: {error}") from None
+        provenance = info.get("features_provenance") if isinstance(info, dict) else None
+        if not isinstance(provenance, dict) or not provenance.get("backbone"):
+            raise CaptionerError(f"{path} records no features_provenance a backbone here can compute")
+        spec = backbones.get_backbone(str(provenance["backbone"]))
+        size = provenance.get("input_size") or list(spec.input_size)
+        resample = str(provenance.get("resample") or spec.resample)
+        resample_filter(resample)
+        return (int(size[0]), int(size[1])), resample
 
     # ------------------------------------------------------------------ the three steps
 

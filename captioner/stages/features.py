@@ -69,6 +69,9 @@ no chunks of ours; `--force` replaces them. An image whose file name is not vali
 is skipped, named and counted (no caption file or report could hold its id). A run whose
 every feature is zero (an extractor that computes nothing) is refused, nothing written.
 
+WebDataset shards, parquet files, or `--engine ray`: `captioner.engines.extract` (the CLI sends
+them there; the same features file and manifest, written part by part).
+
 Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
 to i modulo N, a split that stays put when images are added; the N part files
 are joined by `merge_feature_parts` into a cache identical to an unsharded run.

@@ -9,7 +9,13 @@ Reads (config section `text`):
                  `images[].filename`, `images[].split`, `images[].sentences[].tokens` (or `.raw`).
                  Karpathy's splits map onto ours: train -> train, val -> dev, test -> test, and
                  restval -> train (restval is COCO's "rest of val2014", which every paper that uses
-                 the Karpathy split trains on; Flickr8k/30k have none).
+                 the Karpathy split trains on; Flickr8k/30k have none);
+                 or WebDataset shards (a .tar, a glob or folder of them; several joined by
+                 os.pathsep, as `--captions A.tar B.tar` stores them): KEY.txt (one caption a line)
+                 and KEY.json ("caption" or "captions") beside each KEY.jpg, split by the Flickr8k
+                 split files in text.splits when it has them, else by each sample's JSON "split",
+                 else 90/5/5 by a hash of the id (`captioner.data.captions.read_webdataset`).
+                 Shards are fingerprinted by size and mtime (not hashed: they hold the images).
 Writes into the folder text.output:
   train.json, dev.json, test.json   {image_id: [cleaned caption, ...]}; image_id is the file name
                                     without its extension, captions are words joined by single
@@ -49,6 +55,7 @@ file, or a JSON file that is not Karpathy's format, raises CaptionerError naming
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,7 +65,13 @@ from pathlib import Path
 from typing import Any
 
 from captioner import cache, layout
-from captioner.data.captions import CaptionData, read_captions, split_paths
+from captioner.data.captions import (
+    CaptionData,
+    is_webdataset,
+    read_captions,
+    split_paths,
+    webdataset_shards,
+)
 from captioner.data.cleaning import CLEANING_VERSION
 from captioner.data.tokenizer import FORMAT_VERSION as TOKENIZER_FORMAT_VERSION
 from captioner.data.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -209,13 +222,23 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
     output = Path(text.output)
     if output.exists() and not output.is_dir():
         raise CaptionerError(f"text.output must be a folder, but is a file: {output}")
-    if not captions_path.is_file():
-        raise CaptionerError(f"captions file not found (text.captions / --captions): {captions_path}")
-    karpathy = captions_path.suffix.lower() == ".json"
-    inputs: dict[str, Any] = {"captions": captions_path}
-    if not karpathy:
-        for split, path in split_paths(text.splits).items():
-            inputs[f"{split}_split"] = path
+    shards_digest = ""
+    if is_webdataset(text.captions):
+        shards = webdataset_shards(text.captions)
+        shards_digest = _shards_digest(shards)
+        karpathy = True  # no token file: the split files are read only when text.splits has them
+        inputs: dict[str, Any] = {}
+        if all((Path(text.splits) / name).is_file() for name in layout.SPLIT_FILES.values()):
+            for split, path in split_paths(text.splits).items():
+                inputs[f"{split}_split"] = path
+    else:
+        if not captions_path.is_file():
+            raise CaptionerError(f"captions file not found (text.captions / --captions): {captions_path}")
+        karpathy = captions_path.suffix.lower() == ".json"
+        inputs = {"captions": captions_path}
+        if not karpathy:
+            for split, path in split_paths(text.splits).items():
+                inputs[f"{split}_split"] = path
 
     with cache.output_lock(output, folder=True):
         # Only into a folder of ours: a user's train.json or tokenizer.json is never replaced.
@@ -230,6 +253,7 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
                 "cleaning_version": CLEANING_VERSION,
                 "tokenizer_format_version": TOKENIZER_FORMAT_VERSION,
                 "stats_version": STATS_VERSION,
+                **({"webdataset_shards": shards_digest} if shards_digest else {}),
             },
             outputs=layout.captions_files(output),
         )
@@ -237,6 +261,15 @@ def prepare_stage(config: Any, force: bool = False) -> PrepareResult:
             stats = json.loads((output / layout.STATS_FILE).read_text(encoding="utf-8"))
             return _result_from_stats(output, stats, up_to_date=True)
         return _run(config, stage, captions_path, output, karpathy)
+
+
+def _shards_digest(shards: list[Path]) -> str:
+    """The shards' names, sizes and mtimes: what a cached run compares (hashing them would read every image)."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        stat = shard.stat()
+        digest.update(f"{shard.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -281,7 +314,7 @@ def _run(config: Any, stage: cache.Stage, captions_path: Path, output: Path, kar
     stats = {
         "stats_version": STATS_VERSION,
         "source": {"format": data.source_format, "captions": str(captions_path),
-                   "splits": None if karpathy else str(text.splits)},
+                   "splits": None if karpathy and "train_split" not in stage.inputs else str(text.splits)},
         "cleaning_version": CLEANING_VERSION,
         "max_prepared_words": text.max_prepared_words,
         "splits": split_stats,

@@ -268,13 +268,11 @@ def test_more_images_than_allowed_are_refused_whole(fake):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_is_refused_before_decoding(fake, monkeypatch):
-    from captioner.serving import (
-        serve,  # the decoder as the server binds it (`from ... import load_image`)
-    )
+    from captioner.data import images  # the server decodes through images.load_image
 
     decoded = []
-    real_load = serve.load_image
-    monkeypatch.setattr(serve, "load_image", lambda handle, **kw: decoded.append(handle.name) or real_load(handle, **kw))
+    real_load = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda handle, **kw: decoded.append(handle.name) or real_load(handle, **kw))
     bomb = image_bytes(0, size=(5000, 5000), fmt="PNG", mode="1")  # 25 megapixels in a few kB
     huge = image_bytes(0, size=(15_000, 15_000), fmt="PNG", mode="1")  # over twice Pillow's own limit too
     assert len(bomb) < 10_000 and len(huge) < 50_000

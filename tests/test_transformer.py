@@ -368,3 +368,15 @@ def test_the_model_runs_under_jax():
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     result = subprocess.run([sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tie, positions", [(True, "learned"), (False, "sinusoidal")])
+def test_the_parameter_count_before_building_is_keras_count(tie, positions):
+    from captioner.models import transformer as transformer_lib
+    from captioner.models.registry import FeatureShape
+
+    sizes = ModelConfig(kind="transformer", units=16, heads=4, layers=2, feedforward_dim=24, tie_embeddings=tie,
+                        positions=positions, max_positions=20)
+    for grid in (0, 49):
+        built = transformer_lib.build(FeatureShape(dim=11, positions=grid), 13, sizes).count_params()
+        assert transformer_lib.count_parameters(11, 13, sizes, positions=max(grid, 1)) == built

@@ -1,5 +1,5 @@
 """The transformer through every stage on the demo data, with a tiny model: `extract` of a Keras
-backbone's map (MobileNetV2's out_relu, random weights), `prepare`, `train --model.kind=transformer`
+backbone's map (EfficientNetB0's top activation, random weights: a random MobileNetV2's out_relu is all zeros, which extract refuses), `prepare`, `train --model.kind=transformer`
 (1 epoch), the model directory's step model against the full model, save/load, beam search and
 ensembles, `evaluate`, `finetune` (SCST, 1 epoch), `caption --explain`, and the one-line refusals
 (pooled vectors for a map model, a resume of a run of another kind)."""
@@ -58,7 +58,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("transformer-demo")
     config = demo_config(root)
-    config.features.backbone, config.features.layer = "mobilenet_v2", "out_relu"
+    config.features.backbone, config.features.layer = "efficientnet_b0", "top_activation"
     config.features.output = str(root / "maps.h5")
     extract_stage(config)
     train_config(config, root / "maps.h5", root / "model")
@@ -94,7 +94,7 @@ def test_a_transformer_trained_on_demo_maps_steps_as_its_full_model(run: dict):
     info = json.loads((run["model"] / CONFIG_FILE).read_text())
     assert info["map_grid"] == [7, 7] and info["feature_dim"] == 1280
     assert info["config"]["model"]["kind"] == "transformer"
-    assert info["features_provenance"]["layer"] == "out_relu" and info["features_provenance"]["backbone"] == "mobilenet_v2"
+    assert info["features_provenance"]["layer"] == "top_activation" and info["features_provenance"]["backbone"] == "efficientnet_b0"
     loaded = load_model_dir(run["model"])
     assert loaded.kind == "transformer" and loaded.decoder.explains
     stepper = loaded.step_model()

@@ -438,6 +438,19 @@ class TransformerStepModel:
 # --------------------------------------------------------------------------- the registry's protocol
 
 
+def count_parameters(feature_dim: int, vocab_size: int, model: ModelConfig, positions: int = 1) -> int:
+    """How many weights `build_transformer_model` makes for `positions` map positions (the registry's
+    protocol knows no grid: one position is counted, and a 7x7 map adds 48 x units more), without
+    building it; a test keeps it equal to Keras' count."""
+    width, ffn = int(model.units), int(model.feedforward_dim)
+    count = feature_dim * width + width + max(positions, 1) * width + 2 * width  # map projection, positions, norm
+    count += vocab_size * width + vocab_size + (0 if model.tie_embeddings else width * vocab_size)  # words, logits
+    count += model.max_positions * width if model.positions == "learned" else 0
+    attention = 4 * (width * width + width)  # query, key, value, output
+    count += model.layers * (3 * 2 * width + 2 * attention + width * ffn + ffn + ffn * width + width)
+    return count + 2 * width  # final_norm
+
+
 def build(features: Any, vocab_size: int, model: ModelConfig) -> keras.Model:
     """`build_transformer_model` for `models.registry`: `features` is a FeatureShape (positions, dim)."""
     return build_transformer_model(features.positions, features.dim, vocab_size, model)

@@ -205,7 +205,7 @@ def recorded_metrics(model_dir: Path) -> dict[str, Any]:
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
             found[split] = {**report["metrics"], "images": report["counts"]["scored"], "decode": report["decode"],
-                            "features": report["features"]}
+                            "features": [Path(f).name for f in report["features"]]}  # names: a bundle travels
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
             log.warning("export: cannot read the metrics of %s (%s); left out", path, error)
     return found

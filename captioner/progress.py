@@ -94,7 +94,7 @@ class ProgressBar:
             rate = words / seconds
             parts.append(f"{rate:,.0f} words/s")
             if done < total:
-                left = (known[-1] - words) / rate if known else (total - done) * seconds / done
+                left = (known[-1] - words) / rate if known else (total - done) * seconds / max(done, 1)
                 parts.append(f"ETA {int(left // 60)}:{int(left % 60):02d}")
         return "  ".join(parts)
 
@@ -103,6 +103,19 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def keras_callback(self) -> Any:
+        """A Keras callback that updates this bar after every training batch of a `fit`."""
+        import keras
+
+        bar = self
+
+        class _Progress(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                loss = (logs or {}).get("loss")
+                bar.update(batch + 1, float(loss) if loss is not None else None)
+
+        return _Progress()
 
 
 class _Line(tqdm):

@@ -1,14 +1,19 @@
-"""Sampled captions for self-critical training (SCST): drawn from a step function, then laid out
-for teacher forcing.
+"""The numpy side of self-critical training (SCST): captions sampled from a step function, their
+teacher-forced layout, their baselines and the per-word weights of the policy gradient.
 
 Input: a `captioner.decoding.beam.StepFunction` (log-probabilities float32 [rows, V]; words it
-must never say at -inf, e.g. through `BannedWords`) and image features float32 [N, D] (or maps
-[N, P, C]). Output: `SampledCaptions` (ids int64 [N * K, L], row r of image r // K), and their
-teacher-forced arrays (`teacher_forcing`: input and target ids int32 [R, T], mask float32 [R, T])
-in the layout of `captioner.data.sequences`. Pure numpy, no TensorFlow; every draw comes from
-the numpy Generator passed in, so the same generator state samples the same captions.
-No config (the caller passes decode.max_generated_words). Cost: at most max_generated_words + 1
-step calls for all N * K rows together; finished rows leave the batch.
+must never say at -inf, e.g. through `BannedWords`), image features float32 [N, D] (or maps
+[N, P, C]) and a numpy Generator. Output: `SampledCaptions` (ids int64 [N * K, L]; row r is
+image r // K), their teacher-forced arrays (`teacher_forcing`: input and target ids int32
+[R, T], mask float32 [R, T], the layout of `captioner.data.sequences`), baselines float64
+[N * K] (`baseline_rewards`) and sample weights float32 [R, T] (`step_weights`) with which
+Keras' weighted sparse cross-entropy (-log p) becomes the SCST loss
+    -sum_t (reward - baseline) * log p(w_t | w_<t, image) / words
+(plus xe_weight x the cross-entropy per word of reference rows, when there are any), under
+every backend with no gradient code of ours. Every draw comes from the Generator passed in:
+the same state samples the same captions. Pure numpy, no TensorFlow; no config (the caller
+passes decode.max_generated_words). Cost: at most max_generated_words + 1 step calls for all
+N * K rows together; finished rows leave the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from captioner.decoding.beam import split_step_output
+from captioner.errors import ConfigError
 
 PAD_TO_MULTIPLE = 8  # sampled batches are padded to a multiple of this length: few shapes to trace
 
@@ -137,3 +143,39 @@ def stacked(first: SampledCaptions, second: SampledCaptions) -> SampledCaptions:
     ids[first.ids.shape[0] :, : second.ids.shape[1]] = second.ids
     return SampledCaptions(ids=ids, lengths=np.concatenate([first.lengths, second.lengths]),
                            finished=np.concatenate([first.finished, second.finished]))
+
+
+def step_weights(advantage: np.ndarray, mask: np.ndarray, target_ids: np.ndarray, xe_weight: float,
+                 banned_ids: Sequence[int]) -> np.ndarray:
+    """Per-word sample weights float32 [R, T] that turn Keras' weighted cross-entropy (its weighted
+    sum divided by R x T) into the step's loss.
+
+    The first len(advantage) rows are samples: weight A / (their real words), so that term is
+    the policy loss per sampled word. Any rows after them are references: weight xe_weight / (their
+    real words that are not `banned_ids`), the cross-entropy per reference word times xe_weight.
+    """
+    samples = len(advantage)
+    sample_mask = mask[:samples]
+    reference_mask = mask[samples:] * ~np.isin(target_ids[samples:], list(banned_ids))
+    weights = np.concatenate([
+        advantage[:, None] * sample_mask / max(float(sample_mask.sum()), 1.0),
+        xe_weight * reference_mask / max(float(reference_mask.sum()), 1.0),
+    ])
+    return (weights * mask.size).astype(np.float32)
+
+
+def baseline_rewards(
+    rewards: np.ndarray, samples_per_image: int, greedy_rewards: np.ndarray | None = None
+) -> np.ndarray:
+    """The baseline of each sample: float64 [N * K] for rewards float64 [N * K] (image-major).
+
+    With `greedy_rewards` (float64 [N]): each sample's image's greedy reward. Without: the
+    mean reward of the same image's other K - 1 samples (K >= 2).
+    """
+    if greedy_rewards is not None:
+        return np.repeat(np.asarray(greedy_rewards, dtype=np.float64), samples_per_image)
+    if samples_per_image < 2:
+        raise ConfigError("finetune.baseline=mean needs finetune.samples_per_image >= 2 (the other samples' mean)")
+    per_image = np.asarray(rewards, dtype=np.float64).reshape(-1, samples_per_image)
+    others = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples_per_image - 1)
+    return others.reshape(-1)

@@ -180,6 +180,51 @@ def history_csv(kind: RunKind, rows: list[Any]) -> str:
         writer.writerow(["" if getattr(row, column) is None else getattr(row, column) for column in kind.columns])
     return buffer.getvalue()
 
+# --------------------------------------------------------------------------- the two kinds of run
+
+
+@dataclass
+class EpochRecord:
+    """A training (cross-entropy) epoch: a row of `train`'s history.csv (the fields are its columns)."""
+
+    epoch: int  # 1-based
+    loss: float  # mean training loss per real word
+    val_loss: float
+    seconds: float  # wall time of the epoch, validation included
+    lr: float  # the learning rate in force at the end of the epoch
+
+
+@dataclass
+class ScstEpochRecord:
+    """A fine-tuning (SCST) epoch: a row of `finetune`'s history.csv (epoch 0: the starting model)."""
+
+    epoch: int
+    loss: float | None  # mean policy-gradient loss per word over the epoch's steps (+ xe_weight x cross-entropy)
+    reward: float | None  # mean CIDEr-D of the sampled train captions
+    baseline: float | None  # mean baseline reward
+    dev_cider: float  # CIDEr-D of the val split, decoded with finetune.select_beam_size
+    dev_bleu4: float
+    seconds: float
+    lr: float | None
+
+
+# A resume may raise the epoch bound (the run goes on) and the patience (a run that stopped early
+# goes on: early stopping is asked again); nothing else that would change an epoch already done.
+TRAIN_RUN = RunKind(
+    stage="train", what="training run", doing="training", option="train.output / --output",
+    version=2,  # 2: weights as epoch-NNNN.keras archives
+    tagged=False, score_key="best_val_loss", record=EpochRecord, first_epoch=1,
+    resumable=frozenset({"train.epochs", "train.patience"}),
+    not_a_state="{path} was written by another version or is not a training state; --force starts over",
+)
+FINETUNE_RUN = RunKind(
+    stage="finetune", what="fine-tuning run", doing="working", option="--output", version=1, tagged=True,
+    score_key="best_dev_cider", record=ScstEpochRecord, first_epoch=0,
+    resumable=frozenset({"finetune.epochs", "finetune.patience"}),
+    not_a_state="{path} is not a fine-tuning state of this version; --force starts over",
+)
+
+
 
 # --------------------------------------------------------------------------- a run folder
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -47,9 +46,11 @@ from captioner.data.tokenizer import Tokenizer
 from captioner.decoding.beam import BannedWords, beam_search, greedy
 from captioner.decoding.sampling import (
     SampledCaptions,
+    baseline_rewards,
     reference_captions,
     sample_captions,
     stacked,
+    step_weights,
     teacher_forcing,
 )
 from captioner.errors import CaptionerError, ConfigError
@@ -57,94 +58,18 @@ from captioner.models import registry
 from captioner.progress import ProgressBar
 from captioner.scoring import metrics
 from captioner.scoring.rewards import CiderD
-from captioner.stages import checkpoints as ckpt
 from captioner.stages import runloop
-from captioner.stages.checkpoints import Run, RunFolder, RunState
+from captioner.stages.checkpoints import FINETUNE_RUN, Run, RunFolder, RunState
+from captioner.stages.checkpoints import ScstEpochRecord as EpochRecord
+from captioner.stages.runloop import FinetuneResult
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "finetune"
+STAGE_NAME = FINETUNE_RUN.stage
+HISTORY_COLUMNS = FINETUNE_RUN.columns
 
 
-# --------------------------------------------------------------------------- the policy gradient
-
-
-def step_weights(advantage: np.ndarray, mask: np.ndarray, target_ids: np.ndarray, xe_weight: float,
-                 banned_ids: Sequence[int]) -> np.ndarray:
-    """Per-word sample weights float32 [R, T] that turn Keras' weighted cross-entropy (its weighted
-    sum divided by R x T) into the step's loss.
-
-    The first len(advantage) rows are samples: weight A / (their real words), so that term is
-    the policy loss per sampled word. Any rows after them are references: weight xe_weight / (their
-    real words that are not `banned_ids`), the cross-entropy per reference word times xe_weight.
-    """
-    samples = len(advantage)
-    sample_mask = mask[:samples]
-    reference_mask = mask[samples:] * ~np.isin(target_ids[samples:], list(banned_ids))
-    weights = np.concatenate([
-        advantage[:, None] * sample_mask / max(float(sample_mask.sum()), 1.0),
-        xe_weight * reference_mask / max(float(reference_mask.sum()), 1.0),
-    ])
-    return (weights * mask.size).astype(np.float32)
-
-
-def baseline_rewards(
-    rewards: np.ndarray, samples_per_image: int, greedy_rewards: np.ndarray | None = None
-) -> np.ndarray:
-    """The baseline of each sample: float64 [N * K] for rewards float64 [N * K] (image-major).
-
-    With `greedy_rewards` (float64 [N]): each sample's image's greedy reward. Without: the
-    mean reward of the same image's other K - 1 samples (K >= 2).
-    """
-    if greedy_rewards is not None:
-        return np.repeat(np.asarray(greedy_rewards, dtype=np.float64), samples_per_image)
-    if samples_per_image < 2:
-        raise ConfigError("finetune.baseline=mean needs finetune.samples_per_image >= 2 (the other samples' mean)")
-    per_image = np.asarray(rewards, dtype=np.float64).reshape(-1, samples_per_image)
-    others = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples_per_image - 1)
-    return others.reshape(-1)
-
-
-@dataclass
-class EpochRecord:
-    """One row of history.csv (epoch 0: the starting model, no training)."""
-
-    epoch: int
-    loss: float | None  # mean policy-gradient loss per word over the epoch's steps (+ xe_weight x cross-entropy)
-    reward: float | None  # mean CIDEr-D of the sampled train captions
-    baseline: float | None  # mean baseline reward
-    dev_cider: float  # CIDEr-D of the val split, decoded with finetune.select_beam_size
-    dev_bleu4: float
-    seconds: float
-    lr: float | None
-
-
-HISTORY_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochRecord))
-
-FINETUNE_RUN = ckpt.RunKind(
-    stage=STAGE_NAME, what="fine-tuning run", doing="working", option="--output", version=1, tagged=True,
-    score_key="best_dev_cider", record=EpochRecord, first_epoch=0,
-    # A raised epoch bound continues the run, a raised patience one that stopped early.
-    resumable=frozenset({"finetune.epochs", "finetune.patience"}),
-    not_a_state="{path} is not a fine-tuning state of this version; --force starts over",
-)
-
-
-class FinetuneResult(runloop.RunResult):
-    """What `finetune_stage` did, for the CLI to print; `best_score` is the best dev CIDEr-D."""
-
-    NOUN = "fine-tuned model"
-    DONE = "fine-tuned {n} epochs (SCST)"
-    SCORE = "dev CIDEr-D"
-    RERUN = "--force reruns"
-
-    @property
-    def best_dev_cider(self) -> float | None:
-        return self.best_score
-
-    @property
-    def start_dev_cider(self) -> float | None:
-        return self.start_score
+# --------------------------------------------------------------------------- the run
 
 
 # --------------------------------------------------------------------------- inputs
@@ -163,10 +88,8 @@ def _check_config(config: Config) -> None:
     """Rules between fields (each field's range is config.CHECKS')."""
     ft = config.finetune
     if ft.baseline == "mean" and ft.samples_per_image < 2:
-        raise ConfigError(
-            f"finetune.baseline=mean needs finetune.samples_per_image >= 2 (the other samples' mean), "
-            f"got {ft.samples_per_image}"
-        )
+        raise ConfigError(f"finetune.baseline=mean needs finetune.samples_per_image >= 2 (the other samples' mean), "
+                          f"got {ft.samples_per_image}")
     if ft.train_split == ft.val_split:
         raise ConfigError(f"finetune.train_split and finetune.val_split are both {ft.train_split!r}")
 
@@ -196,10 +119,8 @@ def _input_paths(config: Config) -> _Inputs:
         )
     missing = [name for name in layout.MODEL_DIR_FILES if not (model_dir / name).is_file()]
     if missing:
-        raise CaptionerError(
-            f"{model_dir} is not a model directory of ours (no {', '.join(missing)}); "
-            "--model takes a cross-entropy model written by `captioner train`"
-        )
+        raise CaptionerError(f"{model_dir} is not a model directory of ours (no {', '.join(missing)}); "
+                             "--model takes a cross-entropy model written by `captioner train`")
     if is_finetuned(model_dir):
         raise CaptionerError(
             f"{model_dir} is already fine-tuned by `captioner finetune`; --model takes the cross-entropy model "
@@ -214,13 +135,8 @@ def _input_paths(config: Config) -> _Inputs:
         raise CaptionerError(
             f"captions folder not found (finetune.captions / --captions): {captions}; run `captioner prepare`"
         )
-    paths = _Inputs(
-        model_dir=model_dir,
-        output=output,
-        train_json=layout.split_file(captions, ft.train_split),
-        val_json=layout.split_file(captions, ft.val_split),
-        feature_files=[Path(p) for p in ft.features],
-    )
+    paths = _Inputs(model_dir=model_dir, output=output, train_json=layout.split_file(captions, ft.train_split),
+                    val_json=layout.split_file(captions, ft.val_split), feature_files=[Path(p) for p in ft.features])
     for path in (paths.train_json, paths.val_json):
         if not path.is_file():
             raise CaptionerError(
@@ -287,18 +203,10 @@ def stage_params(config: Config) -> dict[str, Any]:
 
 
 def _make_stage(config: Config, paths: _Inputs) -> cache.Stage:
-    return cache.Stage(
-        STAGE_NAME,
-        cache.manifest_path_for(paths.output),
-        inputs={
-            "model": layout.model_files(paths.model_dir),
-            "features": paths.feature_files,
-            "train_captions": paths.train_json,
-            "val_captions": paths.val_json,
-        },
-        params=stage_params(config),
-        outputs=[paths.output / name for name in layout.TRAINED_FILES],
-    )
+    inputs = {"model": layout.model_files(paths.model_dir), "features": paths.feature_files,
+              "train_captions": paths.train_json, "val_captions": paths.val_json}
+    return cache.Stage(STAGE_NAME, cache.manifest_path_for(paths.output), inputs=inputs, params=stage_params(config),
+                       outputs=[paths.output / name for name in layout.TRAINED_FILES])
 
 
 @dataclass
@@ -337,10 +245,8 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         features = feature_files.load_features(paths.feature_files)
         sizes = {vector.shape[0] for vector in features.values()}
         if sizes and sizes != {width}:
-            raise CaptionerError(
-                f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d "
-                f"but {paths.model_dir} expects {width}-d"
-            )
+            raise CaptionerError(f"features in {', '.join(map(str, paths.feature_files))} are {sizes.pop()}-d "
+                                 f"but {paths.model_dir} expects {width}-d")
         train_ids = _usable(train_refs, features, ft.train_split, paths.feature_files)
         train_features = np.stack([features[i] for i in train_ids]).astype(np.float32)
         val_ids = _usable(val_refs, features, ft.val_split, paths.feature_files)
@@ -352,12 +258,10 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
                             for image_id in train_ids]
     log.info("finetune: %d %s images, %d %s images; %d-d features, vocab_size %d",
              len(train_ids), ft.train_split, len(val_ids), ft.val_split, width, loaded.tokenizer.vocab_size)
-    return _Data(
-        loaded=loaded, vocab_hash=runloop.vocab_hash(loaded.tokenizer.words), feature_dim=width,
-        train_ids=train_ids, train_features=train_features, val_ids=val_ids, val_features=val_features,
-        val_references={i: val_refs[i] for i in val_ids}, scorer=scorer, map_grid=map_grid,
-        train_references=train_references,
-    )
+    return _Data(loaded=loaded, vocab_hash=runloop.vocab_hash(loaded.tokenizer.words), feature_dim=width,
+                 train_ids=train_ids, train_features=train_features, val_ids=val_ids, val_features=val_features,
+                 val_references={i: val_refs[i] for i in val_ids}, scorer=scorer, map_grid=map_grid,
+                 train_references=train_references)
 
 
 def _usable(refs: dict[str, list[str]], available: Any, split: str, files: Sequence[Path]) -> list[str]:
@@ -387,8 +291,10 @@ def _maps_of(paths: _Inputs, loaded: Any, refs: dict[str, list[str]], split: str
 
 
 def _regularisers_off(model: Any) -> list[tuple[Any, str, float]]:
-    """Sets every Dropout layer's rate, and an attention model's doubly stochastic penalty, to 0
-    (see the module docstring); returns (layer, attribute, value) to restore."""
+    """Sets every Dropout layer's rate, and an attention model's doubly stochastic penalty, to 0;
+    returns (layer, attribute, value) to restore. The samples come from the model without dropout,
+    and the gradient must be of that same policy's log-probabilities; the penalty, added to the
+    policy loss, would pull towards spreading the attention, not towards better captions."""
     import keras
 
     saved = [(layer, "rate", layer.rate) for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
@@ -412,8 +318,10 @@ def _compile(model: Any, ft: Any, banned_ids: list[int]) -> None:
     optimizer_args: dict[str, Any] = {"learning_rate": ft.learning_rate}
     if ft.clipnorm > 0:
         optimizer_args["clipnorm"] = ft.clipnorm
-    # -A log p as a weighted cross-entropy: the sample weights carry the advantage (module docstring);
-    # p is the sampler's distribution, over the words it may draw.
+    # -A log p as a weighted cross-entropy: the sample weights carry the advantage (`step_weights`);
+    # p is the sampler's distribution, over the words it may draw. With the full softmax the cheapest
+    # way to lower a poor sample's log p is to move probability onto pad, start and unk, which the
+    # sampler never draws, and beam search, summing those leaky log-probabilities, falls below greedy.
     model.compile(optimizer=keras.optimizers.Adam(**optimizer_args),
                   loss=AllowedWordsCrossentropy(banned_ids), jit_compile="auto")
 
@@ -425,7 +333,6 @@ def _banned_ids(tokenizer: Any, allow_unk: bool) -> list[int]:
 
 def _stepper(loaded: Any, allow_unk: bool) -> Any:
     """The step model, never proposing or sampling `_banned_ids`."""
-
     return BannedWords(loaded.step_model(), _banned_ids(loaded.tokenizer, allow_unk))
 
 
@@ -449,9 +356,14 @@ class _NonFinite(Exception):
 
 def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: np.ndarray,
                  rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray, int]:
-    """One SCST step on train images `images` (int [B]); returns (loss, rewards float64 [B*K],
-    baselines float64 [B*K], target words trained on)."""
-
+    """One SCST step on train images `images` (int [B]): K = finetune.samples_per_image captions per
+    image sampled together; each rewarded with its CIDEr-D against the image's train references
+    (the end token a word of it, with finetune.end_in_reward); less its baseline (finetune.baseline:
+    the mean of the image's other samples, or its greedy caption's reward, Rennie et al.'s); then one
+    teacher-forced step weighted by the advantage (`step_weights`). With finetune.xe_weight > 0 one
+    train reference per image, drawn after the samples, is teacher-forced in the same step (a mixed
+    objective, as Paulus et al. 2018). Returns (loss, rewards float64 [B*K], baselines float64
+    [B*K], sampled target words trained on)."""
     ft, decode, tokenizer = config.finetune, config.decode, data.loaded.tokenizer
     k = ft.samples_per_image
     features = data.train_features[images].astype(np.float32)  # float32 [B, D] or [B, P, C] (maps kept as float16)
@@ -472,7 +384,7 @@ def _train_batch(model: Any, stepper: Any, data: _Data, config: Config, images: 
     if not (np.isfinite(rewards).all() and np.isfinite(baselines).all()):
         raise _NonFinite("the reward became NaN")
     rows, inputs = samples, np.repeat(features, k, axis=0)
-    if ft.xe_weight > 0:  # step 5: one reference per image, after the samples
+    if ft.xe_weight > 0:  # the mixed objective: one reference per image, after the samples
         assert data.train_references is not None
         references = [data.train_references[i] for i in images]
         chosen = [refs[rng.integers(len(refs))] for refs in references]
@@ -525,7 +437,7 @@ class _SCST(runloop.Objective):
         finally:
             _restore_regularisers(self.regularisers)
 
-    def build(self, run: Run) -> None:
+    def build(self, run: Run, strategy: Any) -> None:
         loaded, decode = self.data.loaded, self.config.decode
         model = self.model = loaded.model
         _compile(model, self.config.finetune, _banned_ids(loaded.tokenizer, decode.allow_unk))
@@ -610,8 +522,7 @@ class _SCST(runloop.Objective):
                                      data.loaded.info.get("features_provenance") or {}, map_grid=data.map_grid)
 
     def manifest_extra(self, state: RunState) -> dict[str, Any]:
-        return {"epochs": state.epoch, "best_epoch": state.best_epoch, "best_dev_cider": state.best_score,
-                "stopped_early": state.stopped_early, "started_from": str(self.paths.model_dir)}
+        return {"started_from": str(self.paths.model_dir)}
 
     def finished_message(self, state: RunState) -> str:
         return (f"finetune: wrote {self.output} (best epoch {state.best_epoch}, "
@@ -645,18 +556,7 @@ def finetune_stage(
 
 
 __all__: Sequence[str] = [
-    "FINETUNE_RUN",
-    "HISTORY_COLUMNS",
-    "EpochRecord",
-    "FinetuneResult",
-    "SampledCaptions",
-    "baseline_rewards",
-    "finetune_stage",
-    "is_finetuned",
-    "reference_captions",
-    "sample_captions",
-    "stacked",
-    "stage_params",
-    "step_weights",
-    "teacher_forcing",
+    "FINETUNE_RUN", "HISTORY_COLUMNS", "EpochRecord", "FinetuneResult", "SampledCaptions", "baseline_rewards",
+    "finetune_stage", "is_finetuned", "reference_captions", "sample_captions", "stacked", "stage_params",
+    "step_weights", "teacher_forcing",
 ]

@@ -2,29 +2,32 @@
 `finetune` (SCST). Each stage is an `Objective`: what one epoch fits, and which score of its
 history row picks the best epoch (val loss, lower better; dev CIDEr-D, higher better).
 
-The loop owns everything else, in this order, under the output's lock (`cache.output_lock`):
-completing a half-done installation (`checkpoints.recover`); the no-op when the stage's
-manifest is up to date; starting or resuming a run (`checkpoints.choose_run`; a resume whose
-params or inputs changed is refused, naming them); then per epoch e (1-based): every RNG the
-model draws from re-seeded from (seed, e - 1) (`reseed_epoch`), the objective's epoch under
-one progress bar (`captioner.progress`), its history row, the best epoch and early stopping
-(`checkpoints.stops_early`), the commit (weights, history.csv, then state.json); finally the
-model files of the best epoch, the installation and the manifest, and the `RunResult`.
+The loop owns the rest, in this order: the output's lock (`cache.output_lock`; held, like every
+write, by the chief process alone: `is_chief_task`); completing a half-done installation
+(`checkpoints.recover`); the no-op when the manifest is up to date; starting or resuming a run
+(`checkpoints.choose_run`; a resume whose params or inputs changed is refused, naming them); the
+tf.distribute strategy (`make_strategy`); then per epoch e (1-based): every RNG the model draws
+from re-seeded from (seed, e - 1) (`reseed_epoch`), the objective's epoch under one progress bar
+(`captioner.progress`), its history row, the best epoch and early stopping
+(`checkpoints.stops_early`), the commit (weights, history.csv, then state.json); finally the best
+epoch's model files, their installation, the manifest, and the `RunResult` the CLI prints.
 
-Inputs: the objective (its config, output folder and data) and the stage's flags (force,
-resume, progress). Outputs: the model directory the objective describes (model.keras,
-tokenizer.json, config.json, history.csv, checkpoints/, manifest.json) and a RunResult whose
-`summary` the CLI prints. A failed write stops the run with one line, after the last committed
-epoch. Config: none of its own (the objective's epochs, patience and seed). Cost: the
-objective's epochs; per epoch one weights file written (the model with Adam's moments).
+Inputs: an objective (its config, output folder, data) and the flags force, resume, progress.
+Outputs: the model directory (model.keras, tokenizer.json, config.json, history.csv,
+checkpoints/, manifest.json; `captioner.layout`) and a RunResult. A failed write stops the run in
+one line after the last committed epoch. Config: none of its own (the objective's epochs,
+patience, seed, strategy). Cost: the objective's epochs, and per epoch one weights file (the
+model with Adam's moments, about 3x the weights).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,6 +91,23 @@ class RunResult:
         return "; ".join(parts) + f": {where}"
 
 
+class TrainResult(RunResult):
+    """What `train` did; `best_score` is the best val loss."""
+
+    best_val_loss = property(lambda self: self.best_score)
+
+
+class FinetuneResult(RunResult):
+    """What `finetune` did; `best_score` is the best dev CIDEr-D, `start_score` the starting model's."""
+
+    NOUN = "fine-tuned model"
+    DONE = "fine-tuned {n} epochs (SCST)"
+    SCORE = "dev CIDEr-D"
+    RERUN = "--force reruns"
+    best_dev_cider = property(lambda self: self.best_score)
+    start_dev_cider = property(lambda self: self.start_score)
+
+
 # --------------------------------------------------------------------------- the objective
 
 
@@ -103,7 +123,7 @@ class Epoch:
 class Objective(ABC):
     """What a stage fits and how it scores an epoch; `run_stage` does the rest (module docstring).
 
-    The loop calls, in order: make_stage, load (inside try/close), prepare, session, build,
+    The loop calls, in order: make_stage, load (inside try/close), session, build,
     identity (a new run's state), begin, then fit_epoch per epoch, and save_model_files,
     manifest_extra and finished_message when the run ends.
     """
@@ -114,6 +134,7 @@ class Objective(ABC):
     higher_is_better: ClassVar[bool]
     # A resume with changed inputs is refused before loading (else after, by `load`'s own checks).
     inputs_checked_early: ClassVar[bool] = False
+    strategy_name: str = "default"  # train.strategy: where the model runs, who writes (`is_chief_task`)
 
     output: Path
     config: Any  # captioner.config.Config
@@ -134,16 +155,14 @@ class Objective(ABC):
     def close(self) -> None:
         """Releases what `load` opened (also after a failure)."""
 
-    def prepare(self) -> None:
-        """Work that must come before the run folder is touched (a tf.distribute strategy)."""
-
     def session(self) -> contextlib.AbstractContextManager[Any]:
         """Global settings while the model exists, restored on the way out."""
         return contextlib.nullcontext()
 
     @abstractmethod
-    def build(self, run: Run) -> None:
-        """Builds and compiles `model`; loads a resumed run's weights and optimizer state."""
+    def build(self, run: Run, strategy: Any) -> None:
+        """Builds and compiles `model` (in `strategy`'s scope, None: the default); loads a resumed
+        run's weights and optimizer state."""
 
     @abstractmethod
     def identity(self) -> tuple[int, int, str]:
@@ -162,7 +181,8 @@ class Objective(ABC):
         """model.keras (the best epoch's weights) and config.json into the run folder."""
 
     @abstractmethod
-    def manifest_extra(self, state: RunState) -> dict[str, Any]: ...
+    def manifest_extra(self, state: RunState) -> dict[str, Any]:
+        """What the manifest records besides the epochs, the best epoch and score, early stopping."""
 
     @abstractmethod
     def finished_message(self, state: RunState) -> str: ...
@@ -174,10 +194,11 @@ class Objective(ABC):
 # --------------------------------------------------------------------------- the loop
 
 
-def run_stage(objective: Objective, *, force: bool, resume: bool, progress: bool | TextIO | None = None,
-              chief: bool = True) -> RunResult:
-    """Runs `objective` to its end in its output folder (module docstring); only the chief writes
-    files, holds the lock and draws the progress bar. Raises CaptionerError (one line)."""
+def run_stage(objective: Objective, *, force: bool, resume: bool, progress: bool | TextIO | None = None) -> RunResult:
+    """Runs `objective` to its end in its output folder (module docstring); only the chief
+    (`is_chief_task`) writes files, holds the lock and draws the progress bar. Raises
+    CaptionerError (one line)."""
+    chief = is_chief_task(objective.strategy_name)
     with cache.output_lock(objective.output) if chief else contextlib.nullcontext():
         bar = ProgressBar(progress_stream(progress) if chief else None)
         try:
@@ -213,12 +234,12 @@ def _run_loaded(objective: Objective, stage: cache.Stage, run: Run, chief: bool,
     """Once the data is loaded: the model, the epochs, the files."""
     import keras
 
-    objective.prepare()
+    strategy = make_strategy(objective.strategy_name)  # before other TensorFlow work: multi-worker needs that
     if chief and run.new:
         _start_over(objective, run)
     keras.utils.set_random_seed(objective.seed)
     with objective.session():
-        objective.build(run)
+        objective.build(run, strategy)
         state, resumed_from = _start_state(objective, run, stage)
         first = objective.begin(state, resumed_from, run.folder)
         if first is not None:
@@ -304,15 +325,18 @@ def _record_epoch(objective: Objective, state: RunState, record: Any) -> bool:
 def _finish(objective: Objective, state: RunState, run: Run, stage: cache.Stage) -> None:
     """Writes the model files of the best epoch into the run folder, marks the run finished,
     installs them in the model directory, and records the manifest (last)."""
-    folder = run.folder
+    folder, kind = run.folder, objective.kind
     objective.save_model_files(state, folder)  # a failed write is a one-line WriteError there
     cache.write_together({
         folder.path / TOKENIZER_FILE: objective.tokenizer_file.read_bytes(),
-        folder.path / HISTORY_FILE: ckpt.history_csv(objective.kind, state.history).encode("utf-8"),
+        folder.path / HISTORY_FILE: ckpt.history_csv(kind, state.history).encode("utf-8"),
     })
     folder.mark_finished(state)
     ckpt.install(objective.output, folder)
-    stage.finish(objective.config, extra=objective.manifest_extra(state))
+    stage.finish(objective.config, extra={
+        "epochs": state.epoch, "best_epoch": state.best_epoch, kind.score_key: state.best_score,
+        "stopped_early": state.stopped_early, **objective.manifest_extra(state),
+    })
     log.info("%s", objective.finished_message(state))
 
 
@@ -355,3 +379,76 @@ def reseed_epoch(model: Any, seed: int, epoch: int) -> None:
     for index, variable in enumerate(states):
         value = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] % (2**31 - 1)
         variable.assign(np.asarray([value, 0], dtype=variable.dtype))
+
+
+# --------------------------------------------------------------------------- where the loop runs
+
+
+def is_chief_task(strategy: str) -> bool:
+    """Whether this process writes files: always, except on non-chief workers of a multi-worker run.
+
+    Read from TF_CONFIG (before TensorFlow starts): the task "chief", or worker 0 of a
+    cluster without one.
+    """
+    if strategy != "multiworker":
+        return True
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise CaptionerError("train.strategy=multiworker needs the TF_CONFIG environment variable (cluster and task)")
+    try:
+        tf_config = json.loads(raw)
+        cluster, task = tf_config.get("cluster") or {}, tf_config["task"]
+        task_type, task_index = task["type"], int(task.get("index", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({type(error).__name__}: {error})") from None
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_index == 0 and "chief" not in cluster
+
+
+def make_strategy(name: str) -> Any:
+    """None for the default strategy; otherwise a tf.distribute strategy (TensorFlow backend only)."""
+    if name == "default":
+        return None
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise CaptionerError(
+            f"train.strategy={name} uses tf.distribute and needs KERAS_BACKEND=tensorflow "
+            f"(the backend is {keras.backend.backend()})"
+        )
+    import tensorflow as tf
+
+    if name == "mirrored":
+        # With no GPU, MirroredStrategy() would take one CPU; take every logical CPU device
+        # instead, so a CPU split into logical devices (tests) really runs several replicas.
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if not os.environ.get("TF_CONFIG"):
+        raise CaptionerError("train.strategy=multiworker needs the TF_CONFIG environment variable (cluster and task)")
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except (ValueError, KeyError) as error:
+        raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({error})") from None
+
+
+def describe_devices(strategy: Any) -> str:
+    """The devices the model runs on, in our words ("the CPU", "GPU 0", "2 replicas (MirroredStrategy)")."""
+    import keras
+
+    backend = keras.backend.backend()
+    if strategy is not None:
+        return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas ({backend})"
+    if backend == "tensorflow":
+        import tensorflow as tf  # the backend has imported it already
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return f"{'GPU ' + gpus[0].name if gpus else 'the CPU'} ({backend})"
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{'the CPU' if device.platform == 'cpu' else str(device)} ({backend})"
+    return f"the {backend} backend's default device"

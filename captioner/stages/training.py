@@ -27,9 +27,7 @@ and each kept checkpoint (last, best) hold Adam's moments too (about 3x the weig
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,9 +45,15 @@ from captioner.errors import CaptionerError
 from captioner.layout import TOKENIZER_FILE, TRAINED_FILES, split_file
 from captioner.models import registry
 from captioner.progress import ProgressBar, progress_stream
-from captioner.stages import checkpoints as ckpt
 from captioner.stages import runloop
-from captioner.stages.checkpoints import Run, RunFolder, RunState
+from captioner.stages.checkpoints import (
+    TRAIN_RUN,
+    EpochRecord,
+    Run,
+    RunFolder,
+    RunState,
+)
+from captioner.stages.runloop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -58,36 +62,6 @@ log = logging.getLogger(__name__)
 # one step for any T, and the rounding would only add padded positions the model computes on
 # (27% of all positions on Flickr8k instead of 6%; see bench/train.py): there T is not rounded.
 XLA_PAD_TO_MULTIPLE = 8
-
-
-@dataclass
-class EpochRecord:
-    """One finished epoch: a row of history.csv (its fields are the columns)."""
-
-    epoch: int  # 1-based
-    loss: float  # mean training loss per real word
-    val_loss: float
-    seconds: float  # wall time of the epoch, validation included
-    lr: float  # the learning rate in force at the end of the epoch
-
-
-TRAIN_RUN = ckpt.RunKind(
-    stage="train", what="training run", doing="training", option="train.output / --output",
-    version=2,  # 2: weights as epoch-NNNN.keras archives
-    tagged=False, score_key="best_val_loss", record=EpochRecord, first_epoch=1,
-    # Neither changes an epoch already trained: a raised bound goes on, a raised patience goes on
-    # from a run that stopped early (early stopping is asked again on resume).
-    resumable=frozenset({"train.epochs", "train.patience"}),
-    not_a_state="{path} was written by another version or is not a training state; --force starts over",
-)
-
-
-class TrainResult(runloop.RunResult):
-    """What `train_stage` did, for the CLI to print; `best_score` is the best val loss."""
-
-    @property
-    def best_val_loss(self) -> float | None:
-        return self.best_score
 
 
 # --------------------------------------------------------------------------- inputs
@@ -111,14 +85,10 @@ def _input_paths(config: Config) -> _Inputs:
         raise CaptionerError(
             f"captions folder not found (train.captions / --captions): {captions_dir}; make it with `captioner prepare`"
         )
-    paths = _Inputs(
-        captions_dir=captions_dir,
-        train_json=split_file(captions_dir, train.train_split),
-        val_json=split_file(captions_dir, train.val_split),
-        tokenizer_json=captions_dir / TOKENIZER_FILE,
-        feature_files=[Path(p) for p in train.features],
-        teacher_reports=[Path(p) for p in train.teacher_captions],
-    )
+    paths = _Inputs(captions_dir=captions_dir, train_json=split_file(captions_dir, train.train_split),
+                    val_json=split_file(captions_dir, train.val_split), tokenizer_json=captions_dir / TOKENIZER_FILE,
+                    feature_files=[Path(p) for p in train.features],
+                    teacher_reports=[Path(p) for p in train.teacher_captions])
     missing = [p for p in (paths.train_json, paths.val_json, paths.tokenizer_json) if not p.is_file()]
     if missing:
         raise CaptionerError(
@@ -166,21 +136,12 @@ def stage_params(config: Config) -> dict[str, Any]:
 
 
 def _make_stage(config: Config, paths: _Inputs, output: Path) -> cache.Stage:
-    inputs: dict[str, Any] = {
-        "features": paths.feature_files,
-        "train_captions": paths.train_json,
-        "val_captions": paths.val_json,
-        "tokenizer": paths.tokenizer_json,
-    }
+    inputs: dict[str, Any] = {"features": paths.feature_files, "train_captions": paths.train_json,
+                              "val_captions": paths.val_json, "tokenizer": paths.tokenizer_json}
     if paths.teacher_reports:  # none: inputs (manifests, checkpoints) as before the option
         inputs["teacher_captions"] = paths.teacher_reports
-    return cache.Stage(
-        "train",
-        cache.manifest_path_for(output),
-        inputs=inputs,
-        params=stage_params(config),
-        outputs=[output / name for name in TRAINED_FILES],
-    )
+    return cache.Stage("train", cache.manifest_path_for(output), inputs=inputs, params=stage_params(config),
+                       outputs=[output / name for name in TRAINED_FILES])
 
 
 @dataclass
@@ -315,11 +276,7 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
             raise CaptionerError(f"{split_file(paths.captions_dir, split)}: the {split} split has no captions")
         try:
             batches[split] = TeacherForcingBatches(
-                caption_set,
-                table,
-                train.batch_size,
-                seed=train.seed,
-                shuffle=split == train.train_split,
+                caption_set, table, train.batch_size, seed=train.seed, shuffle=split == train.train_split,
                 pad_to_multiple=XLA_PAD_TO_MULTIPLE,  # until the compiled model says whether XLA is on
                 advance_on_epoch_end=False,  # the epoch loop calls set_epoch: any backend, exact resume
             )
@@ -341,17 +298,10 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
         train_batches.num_captions, train.train_split, len(train_batches), train.batch_size,
         val_batches.num_captions, train.val_split, feature_dim, tokenizer.vocab_size,
     )
-    return _Data(
-        tokenizer=tokenizer,
-        vocab_hash=runloop.vocab_hash(tokenizer.words),
-        feature_dim=feature_dim,
-        train_batches=train_batches,
-        val_batches=val_batches,
-        skipped=skipped,
-        map_grid=maps.grid if maps is not None else None,
-        maps=maps,
-        provenance=maps.provenance if maps is not None else None,
-    )
+    return _Data(tokenizer=tokenizer, vocab_hash=runloop.vocab_hash(tokenizer.words), feature_dim=feature_dim,
+                 train_batches=train_batches, val_batches=val_batches, skipped=skipped, maps=maps,
+                 map_grid=maps.grid if maps is not None else None,
+                 provenance=maps.provenance if maps is not None else None)
 
 
 # --------------------------------------------------------------------------- resume checks
@@ -360,89 +310,14 @@ def _load_data(config: Config, paths: _Inputs) -> _Data:
 def _check_resumable(output: Path, state: RunState, data: _Data, paths: _Inputs, stage: cache.Stage) -> None:
     """Refuses a resume whose features, vocabulary or inputs are not the checkpoint's."""
     if state.feature_dim != data.feature_dim:
-        raise CaptionerError(
-            f"cannot resume {output}: its checkpoint was trained on {state.feature_dim}-d features, "
-            f"train.features has {data.feature_dim}-d ones (--force starts over)"
-        )
+        raise CaptionerError(f"cannot resume {output}: its checkpoint was trained on {state.feature_dim}-d features, "
+                             f"train.features has {data.feature_dim}-d ones (--force starts over)")
     if state.vocab_size != data.tokenizer.vocab_size or state.vocab_hash != data.vocab_hash:
         raise CaptionerError(
             f"cannot resume {output}: {paths.tokenizer_json} ({data.tokenizer.vocab_size} ids) is not the vocabulary "
             f"of its checkpoint ({state.vocab_size} ids) (--force starts over)"
         )
     runloop.refuse_changes(output, state.conflicts(TRAIN_RUN, stage.params, stage.input_fingerprints()))
-
-
-# --------------------------------------------------------------------------- devices and strategies
-
-
-def is_chief_task(strategy: str) -> bool:
-    """Whether this process writes files: always, except on non-chief workers of a multi-worker run.
-
-    Read from TF_CONFIG (before TensorFlow starts): the task "chief", or worker 0 of a
-    cluster without one.
-    """
-    if strategy != "multiworker":
-        return True
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        raise CaptionerError("train.strategy=multiworker needs the TF_CONFIG environment variable (cluster and task)")
-    try:
-        tf_config = json.loads(raw)
-        cluster, task = tf_config.get("cluster") or {}, tf_config["task"]
-        task_type, task_index = task["type"], int(task.get("index", 0))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({type(error).__name__}: {error})") from None
-    if task_type == "chief":
-        return True
-    return task_type == "worker" and task_index == 0 and "chief" not in cluster
-
-
-def _make_strategy(name: str) -> Any:
-    """None for the default strategy; otherwise a tf.distribute strategy (TensorFlow backend only)."""
-    if name == "default":
-        return None
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise CaptionerError(
-            f"train.strategy={name} uses tf.distribute and needs KERAS_BACKEND=tensorflow "
-            f"(the backend is {keras.backend.backend()})"
-        )
-    import tensorflow as tf
-
-    if name == "mirrored":
-        # With no GPU, MirroredStrategy() would take one CPU; take every logical CPU device
-        # instead, so a CPU split into logical devices (tests) really runs several replicas.
-        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
-            d.name for d in tf.config.list_logical_devices("CPU")
-        ]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if not os.environ.get("TF_CONFIG"):
-        raise CaptionerError("train.strategy=multiworker needs the TF_CONFIG environment variable (cluster and task)")
-    try:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    except (ValueError, KeyError) as error:
-        raise CaptionerError(f"train.strategy=multiworker: bad TF_CONFIG ({error})") from None
-
-
-def _where(strategy: Any) -> str:
-    """The devices training runs on, in our words ("the CPU", "GPU 0", "2 replicas (MirroredStrategy)")."""
-    import keras
-
-    backend = keras.backend.backend()
-    if strategy is not None:
-        return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas ({backend})"
-    if backend == "tensorflow":
-        import tensorflow as tf  # the backend has imported it already
-
-        gpus = tf.config.list_logical_devices("GPU")
-        return f"{'GPU ' + gpus[0].name if gpus else 'the CPU'} ({backend})"
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return f"{'the CPU' if device.platform == 'cpu' else str(device)} ({backend})"
-    return f"the {backend} backend's default device"
 
 
 # --------------------------------------------------------------------------- training pieces
@@ -499,11 +374,8 @@ def _compile(model: Any, train: Any, jit_compile: Any, steps_per_epoch: int) -> 
     if train.clipnorm > 0:
         optimizer_args["clipnorm"] = train.clipnorm
     # Sample weights (0 on pads) make this the mean cross-entropy per real word; logits are float32.
-    model.compile(
-        optimizer=keras.optimizers.Adam(**optimizer_args),
-        loss=losses.word_loss(train.label_smoothing),
-        jit_compile=jit_compile,
-    )
+    model.compile(optimizer=keras.optimizers.Adam(**optimizer_args), loss=losses.word_loss(train.label_smoothing),
+                  jit_compile=jit_compile)
 
 
 def _work_around_keras_multiworker(model: Any, batches: Any) -> None:
@@ -549,18 +421,6 @@ def _current_lr(model: Any) -> float:
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
-def _progress_callback(bar: ProgressBar) -> Any:
-    """A Keras callback that updates `bar` after every training batch of a `fit`."""
-    import keras
-
-    class _Progress(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            loss = (logs or {}).get("loss")
-            bar.update(batch + 1, float(loss) if loss is not None else None)
-
-    return _Progress()
-
-
 # --------------------------------------------------------------------------- the objective
 
 
@@ -578,8 +438,9 @@ class _CrossEntropy(runloop.Objective):
         self.epochs, self.patience, self.seed = train.epochs, train.patience, train.seed
         self.score_label = f"{train.val_split} loss"
         self.tokenizer_file = paths.tokenizer_json
+        self.strategy_name = train.strategy
         self.data: _Data | None = None
-        self.strategy: Any = None
+        self.strategy: Any = None  # tf.distribute's, from `build`
 
     def make_stage(self) -> cache.Stage:
         return _make_stage(self.config, self.paths, self.output)
@@ -594,9 +455,6 @@ class _CrossEntropy(runloop.Objective):
         if self.data is not None and self.data.maps is not None:
             self.data.maps.close()
 
-    def prepare(self) -> None:
-        self.strategy = _make_strategy(self.config.train.strategy)  # before other TensorFlow work: multi-worker needs that
-
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         import keras
@@ -607,8 +465,8 @@ class _CrossEntropy(runloop.Objective):
         finally:
             keras.mixed_precision.set_global_policy("float32")  # a policy is global: never leak it to the caller
 
-    def build(self, run: Run) -> None:
-        self.model = _build_model(self.config, self.strategy, self.data, run)
+    def build(self, run: Run, strategy: Any) -> None:
+        self.strategy, self.model = strategy, _build_model(self.config, strategy, self.data, run)
 
     def identity(self) -> tuple[int, int, str]:
         data = self.data
@@ -617,7 +475,7 @@ class _CrossEntropy(runloop.Objective):
     def begin(self, state: RunState, resumed_from: int | None, folder: RunFolder) -> None:
         log.info(
             "train: on %s; %d parameters, precision %s%s",
-            _where(self.strategy), self.model.count_params(), self.config.train.precision,
+            runloop.describe_devices(self.strategy), self.model.count_params(), self.config.train.precision,
             f"; resuming {folder.path} after epoch {resumed_from}" if resumed_from is not None else "",
         )
         self.train_data, self.val_data = _for_fit(self.data.train_batches), _for_fit(self.data.val_batches)
@@ -627,7 +485,7 @@ class _CrossEntropy(runloop.Objective):
         data, model, callbacks = self.data, self.model, self.callbacks
         if bar.active:
             bar.start(f"epoch {epoch}/{self.epochs}", data.train_batches.batch_targets(epoch - 1))
-            callbacks = [*callbacks, _progress_callback(bar)]
+            callbacks = [*callbacks, bar.keras_callback()]
         data.train_batches.set_epoch(epoch - 1)
         data.val_batches.set_epoch(0)
         started = time.perf_counter()
@@ -664,15 +522,7 @@ class _CrossEntropy(runloop.Objective):
 
     def manifest_extra(self, state: RunState) -> dict[str, Any]:
         data = self.data
-        return {
-            "epochs": state.epoch,
-            "best_epoch": state.best_epoch,
-            "best_val_loss": state.best_score,
-            "stopped_early": state.stopped_early,
-            "feature_dim": data.feature_dim,
-            "vocab_size": data.tokenizer.vocab_size,
-            "skipped_captions": data.skipped,
-        }
+        return {"feature_dim": data.feature_dim, "vocab_size": data.tokenizer.vocab_size, "skipped_captions": data.skipped}
 
     def finished_message(self, state: RunState) -> str:
         return f"train: wrote {self.output} (best epoch {state.best_epoch})"
@@ -706,23 +556,13 @@ def train_stage(
     output = Path(config.train.output)
     if output.exists() and not output.is_dir():
         raise CaptionerError(f"train.output must be a folder, but is a file: {output}")
-    chief = is_chief_task(config.train.strategy)
     objective = _CrossEntropy(config, paths, output, callbacks)
-    result = runloop.run_stage(objective, force=force, resume=resume, progress=progress, chief=chief)
+    result = runloop.run_stage(objective, force=force, resume=resume, progress=progress)
     assert isinstance(result, TrainResult)
     return result
 
 
 __all__: Sequence[str] = [
-    "TRAIN_RUN",
-    "EpochRecord",
-    "ProgressBar",
-    "TrainResult",
-    "check_model_fits",
-    "is_chief_task",
-    "pad_multiple",
-    "progress_stream",
-    "stage_params",
-    "train_stage",
-    "with_teacher_captions",
+    "TRAIN_RUN", "EpochRecord", "ProgressBar", "TrainResult", "check_model_fits", "pad_multiple", "progress_stream",
+    "stage_params", "train_stage", "with_teacher_captions",
 ]

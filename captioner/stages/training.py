@@ -467,6 +467,7 @@ class _CrossEntropy(runloop.Objective):
 
     def build(self, run: Run, strategy: Any) -> None:
         self.strategy, self.model = strategy, _build_model(self.config, strategy, self.data, run)
+        self.train_data, self.val_data = _for_fit(self.data.train_batches), _for_fit(self.data.val_batches)
 
     def identity(self) -> tuple[int, int, str]:
         data = self.data
@@ -478,7 +479,6 @@ class _CrossEntropy(runloop.Objective):
             runloop.describe_devices(self.strategy), self.model.count_params(), self.config.train.precision,
             f"; resuming {folder.path} after epoch {resumed_from}" if resumed_from is not None else "",
         )
-        self.train_data, self.val_data = _for_fit(self.data.train_batches), _for_fit(self.data.val_batches)
 
     def fit_epoch(self, epoch: int, bar: ProgressBar) -> runloop.Epoch:
         """Trains epoch `epoch` (1-based) with its own data order, then validates."""

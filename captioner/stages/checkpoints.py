@@ -1,37 +1,27 @@
-"""Training checkpoints: the typed training state, its commit order, resume, and staging.
+"""Run folders: the typed state of a training or fine-tuning run, its commit order, resume, staging.
 
-A training run lives in a run folder inside the model directory:
+A run lives in a folder inside its model directory: `checkpoints/` (the run whose model files
+are installed, or a first run) or `checkpoints.next/` (a new run beside a finished one, which
+stays intact and usable until the new run finishes and replaces it). A run folder holds
+state.json (`RunState`: epochs done, best epoch, early stopping, history, params, input
+fingerprints; the commit point), epoch-NNNN.keras (Keras archives with the optimizer state, of
+the last and the best epoch: what `--resume` loads) and history.csv (one row per epoch).
 
-    checkpoints/       the run whose model files (model.keras, tokenizer.json, config.json,
-                       history.csv) are installed in the model directory, or a first run
-    checkpoints.next/  a new run started while the directory holds a finished run: it trains
-                       here, beside the old run, which stays intact (and `evaluate`-able) until
-                       the new run finishes and replaces it
+`RunKind` is what tells a run of `train` from one of `finetune` on disk: the state's version
+and stage tag, the name of its best score, its history row, the first epoch (finetune's epoch 0
+is the starting model). Their state.json files are those the two stages always wrote.
 
-A run folder holds:
+Commit order of an epoch (`RunFolder.commit_epoch`): the weights (temporary name, fsync,
+rename), history.csv, then state.json by atomic rename: a process killed at any moment leaves a
+state naming complete files; unreferenced weights are deleted after the commit. Finishing
+(`RunFolder.mark_finished`, then `install`): the model files are written into the run folder,
+state.json is marked finished (the run's commit point), the old manifest goes, the files are
+renamed into the model directory and a staged folder replaces `checkpoints/`; every step is
+repeatable, and `recover` completes one that a killed run left half done.
 
-    state.json         `TrainState` as JSON (epochs done, early stopping, history, params,
-                       input fingerprints): the commit point of every epoch
-    epoch-NNNN.keras   a Keras model archive with the optimizer state, of the last and of the
-                       best epoch (what `--resume` loads)
-    history.csv        epoch, loss, val_loss, seconds, lr: one row per committed epoch
-
-Commit order of an epoch (`RunFolder.commit_epoch`): the epoch's weights file (written under a
-temporary name, fsynced, renamed), history.csv, then state.json by atomic rename: a process
-killed at any moment leaves a state.json naming complete files. Files no longer referenced are
-deleted after the commit.
-
-Finishing a run (`RunFolder.mark_finished`, then `install`): the model files are written
-into the run folder, then state.json is marked finished (the commit point of the run); then
-the old manifest is removed, the staged files are renamed into the model directory, and a
-staged run folder replaces `checkpoints/`. Renames do not fail for lack of space, and every
-step is repeatable: a run killed during installation is completed by `recover` at the start of
-the next `train` on the directory.
-
-The weights are Keras archives (`model.save`), not `save_weights`' HDF5 files: HDF5 writing
-to a full disk or past the file-size limit crashes the process (seen with h5py 3.14: a
-segmentation fault), while the archive is written by Python's zipfile, whose failure is an
-ordinary OSError that becomes a one-line `cache.WriteError`.
+Weights are Keras archives (`model.save`), not HDF5: h5py writing to a full disk crashed the
+process, while zipfile's failure is an OSError that becomes a one-line `cache.WriteError`.
+No config; costs: one weights file per kept epoch (the model with Adam's moments, ~3x weights).
 """
 
 from __future__ import annotations
@@ -54,37 +44,42 @@ from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, TRAINED_
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: weights as epoch-NNNN.keras archives
 STATE_FILE = "state.json"
 STAGING_DIR = CHECKPOINTS_DIR + ".next"
 _RETIRED_DIR = CHECKPOINTS_DIR + ".old"  # the replaced run folder, during the swap only
-HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "seconds", "lr")
-# Parameters that may differ between a checkpoint and its resume: neither changes an epoch already
-# trained. Raising the epoch bound continues the run; raising the patience continues one that
-# stopped early (`stops_early` is asked again on resume).
-RESUMABLE_CHANGES = frozenset({"train.epochs", "train.patience"})
 
 
 # --------------------------------------------------------------------------- the state
 
 
+@dataclass(frozen=True)
+class RunKind:
+    """A stage's runs as stored: how its state.json, history.csv and messages differ from another's."""
+
+    stage: str  # the stage's name: "train" or "finetune" (log lines, manifests, `<stage>.epochs`)
+    what: str  # the run in messages: "training run"
+    doing: str  # what a new run beside a finished one does, in its log line: "training"
+    option: str  # the output's option, for a refusal: "train.output / --output"
+    version: int  # state.json's state_version
+    tagged: bool  # state.json also names its stage ("stage": ...)
+    score_key: str  # state.json's key of `RunState.best_score`: "best_val_loss", "best_dev_cider"
+    record: type  # the dataclass of one history row; its fields are history.csv's columns
+    first_epoch: int  # the first epoch's number: 1, or 0 when epoch 0 is the starting model
+    resumable: frozenset[str]  # params that may differ on --resume (the epoch bound, the patience)
+    not_a_state: str  # the refusal of a state.json of another version or stage ({path})
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.record))
+
+
 @dataclass
-class EpochRecord:
-    """One finished epoch: a row of history.csv."""
-
-    epoch: int  # 1-based
-    loss: float  # mean training loss per real word
-    val_loss: float
-    seconds: float  # wall time of the epoch, validation included
-    lr: float  # the learning rate in force at the end of the epoch
-
-
-@dataclass
-class TrainState:
+class RunState:
     """Where a run stands after its last committed epoch (state.json).
 
-    `params` and `inputs` are what the run was started with (`training.stage_params`, the
-    stage's input fingerprints); a resume must match them (`conflicts`).
+    `params` and `inputs` are what the run was started with (the stage's params and input
+    fingerprints); a resume must match them (`conflicts`). `best_score` is stored under the
+    kind's `score_key`.
     """
 
     params: dict[str, Any]
@@ -92,36 +87,40 @@ class TrainState:
     feature_dim: int
     vocab_size: int
     vocab_hash: str  # sha256 prefix of the vocabulary's words
-    epoch: int = 0  # epochs done
+    epoch: int = 0  # epochs done (the kind's first epoch included)
     weights: str | None = None  # the last epoch's weights file
-    best_epoch: int | None = None  # 1-based
-    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    best_score: float | None = None
     best_weights: str | None = None
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     finished: bool = False  # the model files are written (or installed)
-    history: list[EpochRecord] = field(default_factory=list)
+    history: list[Any] = field(default_factory=list)  # the kind's records, one per epoch
 
-    def to_json(self) -> dict[str, Any]:
-        return {"state_version": STATE_VERSION, **dataclasses.asdict(self)}
+    def to_json(self, kind: RunKind) -> dict[str, Any]:
+        head: dict[str, Any] = {"state_version": kind.version, **({"stage": kind.stage} if kind.tagged else {})}
+        body = dataclasses.asdict(self)
+        return {**head, **{(kind.score_key if key == "best_score" else key): value for key, value in body.items()}}
 
     @classmethod
-    def from_json(cls, data: Any, path: Path) -> TrainState:
+    def from_json(cls, data: Any, path: Path, kind: RunKind) -> RunState:
         """The state in `data` (parsed state.json); a CaptionerError naming `path` when it is not one."""
-        if not isinstance(data, dict) or data.get("state_version") != STATE_VERSION:
-            raise CaptionerError(f"{path} was written by another version or is not a training state; --force starts over")
+        if (not isinstance(data, dict) or data.get("state_version") != kind.version
+                or (kind.tagged and data.get("stage") != kind.stage)):
+            raise CaptionerError(kind.not_a_state.format(path=path))
         try:
-            values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
-            values["history"] = [EpochRecord(**row) for row in data.get("history", [])]
+            keys = {f.name: kind.score_key if f.name == "best_score" else f.name for f in dataclasses.fields(cls)}
+            values = {name: data[key] for name, key in keys.items() if key in data}
+            values["history"] = [kind.record(**row) for row in data.get("history", [])]
             state = cls(**values)
-            _check_types(state)
+            _check_types(state, kind)
         except (TypeError, ValueError, KeyError) as error:
             raise CaptionerError(f"{path} is corrupt ({error}); --force starts over") from None
         return state
 
-    def conflicts(self, params: dict[str, Any], inputs: dict[str, Any] | None = None) -> list[str]:
+    def conflicts(self, kind: RunKind, params: dict[str, Any], inputs: dict[str, Any] | None = None) -> list[str]:
         """The parameters (and, given `inputs`, the inputs) that differ from this run's, described."""
-        return conflicts(self.params, params, RESUMABLE_CHANGES, self.inputs, inputs)
+        return conflicts(self.params, params, kind.resumable, self.inputs, inputs)
 
 
 def conflicts(
@@ -146,7 +145,7 @@ def conflicts(
     return changed
 
 
-def _check_types(state: TrainState) -> None:
+def _check_types(state: RunState, kind: RunKind) -> None:
     """Raises TypeError when a field of a loaded state has the wrong type (a hand-edited file)."""
     ints = ("feature_dim", "vocab_size", "epoch", "epochs_without_improvement")
     bad = [name for name in ints if not isinstance(getattr(state, name), int)]
@@ -154,7 +153,7 @@ def _check_types(state: TrainState) -> None:
     bad += [name for name in ("stopped_early", "finished") if not isinstance(getattr(state, name), bool)]
     if isinstance(state.epoch, int):
         # Only this run's own file names: a hand-edited state must not point outside its folder.
-        allowed = {None} | {weights_name(epoch) for epoch in range(1, state.epoch + 1)}
+        allowed = {None} | {weights_name(epoch) for epoch in range(kind.first_epoch, state.epoch + 1)}
         bad += [name for name in ("weights", "best_weights") if getattr(state, name) not in allowed]
         if state.epoch and state.weights is None:
             bad.append("weights")
@@ -168,18 +167,63 @@ def stops_early(epochs_without_improvement: int, patience: int) -> bool:
 
 
 def weights_name(epoch: int) -> str:
-    """The weights file of a 1-based epoch."""
+    """The weights file of an epoch."""
     return f"epoch-{epoch:04d}.keras"
 
 
-def history_csv(rows: list[EpochRecord]) -> str:
-    """history.csv's text: a header of HISTORY_COLUMNS, one row per epoch."""
+def history_csv(kind: RunKind, rows: list[Any]) -> str:
+    """history.csv's text: a header of the kind's columns, one row per epoch (None: an empty cell)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
+    writer.writerow(kind.columns)
     for row in rows:
-        writer.writerow([getattr(row, column) for column in HISTORY_COLUMNS])
+        writer.writerow(["" if getattr(row, column) is None else getattr(row, column) for column in kind.columns])
     return buffer.getvalue()
+
+# --------------------------------------------------------------------------- the two kinds of run
+
+
+@dataclass
+class EpochRecord:
+    """A training (cross-entropy) epoch: a row of `train`'s history.csv (the fields are its columns)."""
+
+    epoch: int  # 1-based
+    loss: float  # mean training loss per real word
+    val_loss: float
+    seconds: float  # wall time of the epoch, validation included
+    lr: float  # the learning rate in force at the end of the epoch
+
+
+@dataclass
+class ScstEpochRecord:
+    """A fine-tuning (SCST) epoch: a row of `finetune`'s history.csv (epoch 0: the starting model)."""
+
+    epoch: int
+    loss: float | None  # mean policy-gradient loss per word over the epoch's steps (+ xe_weight x cross-entropy)
+    reward: float | None  # mean CIDEr-D of the sampled train captions
+    baseline: float | None  # mean baseline reward
+    dev_cider: float  # CIDEr-D of the val split, decoded with finetune.select_beam_size
+    dev_bleu4: float
+    seconds: float
+    lr: float | None
+
+
+# A resume may raise the epoch bound (the run goes on) and the patience (a run that stopped early
+# goes on: early stopping is asked again); nothing else that would change an epoch already done.
+TRAIN_RUN = RunKind(
+    stage="train", what="training run", doing="training", option="train.output / --output",
+    version=2,  # 2: weights as epoch-NNNN.keras archives
+    tagged=False, score_key="best_val_loss", record=EpochRecord, first_epoch=1,
+    resumable=frozenset({"train.epochs", "train.patience"}),
+    not_a_state="{path} was written by another version or is not a training state; --force starts over",
+)
+FINETUNE_RUN = RunKind(
+    stage="finetune", what="fine-tuning run", doing="working", option="--output", version=1, tagged=True,
+    score_key="best_dev_cider", record=ScstEpochRecord, first_epoch=0,
+    resumable=frozenset({"finetune.epochs", "finetune.patience"}),
+    not_a_state="{path} is not a fine-tuning state of this version; --force starts over",
+)
+
 
 
 # --------------------------------------------------------------------------- a run folder
@@ -188,11 +232,12 @@ def history_csv(rows: list[EpochRecord]) -> str:
 class RunFolder:
     """One run's folder (`checkpoints/` or `checkpoints.next/`): state, weights, history."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: RunKind) -> None:
         self.path = Path(path)
+        self.kind = kind
         self.state_path = self.path / STATE_FILE
 
-    def read_state(self) -> TrainState | None:
+    def read_state(self) -> RunState | None:
         """The committed state, None when there is none; a CaptionerError when it is unreadable."""
         try:
             text = self.state_path.read_text(encoding="utf-8")
@@ -204,9 +249,9 @@ class RunFolder:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise CaptionerError(f"{self.state_path} is corrupt ({error}); --force starts over") from None
-        return TrainState.from_json(data, self.state_path)
+        return RunState.from_json(data, self.state_path, self.kind)
 
-    def peek_state(self) -> TrainState | None:
+    def peek_state(self) -> RunState | None:
         """`read_state`, with None for an unreadable one (for decisions that --force has made already)."""
         try:
             return self.read_state()
@@ -252,21 +297,21 @@ class RunFolder:
                 "--force starts over"
             ) from None
 
-    def commit_epoch(self, model: Any, state: TrainState) -> None:
+    def commit_epoch(self, model: Any, state: RunState) -> None:
         """Writes the finished epoch (see the module docstring for the order); `state` already counts it."""
         assert state.weights is not None
         self.save_weights(model, state.epoch)
-        cache.atomic_write_text(self.path / HISTORY_FILE, history_csv(state.history))
+        cache.atomic_write_text(self.path / HISTORY_FILE, history_csv(self.kind, state.history))
         self.write_state(state)
         keep = {state.weights, state.best_weights}
         for path in self.path.glob("epoch-*.keras"):
             if path.name not in keep:
                 path.unlink()
 
-    def write_state(self, state: TrainState) -> None:
-        cache.atomic_write_json(self.state_path, state.to_json())
+    def write_state(self, state: RunState) -> None:
+        cache.atomic_write_json(self.state_path, state.to_json(self.kind))
 
-    def mark_finished(self, state: TrainState) -> None:
+    def mark_finished(self, state: RunState) -> None:
         """Marks the run finished: the commit point of a run whose model files are in this folder.
 
         Call after model.keras, tokenizer.json, config.json and history.csv are written here;
@@ -287,7 +332,7 @@ class Run:
     """Where this call trains: the folder, and the state it resumes (None: a new run)."""
 
     folder: RunFolder
-    state: TrainState | None
+    state: RunState | None
     staged: bool  # trains beside a finished run, in checkpoints.next/
 
     @property
@@ -311,35 +356,32 @@ def claim_run_folder(output: Path, stage: str, what: str, option: str) -> None:
                        marks=run_marks(output), what=what, option=option)
 
 
-def _unfinished(output: Path, folder: RunFolder, state: TrainState) -> CaptionerError:
-    return CaptionerError(
-        f"{output} holds an unfinished training run ({state.epoch} of {state.params.get('train.epochs')} epochs "
-        f"done, in {folder.path.name}/): --resume continues it, --force starts over"
-    )
-
-
-def choose_run(output: Path, force: bool, resume: bool) -> Run:
+def choose_run(output: Path, kind: RunKind, force: bool, resume: bool) -> Run:
     """Decides where this call trains and what it resumes; changes nothing on disk.
 
     - --resume: the unfinished run in checkpoints.next/, else the run in checkpoints/
-      (finished or not: a finished one goes on when train.epochs was raised).
+      (finished or not: a finished one goes on when the epoch bound was raised).
     - Otherwise an unfinished run is refused (--resume continues it, --force starts over),
       and so is a non-empty directory that holds no run of ours (--force trains into it).
     - A new run trains in checkpoints.next/ when the directory holds a finished model, which
       stays until the new run replaces it; else in checkpoints/.
     """
-    current, staging = RunFolder(output / CHECKPOINTS_DIR), RunFolder(output / STAGING_DIR)
+    current, staging = RunFolder(output / CHECKPOINTS_DIR, kind), RunFolder(output / STAGING_DIR, kind)
     if not force:
         for folder in (staging, current):
             state = folder.read_state()
             if state is None or (state.finished and not (resume and folder is current)):
                 continue
             if not resume:
-                raise _unfinished(output, folder, state)
+                raise CaptionerError(
+                    f"{output} holds an unfinished {kind.what} ({state.epoch} of "
+                    f"{state.params.get(kind.stage + '.epochs')} epochs done, in {folder.path.name}/): "
+                    "--resume continues it, --force starts over"
+                )
             return Run(folder, state, staged=folder is staging)
         if resume:
-            log.info("train: nothing to resume in %s; starting from epoch 1", output)
-        claim_run_folder(output, "train", "training run", "train.output / --output")
+            log.info("%s: nothing to resume in %s; starting from epoch 1", kind.stage, output)
+        claim_run_folder(output, kind.stage, kind.what, kind.option)
     current_state = current.peek_state()
     protect = (output / MODEL_FILE).is_file() or (current_state is not None and current_state.finished)
     return Run(staging if protect else current, None, staged=protect)
@@ -375,18 +417,18 @@ def _swap(output: Path) -> None:
         shutil.rmtree(retired)
 
 
-def recover(output: Path) -> None:
-    """Completes an installation that a killed run left half done (nothing when there is none).
+def recover(output: Path, kind: RunKind) -> None:
+    """Completes an installation that a killed run of `kind` left half done (nothing when there is none).
 
-    The model directory then holds the finished run's files, without a manifest: the next
-    `train` trains again (beside it), and `evaluate` / `caption` use it as it is.
+    The model directory then holds the finished run's files, without a manifest: the next run
+    on it starts again (beside it), and `evaluate` / `caption` use it as it is.
     """
     for name in (STAGING_DIR, CHECKPOINTS_DIR):
-        folder = RunFolder(output / name)
+        folder = RunFolder(output / name, kind)
         state = folder.peek_state()
         pending = name == STAGING_DIR or (folder.path / MODEL_FILE).exists()
         if state is not None and state.finished and pending:
-            log.warning("train: completing the installation of the finished run in %s", folder.path)
+            log.warning("%s: completing the installation of the finished run in %s", kind.stage, folder.path)
             install(output, folder)
     if (output / _RETIRED_DIR).exists():
         _swap(output)

@@ -88,6 +88,7 @@ def captions_files(captions_dir: str | Path, splits: tuple[str, ...] = SPLITS) -
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"  # history.csv as a picture (`captioner.data.curves`), beside it
 CHECKPOINTS_DIR = "checkpoints"
 # What a model directory needs to caption (and what a cached evaluation depends on).
 MODEL_DIR_FILES = (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE)

@@ -45,3 +45,4 @@ def test_columns_that_are_not_numbers_or_not_curves_are_left_out():
     left, right = pixels[:, : SIZE[0] // 2], pixels[:, SIZE[0] // 2:]
     assert _has_colour(left, COLOURS[0]) and not _has_colour(left, COLOURS[1])  # only "loss"
     assert not _has_colour(right, COLOURS[0])
+

@@ -715,3 +715,22 @@ def test_the_parameter_count_before_building_is_keras_count(init_inject: bool) -
     sizes = config_lib.ModelConfig(embedding_dim=5, units=7, attention_dim=3, init_inject=init_inject)
     assert merge_lib.count_parameters(11, 13, sizes) == merge_lib.build_model(11, 13, sizes).count_params()
     assert count_attention(11, 13, sizes) == build_attention_model(4, 11, 13, sizes).count_params()
+
+
+def test_a_finished_run_draws_its_curves_and_the_report_shows_them(data: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 28: train writes curves.png beside history.csv; evaluate's page embeds it."""
+    from PIL import Image
+
+    from captioner.stages.evaluation import evaluate_stage
+
+    features, captions = data
+    config = make_config(tmp_path, features, captions, epochs=2)
+    train_stage(config)
+    model = Path(config.train.output)
+    with Image.open(model / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.size == (640, 360)
+    config.eval.model, config.eval.features, config.eval.captions = str(model), [str(features)], str(captions)
+    config.eval.split, config.eval.output = "dev", str(tmp_path / "report")
+    evaluate_stage(config)
+    page = (tmp_path / "report" / "eval-dev.html").read_text(encoding="utf-8")
+    assert "<h2>Training curves</h2>" in page and "data:image/png;base64," in page

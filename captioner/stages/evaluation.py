@@ -293,14 +293,24 @@ def _strip_rows(report: dict[str, Any], strips: dict[str, str]) -> str:
     )
 
 
+def _curves_data_uri(model_dir: Path) -> str | None:
+    """The model directory's curves.png (written by train and finetune) as a data URI, if it has one."""
+    path = Path(model_dir) / layout.CURVES_FILE
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def render_html(
     report: dict[str, Any],
     thumbnails: dict[str, str | None],
     image_folder: Path | None,
     strips: dict[str, str] | None = None,
+    curves: str | None = None,
 ) -> str:
     """The self-contained report page (all text escaped; images as data URIs). strips: an attention
-    model's strips (image id -> data URI) for its best, median and worst examples."""
+    model's strips (image id -> data URI) for its best, median and worst examples; curves: the
+    model's training curves (its curves.png as a data URI), shown under the metrics."""
     images = report["images"]
     ranked = sorted(images, key=lambda item: (-item["cider"], item["id"]))
     best = ranked[:EXAMPLES_SHOWN]
@@ -352,6 +362,7 @@ def render_html(
         + "".join(f"<p>{note}</p>\n" for note in notes)
         + f"<h2>Metrics</h2>\n<table><tr><th>metric</th><th>score</th></tr>{metric_rows}"
         f'<tr><td>images</td><td class="num">{counts["scored"]}</td></tr></table>\n'
+        + (f'<h2>Training curves</h2>\n<img src="{curves}" alt="loss and dev score per epoch">\n' if curves else "")
         + _strip_rows(report, strips or {})
         + f"<h2>Best {len(best)} by CIDEr-D</h2>\n{_image_rows(best, thumbnails, len(best))}\n"
         f"<h2>Worst {len(worst)} by CIDEr-D</h2>\n{_image_rows(worst, thumbnails, len(worst))}\n"
@@ -488,7 +499,7 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
         log.info("evaluate: writing thumbnails and %s", html_path)
         thumbnails = _make_thumbnails(image_folder, report["images"])
         strips = _attention_strips(image_folder, report, attention, model_dir) if attention else None
-        page = render_html(report, thumbnails, image_folder, strips)
+        page = render_html(report, thumbnails, image_folder, strips, _curves_data_uri(model_dir))
         with stage.writing():
             cache.write_together({
                 json_path: (json.dumps(report, indent=2) + "\n").encode("utf-8"),

@@ -13,7 +13,7 @@ from re-seeded from (seed, e - 1) (`reseed_epoch`), the objective's epoch under 
 epoch's model files, their installation, the manifest, and the `RunResult` the CLI prints.
 
 Inputs: an objective (its config, output folder, data) and the flags force, resume, progress.
-Outputs: the model directory (model.keras, tokenizer.json, config.json, history.csv,
+Outputs: the model directory (model.keras, tokenizer.json, config.json, history.csv, curves.png,
 checkpoints/, manifest.json; `captioner.layout`) and a RunResult. A failed write stops the run in
 one line after the last committed epoch. Config: none of its own (the objective's epochs,
 patience, seed, strategy). Cost: the objective's epochs, and per epoch one weights file (the
@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from captioner import cache
+from captioner.data.curves import draw_curves
 from captioner.errors import CaptionerError
-from captioner.layout import CHECKPOINTS_DIR, HISTORY_FILE, TOKENIZER_FILE
+from captioner.layout import CHECKPOINTS_DIR, CURVES_FILE, HISTORY_FILE, TOKENIZER_FILE
 from captioner.progress import ProgressBar, progress_stream
 from captioner.stages import checkpoints as ckpt
 from captioner.stages.checkpoints import Run, RunFolder, RunState
@@ -333,11 +334,19 @@ def _finish(objective: Objective, state: RunState, run: Run, stage: cache.Stage)
     })
     folder.mark_finished(state)
     ckpt.install(objective.output, folder)
+    _draw_curves(Path(objective.output))
     stage.finish(objective.config, extra={
         "epochs": state.epoch, "best_epoch": state.best_epoch, kind.score_key: state.best_score,
         "stopped_early": state.stopped_early, **objective.manifest_extra(state),
     })
     log.info("%s", objective.finished_message(state))
+
+
+def _draw_curves(model_dir: Path) -> None:
+    """The run's history.csv as a picture beside it (curves.png); the evaluation report shows it."""
+    picture = draw_curves((model_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+    if picture is not None:
+        cache.atomic_write_bytes(model_dir / CURVES_FILE, picture)
 
 
 # --------------------------------------------------------------------------- shared pieces

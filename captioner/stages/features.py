@@ -468,6 +468,239 @@ def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[s
         tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class _Options:
+    """The checked options of one extraction (from the `features` config section)."""
+
+    spec: Any
+    weights: str
+    shard: tuple[int, int] | None
+    folder: Path
+    output: Path
+    maps_out: bool  # a convolutional map per image, into an HDF5 map file
+    tflite_weights: bool
+
+
+@dataclass
+class _Sorted:
+    """The images of a run sorted into kept (reused or resumed) and to do, with their file keys."""
+
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[int]] = field(default_factory=dict)
+    todo: list[Path] = field(default_factory=list)
+    reused: int = 0
+    resumed: int = 0
+
+
+def _check_options(fc: Any, model_factory: Callable[[], Any] | None) -> _Options:
+    """The options, checked (ranges are checked by the config; the rest here), before anything is built."""
+    tflite_weights = is_tflite(fc.weights)
+    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
+    options = _Options(
+        spec=spec,
+        weights=normalize_weights(fc.weights),
+        shard=parse_shard(fc.shard),
+        folder=Path(fc.images),
+        output=Path(fc.output),
+        maps_out=False,
+        tflite_weights=tflite_weights,
+    )
+    options.maps_out = spatial.is_map_file(options.output)
+    if not options.folder.is_dir():
+        raise CaptionerError(f"image folder not found: {options.folder} (--images / features.images)")
+    if options.maps_out and options.shard is not None:
+        raise CaptionerError(
+            f"features.shard with a map file ({options.output}) is not supported: merge-features joins pooled vectors"
+        )
+    if not tflite_weights and model_factory is None:  # (a test's model_factory network stands in for the layer)
+        _check_catalogue_layer(spec, fc.layer or spec.default_layer, options.output, options.maps_out)
+    return options
+
+
+def _open_backend(fc: Any, options: _Options) -> tuple[Any, str]:
+    """(the opened .tflite interpreters or None, the Keras precision or "")."""
+    if not options.tflite_weights:
+        return None, resolve_precision(fc.precision)
+    # Opened before anything is written: a file that is not a model, or not one of this
+    # family, is refused in one line. Milliseconds; the sha256 is computed once.
+    tflite = open_tflite(options.spec, options.weights, fc.layer, threads=fc.workers, maps=options.maps_out)
+    if fc.precision not in ("float32", "auto"):
+        log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision,
+                 options.weights)
+    return tflite, ""
+
+
+def _stage_for(fc: Any, options: _Options, tflite: Any, precision: str) -> tuple[cache.Stage, dict[str, Any]]:
+    """The cache stage of this extraction and its params (the extractor's and the shard)."""
+    shard = options.shard
+    params = extractor_params(options.spec.name, fc.layer, options.weights, fc.resample, precision, tflite)
+    params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
+    inputs: dict[str, Path] = {"images": options.folder}
+    if options.weights not in ("imagenet", "none"):
+        inputs["weights"] = Path(options.weights).expanduser()
+    return cache.Stage("features", cache.manifest_path_for(options.output), inputs, params, [options.output]), params
+
+
+def _up_to_date_result(stage: cache.Stage, output: Path, params: dict[str, Any], started: float) -> ExtractResult:
+    previous = stage.previous() or {}
+    extra = previous.get("extra", {})
+    return ExtractResult(
+        output=output,
+        up_to_date=True,
+        images=int(extra.get("images", 0)),
+        feature_dim=int(extra.get("feature_dim", 0)),
+        failed=dict(extra.get("failed", {})),
+        params=params,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _sort_images(
+    images: dict[str, Path],
+    chunk_records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]],
+    previous: dict[str, np.ndarray],
+    previous_files: dict,
+) -> _Sorted:
+    """Each image resumed from a chunk, reused from the previous output, or to do."""
+    sorted_ = _Sorted()
+    for image_id, path in images.items():
+        file_key = _file_key(path)
+        sorted_.files[path.name] = list(file_key)
+        record = chunk_records.get(path.name)
+        if record is not None and record[0] == file_key:
+            sorted_.resumed += 1
+            if record[1] is not None:
+                sorted_.features[image_id] = record[1]
+            else:
+                sorted_.failed[path.name] = record[2] or "unreadable"
+            continue
+        if image_id in previous and previous_files.get(path.name) == list(file_key):
+            sorted_.features[image_id] = previous[image_id]
+            sorted_.reused += 1
+            continue
+        sorted_.todo.append(path)
+    sorted_.reused += sorted_.resumed
+    return sorted_
+
+
+def _add_unusable(folder: Path, failed: dict[str, str]) -> dict[str, str]:
+    """Adds the files whose names no caption file could hold to `failed`, logged; returns them."""
+    unusable = unusable_names(folder)
+    for name, reason in unusable.items():
+        failed[name] = reason
+        log.warning("features: skipped %s: %s", name, reason)
+    return unusable
+
+
+def _log_plan(images: int, folder: Path, shard: str, sorted_: _Sorted) -> None:
+    log.info(
+        "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
+        images, folder, f" (shard {shard})" if shard else "", len(sorted_.todo), sorted_.reused, sorted_.resumed,
+    )
+
+
+def _feature_dim(ordered: dict[str, np.ndarray]) -> int:
+    dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
+    return dims.pop() if dims else 0
+
+
+def _predict_fn(
+    tflite: Any, model_factory: Callable[[], Any] | None, spec: Any, params: dict[str, Any], weights: str,
+    precision: str,
+) -> Any:
+    if tflite is not None:
+        return tflite  # uint8 pixels in, each image computed alone
+    if model_factory is not None:
+        return make_predict_fn(model_factory())
+    return make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
+
+
+def _checked_result(
+    vector: np.ndarray | None, error: str | None, maps_out: bool
+) -> tuple[np.ndarray | None, str | None]:
+    """A network output that no reader would take becomes a failed image."""
+    if vector is not None and not np.isfinite(vector).all():
+        # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
+        return None, "the network gave non-finite features (NaN or inf)"
+    if vector is not None and maps_out and not _fits_float16(vector):
+        return None, "the network gave values beyond float16's range for the map file"
+    return vector, error
+
+
+def _run_network(
+    fc: Any, options: _Options, predict: Any, params: dict[str, Any], sorted_: _Sorted, chunks: _Chunks,
+    after_chunk: Callable[[int], None] | None, pixels: bool,
+) -> int:
+    """Runs the images to do through the network into `sorted_` and the chunks; the number extracted."""
+    todo, files, output, maps_out = sorted_.todo, sorted_.files, options.output, options.maps_out
+    extracted = 0
+    pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
+    written = 0
+    kind_checked = False
+    run_start = time.monotonic()
+    for path, vector, error in extract_features(
+        predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
+        backbone=options.spec.name, pixels=pixels,
+    ):
+        if vector is not None and not kind_checked:
+            _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
+            kind_checked = True
+        vector, error = _checked_result(vector, error, maps_out)
+        pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
+        if vector is not None:
+            # maps are kept as stored (float16): half the memory of a whole folder's maps
+            sorted_.features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
+            extracted += 1
+        else:
+            sorted_.failed[path.name] = error or "unreadable"
+            log.warning("features: skipped %s: %s", path.name, error)
+        if len(pending) >= fc.chunk_size:
+            chunks.write(pending)
+            pending = []
+            written += 1
+            if after_chunk is not None:
+                after_chunk(written)
+    if pending:
+        chunks.write(pending)
+        written += 1
+        if after_chunk is not None:
+            after_chunk(written)
+    elapsed = time.monotonic() - run_start
+    log.info("features: %d images through the network in %.1f s (%.2f images/s)",
+             len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+    return extracted
+
+
+def _check_failures(failed: dict[str, str], total: int, folder: Path, max_failed_fraction: float) -> None:
+    """Logs the failed images; CaptionerError when more than `max_failed_fraction` of them failed."""
+    if failed:
+        log.warning("features: %d of %d images could not be read: %s", len(failed), total,
+                    "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
+    if total and len(failed) / total > max_failed_fraction:
+        first = sorted(failed.items())[0]
+        raise CaptionerError(
+            f"{len(failed)} of {total} images in {folder} could not be read, more than "
+            f"features.max_failed_fraction={max_failed_fraction} (first: {first[0]}: {first[1]})"
+        )
+
+
+def _write_output(
+    stage: cache.Stage, options: _Options, ordered: dict[str, np.ndarray], params: dict[str, Any], chunk_size: int
+) -> dict[str, Any]:
+    """Writes the features (or map) file; the map file's manifest extra ({} for vectors)."""
+    extra_maps: dict[str, Any] = {}
+    if options.maps_out and not ordered:
+        raise CaptionerError(f"no image of {options.folder} gave a map: nothing to write to {options.output}")
+    with stage.writing():
+        if options.maps_out:
+            _save_maps(options.output, ordered, {k: v for k, v in params.items() if k != "shard"}, chunk_size)
+            extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
+        else:
+            feature_files.save_features(options.output, ordered)
+    return extra_maps
+
+
 def extract_stage(
     config: Any,
     force: bool = False,
@@ -485,56 +718,18 @@ def extract_stage(
     """
     started = time.monotonic()
     fc = config.features
-    # Ranges (batch_size, chunk_size, resample, ...) are checked by the config; the rest here.
-    tflite_weights = is_tflite(fc.weights)
-    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
-    weights = normalize_weights(fc.weights)
-    shard = parse_shard(fc.shard)
-    folder = Path(fc.images)
-    output = Path(fc.output)
-    maps_out = spatial.is_map_file(output)  # a convolutional map per image, into an HDF5 map file
-    if not folder.is_dir():
-        raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
-    if maps_out and shard is not None:
-        raise CaptionerError(
-            f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors"
-        )
-    if not tflite_weights and model_factory is None:  # (a test's model_factory network stands in for the layer)
-        _check_catalogue_layer(spec, fc.layer or spec.default_layer, output, maps_out)  # before building anything
-    tflite = None
-    if tflite_weights:
-        # Opened before anything is written: a file that is not a model, or not one of this
-        # family, is refused in one line. Milliseconds; the sha256 is computed once.
-        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers, maps=maps_out)
-        if fc.precision not in ("float32", "auto"):
-            log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision, weights)
-        precision = ""
-    else:
-        precision = resolve_precision(fc.precision)
+    options = _check_options(fc, model_factory)
+    folder, output, shard = options.folder, options.output, options.shard
+    tflite, precision = _open_backend(fc, options)
 
     # One run per output: a second extraction into the same file refuses in one line.
     with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
         # Only over what an extraction wrote: a features file with our manifest, or an interrupted run's chunks.
         parts = parts_folder_for(output)
         cache.claim_output(output, "features", force, also=[parts], marks=[parts / _Chunks.PARAMS_FILE])
-        params = extractor_params(spec.name, fc.layer, weights, fc.resample, precision, tflite)
-        params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
-        inputs: dict[str, Path] = {"images": folder}
-        if weights not in ("imagenet", "none"):
-            inputs["weights"] = Path(weights).expanduser()
-        stage = cache.Stage("features", cache.manifest_path_for(output), inputs, params, [output])
+        stage, params = _stage_for(fc, options, tflite, precision)
         if not force and stage.up_to_date():
-            previous = stage.previous() or {}
-            extra = previous.get("extra", {})
-            return ExtractResult(
-                output=output,
-                up_to_date=True,
-                images=int(extra.get("images", 0)),
-                feature_dim=int(extra.get("feature_dim", 0)),
-                failed=dict(extra.get("failed", {})),
-                params=params,
-                seconds=time.monotonic() - started,
-            )
+            return _up_to_date_result(stage, output, params, started)
 
         images, duplicates = _select_images(folder, shard)
         # What makes two runs' features interchangeable (everything but the shard).
@@ -545,110 +740,21 @@ def extract_stage(
         chunks = _Chunks(parts_folder_for(output), key)
         if force:
             chunks.remove()
-        chunk_records = chunks.open()
-
-        features: dict[str, np.ndarray] = {}
-        failed: dict[str, str] = {}
-        files: dict[str, list[int]] = {}
-        todo: list[Path] = []
-        reused = resumed = 0
-        for image_id, path in images.items():
-            file_key = _file_key(path)
-            files[path.name] = list(file_key)
-            record = chunk_records.get(path.name)
-            if record is not None and record[0] == file_key:
-                resumed += 1
-                if record[1] is not None:
-                    features[image_id] = record[1]
-                else:
-                    failed[path.name] = record[2] or "unreadable"
-                continue
-            if image_id in previous and previous_files.get(path.name) == list(file_key):
-                features[image_id] = previous[image_id]
-                reused += 1
-                continue
-            todo.append(path)
-        reused += resumed
-        unusable = unusable_names(folder)
-        for name, reason in unusable.items():
-            failed[name] = reason
-            log.warning("features: skipped %s: %s", name, reason)
-        log.info(
-            "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
-            len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
-        )
+        sorted_ = _sort_images(images, chunks.open(), previous, previous_files)
+        features, failed, files = sorted_.features, sorted_.failed, sorted_.files
+        unusable = _add_unusable(folder, failed)
+        _log_plan(len(images), folder, params["shard"] if shard else "", sorted_)
 
         extracted = 0
-        if todo:
-            if tflite is not None:
-                predict = tflite  # uint8 pixels in, each image computed alone
-            elif model_factory is not None:
-                predict = make_predict_fn(model_factory())
-            else:
-                predict = make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
-            pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
-            written = 0
-            kind_checked = False
-            run_start = time.monotonic()
-            for path, vector, error in extract_features(
-                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
-                backbone=spec.name, pixels=tflite is not None,
-            ):
-                if vector is not None and not kind_checked:
-                    _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
-                    kind_checked = True
-                if vector is not None and not np.isfinite(vector).all():
-                    # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
-                    vector, error = None, "the network gave non-finite features (NaN or inf)"
-                elif vector is not None and maps_out and not _fits_float16(vector):
-                    vector, error = None, "the network gave values beyond float16's range for the map file"
-                pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
-                if vector is not None:
-                    # maps are kept as stored (float16): half the memory of a whole folder's maps
-                    features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
-                    extracted += 1
-                else:
-                    failed[path.name] = error or "unreadable"
-                    log.warning("features: skipped %s: %s", path.name, error)
-                if len(pending) >= fc.chunk_size:
-                    chunks.write(pending)
-                    pending = []
-                    written += 1
-                    if after_chunk is not None:
-                        after_chunk(written)
-            if pending:
-                chunks.write(pending)
-                written += 1
-                if after_chunk is not None:
-                    after_chunk(written)
-            elapsed = time.monotonic() - run_start
-            log.info("features: %d images through the network in %.1f s (%.2f images/s)",
-                     len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+        if sorted_.todo:
+            predict = _predict_fn(tflite, model_factory, options.spec, params, options.weights, precision)
+            extracted = _run_network(fc, options, predict, params, sorted_, chunks, after_chunk, tflite is not None)
 
-        total = len(images) + len(unusable)
-        if failed:
-            log.warning("features: %d of %d images could not be read: %s", len(failed), total,
-                        "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
-        if total and len(failed) / total > fc.max_failed_fraction:
-            first = sorted(failed.items())[0]
-            raise CaptionerError(
-                f"{len(failed)} of {total} images in {folder} could not be read, more than "
-                f"features.max_failed_fraction={fc.max_failed_fraction} (first: {first[0]}: {first[1]})"
-            )
-
+        _check_failures(failed, len(images) + len(unusable), folder, fc.max_failed_fraction)
         ordered = {image_id: features[image_id] for image_id in sorted(features)}
         _check_not_all_zero(ordered, output, params)
-        dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
-        feature_dim = dims.pop() if dims else 0
-        extra_maps: dict[str, Any] = {}
-        if maps_out and not ordered:
-            raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
-        with stage.writing():
-            if maps_out:
-                _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
-                extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
-            else:
-                feature_files.save_features(output, ordered)
+        feature_dim = _feature_dim(ordered)
+        extra_maps = _write_output(stage, options, ordered, params, fc.chunk_size)
         stage.finish(
             config,
             extra={
@@ -656,7 +762,7 @@ def extract_stage(
                 "images": len(ordered),
                 "feature_dim": feature_dim,
                 "extracted": extracted,
-                "reused": reused,
+                "reused": sorted_.reused,
                 "failed": failed,
                 "duplicates": duplicates,
                 "files": files,
@@ -667,8 +773,8 @@ def extract_stage(
             output=output,
             images=len(ordered),
             extracted=extracted,
-            reused=reused,
-            resumed=resumed,
+            reused=sorted_.reused,
+            resumed=sorted_.resumed,
             failed=failed,
             duplicates=duplicates,
             feature_dim=feature_dim,

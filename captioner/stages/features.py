@@ -786,18 +786,8 @@ def extract_stage(
 # --------------------------------------------------------------------------- merging shards
 
 
-def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) -> MergeResult:
-    """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
-
-    Every part needs its manifest (stage "features", a shard "i/N"); all must share
-    params (backbone, layer, weights, resample, precision), N, and the image folder
-    state; together they must cover shards 0..N-1 once each, and each id must belong
-    to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
-    ids) and its manifest (stage "merge-features", the shared params without shard). An
-    existing `output` that no merge wrote is refused (`cache.claim_output`); force replaces it.
-    """
-    parts = [Path(p) for p in parts]
-    output = Path(output)
+def _part_manifests(parts: list[Path]) -> list[dict]:
+    """The features manifest of each part file; CaptionerError for a missing file or a non-shard part."""
     if not parts:
         raise CaptionerError("merge-features: no part files given")
     manifests = []
@@ -810,7 +800,11 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
         if not manifest.get("params", {}).get("shard"):
             raise CaptionerError(f"{part}: not a shard part (extracted without --shard)")
         manifests.append(manifest)
+    return manifests
 
+
+def _shards_of(parts: list[Path], manifests: list[dict]) -> tuple[dict[str, Any], dict[int, Path], int]:
+    """(the params the parts share, shard index -> part, N): all parts alike, shards 0..N-1 once each."""
     shared = {k: v for k, v in manifests[0]["params"].items() if k != "shard"}
     shards: dict[int, Path] = {}
     count = None
@@ -836,6 +830,46 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
     missing = [f"{i}/{count}" for i in range(count) if i not in shards]
     if missing:
         raise CaptionerError(f"merge-features: missing shard parts {', '.join(missing)}")
+    return shared, shards, count
+
+
+def _merged(
+    parts: list[Path], manifests: list[dict], shards: dict[int, Path], count: int
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """(id -> vector in sorted id order, failed, duplicates) of all parts; each id once, in its own shard."""
+    merged: dict[str, np.ndarray] = {}
+    owner: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for index, part in sorted(shards.items()):
+        for image_id, vector in feature_files.load_features_file(part).items():
+            if image_id in merged:
+                raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
+            if shard_of(image_id, count) != index:
+                raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
+            merged[image_id] = vector
+            owner[image_id] = part
+        extra = manifests[parts.index(part)].get("extra", {})
+        failed.update(extra.get("failed", {}))
+        duplicates.update(extra.get("duplicates", {}))
+    ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+    return ordered, failed, duplicates
+
+
+def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) -> MergeResult:
+    """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
+
+    Every part needs its manifest (stage "features", a shard "i/N"); all must share
+    params (backbone, layer, weights, resample, precision), N, and the image folder
+    state; together they must cover shards 0..N-1 once each, and each id must belong
+    to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
+    ids) and its manifest (stage "merge-features", the shared params without shard). An
+    existing `output` that no merge wrote is refused (`cache.claim_output`); force replaces it.
+    """
+    parts = [Path(p) for p in parts]
+    output = Path(output)
+    manifests = _part_manifests(parts)
+    shared, shards, count = _shards_of(parts, manifests)
 
     # One run per output, as for extraction.
     with cache.output_lock(output):
@@ -849,22 +883,7 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
                 feature_dim=int(extra.get("feature_dim", 0)), up_to_date=True,
             )
 
-        merged: dict[str, np.ndarray] = {}
-        owner: dict[str, Path] = {}
-        failed: dict[str, str] = {}
-        duplicates: dict[str, str] = {}
-        for index, part in sorted(shards.items()):
-            for image_id, vector in feature_files.load_features_file(part).items():
-                if image_id in merged:
-                    raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
-                if shard_of(image_id, count) != index:
-                    raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
-                merged[image_id] = vector
-                owner[image_id] = part
-            extra = manifests[parts.index(part)].get("extra", {})
-            failed.update(extra.get("failed", {}))
-            duplicates.update(extra.get("duplicates", {}))
-        ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+        ordered, failed, duplicates = _merged(parts, manifests, shards, count)
         dims = {vector.shape[0] for vector in ordered.values()}
         if len(dims) > 1:
             raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")

@@ -81,13 +81,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import json
 import logging
 import os
-import shutil
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +93,7 @@ import numpy as np
 
 from captioner import cache, layout
 from captioner.data import feature_files, spatial
+from captioner.data.feature_chunks import Chunks, file_key
 from captioner.data.images import list_images
 from captioner.errors import CaptionerError
 from captioner.layout import features_parts_dir
@@ -113,9 +110,6 @@ from captioner.vision.backbones import (
 )
 
 log = logging.getLogger(__name__)
-
-CHUNK_FORMAT = 1  # bump when the chunk layout changes: old chunks are then discarded
-
 
 # --------------------------------------------------------------------------- results
 
@@ -189,126 +183,6 @@ def shard_of(image_id: str, count: int) -> int:
 
 
 # --------------------------------------------------------------------------- chunks
-
-
-def _file_key(path: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of an image file; of the link itself for a broken symbolic link (reported as failed)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = path.lstat()
-    return int(stat.st_size), int(stat.st_mtime_ns)
-
-
-def _chunk_digest(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
-def _stacked(vectors: list[np.ndarray]) -> np.ndarray:
-    """A chunk's features: vectors float32 [n, D]; maps float16 [n, H, W, C] (half the disk: the map
-    file stores float16 anyway, so resuming from them gives the same file)."""
-    if not vectors:
-        return np.zeros((0, 0), np.float32)
-    stacked = np.stack(vectors)
-    return stacked.astype(spatial.MAP_DTYPE if stacked.ndim == 4 else np.float32)
-
-
-class _Chunks:
-    """Finished work of an unfinished run: `<output>.parts/chunk-NNNNNN.npz` + `params.json`.
-
-    Each chunk holds, for its images, the id, file name, size, mtime and either
-    the feature vector or the failure reason, plus a SHA-256 of all of it.
-    """
-
-    PARAMS_FILE = "params.json"  # the params of the chunks; also the mark of a folder of ours
-
-    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
-        self.folder = folder
-        self.key = {"chunk_format": CHUNK_FORMAT, **key}
-        self.next_index = 0
-
-    def open(self) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]]:
-        """Valid chunk records by file name: ((size, mtime_ns), vector or None, reason or None)."""
-        records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] = {}
-        params_file = self.folder / self.PARAMS_FILE
-        if self.folder.is_dir():
-            try:
-                saved = json.loads(params_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                saved = None
-            if saved != self.key:
-                log.info("features: discarding chunks in %s (made with other params)", self.folder)
-                with cache.reporting_write_errors(self.folder):
-                    shutil.rmtree(self.folder)
-        with cache.reporting_write_errors(self.folder):
-            self.folder.mkdir(parents=True, exist_ok=True)
-        cache.atomic_write_json(params_file, self.key)
-        for chunk in sorted(self.folder.glob("chunk-*.npz")):
-            loaded = self._read(chunk)
-            if loaded is None:
-                log.warning("features: chunk %s is corrupt or incomplete; its images will be redone", chunk.name)
-                chunk.unlink()
-                continue
-            records.update(loaded)
-            with contextlib.suppress(ValueError):
-                self.next_index = max(self.next_index, int(chunk.stem.split("-")[1]) + 1)
-        return records
-
-    @staticmethod
-    def _read(chunk: Path) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] | None:
-        try:
-            with np.load(chunk, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-            return None
-        stored = arrays.pop("sha256", None)
-        if stored is None or str(stored) != _chunk_digest(arrays):
-            return None
-        try:
-            names, sizes, mtimes = arrays["names"], arrays["sizes"], arrays["mtimes"]
-            ok, features, reasons = arrays["ok"], arrays["features"], arrays["reasons"]
-        except KeyError:
-            return None
-        if not (len(names) == len(sizes) == len(mtimes) == len(ok) == len(reasons)) or len(features) != ok.sum():
-            return None
-        records = {}
-        row = 0
-        for i, name in enumerate(names):
-            key = (int(sizes[i]), int(mtimes[i]))
-            if ok[i]:
-                value = features[row]
-                # vectors as float32 (what a features file holds); maps as stored (float16, as the map file holds)
-                records[str(name)] = (key, value if value.ndim == 3 else value.astype(np.float32), None)
-                row += 1
-            else:
-                records[str(name)] = (key, None, str(reasons[i]))
-        return records
-
-    def write(self, items: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]]) -> Path:
-        vectors = [vector for _, _, vector, _ in items if vector is not None]
-        arrays = {
-            "names": np.array([path.name for path, _, _, _ in items], dtype=str),
-            "sizes": np.array([key[0] for _, key, _, _ in items], dtype=np.int64),
-            "mtimes": np.array([key[1] for _, key, _, _ in items], dtype=np.int64),
-            "ok": np.array([vector is not None for _, _, vector, _ in items], dtype=bool),
-            "reasons": np.array([reason or "" for _, _, _, reason in items], dtype=str),
-            "features": _stacked(vectors),
-        }
-        arrays["sha256"] = np.array(_chunk_digest(arrays))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path = self.folder / f"chunk-{self.next_index:06d}.npz"
-        self.next_index += 1
-        cache.atomic_write_bytes(path, buffer.getvalue())
-        return path
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def parts_folder_for(output: str | Path) -> Path:
@@ -565,17 +439,17 @@ def _sort_images(
     """Each image resumed from a chunk, reused from the previous output, or to do."""
     sorted_ = _Sorted()
     for image_id, path in images.items():
-        file_key = _file_key(path)
-        sorted_.files[path.name] = list(file_key)
+        key = file_key(path)
+        sorted_.files[path.name] = list(key)
         record = chunk_records.get(path.name)
-        if record is not None and record[0] == file_key:
+        if record is not None and record[0] == key:
             sorted_.resumed += 1
             if record[1] is not None:
                 sorted_.features[image_id] = record[1]
             else:
                 sorted_.failed[path.name] = record[2] or "unreadable"
             continue
-        if image_id in previous and previous_files.get(path.name) == list(file_key):
+        if image_id in previous and previous_files.get(path.name) == list(key):
             sorted_.features[image_id] = previous[image_id]
             sorted_.reused += 1
             continue
@@ -629,7 +503,7 @@ def _checked_result(
 
 
 def _run_network(
-    fc: Any, options: _Options, predict: Any, params: dict[str, Any], sorted_: _Sorted, chunks: _Chunks,
+    fc: Any, options: _Options, predict: Any, params: dict[str, Any], sorted_: _Sorted, chunks: Chunks,
     after_chunk: Callable[[int], None] | None, pixels: bool,
 ) -> int:
     """Runs the images to do through the network into `sorted_` and the chunks; the number extracted."""
@@ -678,7 +552,7 @@ def _check_failures(failed: dict[str, str], total: int, folder: Path, max_failed
         log.warning("features: %d of %d images could not be read: %s", len(failed), total,
                     "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
     if total and len(failed) / total > max_failed_fraction:
-        first = sorted(failed.items())[0]
+        first = min(failed.items())
         raise CaptionerError(
             f"{len(failed)} of {total} images in {folder} could not be read, more than "
             f"features.max_failed_fraction={max_failed_fraction} (first: {first[0]}: {first[1]})"
@@ -726,7 +600,7 @@ def extract_stage(
     with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
         # Only over what an extraction wrote: a features file with our manifest, or an interrupted run's chunks.
         parts = parts_folder_for(output)
-        cache.claim_output(output, "features", force, also=[parts], marks=[parts / _Chunks.PARAMS_FILE])
+        cache.claim_output(output, "features", force, also=[parts], marks=[parts / Chunks.PARAMS_FILE])
         stage, params = _stage_for(fc, options, tflite, precision)
         if not force and stage.up_to_date():
             return _up_to_date_result(stage, output, params, started)
@@ -737,7 +611,7 @@ def extract_stage(
         key["weights_file"] = stage.input_fingerprints().get("weights")
 
         previous, previous_files = ({}, {}) if force else _previous_features(stage, output, key)
-        chunks = _Chunks(parts_folder_for(output), key)
+        chunks = Chunks(parts_folder_for(output), key)
         if force:
             chunks.remove()
         sorted_ = _sort_images(images, chunks.open(), previous, previous_files)

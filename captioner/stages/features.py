@@ -80,9 +80,7 @@ are joined by `merge_feature_parts` into a cache identical to an unsharded run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +92,13 @@ import numpy as np
 from captioner import cache, layout
 from captioner.data import feature_files, spatial
 from captioner.data.feature_chunks import Chunks, file_key
-from captioner.data.images import list_images
+from captioner.data.feature_maps import fits_float16, load_maps, save_maps
+from captioner.data.image_selection import (
+    parse_shard,
+    select_images,
+    shard_of,
+    unusable_names,
+)
 from captioner.errors import CaptionerError
 from captioner.layout import features_parts_dir
 from captioner.vision.backbones import (
@@ -159,29 +163,6 @@ class MergeResult:
         return f"merged {self.parts} parts -> {self.output} ({self.images} images, {self.feature_dim}-d)"
 
 
-# --------------------------------------------------------------------------- options
-
-
-def parse_shard(text: str) -> tuple[int, int] | None:
-    """"i/N" -> (i, N) with 0 <= i < N; "" -> None. CaptionerError for anything else."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    index, slash, count = text.partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not slash or n < 1 or not 0 <= i < n:
-        raise CaptionerError(f"bad shard {text!r} (features.shard): expected i/N with 0 <= i < N, e.g. 0/4")
-    return i, n
-
-
-def shard_of(image_id: str, count: int) -> int:
-    """Which of `count` shards an id belongs to: stable across runs, machines and added images."""
-    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
-
-
 # --------------------------------------------------------------------------- chunks
 
 
@@ -191,48 +172,6 @@ def parts_folder_for(output: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[str, Path], dict[str, str]]:
-    """id -> path for this run's images (after duplicate ids and sharding), and the duplicates left out."""
-    chosen: dict[str, Path] = {}
-    duplicates: dict[str, str] = {}
-    for path in list_images(folder):  # sorted by file name: the first of a.jpeg, a.jpg, a.png wins
-        if not _is_utf8(path.name):
-            continue  # named and counted as failed by the stage (`unusable_names`)
-        image_id = layout.image_id(path)
-        if image_id in chosen:
-            duplicates[path.name] = f"duplicate id {image_id!r}: kept {chosen[image_id].name}"
-            log.warning("features: %s left out: same id %r as %s", path.name, image_id, chosen[image_id].name)
-            continue
-        chosen[image_id] = path
-    if shard is not None:
-        index, count = shard
-        chosen = {key: path for key, path in chosen.items() if shard_of(key, count) == index}
-    return chosen, duplicates
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether a file name is valid UTF-8 (Python keeps the bytes of one that is not as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable_name(name: str) -> str:
-    """A file name as text that can be printed and saved as JSON: invalid UTF-8 bytes as \\xNN."""
-    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
-
-
-def unusable_names(folder: Path) -> dict[str, str]:
-    """The image files of `folder` that cannot be given an id, by printable name -> why: a name that is
-    not valid UTF-8 would be an id no caption file, manifest or report can hold."""
-    return {
-        printable_name(path.name): "the file name is not valid UTF-8; rename the file"
-        for path in list_images(folder) if not _is_utf8(path.name)
-    }
 
 
 def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -250,27 +189,11 @@ def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) ->
     if recorded.get("size") != stat.st_size or recorded.get("mtime_ns") != stat.st_mtime_ns:
         return {}, {}
     try:
-        features = _load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
+        features = load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
     except CaptionerError as error:
         log.warning("features: not reusing %s: %s", output, error)
         return {}, {}
     return features, previous.get("extra", {}).get("files", {})
-
-
-def _load_maps(path: Path) -> dict[str, np.ndarray]:
-    """A map file's maps, id -> float16 [H, W, C] (as stored; a truncated file is a CaptionerError)."""
-    with spatial.MapFile(path) as maps:
-        loaded: dict[str, np.ndarray] = {}
-        for ids, batch in maps.batches(maps.ids, 256):
-            for image_id, grid in zip(ids, batch):
-                loaded[image_id] = grid.reshape(maps.height, maps.width, maps.channels).astype(spatial.MAP_DTYPE)
-        return loaded
-
-
-def _fits_float16(vector: np.ndarray) -> bool:
-    """Whether a map survives the map file's float16 (no value beyond its range)."""
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(vector.astype(spatial.MAP_DTYPE)).all())
 
 
 def _check_catalogue_layer(spec: Any, layer: str, output: Path, maps_out: bool) -> None:
@@ -320,26 +243,6 @@ def _check_not_all_zero(features: dict[str, np.ndarray], output: Path, params: d
         )
     log.warning("features: %d of %d images have all-zero features (first: %s)", len(zero), len(features),
                 ", ".join(zero[:5]))
-
-
-def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[str, Any], batch: int) -> None:
-    """Writes id -> [H, W, C] maps into the map file `output`, atomically: a temporary file beside it
-    is written and only then renamed over it (a killed run leaves the previous file as it was)."""
-    tmp = output.with_name(f".{output.name}.tmp")
-    first = next(iter(features.values()))
-    height, width, channels = first.shape
-    ids = list(features)
-    try:
-        with cache.registered_temporary(tmp), spatial.open_map_writer(
-            tmp, grid=(height, width), channels=channels, provenance=provenance, force=True
-        ) as writer:
-            for begin in range(0, len(ids), batch):
-                part = ids[begin : begin + batch]
-                writer.append(part, np.stack([features[i] for i in part]))
-        with cache.reporting_write_errors(output):
-            tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -497,7 +400,7 @@ def _checked_result(
     if vector is not None and not np.isfinite(vector).all():
         # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
         return None, "the network gave non-finite features (NaN or inf)"
-    if vector is not None and maps_out and not _fits_float16(vector):
+    if vector is not None and maps_out and not fits_float16(vector):
         return None, "the network gave values beyond float16's range for the map file"
     return vector, error
 
@@ -568,7 +471,7 @@ def _write_output(
         raise CaptionerError(f"no image of {options.folder} gave a map: nothing to write to {options.output}")
     with stage.writing():
         if options.maps_out:
-            _save_maps(options.output, ordered, {k: v for k, v in params.items() if k != "shard"}, chunk_size)
+            save_maps(options.output, ordered, {k: v for k, v in params.items() if k != "shard"}, chunk_size)
             extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
         else:
             feature_files.save_features(options.output, ordered)
@@ -605,7 +508,7 @@ def extract_stage(
         if not force and stage.up_to_date():
             return _up_to_date_result(stage, output, params, started)
 
-        images, duplicates = _select_images(folder, shard)
+        images, duplicates = select_images(folder, shard)
         # What makes two runs' features interchangeable (everything but the shard).
         key = {k: v for k, v in params.items() if k != "shard"}
         key["weights_file"] = stage.input_fingerprints().get("weights")

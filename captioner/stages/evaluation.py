@@ -509,6 +509,108 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     return _result_from_report(report, json_path, html_path, up_to_date=False)
 
 
+def _load_members(model_dir: Path, model_dirs: Sequence[Path] | None) -> tuple[list[Path], Any]:
+    """(the model directories, the loaded model or ensemble of them)."""
+    from captioner.decoding import inference
+
+    members = [Path(p) for p in model_dirs] if model_dirs else [Path(model_dir)]
+    if len(members) > 1:
+        from captioner.decoding.ensemble import load_ensemble
+
+        return members, load_ensemble(members)  # refuses other tokenizers and feature widths in one line
+    return members, inference.load_model(members[0])
+
+
+def _vector_rows(
+    paths: Sequence[str], references: dict[str, list[str]], width: int
+) -> tuple[list[str], list[str], dict[str, str], dict[str, np.ndarray]]:
+    """(ids with features, ids without, id -> why its vector was left out (NaN/inf), the features)."""
+    for path in paths:
+        spatial.refuse_map_file(path, width)  # one line naming both shapes
+    unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
+    features = feature_files.load_features(paths, skipped=unusable)
+    ids = [image_id for image_id in references if image_id in features]
+    bad = {image_id: unusable[image_id] for image_id in references if image_id in unusable}
+    missing = [image_id for image_id in references if image_id not in features and image_id not in unusable]
+    return ids, missing, bad, features
+
+
+def _check_scorable(
+    config: Config, split_path: Path, references: dict[str, list[str]], ids: list[str], missing: list[str],
+    bad: dict[str, str],
+) -> None:
+    """Warns about the images left unscored; CaptionerError when none is left to score."""
+    split = config.eval.split
+    if missing:
+        log.warning(
+            "%d of %d %s images have no features and are not scored (e.g. %s)",
+            len(missing), len(references), split, ", ".join(missing[:SHOW_IDS]),
+        )
+    if bad:
+        log.warning(
+            "%d of %d %s images have features with NaN or inf values and are not scored: %s",
+            len(bad), len(references), split,
+            "; ".join(f"{image_id} ({reason})" for image_id, reason in list(bad.items())[:SHOW_IDS]),
+        )
+    if not ids:
+        unusable_note = f" ({len(bad)} only with NaN or inf values)" if bad else ""
+        raise CaptionerError(
+            f"none of the {len(references)} {split} images in {split_path} has features in "
+            f"{', '.join(config.eval.features)}{unusable_note}"
+        )
+
+
+def _vector_matrix(
+    features: dict[str, np.ndarray], ids: list[str], width: int, paths: Sequence[str], model_dir: Path
+) -> np.ndarray:
+    matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
+    if matrix.shape[1] != width:
+        raise CaptionerError(
+            f"features in {', '.join(paths)} are {matrix.shape[1]}-d "
+            f"but {model_dir} expects {width}-d"
+        )
+    return matrix
+
+
+def _decode(
+    config: Config, loaded: Any, explains: bool, matrix: np.ndarray, ids: list[str],
+    attention_out: dict[str, np.ndarray] | None,
+) -> list[tuple[str, float]]:
+    """(caption, log-probability) per image, with a progress bar; the attention into `attention_out`."""
+    from tqdm import tqdm
+
+    from captioner.decoding import inference
+
+    split = config.eval.split
+    log.info("evaluate: captioning %d %s images (beam %d)", len(ids), split, config.decode.beam_size)
+    with tqdm(total=len(ids), desc=f"captioning {split}", unit="img", leave=False, disable=None) as bar:
+        if explains:  # the best beams, with the caption's attention per word
+            beams = inference.decode_beams(loaded, matrix, config.decode, progress=bar.update)
+            decoded = [(beam.caption, -np.inf if beam.log_prob is None else beam.log_prob) for beam in beams]
+            if attention_out is not None:
+                attention_out.update({i: beam.attention for i, beam in zip(ids, beams) if beam.attention is not None})
+        else:
+            decoded = inference.decode_features(loaded, matrix, config.decode, progress=bar.update)
+    return decoded
+
+
+def _scored_images(
+    ids: list[str], decoded: list[tuple[str, float]], references: dict[str, list[str]],
+    per_image: dict[str, dict[str, float]],
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": image_id,
+            "caption": caption,
+            "log_prob": round(log_prob, 4) if np.isfinite(log_prob) else None,
+            "references": references[image_id],
+            "bleu4": round(per_image[image_id]["bleu4"], 6),
+            "cider": round(per_image[image_id]["cider"], 6),
+        }
+        for image_id, (caption, log_prob) in zip(ids, decoded)
+    ]
+
+
 def build_report(
     config: Config,
     model_dir: Path,
@@ -529,80 +631,24 @@ def build_report(
     """
     from captioner.decoding import inference
 
-    split = config.eval.split
-    members = [Path(p) for p in model_dirs] if model_dirs else [Path(model_dir)]
-    if len(members) > 1:
-        from captioner.decoding.ensemble import load_ensemble
-
-        loaded = load_ensemble(members)  # refuses other tokenizers and feature widths in one line
-    else:
-        loaded = inference.load_model(members[0])
+    members, loaded = _load_members(model_dir, model_dirs)
     width = inference.feature_dim(loaded, model_dir)
     decoder = registry.get(loaded.kind)
     if decoder.takes_maps:
         ids, missing, matrix = _map_rows(config.eval.features, references, loaded)
         bad: dict[str, str] = {}  # a map file holds no NaN/inf: its writer refuses them
     else:
-        for path in config.eval.features:
-            spatial.refuse_map_file(path, width)  # one line naming both shapes
-        unusable: dict[str, str] = {}  # image id -> why its vector was left out (NaN/inf)
-        features = feature_files.load_features(config.eval.features, skipped=unusable)
-        ids = [image_id for image_id in references if image_id in features]
-        bad = {image_id: unusable[image_id] for image_id in references if image_id in unusable}
-        missing = [image_id for image_id in references if image_id not in features and image_id not in unusable]
-    if missing:
-        log.warning(
-            "%d of %d %s images have no features and are not scored (e.g. %s)",
-            len(missing), len(references), split, ", ".join(missing[:SHOW_IDS]),
-        )
-    if bad:
-        log.warning(
-            "%d of %d %s images have features with NaN or inf values and are not scored: %s",
-            len(bad), len(references), split,
-            "; ".join(f"{image_id} ({reason})" for image_id, reason in list(bad.items())[:SHOW_IDS]),
-        )
-    if not ids:
-        unusable_note = f" ({len(bad)} only with NaN or inf values)" if bad else ""
-        raise CaptionerError(
-            f"none of the {len(references)} {split} images in {split_path} has features in "
-            f"{', '.join(config.eval.features)}{unusable_note}"
-        )
+        ids, missing, bad, features = _vector_rows(config.eval.features, references, width)
+    _check_scorable(config, split_path, references, ids, missing, bad)
     if not decoder.takes_maps:
-        matrix = np.stack([features[image_id] for image_id in ids])  # float32 [N, D]
-        if matrix.shape[1] != width:
-            raise CaptionerError(
-                f"features in {', '.join(config.eval.features)} are {matrix.shape[1]}-d "
-                f"but {model_dir} expects {width}-d"
-            )
+        matrix = _vector_matrix(features, ids, width, config.eval.features, model_dir)
     _warn_on_provenance_mismatch(loaded.info.get("features_provenance"), config.eval.features)
 
-    from tqdm import tqdm
-
-    log.info("evaluate: captioning %d %s images (beam %d)", len(ids), split, config.decode.beam_size)
-    with tqdm(total=len(ids), desc=f"captioning {split}", unit="img", leave=False, disable=None) as bar:
-        if decoder.explains:  # the best beams, with the caption's attention per word
-            beams = inference.decode_beams(loaded, matrix, config.decode, progress=bar.update)
-            decoded = [(beam.caption, -np.inf if beam.log_prob is None else beam.log_prob) for beam in beams]
-            if attention_out is not None:
-                attention_out.update({i: beam.attention for i, beam in zip(ids, beams) if beam.attention is not None})
-        else:
-            decoded = inference.decode_features(loaded, matrix, config.decode, progress=bar.update)
+    decoded = _decode(config, loaded, decoder.explains, matrix, ids, attention_out)
     hypotheses = {image_id: caption for image_id, (caption, _) in zip(ids, decoded)}
     corpus, per_image = score_captions(references, hypotheses)
-
-    images = [
-        {
-            "id": image_id,
-            "caption": caption,
-            "log_prob": round(log_prob, 4) if np.isfinite(log_prob) else None,
-            "references": references[image_id],
-            "bleu4": round(per_image[image_id]["bleu4"], 6),
-            "cider": round(per_image[image_id]["cider"], 6),
-        }
-        for image_id, (caption, log_prob) in zip(ids, decoded)
-    ]
     return {
-        "split": split,
+        "split": config.eval.split,
         "model": str(model_dir),
         "models": [str(p) for p in members],
         "features": [str(p) for p in config.eval.features],
@@ -612,7 +658,7 @@ def build_report(
                    "bad_features": len(bad)},
         "missing_features": missing,
         "bad_features": bad,
-        "images": images,
+        "images": _scored_images(ids, decoded, references, per_image),
     }
 
 

@@ -80,14 +80,8 @@ are joined by `merge_feature_parts` into a cache identical to an unsharded run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import logging
-import os
-import shutil
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +91,14 @@ import numpy as np
 
 from captioner import cache, layout
 from captioner.data import feature_files, spatial
-from captioner.data.images import list_images
+from captioner.data.feature_chunks import Chunks, file_key
+from captioner.data.feature_maps import fits_float16, load_maps, save_maps
+from captioner.data.image_selection import (
+    parse_shard,
+    select_images,
+    shard_of,
+    unusable_names,
+)
 from captioner.errors import CaptionerError
 from captioner.layout import features_parts_dir
 from captioner.vision.backbones import (
@@ -113,9 +114,6 @@ from captioner.vision.backbones import (
 )
 
 log = logging.getLogger(__name__)
-
-CHUNK_FORMAT = 1  # bump when the chunk layout changes: old chunks are then discarded
-
 
 # --------------------------------------------------------------------------- results
 
@@ -165,150 +163,7 @@ class MergeResult:
         return f"merged {self.parts} parts -> {self.output} ({self.images} images, {self.feature_dim}-d)"
 
 
-# --------------------------------------------------------------------------- options
-
-
-def parse_shard(text: str) -> tuple[int, int] | None:
-    """"i/N" -> (i, N) with 0 <= i < N; "" -> None. CaptionerError for anything else."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    index, slash, count = text.partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not slash or n < 1 or not 0 <= i < n:
-        raise CaptionerError(f"bad shard {text!r} (features.shard): expected i/N with 0 <= i < N, e.g. 0/4")
-    return i, n
-
-
-def shard_of(image_id: str, count: int) -> int:
-    """Which of `count` shards an id belongs to: stable across runs, machines and added images."""
-    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
-
-
 # --------------------------------------------------------------------------- chunks
-
-
-def _file_key(path: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of an image file; of the link itself for a broken symbolic link (reported as failed)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = path.lstat()
-    return int(stat.st_size), int(stat.st_mtime_ns)
-
-
-def _chunk_digest(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
-def _stacked(vectors: list[np.ndarray]) -> np.ndarray:
-    """A chunk's features: vectors float32 [n, D]; maps float16 [n, H, W, C] (half the disk: the map
-    file stores float16 anyway, so resuming from them gives the same file)."""
-    if not vectors:
-        return np.zeros((0, 0), np.float32)
-    stacked = np.stack(vectors)
-    return stacked.astype(spatial.MAP_DTYPE if stacked.ndim == 4 else np.float32)
-
-
-class _Chunks:
-    """Finished work of an unfinished run: `<output>.parts/chunk-NNNNNN.npz` + `params.json`.
-
-    Each chunk holds, for its images, the id, file name, size, mtime and either
-    the feature vector or the failure reason, plus a SHA-256 of all of it.
-    """
-
-    PARAMS_FILE = "params.json"  # the params of the chunks; also the mark of a folder of ours
-
-    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
-        self.folder = folder
-        self.key = {"chunk_format": CHUNK_FORMAT, **key}
-        self.next_index = 0
-
-    def open(self) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]]:
-        """Valid chunk records by file name: ((size, mtime_ns), vector or None, reason or None)."""
-        records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] = {}
-        params_file = self.folder / self.PARAMS_FILE
-        if self.folder.is_dir():
-            try:
-                saved = json.loads(params_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                saved = None
-            if saved != self.key:
-                log.info("features: discarding chunks in %s (made with other params)", self.folder)
-                with cache.reporting_write_errors(self.folder):
-                    shutil.rmtree(self.folder)
-        with cache.reporting_write_errors(self.folder):
-            self.folder.mkdir(parents=True, exist_ok=True)
-        cache.atomic_write_json(params_file, self.key)
-        for chunk in sorted(self.folder.glob("chunk-*.npz")):
-            loaded = self._read(chunk)
-            if loaded is None:
-                log.warning("features: chunk %s is corrupt or incomplete; its images will be redone", chunk.name)
-                chunk.unlink()
-                continue
-            records.update(loaded)
-            with contextlib.suppress(ValueError):
-                self.next_index = max(self.next_index, int(chunk.stem.split("-")[1]) + 1)
-        return records
-
-    @staticmethod
-    def _read(chunk: Path) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] | None:
-        try:
-            with np.load(chunk, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-            return None
-        stored = arrays.pop("sha256", None)
-        if stored is None or str(stored) != _chunk_digest(arrays):
-            return None
-        try:
-            names, sizes, mtimes = arrays["names"], arrays["sizes"], arrays["mtimes"]
-            ok, features, reasons = arrays["ok"], arrays["features"], arrays["reasons"]
-        except KeyError:
-            return None
-        if not (len(names) == len(sizes) == len(mtimes) == len(ok) == len(reasons)) or len(features) != ok.sum():
-            return None
-        records = {}
-        row = 0
-        for i, name in enumerate(names):
-            key = (int(sizes[i]), int(mtimes[i]))
-            if ok[i]:
-                value = features[row]
-                # vectors as float32 (what a features file holds); maps as stored (float16, as the map file holds)
-                records[str(name)] = (key, value if value.ndim == 3 else value.astype(np.float32), None)
-                row += 1
-            else:
-                records[str(name)] = (key, None, str(reasons[i]))
-        return records
-
-    def write(self, items: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]]) -> Path:
-        vectors = [vector for _, _, vector, _ in items if vector is not None]
-        arrays = {
-            "names": np.array([path.name for path, _, _, _ in items], dtype=str),
-            "sizes": np.array([key[0] for _, key, _, _ in items], dtype=np.int64),
-            "mtimes": np.array([key[1] for _, key, _, _ in items], dtype=np.int64),
-            "ok": np.array([vector is not None for _, _, vector, _ in items], dtype=bool),
-            "reasons": np.array([reason or "" for _, _, _, reason in items], dtype=str),
-            "features": _stacked(vectors),
-        }
-        arrays["sha256"] = np.array(_chunk_digest(arrays))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path = self.folder / f"chunk-{self.next_index:06d}.npz"
-        self.next_index += 1
-        cache.atomic_write_bytes(path, buffer.getvalue())
-        return path
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def parts_folder_for(output: str | Path) -> Path:
@@ -317,48 +172,6 @@ def parts_folder_for(output: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def _select_images(folder: Path, shard: tuple[int, int] | None) -> tuple[dict[str, Path], dict[str, str]]:
-    """id -> path for this run's images (after duplicate ids and sharding), and the duplicates left out."""
-    chosen: dict[str, Path] = {}
-    duplicates: dict[str, str] = {}
-    for path in list_images(folder):  # sorted by file name: the first of a.jpeg, a.jpg, a.png wins
-        if not _is_utf8(path.name):
-            continue  # named and counted as failed by the stage (`unusable_names`)
-        image_id = layout.image_id(path)
-        if image_id in chosen:
-            duplicates[path.name] = f"duplicate id {image_id!r}: kept {chosen[image_id].name}"
-            log.warning("features: %s left out: same id %r as %s", path.name, image_id, chosen[image_id].name)
-            continue
-        chosen[image_id] = path
-    if shard is not None:
-        index, count = shard
-        chosen = {key: path for key, path in chosen.items() if shard_of(key, count) == index}
-    return chosen, duplicates
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether a file name is valid UTF-8 (Python keeps the bytes of one that is not as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable_name(name: str) -> str:
-    """A file name as text that can be printed and saved as JSON: invalid UTF-8 bytes as \\xNN."""
-    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
-
-
-def unusable_names(folder: Path) -> dict[str, str]:
-    """The image files of `folder` that cannot be given an id, by printable name -> why: a name that is
-    not valid UTF-8 would be an id no caption file, manifest or report can hold."""
-    return {
-        printable_name(path.name): "the file name is not valid UTF-8; rename the file"
-        for path in list_images(folder) if not _is_utf8(path.name)
-    }
 
 
 def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -376,27 +189,11 @@ def _previous_features(stage: cache.Stage, output: Path, key: dict[str, Any]) ->
     if recorded.get("size") != stat.st_size or recorded.get("mtime_ns") != stat.st_mtime_ns:
         return {}, {}
     try:
-        features = _load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
+        features = load_maps(output) if spatial.is_map_file(output) else feature_files.load_features_file(output)
     except CaptionerError as error:
         log.warning("features: not reusing %s: %s", output, error)
         return {}, {}
     return features, previous.get("extra", {}).get("files", {})
-
-
-def _load_maps(path: Path) -> dict[str, np.ndarray]:
-    """A map file's maps, id -> float16 [H, W, C] (as stored; a truncated file is a CaptionerError)."""
-    with spatial.MapFile(path) as maps:
-        loaded: dict[str, np.ndarray] = {}
-        for ids, batch in maps.batches(maps.ids, 256):
-            for image_id, grid in zip(ids, batch):
-                loaded[image_id] = grid.reshape(maps.height, maps.width, maps.channels).astype(spatial.MAP_DTYPE)
-        return loaded
-
-
-def _fits_float16(vector: np.ndarray) -> bool:
-    """Whether a map survives the map file's float16 (no value beyond its range)."""
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(vector.astype(spatial.MAP_DTYPE)).all())
 
 
 def _check_catalogue_layer(spec: Any, layer: str, output: Path, maps_out: bool) -> None:
@@ -448,24 +245,237 @@ def _check_not_all_zero(features: dict[str, np.ndarray], output: Path, params: d
                 ", ".join(zero[:5]))
 
 
-def _save_maps(output: Path, features: dict[str, np.ndarray], provenance: dict[str, Any], batch: int) -> None:
-    """Writes id -> [H, W, C] maps into the map file `output`, atomically: a temporary file beside it
-    is written and only then renamed over it (a killed run leaves the previous file as it was)."""
-    tmp = output.with_name(f".{output.name}.tmp")
-    first = next(iter(features.values()))
-    height, width, channels = first.shape
-    ids = list(features)
-    try:
-        with cache.registered_temporary(tmp), spatial.open_map_writer(
-            tmp, grid=(height, width), channels=channels, provenance=provenance, force=True
-        ) as writer:
-            for begin in range(0, len(ids), batch):
-                part = ids[begin : begin + batch]
-                writer.append(part, np.stack([features[i] for i in part]))
-        with cache.reporting_write_errors(output):
-            tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+@dataclass
+class _Options:
+    """The checked options of one extraction (from the `features` config section)."""
+
+    spec: Any
+    weights: str
+    shard: tuple[int, int] | None
+    folder: Path
+    output: Path
+    maps_out: bool  # a convolutional map per image, into an HDF5 map file
+    tflite_weights: bool
+
+
+@dataclass
+class _Sorted:
+    """The images of a run sorted into kept (reused or resumed) and to do, with their file keys."""
+
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[int]] = field(default_factory=dict)
+    todo: list[Path] = field(default_factory=list)
+    reused: int = 0
+    resumed: int = 0
+
+
+def _check_options(fc: Any, model_factory: Callable[[], Any] | None) -> _Options:
+    """The options, checked (ranges are checked by the config; the rest here), before anything is built."""
+    tflite_weights = is_tflite(fc.weights)
+    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
+    options = _Options(
+        spec=spec,
+        weights=normalize_weights(fc.weights),
+        shard=parse_shard(fc.shard),
+        folder=Path(fc.images),
+        output=Path(fc.output),
+        maps_out=False,
+        tflite_weights=tflite_weights,
+    )
+    options.maps_out = spatial.is_map_file(options.output)
+    if not options.folder.is_dir():
+        raise CaptionerError(f"image folder not found: {options.folder} (--images / features.images)")
+    if options.maps_out and options.shard is not None:
+        raise CaptionerError(
+            f"features.shard with a map file ({options.output}) is not supported: merge-features joins pooled vectors"
+        )
+    if not tflite_weights and model_factory is None:  # (a test's model_factory network stands in for the layer)
+        _check_catalogue_layer(spec, fc.layer or spec.default_layer, options.output, options.maps_out)
+    return options
+
+
+def _open_backend(fc: Any, options: _Options) -> tuple[Any, str]:
+    """(the opened .tflite interpreters or None, the Keras precision or "")."""
+    if not options.tflite_weights:
+        return None, resolve_precision(fc.precision)
+    # Opened before anything is written: a file that is not a model, or not one of this
+    # family, is refused in one line. Milliseconds; the sha256 is computed once.
+    tflite = open_tflite(options.spec, options.weights, fc.layer, threads=fc.workers, maps=options.maps_out)
+    if fc.precision not in ("float32", "auto"):
+        log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision,
+                 options.weights)
+    return tflite, ""
+
+
+def _stage_for(fc: Any, options: _Options, tflite: Any, precision: str) -> tuple[cache.Stage, dict[str, Any]]:
+    """The cache stage of this extraction and its params (the extractor's and the shard)."""
+    shard = options.shard
+    params = extractor_params(options.spec.name, fc.layer, options.weights, fc.resample, precision, tflite)
+    params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
+    inputs: dict[str, Path] = {"images": options.folder}
+    if options.weights not in ("imagenet", "none"):
+        inputs["weights"] = Path(options.weights).expanduser()
+    return cache.Stage("features", cache.manifest_path_for(options.output), inputs, params, [options.output]), params
+
+
+def _up_to_date_result(stage: cache.Stage, output: Path, params: dict[str, Any], started: float) -> ExtractResult:
+    previous = stage.previous() or {}
+    extra = previous.get("extra", {})
+    return ExtractResult(
+        output=output,
+        up_to_date=True,
+        images=int(extra.get("images", 0)),
+        feature_dim=int(extra.get("feature_dim", 0)),
+        failed=dict(extra.get("failed", {})),
+        params=params,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _sort_images(
+    images: dict[str, Path],
+    chunk_records: dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]],
+    previous: dict[str, np.ndarray],
+    previous_files: dict,
+) -> _Sorted:
+    """Each image resumed from a chunk, reused from the previous output, or to do."""
+    sorted_ = _Sorted()
+    for image_id, path in images.items():
+        key = file_key(path)
+        sorted_.files[path.name] = list(key)
+        record = chunk_records.get(path.name)
+        if record is not None and record[0] == key:
+            sorted_.resumed += 1
+            if record[1] is not None:
+                sorted_.features[image_id] = record[1]
+            else:
+                sorted_.failed[path.name] = record[2] or "unreadable"
+            continue
+        if image_id in previous and previous_files.get(path.name) == list(key):
+            sorted_.features[image_id] = previous[image_id]
+            sorted_.reused += 1
+            continue
+        sorted_.todo.append(path)
+    sorted_.reused += sorted_.resumed
+    return sorted_
+
+
+def _add_unusable(folder: Path, failed: dict[str, str]) -> dict[str, str]:
+    """Adds the files whose names no caption file could hold to `failed`, logged; returns them."""
+    unusable = unusable_names(folder)
+    for name, reason in unusable.items():
+        failed[name] = reason
+        log.warning("features: skipped %s: %s", name, reason)
+    return unusable
+
+
+def _log_plan(images: int, folder: Path, shard: str, sorted_: _Sorted) -> None:
+    log.info(
+        "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
+        images, folder, f" (shard {shard})" if shard else "", len(sorted_.todo), sorted_.reused, sorted_.resumed,
+    )
+
+
+def _feature_dim(ordered: dict[str, np.ndarray]) -> int:
+    dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
+    return dims.pop() if dims else 0
+
+
+def _predict_fn(
+    tflite: Any, model_factory: Callable[[], Any] | None, spec: Any, params: dict[str, Any], weights: str,
+    precision: str,
+) -> Any:
+    if tflite is not None:
+        return tflite  # uint8 pixels in, each image computed alone
+    if model_factory is not None:
+        return make_predict_fn(model_factory())
+    return make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
+
+
+def _checked_result(
+    vector: np.ndarray | None, error: str | None, maps_out: bool
+) -> tuple[np.ndarray | None, str | None]:
+    """A network output that no reader would take becomes a failed image."""
+    if vector is not None and not np.isfinite(vector).all():
+        # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
+        return None, "the network gave non-finite features (NaN or inf)"
+    if vector is not None and maps_out and not fits_float16(vector):
+        return None, "the network gave values beyond float16's range for the map file"
+    return vector, error
+
+
+def _run_network(
+    fc: Any, options: _Options, predict: Any, params: dict[str, Any], sorted_: _Sorted, chunks: Chunks,
+    after_chunk: Callable[[int], None] | None, pixels: bool,
+) -> int:
+    """Runs the images to do through the network into `sorted_` and the chunks; the number extracted."""
+    todo, files, output, maps_out = sorted_.todo, sorted_.files, options.output, options.maps_out
+    extracted = 0
+    pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
+    written = 0
+    kind_checked = False
+    run_start = time.monotonic()
+    for path, vector, error in extract_features(
+        predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
+        backbone=options.spec.name, pixels=pixels,
+    ):
+        if vector is not None and not kind_checked:
+            _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
+            kind_checked = True
+        vector, error = _checked_result(vector, error, maps_out)
+        pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
+        if vector is not None:
+            # maps are kept as stored (float16): half the memory of a whole folder's maps
+            sorted_.features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
+            extracted += 1
+        else:
+            sorted_.failed[path.name] = error or "unreadable"
+            log.warning("features: skipped %s: %s", path.name, error)
+        if len(pending) >= fc.chunk_size:
+            chunks.write(pending)
+            pending = []
+            written += 1
+            if after_chunk is not None:
+                after_chunk(written)
+    if pending:
+        chunks.write(pending)
+        written += 1
+        if after_chunk is not None:
+            after_chunk(written)
+    elapsed = time.monotonic() - run_start
+    log.info("features: %d images through the network in %.1f s (%.2f images/s)",
+             len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+    return extracted
+
+
+def _check_failures(failed: dict[str, str], total: int, folder: Path, max_failed_fraction: float) -> None:
+    """Logs the failed images; CaptionerError when more than `max_failed_fraction` of them failed."""
+    if failed:
+        log.warning("features: %d of %d images could not be read: %s", len(failed), total,
+                    "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
+    if total and len(failed) / total > max_failed_fraction:
+        first = min(failed.items())
+        raise CaptionerError(
+            f"{len(failed)} of {total} images in {folder} could not be read, more than "
+            f"features.max_failed_fraction={max_failed_fraction} (first: {first[0]}: {first[1]})"
+        )
+
+
+def _write_output(
+    stage: cache.Stage, options: _Options, ordered: dict[str, np.ndarray], params: dict[str, Any], chunk_size: int
+) -> dict[str, Any]:
+    """Writes the features (or map) file; the map file's manifest extra ({} for vectors)."""
+    extra_maps: dict[str, Any] = {}
+    if options.maps_out and not ordered:
+        raise CaptionerError(f"no image of {options.folder} gave a map: nothing to write to {options.output}")
+    with stage.writing():
+        if options.maps_out:
+            save_maps(options.output, ordered, {k: v for k, v in params.items() if k != "shard"}, chunk_size)
+            extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
+        else:
+            feature_files.save_features(options.output, ordered)
+    return extra_maps
 
 
 def extract_stage(
@@ -485,170 +495,43 @@ def extract_stage(
     """
     started = time.monotonic()
     fc = config.features
-    # Ranges (batch_size, chunk_size, resample, ...) are checked by the config; the rest here.
-    tflite_weights = is_tflite(fc.weights)
-    spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)  # a .tflite's layer is a tensor name
-    weights = normalize_weights(fc.weights)
-    shard = parse_shard(fc.shard)
-    folder = Path(fc.images)
-    output = Path(fc.output)
-    maps_out = spatial.is_map_file(output)  # a convolutional map per image, into an HDF5 map file
-    if not folder.is_dir():
-        raise CaptionerError(f"image folder not found: {folder} (--images / features.images)")
-    if maps_out and shard is not None:
-        raise CaptionerError(
-            f"features.shard with a map file ({output}) is not supported: merge-features joins pooled vectors"
-        )
-    if not tflite_weights and model_factory is None:  # (a test's model_factory network stands in for the layer)
-        _check_catalogue_layer(spec, fc.layer or spec.default_layer, output, maps_out)  # before building anything
-    tflite = None
-    if tflite_weights:
-        # Opened before anything is written: a file that is not a model, or not one of this
-        # family, is refused in one line. Milliseconds; the sha256 is computed once.
-        tflite = open_tflite(spec, weights, fc.layer, threads=fc.workers, maps=maps_out)
-        if fc.precision not in ("float32", "auto"):
-            log.info("features: features.precision=%s ignored: %s computes as it was converted", fc.precision, weights)
-        precision = ""
-    else:
-        precision = resolve_precision(fc.precision)
+    options = _check_options(fc, model_factory)
+    folder, output, shard = options.folder, options.output, options.shard
+    tflite, precision = _open_backend(fc, options)
 
     # One run per output: a second extraction into the same file refuses in one line.
     with cache.output_lock(output), (tflite if tflite is not None else contextlib.nullcontext()):
         # Only over what an extraction wrote: a features file with our manifest, or an interrupted run's chunks.
         parts = parts_folder_for(output)
-        cache.claim_output(output, "features", force, also=[parts], marks=[parts / _Chunks.PARAMS_FILE])
-        params = extractor_params(spec.name, fc.layer, weights, fc.resample, precision, tflite)
-        params["shard"] = f"{shard[0]}/{shard[1]}" if shard else ""
-        inputs: dict[str, Path] = {"images": folder}
-        if weights not in ("imagenet", "none"):
-            inputs["weights"] = Path(weights).expanduser()
-        stage = cache.Stage("features", cache.manifest_path_for(output), inputs, params, [output])
+        cache.claim_output(output, "features", force, also=[parts], marks=[parts / Chunks.PARAMS_FILE])
+        stage, params = _stage_for(fc, options, tflite, precision)
         if not force and stage.up_to_date():
-            previous = stage.previous() or {}
-            extra = previous.get("extra", {})
-            return ExtractResult(
-                output=output,
-                up_to_date=True,
-                images=int(extra.get("images", 0)),
-                feature_dim=int(extra.get("feature_dim", 0)),
-                failed=dict(extra.get("failed", {})),
-                params=params,
-                seconds=time.monotonic() - started,
-            )
+            return _up_to_date_result(stage, output, params, started)
 
-        images, duplicates = _select_images(folder, shard)
+        images, duplicates = select_images(folder, shard)
         # What makes two runs' features interchangeable (everything but the shard).
         key = {k: v for k, v in params.items() if k != "shard"}
         key["weights_file"] = stage.input_fingerprints().get("weights")
 
         previous, previous_files = ({}, {}) if force else _previous_features(stage, output, key)
-        chunks = _Chunks(parts_folder_for(output), key)
+        chunks = Chunks(parts_folder_for(output), key)
         if force:
             chunks.remove()
-        chunk_records = chunks.open()
-
-        features: dict[str, np.ndarray] = {}
-        failed: dict[str, str] = {}
-        files: dict[str, list[int]] = {}
-        todo: list[Path] = []
-        reused = resumed = 0
-        for image_id, path in images.items():
-            file_key = _file_key(path)
-            files[path.name] = list(file_key)
-            record = chunk_records.get(path.name)
-            if record is not None and record[0] == file_key:
-                resumed += 1
-                if record[1] is not None:
-                    features[image_id] = record[1]
-                else:
-                    failed[path.name] = record[2] or "unreadable"
-                continue
-            if image_id in previous and previous_files.get(path.name) == list(file_key):
-                features[image_id] = previous[image_id]
-                reused += 1
-                continue
-            todo.append(path)
-        reused += resumed
-        unusable = unusable_names(folder)
-        for name, reason in unusable.items():
-            failed[name] = reason
-            log.warning("features: skipped %s: %s", name, reason)
-        log.info(
-            "features: %d images in %s%s: %d to extract, %d reused (%d from an interrupted run)",
-            len(images), folder, f" (shard {params['shard']})" if shard else "", len(todo), reused, resumed,
-        )
+        sorted_ = _sort_images(images, chunks.open(), previous, previous_files)
+        features, failed, files = sorted_.features, sorted_.failed, sorted_.files
+        unusable = _add_unusable(folder, failed)
+        _log_plan(len(images), folder, params["shard"] if shard else "", sorted_)
 
         extracted = 0
-        if todo:
-            if tflite is not None:
-                predict = tflite  # uint8 pixels in, each image computed alone
-            elif model_factory is not None:
-                predict = make_predict_fn(model_factory())
-            else:
-                predict = make_predict_fn(build_backbone(spec.name, params["layer"], weights, precision))
-            pending: list[tuple[Path, tuple[int, int], np.ndarray | None, str | None]] = []
-            written = 0
-            kind_checked = False
-            run_start = time.monotonic()
-            for path, vector, error in extract_features(
-                predict, todo, batch_size=fc.batch_size, workers=fc.workers, resample=params["resample"],
-                backbone=spec.name, pixels=tflite is not None,
-            ):
-                if vector is not None and not kind_checked:
-                    _check_kind(output, maps_out, vector, params["layer"])  # before anything is written
-                    kind_checked = True
-                if vector is not None and not np.isfinite(vector).all():
-                    # Saved, it would be refused by every reader (`feature_files`); a failed image instead.
-                    vector, error = None, "the network gave non-finite features (NaN or inf)"
-                elif vector is not None and maps_out and not _fits_float16(vector):
-                    vector, error = None, "the network gave values beyond float16's range for the map file"
-                pending.append((path, tuple(files[path.name]), vector, error))  # type: ignore[arg-type]
-                if vector is not None:
-                    # maps are kept as stored (float16): half the memory of a whole folder's maps
-                    features[layout.image_id(path)] = vector.astype(spatial.MAP_DTYPE) if maps_out else vector
-                    extracted += 1
-                else:
-                    failed[path.name] = error or "unreadable"
-                    log.warning("features: skipped %s: %s", path.name, error)
-                if len(pending) >= fc.chunk_size:
-                    chunks.write(pending)
-                    pending = []
-                    written += 1
-                    if after_chunk is not None:
-                        after_chunk(written)
-            if pending:
-                chunks.write(pending)
-                written += 1
-                if after_chunk is not None:
-                    after_chunk(written)
-            elapsed = time.monotonic() - run_start
-            log.info("features: %d images through the network in %.1f s (%.2f images/s)",
-                     len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+        if sorted_.todo:
+            predict = _predict_fn(tflite, model_factory, options.spec, params, options.weights, precision)
+            extracted = _run_network(fc, options, predict, params, sorted_, chunks, after_chunk, tflite is not None)
 
-        total = len(images) + len(unusable)
-        if failed:
-            log.warning("features: %d of %d images could not be read: %s", len(failed), total,
-                        "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5]))
-        if total and len(failed) / total > fc.max_failed_fraction:
-            first = sorted(failed.items())[0]
-            raise CaptionerError(
-                f"{len(failed)} of {total} images in {folder} could not be read, more than "
-                f"features.max_failed_fraction={fc.max_failed_fraction} (first: {first[0]}: {first[1]})"
-            )
-
+        _check_failures(failed, len(images) + len(unusable), folder, fc.max_failed_fraction)
         ordered = {image_id: features[image_id] for image_id in sorted(features)}
         _check_not_all_zero(ordered, output, params)
-        dims = {vector.shape[-1] for vector in ordered.values()}  # D, or a map's channels C
-        feature_dim = dims.pop() if dims else 0
-        extra_maps: dict[str, Any] = {}
-        if maps_out and not ordered:
-            raise CaptionerError(f"no image of {folder} gave a map: nothing to write to {output}")
-        with stage.writing():
-            if maps_out:
-                _save_maps(output, ordered, {k: v for k, v in params.items() if k != "shard"}, fc.chunk_size)
-                extra_maps["map_shape"] = list(next(iter(ordered.values())).shape)
-            else:
-                feature_files.save_features(output, ordered)
+        feature_dim = _feature_dim(ordered)
+        extra_maps = _write_output(stage, options, ordered, params, fc.chunk_size)
         stage.finish(
             config,
             extra={
@@ -656,7 +539,7 @@ def extract_stage(
                 "images": len(ordered),
                 "feature_dim": feature_dim,
                 "extracted": extracted,
-                "reused": reused,
+                "reused": sorted_.reused,
                 "failed": failed,
                 "duplicates": duplicates,
                 "files": files,
@@ -667,8 +550,8 @@ def extract_stage(
             output=output,
             images=len(ordered),
             extracted=extracted,
-            reused=reused,
-            resumed=resumed,
+            reused=sorted_.reused,
+            resumed=sorted_.resumed,
             failed=failed,
             duplicates=duplicates,
             feature_dim=feature_dim,
@@ -680,18 +563,8 @@ def extract_stage(
 # --------------------------------------------------------------------------- merging shards
 
 
-def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) -> MergeResult:
-    """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
-
-    Every part needs its manifest (stage "features", a shard "i/N"); all must share
-    params (backbone, layer, weights, resample, precision), N, and the image folder
-    state; together they must cover shards 0..N-1 once each, and each id must belong
-    to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
-    ids) and its manifest (stage "merge-features", the shared params without shard). An
-    existing `output` that no merge wrote is refused (`cache.claim_output`); force replaces it.
-    """
-    parts = [Path(p) for p in parts]
-    output = Path(output)
+def _part_manifests(parts: list[Path]) -> list[dict]:
+    """The features manifest of each part file; CaptionerError for a missing file or a non-shard part."""
     if not parts:
         raise CaptionerError("merge-features: no part files given")
     manifests = []
@@ -704,7 +577,11 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
         if not manifest.get("params", {}).get("shard"):
             raise CaptionerError(f"{part}: not a shard part (extracted without --shard)")
         manifests.append(manifest)
+    return manifests
 
+
+def _shards_of(parts: list[Path], manifests: list[dict]) -> tuple[dict[str, Any], dict[int, Path], int]:
+    """(the params the parts share, shard index -> part, N): all parts alike, shards 0..N-1 once each."""
     shared = {k: v for k, v in manifests[0]["params"].items() if k != "shard"}
     shards: dict[int, Path] = {}
     count = None
@@ -730,6 +607,46 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
     missing = [f"{i}/{count}" for i in range(count) if i not in shards]
     if missing:
         raise CaptionerError(f"merge-features: missing shard parts {', '.join(missing)}")
+    return shared, shards, count
+
+
+def _merged(
+    parts: list[Path], manifests: list[dict], shards: dict[int, Path], count: int
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """(id -> vector in sorted id order, failed, duplicates) of all parts; each id once, in its own shard."""
+    merged: dict[str, np.ndarray] = {}
+    owner: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for index, part in sorted(shards.items()):
+        for image_id, vector in feature_files.load_features_file(part).items():
+            if image_id in merged:
+                raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
+            if shard_of(image_id, count) != index:
+                raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
+            merged[image_id] = vector
+            owner[image_id] = part
+        extra = manifests[parts.index(part)].get("extra", {})
+        failed.update(extra.get("failed", {}))
+        duplicates.update(extra.get("duplicates", {}))
+    ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+    return ordered, failed, duplicates
+
+
+def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) -> MergeResult:
+    """Joins the N part files of a sharded extraction into one cache, identical to an unsharded run.
+
+    Every part needs its manifest (stage "features", a shard "i/N"); all must share
+    params (backbone, layer, weights, resample, precision), N, and the image folder
+    state; together they must cover shards 0..N-1 once each, and each id must belong
+    to its part's shard. Writes `output` atomically (dict id -> float32 [D], sorted
+    ids) and its manifest (stage "merge-features", the shared params without shard). An
+    existing `output` that no merge wrote is refused (`cache.claim_output`); force replaces it.
+    """
+    parts = [Path(p) for p in parts]
+    output = Path(output)
+    manifests = _part_manifests(parts)
+    shared, shards, count = _shards_of(parts, manifests)
 
     # One run per output, as for extraction.
     with cache.output_lock(output):
@@ -743,22 +660,7 @@ def merge_feature_parts(parts: list[Path], output: Path, force: bool = False) ->
                 feature_dim=int(extra.get("feature_dim", 0)), up_to_date=True,
             )
 
-        merged: dict[str, np.ndarray] = {}
-        owner: dict[str, Path] = {}
-        failed: dict[str, str] = {}
-        duplicates: dict[str, str] = {}
-        for index, part in sorted(shards.items()):
-            for image_id, vector in feature_files.load_features_file(part).items():
-                if image_id in merged:
-                    raise CaptionerError(f"image id {image_id!r} is in both {owner[image_id]} and {part}")
-                if shard_of(image_id, count) != index:
-                    raise CaptionerError(f"{part}: image id {image_id!r} does not belong to shard {index}/{count}")
-                merged[image_id] = vector
-                owner[image_id] = part
-            extra = manifests[parts.index(part)].get("extra", {})
-            failed.update(extra.get("failed", {}))
-            duplicates.update(extra.get("duplicates", {}))
-        ordered = {image_id: merged[image_id] for image_id in sorted(merged)}
+        ordered, failed, duplicates = _merged(parts, manifests, shards, count)
         dims = {vector.shape[0] for vector in ordered.values()}
         if len(dims) > 1:
             raise CaptionerError(f"merge-features: parts hold features of different widths {sorted(dims)}")

@@ -287,6 +287,39 @@ def read_images(
     return stacked, failed
 
 
+def _checked_request(
+    output: Path, images: str | Path, calibration_count: int, held_out_count: int, min_calibration_images: int
+) -> list[Path]:
+    """The images of the folder, after the checks that need no network (CaptionerError, nothing written)."""
+    if output.suffix.lower() != ".tflite":
+        raise CaptionerError(f"--output {output}: expected a .tflite file name")
+    if calibration_count < min_calibration_images:
+        raise CaptionerError(
+            f"calibration count {calibration_count} is below the minimum of {min_calibration_images} images"
+        )
+    if held_out_count < 1:
+        raise CaptionerError(f"held-out count {held_out_count}: at least 1 image is needed to measure the error")
+    paths = list_images(images)
+    if len(paths) < min_calibration_images + 1:  # before building the network: seconds saved on a plain mistake
+        raise CaptionerError(
+            f"{images}: only {len(paths)} images; quantize needs at least {min_calibration_images + 1} readable ones: "
+            f"{min_calibration_images} to calibrate and one or more held out"
+        )
+    return paths
+
+
+def _quantize_stage_record(
+    output: Path, images: str | Path, weights: str, params: dict[str, Any]
+) -> cache.Stage:
+    """The cache stage of a quantization: the image folder (and a weights file) as inputs."""
+    inputs: dict[str, Path] = {"images": Path(images)}
+    if weights not in ("imagenet", "none"):
+        inputs["weights"] = Path(weights).expanduser()
+    return cache.Stage(
+        "quantize", cache.manifest_path_for(output, folder=False), inputs, params=params, outputs=[output],
+    )
+
+
 def quantize_stage(
     backbone: str,
     weights: str,
@@ -317,31 +350,14 @@ def quantize_stage(
     of ours is quantized again on every run. config: saved in the manifest.
     """
     output = Path(output)
-    if output.suffix.lower() != ".tflite":
-        raise CaptionerError(f"--output {output}: expected a .tflite file name")
-    if calibration_count < min_calibration_images:
-        raise CaptionerError(
-            f"calibration count {calibration_count} is below the minimum of {min_calibration_images} images"
-        )
-    if held_out_count < 1:
-        raise CaptionerError(f"held-out count {held_out_count}: at least 1 image is needed to measure the error")
-    paths = list_images(images)
-    if len(paths) < min_calibration_images + 1:  # before building the network: seconds saved on a plain mistake
-        raise CaptionerError(
-            f"{images}: only {len(paths)} images; quantize needs at least {min_calibration_images + 1} readable ones: "
-            f"{min_calibration_images} to calibrate and one or more held out"
-        )
+    paths = _checked_request(output, images, calibration_count, held_out_count, min_calibration_images)
     random.Random(seed).shuffle(paths)  # a spread of the folder, not its first names in order
     with output_lock(output):
         cache.claim_output(output, "quantize", force)
-        inputs: dict[str, Path] = {"images": Path(images)}
-        if weights not in ("imagenet", "none"):
-            inputs["weights"] = Path(weights).expanduser()
-        stage = cache.Stage(
-            "quantize", cache.manifest_path_for(output, folder=False), inputs,
-            params={"backbone": backbone, "weights": weights, "input_type": input_type, "seed": seed,
-                    "calibration_images": calibration_count, "held_out_images": held_out_count},
-            outputs=[output],
+        stage = _quantize_stage_record(
+            output, images, weights,
+            {"backbone": backbone, "weights": weights, "input_type": input_type, "seed": seed,
+             "calibration_images": calibration_count, "held_out_images": held_out_count},
         )
         target = build(backbone, weights)
         pixels, failed = read_images(

@@ -124,7 +124,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="captioner", description="Image captioning pipeline (see README.md).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_image_commands(commands)
+    _add_backbone_commands(commands)
+    _add_training_commands(commands)
+    _add_model_commands(commands)
+    return parser
 
+
+def _add_image_commands(commands: Any) -> None:
+    """The subcommands demo-data, extract, caption-batch: images in, features or captions out."""
     sub = commands.add_parser("demo-data", help="generate the procedural demo data set")
     sub.add_argument("--output", metavar="DIR")
     sub.add_argument("--images", metavar="N")
@@ -158,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
                      "that no caption-batch wrote")
 
+
+def _add_backbone_commands(commands: Any) -> None:
+    """The subcommands quantize, merge-features."""
     sub = commands.add_parser("quantize", help="a catalogue backbone -> a full-int8 .tflite feature extractor")
     sub.add_argument("--backbone", metavar="NAME", help="default mobilenet_v2")
     sub.add_argument("--layer", metavar="LAYER", help="the feature layer (default: the backbone's)")
@@ -172,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="rerun even if up to date; replace an output file "
                      "that no merge wrote")
 
+
+def _add_training_commands(commands: Any) -> None:
+    """The subcommands prepare, train, finetune."""
     sub = commands.add_parser("prepare", help="stage 2: captions -> cleaned splits + tokenizer")
     sub.add_argument("--captions", metavar="TOKEN_FILE|KARPATHY.json|SHARDS", nargs="+")
     sub.add_argument("--splits", metavar="DIR")
@@ -194,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
     sub.add_argument("--force", action="store_true", help="start over even if up to date or resumable")
 
+
+def _add_model_commands(commands: Any) -> None:
+    """The subcommands evaluate, export, serve."""
     sub = commands.add_parser("evaluate", help="stage 4: caption a split, BLEU/CIDEr, HTML report")
     sub.add_argument("--model", metavar="MODEL_DIR|BUNDLE", action="append",
                      help="repeat for an ensemble (--model A --model B: decoded together; needs --output)")
@@ -223,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sub in commands.choices.values():
         _add_common(sub)
-    return parser
-
 
 def _add_engine_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--engine", metavar="local|ray", help="local (default): this process; ray: a Ray Data pipeline")

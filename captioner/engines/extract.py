@@ -44,16 +44,8 @@ from captioner.vision.backbones import (
 )
 
 
-def extract_engine(config: Any, force: bool = False, *, after_part: Callable[[int], None] | None = None,
-                   model_factory: Callable[[], Any] | None = None) -> EngineResult:
-    """Runs the features stage on `config.engine.name` (see the module docstring).
-
-    model_factory: the network instead of the catalogue's (tests; the local engine only).
-    after_part(n): called after the n-th part of this run is recorded.
-    """
-    started = time.monotonic()
-    fc, engine = config.features, config.engine
-    output = Path(fc.output)
+def _refuse_options(output: Path, fc: Any, engine: Any, model_factory: Any) -> None:
+    """What the engines do not do, refused in one line before any work."""
     if spatial.is_map_file(output):
         raise CaptionerError(
             f"{output}: map files are written by the local engine from an image folder; the engines write "
@@ -65,6 +57,19 @@ def extract_engine(config: Any, force: bool = False, *, after_part: Callable[[in
         )
     if model_factory is not None and engine.name != "local":
         raise CaptionerError("model_factory runs in this process only (engine local)")
+
+
+def extract_engine(config: Any, force: bool = False, *, after_part: Callable[[int], None] | None = None,
+                   model_factory: Callable[[], Any] | None = None) -> EngineResult:
+    """Runs the features stage on `config.engine.name` (see the module docstring).
+
+    model_factory: the network instead of the catalogue's (tests; the local engine only).
+    after_part(n): called after the n-th part of this run is recorded.
+    """
+    started = time.monotonic()
+    fc, engine = config.features, config.engine
+    output = Path(fc.output)
+    _refuse_options(output, fc, engine, model_factory)
     preflight(engine)
     tflite_weights = is_tflite(fc.weights)
     spec = get_backbone(fc.backbone, None if tflite_weights else fc.layer)

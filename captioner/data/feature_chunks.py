@@ -42,13 +42,28 @@ def file_key(path: Path) -> tuple[int, int]:
     return int(stat.st_size), int(stat.st_mtime_ns)
 
 
-def _chunk_digest(arrays: dict[str, np.ndarray]) -> str:
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """The SHA-256 of named arrays (names, dtypes, shapes and bytes): what a chunk or part file records."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
         value = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def read_checked_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz written with its `arrays_digest` under "sha256" (which is dropped), or
+    None when the file is missing, cut short or fails its digest."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    stored = arrays.pop("sha256", None)
+    if stored is None or str(stored) != arrays_digest(arrays):
+        return None
+    return arrays
 
 
 def _stacked(vectors: list[np.ndarray]) -> np.ndarray:
@@ -103,13 +118,8 @@ class Chunks:
 
     @staticmethod
     def _read(chunk: Path) -> dict[str, tuple[tuple[int, int], np.ndarray | None, str | None]] | None:
-        try:
-            with np.load(chunk, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-            return None
-        stored = arrays.pop("sha256", None)
-        if stored is None or str(stored) != _chunk_digest(arrays):
+        arrays = read_checked_arrays(chunk)
+        if arrays is None:
             return None
         try:
             names, sizes, mtimes = arrays["names"], arrays["sizes"], arrays["mtimes"]
@@ -141,7 +151,7 @@ class Chunks:
             "reasons": np.array([reason or "" for _, _, _, reason in items], dtype=str),
             "features": _stacked(vectors),
         }
-        arrays["sha256"] = np.array(_chunk_digest(arrays))
+        arrays["sha256"] = np.array(arrays_digest(arrays))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         path = self.folder / f"chunk-{self.next_index:06d}.npz"

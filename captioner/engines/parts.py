@@ -22,14 +22,12 @@ whole: the features cache as a pickle of dict id -> float32 [D] streamed item by
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import math
 import pickle
 import shutil
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from captioner import cache
+from captioner.data.feature_chunks import arrays_digest, read_checked_arrays
 from captioner.errors import CaptionerError
 from captioner.layout import features_parts_dir
 
@@ -51,15 +50,6 @@ OWNER_FILE = "owner.json"  # which output the parts folder belongs to: another r
 
 def part_path(folder: Path, block_name: str) -> Path:
     return folder / f"part-{block_name}.npz"
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -89,7 +79,7 @@ def write_part(folder: str | Path, block_name: str, fingerprint: str, names: lis
         "reasons": np.array([reason or "" for reason in reasons], dtype=str),
         **results,
     }
-    arrays["sha256"] = np.array(_digest(arrays))
+    arrays["sha256"] = np.array(arrays_digest(arrays))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path = part_path(Path(folder), block_name)
@@ -100,15 +90,8 @@ def write_part(folder: str | Path, block_name: str, fingerprint: str, names: lis
 
 def read_part(path: Path) -> dict[str, np.ndarray] | None:
     """A part's arrays, or None when it is missing, cut short or fails its SHA-256."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
-    stored = arrays.pop("sha256", None)
-    if stored is None or str(stored) != _digest(arrays):
-        return None
-    if int(arrays.get("format", -1)) != PART_FORMAT:
+    arrays = read_checked_arrays(path)
+    if arrays is None or int(arrays.get("format", -1)) != PART_FORMAT:
         return None
     return arrays
 

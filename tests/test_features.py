@@ -957,7 +957,9 @@ def test_a_file_name_too_long_is_one_line(tmp_path, capsys, where):
 
 
 CTRL_C_SCRIPT = """
-import hashlib, sys
+import hashlib, signal, sys
+# A shell that starts a job in the background hands it SIGINT ignored; a person at a terminal does not.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from captioner import cli
 from captioner.vision import backbones
 from captioner.stages import features

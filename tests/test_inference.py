@@ -495,7 +495,9 @@ def test_caption_hands_out_each_batch_as_soon_as_it_is_done(known_model_dir, mea
 
 
 CTRL_C_SCRIPT = """
-import hashlib, sys
+import hashlib, signal, sys
+# A shell that starts a job in the background hands it SIGINT ignored; a person at a terminal does not.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import keras
 from captioner import cli
 from captioner.vision import backbones

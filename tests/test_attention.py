@@ -16,6 +16,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from decoder_fakes import CHANNELS, POSITIONS, VOCAB, log_softmax, perturb  # noqa: E402
+from decoder_fakes import sample_inputs as shared_inputs  # noqa: E402
+
 from captioner.config import ModelConfig  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.models.attention import (
@@ -28,35 +31,17 @@ from captioner.models.attention import (
 )
 
 TINY = ModelConfig(kind="attention", embedding_dim=5, units=7, attention_dim=6, word_dropout=0.5, decoder_dropout=0.25)
-POSITIONS, CHANNELS, VOCAB = 4, 3, 11
 
 
 def perturbed_model(seed: int = 0, config: ModelConfig = TINY) -> keras.Model:
     """A tiny model with random nonzero biases, so every weight matters to the outputs."""
     keras.utils.set_random_seed(seed)
     model = build_attention_model(POSITIONS, CHANNELS, VOCAB, config)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
-    return model
+    return perturb(model, seed)
 
 
 def sample_inputs(batch: int = 3, length: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(maps float32 [B, P, C], right-padded ids int32 [B, T], lengths): ids start with 2 (start)."""
-    rng = np.random.default_rng(1)
-    maps = rng.normal(size=(batch, POSITIONS, CHANNELS)).astype(np.float32)
-    lengths = np.array([length, 2, 4][:batch])
-    ids = np.zeros((batch, length), np.int32)
-    for b, n in enumerate(lengths):
-        ids[b, 0] = 2
-        ids[b, 1:n] = rng.integers(4, VOCAB, n - 1)
-    return maps, ids, lengths
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return shared_inputs(batch, length, (2, 4))
 
 
 def full_attention(model: keras.Model, maps: np.ndarray, ids: np.ndarray) -> np.ndarray:

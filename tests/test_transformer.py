@@ -16,6 +16,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from decoder_fakes import CHANNELS, POSITIONS, VOCAB, log_softmax, perturb  # noqa: E402
+from decoder_fakes import sample_inputs as shared_inputs  # noqa: E402
+
 from captioner import config as config_lib  # noqa: E402
 from captioner.config import Config, ModelConfig  # noqa: E402
 from captioner.errors import CaptionerError, ConfigError  # noqa: E402
@@ -32,7 +35,6 @@ from captioner.models.transformer import (  # noqa: E402
 
 TINY = ModelConfig(kind="transformer", units=8, heads=2, layers=2, feedforward_dim=12, max_positions=10,
                    decoder_dropout=0.1)
-POSITIONS, CHANNELS, VOCAB = 4, 3, 11
 
 
 def tiny(**changes: object) -> ModelConfig:
@@ -43,28 +45,11 @@ def perturbed_model(seed: int = 0, config: ModelConfig = TINY, positions: int = 
     """A tiny model with random nonzero biases and norms, so every weight matters to the outputs."""
     keras.utils.set_random_seed(seed)
     model = build_transformer_model(positions, CHANNELS, VOCAB, config)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
-    return model
+    return perturb(model, seed)
 
 
 def sample_inputs(batch: int = 3, length: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(maps float32 [B, P, C], right-padded ids int32 [B, T], lengths): ids start with 2 (start)."""
-    rng = np.random.default_rng(1)
-    maps = rng.normal(size=(batch, POSITIONS, CHANNELS)).astype(np.float32)
-    lengths = np.array([length, 2, 5][:batch])
-    ids = np.zeros((batch, length), np.int32)
-    for b, n in enumerate(lengths):
-        ids[b, 0] = 2
-        ids[b, 1:n] = rng.integers(4, VOCAB, n - 1)
-    return maps, ids, lengths
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return shared_inputs(batch, length, (2, 5))
 
 
 def full_log_probs(model: keras.Model, maps: np.ndarray, ids: np.ndarray) -> np.ndarray:

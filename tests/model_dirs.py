@@ -88,6 +88,28 @@ def make_attention_model_dir(
     return model_dir
 
 
+def make_transformer_model_dir(
+    model_dir: Path, train_captions: list[str], provenance: dict, grid: tuple[int, int], channels: int
+) -> Path:
+    """model.keras (a transformer of width 8, 2 blocks of 2 heads, 12 positions, seeded), tokenizer.json
+    and config.json (map_grid `grid`, feature_dim `channels`) in `model_dir`."""
+    import keras
+
+    from captioner.models.transformer import build_transformer_model
+
+    config = Config()
+    config.model.kind = "transformer"
+    config.model.units, config.model.heads, config.model.layers = 8, 2, 2
+    config.model.feedforward_dim, config.model.max_positions = 16, 12
+    tokenizer = Tokenizer.build(train_captions, min_word_count=1)
+    keras.utils.set_random_seed(0)
+    model = build_transformer_model(grid[0] * grid[1], channels, tokenizer.vocab_size, config.model)
+    model_lib.save_model(model, model_dir)
+    tokenizer.save(model_dir / TOKENIZER_FILE)
+    model_lib.write_model_config(model_dir, config, channels, tokenizer.vocab_size, provenance, map_grid=grid)
+    return model_dir
+
+
 def convert_tiny_tflite(path: Path) -> Path:
     """A tiny random classifier at 224x224 as a full-int8 .tflite (uint8 raw-pixel input, [-1, 1]
     calibration, as the shared MobileNetV2): its pooled tensor is 8 wide."""

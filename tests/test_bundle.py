@@ -17,6 +17,7 @@ from model_dirs import (
     convert_tiny_tflite,
     make_attention_model_dir,
     make_model_dir,
+    make_transformer_model_dir,
     tflite_provenance,
 )
 from PIL import Image
@@ -100,14 +101,15 @@ def one_error_line(capsys) -> str:
 
 def model_and_features(kind: str, root: Path, tiny_tflite: Path) -> tuple[Path, np.ndarray]:
     rng = np.random.default_rng(7)
-    if kind == "attention":
-        model_dir = make_attention_model_dir(root / "a", CAPTIONS, {"backbone": None, "source": ["maps.h5"]}, (2, 3), 5)
+    if kind in ("attention", "transformer"):
+        make = make_attention_model_dir if kind == "attention" else make_transformer_model_dir
+        model_dir = make(root / "a", CAPTIONS, {"backbone": None, "source": ["maps.h5"]}, (2, 3), 5)
         return sharpen(model_dir), rng.uniform(0, 2, (9, 6, 5)).astype(np.float32)
     model_dir = make_model_dir(root / "m", CAPTIONS, tflite_provenance(tiny_tflite), 8, init_inject=kind == "merge-init-inject")
     return sharpen(model_dir), rng.uniform(0, 2, (9, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["merge", "merge-init-inject", "attention"])
+@pytest.mark.parametrize("kind", ["merge", "merge-init-inject", "attention", "transformer"])
 def test_a_bundle_captions_as_its_keras_model_greedy_and_beam_3(kind, tmp_path, tiny_tflite):
     from captioner.models import directory as model_lib
 
@@ -134,9 +136,30 @@ def test_a_bundle_captions_as_its_keras_model_greedy_and_beam_3(kind, tmp_path, 
         assert [b.caption for b in got] == [b.caption for b in expected]
         assert len({b.caption for b in expected}) > 1  # the images get different captions: a real comparison
         np.testing.assert_allclose([b.log_prob for b in got], [b.log_prob for b in expected], atol=1e-4)
-        if kind == "attention":
+        if kind in ("attention", "transformer"):
             for b_got, b_expected in zip(got, expected):
                 np.testing.assert_allclose(b_got.attention, b_expected.attention, atol=1e-4)
+
+
+def test_a_transformer_bundle_counts_its_positions_as_its_keras_model_does(tmp_path, tiny_tflite):
+    """The position state is int32 in the manifest, and a caption longer than the position table is one
+    line from the runtime, as from the Keras step model (max_positions 12: at most 11 words)."""
+    from captioner.models import directory as model_lib
+
+    model_dir, features = model_and_features("transformer", tmp_path, tiny_tflite)
+    export(model_dir, tmp_path / "bundle")
+    manifest = json.loads((tmp_path / "bundle" / layout.BUNDLE_MANIFEST).read_text())
+    assert manifest["decoder"]["states"][0] == {"name": "position", "shape": [], "dtype": "int32"}
+    assert manifest["decoder"]["step"]["counter"] == {"state": "position", "limit": 12}
+    decode = DecodeConfig(beam_size=1, max_generated_words=11)
+    bundle, keras_model = bundle_lib.load_bundle(tmp_path / "bundle"), model_lib.load_model_dir(model_dir)
+    assert [b.caption for b in decode_beams(bundle, features, decode)] == [
+        b.caption for b in decode_beams(keras_model, features, decode)]
+    steps = bundle.step_model()
+    states = steps.initial_state(features)
+    states[0] = np.full(len(features), 12, np.int32)
+    with pytest.raises(CaptionerError, match=r"at most 12 positions \(model.max_positions\).*must be at most 11"):
+        steps.step(np.zeros(len(features), np.int32), states)
 
 
 def test_the_manifest_says_what_the_bundle_holds(merge_bundle, merge_dir, tiny_tflite):

@@ -181,9 +181,12 @@ class BundleStep:
         self.feature_shape = tuple(bundle.manifest["widths"]["features"])
         self.features_name = decoder["initial"]["input"]
         self.state_names = [state["name"] for state in decoder["states"]]
+        self.state_dtypes = {state["name"]: np.dtype(state.get("dtype", "float32")) for state in decoder["states"]}
         self.ids_name = decoder["step"]["ids"]
         self.updates = list(decoder["step"]["updates"])
         self.extras = list(decoder["step"]["extras"])
+        self.counter = decoder["step"].get("counter")  # {"state", "limit"}: the transformer's position
+        self.kind = bundle.kind
         self._initial = bundle.functions["initial"]
         self._step = bundle.functions["step"]
 
@@ -201,9 +204,16 @@ class BundleStep:
         return [features if name == self.features_name else produced[name] for name in self.state_names]
 
     def step(self, last_ids: np.ndarray, states: list[np.ndarray]) -> tuple:
-        named = dict(zip(self.state_names, states))
+        named = {name: np.asarray(state, self.state_dtypes[name]) for name, state in zip(self.state_names, states)}
+        if self.counter is not None:
+            count, limit = named[self.counter["state"]], int(self.counter["limit"])
+            if count.size and int(count.max()) >= limit:
+                raise CaptionerError(
+                    f"the {self.kind} model takes at most {limit} positions (model.max_positions), start "
+                    f"token included: decode.max_generated_words must be at most {limit - 1}"
+                )
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        outputs = self._step(**{self.ids_name: ids}, **{name: np.asarray(named[name], np.float32) for name in named})
+        outputs = self._step(**{self.ids_name: ids}, **named)
         new_states = [outputs[name] if name in self.updates else named[name] for name in self.state_names]
         if not self.extras:
             return outputs[LOG_PROBS], new_states

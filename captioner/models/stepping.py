@@ -98,3 +98,6 @@ class ExportFunctions:
     step: Callable[..., dict[str, Any]]
     variables: list[Any]  # the Keras variables the functions read (the converter must see them)
     ids: TensorSpec = field(default=TensorSpec("last_ids", (), "int32"))  # the step's word input
+    # (state, limit): a state counting the words decoded that must stay below limit (the transformer's
+    # position and its cache's length); None: any caption length
+    counter: tuple[str, int] | None = None

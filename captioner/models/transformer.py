@@ -44,7 +44,7 @@ from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.models import attention as attention_lib
-from captioner.models.stepping import compile_step, run_step
+from captioner.models.stepping import ExportFunctions, TensorSpec, compile_step, run_step
 
 # The layers `TransformerStepModel` and model loading look up (block 0's stand for every block's).
 LAYERS = (
@@ -435,6 +435,46 @@ class TransformerStepModel:
         return log_probs, [position, *memory, *rest], {ATTENTION_EXTRA: attention}
 
 
+def export_functions(model: keras.Model) -> ExportFunctions:
+    """`TransformerStepModel`'s two functions for `captioner export`. states: position int32 [N],
+    memory_keys_i and memory_values_i [N, P, heads, head_dim] (made once by `initial`), keys_i and
+    values_i [N, max_positions, heads, head_dim] (zeros from `initial`); a step updates the position
+    and the word caches, returns "attention" float32 [N, P], and takes positions below max_positions
+    (the `counter`: the runtime refuses a longer caption in one line, as `step` does)."""
+    steps = TransformerStepModel(model)
+    ops = keras.ops
+    memory_names = [f"{part}_{i}" for i in range(steps.layers) for part in ("memory_keys", "memory_values")]
+    word_names = [f"{part}_{i}" for i in range(steps.layers) for part in ("keys", "values")]
+
+    def initial(image_map: Any) -> dict[str, Any]:
+        row = ops.zeros_like(image_map[:, 0, 0])  # [N] zeros: the batch size is dynamic
+        empty = ops.reshape(row, (-1, 1, 1, 1)) + ops.zeros((steps.length, steps.heads, steps.head_dim))
+        return {"position": ops.cast(row, "int32"), **dict(zip(memory_names, steps._initial(image_map))),
+                **{name: empty for name in word_names}}
+
+    def step(last_ids: Any, position: Any, *caches: Any) -> dict[str, Any]:
+        log_probs, position, *rest = steps._step(last_ids, position, *caches)
+        attention = rest.pop()
+        return {"log_probs": log_probs, "position": position, **dict(zip(word_names, rest)), ATTENTION_EXTRA: attention}
+
+    memory = (steps.positions, steps.heads, steps.head_dim)
+    words = (steps.length, steps.heads, steps.head_dim)
+    return ExportFunctions(
+        features=TensorSpec("image_map", (steps.positions, steps.channels)),
+        states=(
+            TensorSpec("position", (), "int32"),
+            *(TensorSpec(name, memory) for name in memory_names),
+            *(TensorSpec(name, words) for name in word_names),
+        ),
+        updates=("position", *word_names),
+        extras=(ATTENTION_EXTRA,),
+        initial=initial,
+        step=step,
+        variables=list(model.variables),
+        counter=("position", steps.length),
+    )
+
+
 # --------------------------------------------------------------------------- the registry's protocol
 
 
@@ -494,6 +534,7 @@ __all__ = [
     "build",
     "build_transformer_model",
     "check_loaded",
+    "export_functions",
     "finetune_regularisers",
     "is_model",
     "map_shape",

@@ -1,14 +1,15 @@
 """Export: a trained model directory -> a bundle that captions with numpy and LiteRT only.
 
-Reads: a model directory (`export.model`; merge or attention, cross-entropy or fine-tuned):
+Reads: a model directory (`export.model`; any kind of the registry, cross-entropy or fine-tuned):
 model.keras, tokenizer.json, config.json, and its eval-<split>.json reports when their stage
 manifest shows they were made from these very model files (their metrics go into the bundle);
 with `export.backbone`, the backbone .tflite its features came from, wherever
 `captioner.decoding.bundle.locate_backbone` finds it (left out, with a warning, when it is not found).
 Writes: the bundle folder `export.output` (layout in `captioner.layout`, manifest in
 `captioner.decoding.bundle`): decoder-initial.tflite (features [N, *widths] -> the states),
-decoder-step.tflite (last ids int32 [N] + states -> log-probabilities float32 [N, V], the new
-LSTM state, and an attention model's weights [N, P]; N, the beams, is dynamic), both float32,
+decoder-step.tflite (last ids int32 [N] + states -> log-probabilities float32 [N, V], the updated
+states (an LSTM's h and c; the transformer's position and key/value caches), and a map model's
+attention weights [N, P]; N, the beams, is dynamic), float32 weights,
 converted by TensorFlow's TFLite converter from the kind's `export_functions` (the registry);
 tokenizer.json; bundle.json; the backbone. `export.weights=float16` halves the decoder (its
 captions stayed within the parity rule of docs/runtime.md on Flickr8k dev); int8 weights are not
@@ -147,16 +148,19 @@ def _convert(function: Any, inputs: list[Any], variables: list[Any], weights: st
 
 
 def _decoder_section(functions: Any) -> dict[str, Any]:
-    return {
-        "initial": {"file": layout.BUNDLE_INITIAL, "input": functions.features.name},
-        "step": {
-            "file": layout.BUNDLE_STEP,
-            "ids": functions.ids.name,
-            "updates": list(functions.updates),
-            "extras": list(functions.extras),
-        },
-        "states": [{"name": s.name, "shape": list(s.shape)} for s in functions.states],
+    """The manifest's "decoder": a state's dtype and the step's counter are written only where a kind
+    has them (float32 states and no counter: the merge and attention bundles' manifests as before)."""
+    step = {
+        "file": layout.BUNDLE_STEP,
+        "ids": functions.ids.name,
+        "updates": list(functions.updates),
+        "extras": list(functions.extras),
     }
+    if functions.counter is not None:
+        step["counter"] = {"state": functions.counter[0], "limit": int(functions.counter[1])}
+    states = [{"name": s.name, "shape": list(s.shape), **({"dtype": s.dtype} if s.dtype != "float32" else {})}
+              for s in functions.states]
+    return {"initial": {"file": layout.BUNDLE_INITIAL, "input": functions.features.name}, "step": step, "states": states}
 
 
 def _probe_difference(keras_steps: Any, bundle: Any, functions: Any) -> float:

@@ -2,7 +2,8 @@
 
 `make_model_dir`: a tiny untrained (seeded) model: captions are some words of its vocabulary.
 
-`make_attention_model_dir`: a tiny untrained (seeded) attention model for maps [positions, channels].
+`make_attention_model_dir`: a tiny untrained (seeded) attention (or transformer) model for maps
+[positions, channels].
 
 `convert_tiny_tflite`: a tiny full-int8 .tflite backbone (8-d pooled features), and
 `tflite_provenance`: the features provenance `captioner extract` records for it.
@@ -68,42 +69,27 @@ def make_model_dir(
 
 
 def make_attention_model_dir(
-    model_dir: Path, train_captions: list[str], provenance: dict, grid: tuple[int, int], channels: int
+    model_dir: Path, train_captions: list[str], provenance: dict, grid: tuple[int, int], channels: int,
+    kind: str = "attention",
 ) -> Path:
-    """model.keras (an attention model with embedding, units and attention of 8, seeded), tokenizer.json and
+    """model.keras (seeded: an attention model with embedding, units and attention of 8, or with kind
+    "transformer" one of width 8, 2 blocks of 2 heads and 12 positions), tokenizer.json and
     config.json (map_grid `grid`, feature_dim `channels`) in `model_dir`."""
     import keras
 
-    from captioner.models.attention import build_attention_model
+    from captioner.models import registry
 
     config = Config()
-    config.model.kind = "attention"
-    config.model.embedding_dim = config.model.units = config.model.attention_dim = 8
+    config.model.kind = kind
+    if kind == "transformer":
+        config.model.units, config.model.heads, config.model.layers = 8, 2, 2
+        config.model.feedforward_dim, config.model.max_positions = 16, 12
+    else:
+        config.model.embedding_dim = config.model.units = config.model.attention_dim = 8
     tokenizer = Tokenizer.build(train_captions, min_word_count=1)
     keras.utils.set_random_seed(0)
-    model = build_attention_model(grid[0] * grid[1], channels, tokenizer.vocab_size, config.model)
-    model_lib.save_model(model, model_dir)
-    tokenizer.save(model_dir / TOKENIZER_FILE)
-    model_lib.write_model_config(model_dir, config, channels, tokenizer.vocab_size, provenance, map_grid=grid)
-    return model_dir
-
-
-def make_transformer_model_dir(
-    model_dir: Path, train_captions: list[str], provenance: dict, grid: tuple[int, int], channels: int
-) -> Path:
-    """model.keras (a transformer of width 8, 2 blocks of 2 heads, 12 positions, seeded), tokenizer.json
-    and config.json (map_grid `grid`, feature_dim `channels`) in `model_dir`."""
-    import keras
-
-    from captioner.models.transformer import build_transformer_model
-
-    config = Config()
-    config.model.kind = "transformer"
-    config.model.units, config.model.heads, config.model.layers = 8, 2, 2
-    config.model.feedforward_dim, config.model.max_positions = 16, 12
-    tokenizer = Tokenizer.build(train_captions, min_word_count=1)
-    keras.utils.set_random_seed(0)
-    model = build_transformer_model(grid[0] * grid[1], channels, tokenizer.vocab_size, config.model)
+    shape = registry.FeatureShape(channels, grid[0] * grid[1])
+    model = registry.get(kind).build(shape, tokenizer.vocab_size, config.model)
     model_lib.save_model(model, model_dir)
     tokenizer.save(model_dir / TOKENIZER_FILE)
     model_lib.write_model_config(model_dir, config, channels, tokenizer.vocab_size, provenance, map_grid=grid)

@@ -17,7 +17,6 @@ from model_dirs import (
     convert_tiny_tflite,
     make_attention_model_dir,
     make_model_dir,
-    make_transformer_model_dir,
     tflite_provenance,
 )
 from PIL import Image
@@ -102,8 +101,8 @@ def one_error_line(capsys) -> str:
 def model_and_features(kind: str, root: Path, tiny_tflite: Path) -> tuple[Path, np.ndarray]:
     rng = np.random.default_rng(7)
     if kind in ("attention", "transformer"):
-        make = make_attention_model_dir if kind == "attention" else make_transformer_model_dir
-        model_dir = make(root / "a", CAPTIONS, {"backbone": None, "source": ["maps.h5"]}, (2, 3), 5)
+        model_dir = make_attention_model_dir(root / "a", CAPTIONS, {"backbone": None, "source": ["maps.h5"]}, (2, 3), 5,
+                                             kind=kind)
         return sharpen(model_dir), rng.uniform(0, 2, (9, 6, 5)).astype(np.float32)
     model_dir = make_model_dir(root / "m", CAPTIONS, tflite_provenance(tiny_tflite), 8, init_inject=kind == "merge-init-inject")
     return sharpen(model_dir), rng.uniform(0, 2, (9, 8)).astype(np.float32)

@@ -13,7 +13,10 @@ actor start-up included; the whole command's wall time is beside it):
     local-1core   `--engine local --features.workers=1`, pinned to one core (taskset -c 0)
     ray-1worker   `--engine ray --engine.workers=1` (a Ray started here with 1 CPU), pinned to one core
     ray-2workers  `--engine ray --engine.workers=2` (2 CPUs), on cores 0 and 1
-  with the goals: ray-1worker >= 0.85 x local-1core; ray-2workers >= 1.8 x ray-1worker.
+    ray-1worker-tasks, ray-2workers-tasks   the same with `--engine.decode_in=tasks`
+  (the ray rows decode in the actors, the default, unless named -tasks),
+  with the goals: ray-1worker >= 0.85 x local-1core; ray-2workers >= 1.8 x ray-1worker. Each row
+  also sums the CPU seconds of all its processes (sampled every 0.5 s: a floor).
 - memory, at each of --sizes: ray-2workers, with the peak RSS (VmHWM, sampled every 0.5 s) and
   in brackets the peak private memory (RssAnon) of the driver, of each actor process (max), of
   each decode-task worker (max), and of Ray's raylet and GCS binaries (summed): flat means
@@ -63,6 +66,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -91,6 +103,7 @@ class PeakRss:
         self.peaks = {"driver": 0, "actor": 0, "task": 0, "ray": 0,
                       "driver_anon": 0, "actor_anon": 0, "task_anon": 0}
         self._ray_system: dict[int, int] = {}
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds when last seen)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -99,6 +112,7 @@ class PeakRss:
         while not self._stop.is_set():
             self.peaks["driver"] = max(self.peaks["driver"], _status_kb(self.pid, "VmHWM"))
             self.peaks["driver_anon"] = max(self.peaks["driver_anon"], _status_kb(self.pid, "RssAnon"))
+            self._cpu[self.pid] = ("driver", _cpu_seconds(self.pid))
             for child in _descendants(self.pid):
                 text, peak, anon = _cmdline(child), _status_kb(child, "VmHWM"), _status_kb(child, "RssAnon")
                 role = "actor" if "_PartActor" in text else "task" if "ray::" in text else None
@@ -107,22 +121,28 @@ class PeakRss:
                     self.peaks[role + "_anon"] = max(self.peaks[role + "_anon"], anon)
                 elif Path(text.split(" ", 1)[0]).name in ("raylet", "gcs_server"):  # the binaries, not their agents
                     self._ray_system[child] = max(self._ray_system.get(child, 0), peak)
+                seconds = _cpu_seconds(child)
+                if seconds:
+                    self._cpu[child] = (role or ("ray" if child in self._ray_system else "other"), seconds)
             self.peaks["ray"] = sum(self._ray_system.values())
             self._stop.wait(self.interval)
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return {role: kb / 1024 for role, kb in self.peaks.items()}
+        cpu: dict[str, float] = {}
+        for role, seconds in self._cpu.values():
+            cpu[f"cpu_{role}"] = cpu.get(f"cpu_{role}", 0.0) + seconds
+        return {**{role: kb / 1024 for role, kb in self.peaks.items()}, **cpu}
 
 
 def run_extract(shards: list[Path], output: Path, weights: Path, engine: str, workers: int, cores: str,
-                block_size: int) -> dict[str, object]:
+                block_size: int, decode_in: str = "actors") -> dict[str, object]:
     args = ["taskset", "-c", cores, sys.executable, "-m", "captioner.cli", "extract", "--images",
             *map(str, shards), "--output", str(output), "--backbone", "mobilenet_v2", "--weights", str(weights),
             f"--engine.block_size={block_size}", "--force"]
     if engine == "ray":
-        args += ["--engine", "ray", f"--engine.workers={workers}"]
+        args += ["--engine", "ray", f"--engine.workers={workers}", f"--engine.decode_in={decode_in}"]
     else:
         args += ["--features.workers=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
@@ -176,21 +196,26 @@ def main() -> None:
           f"block size {args.block_size}")
     if not args.skip_speed:
         rows = {}
-        for name, engine, workers, cores in (("local-1core", "local", 1, "0"), ("ray-1worker", "ray", 1, "0"),
-                                             ("ray-2workers", "ray", 2, "0,1")):
+        for name, engine, workers, cores, decode_in in (
+                ("local-1core", "local", 1, "0", ""), ("ray-1worker", "ray", 1, "0", "actors"),
+                ("ray-2workers", "ray", 2, "0,1", "actors"), ("ray-1worker-tasks", "ray", 1, "0", "tasks"),
+                ("ray-2workers-tasks", "ray", 2, "0,1", "tasks")):
             rows[name] = run_extract(take(args.speed_size), output, args.weights, engine, workers, cores,
-                                     args.block_size)
+                                     args.block_size, decode_in)
             print(f"  {name}: {rows[name]}", file=sys.stderr)
         print(f"\n| {args.speed_size} images | images/s, first block to last | images/s after the first part "
-              "| command wall s | driver peak MB | actor peak MB |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+              "| command wall s | CPU s (all processes) | driver peak MB | actor peak MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, row in rows.items():
-            print(f"| {name} | {row['rate']:.1f} | {row['steady']:.1f} | {row['wall']:.0f} | {row['driver']:.0f} | "
-                  f"{row['actor']:.0f} |")
+            cpu = sum(value for key, value in row.items() if key.startswith("cpu_"))
+            print(f"| {name} | {row['rate']:.1f} | {row['steady']:.1f} | {row['wall']:.0f} | {cpu:.0f} | "
+                  f"{row['driver']:.0f} | {row['actor']:.0f} |")
         for key, what in (("rate", "first block to last"), ("steady", "after the first part")):
             one, two, local = rows["ray-1worker"][key], rows["ray-2workers"][key], rows["local-1core"][key]
+            tasks_one, tasks_two = rows["ray-1worker-tasks"][key], rows["ray-2workers-tasks"][key]
             print(f"\n{what}: ray-1worker / local-1core {one / local:.2f} (goal >= 0.85); "
-                  f"ray-2workers / ray-1worker {two / one:.2f} (goal >= 1.8)")
+                  f"ray-2workers / ray-1worker {two / one:.2f} (goal >= 1.8); decoding in tasks: "
+                  f"{tasks_one / local:.2f} and {tasks_two / tasks_one:.2f}")
     print("\n| images (ray, 2 workers) | images/s | after the first part | driver peak MB (private) "
           "| actor peak MB (private) | decode worker peak MB (private) | raylet+GCS MB |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -101,6 +101,7 @@ class EngineConfig:
     ray_address: str = ""  # a running cluster's head (host:port); "" = $RAY_ADDRESS, else a Ray started in this process on this machine
     workers: int = 0  # Ray: actors running the network (each holds one backbone); 0 = the cluster's CPUs / cpus_per_worker
     cpus_per_worker: int = 1  # Ray: CPUs each actor reserves, and the threads its network uses
+    decode_in: str = "actors"  # Ray: where a block's images are read, decoded and resized: actors (each reads its own blocks: the least CPU, results/ray.md) | tasks (Ray tasks hand decoded blocks to the actors: for networks on an accelerator)
     block_size: int = 256  # images per part file: the unit of work, of retry and of resume (a killed run loses at most one block per worker)
     image_column: str = "image"  # parquet inputs: the column of encoded image bytes (binary, or a struct with a "bytes" field)
     id_column: str = "id"  # parquet inputs: the column of image ids; a file without it gives ids <file stem>-<row>
@@ -345,6 +346,7 @@ CHECKS: dict[str, Check] = {
     "features.chunk_size": _at_least(1),
     "features.max_failed_fraction": _share,
     "engine.name": _one_of(*ENGINES),
+    "engine.decode_in": _one_of("tasks", "actors"),
     "engine.workers": _at_least(0),
     "engine.cpus_per_worker": _at_least(1),
     "engine.block_size": _at_least(1),

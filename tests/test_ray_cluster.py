@@ -174,12 +174,14 @@ def test_a_two_node_cluster_extracts_and_captions_as_the_local_engine_and_surviv
     local = tmp_path / "local.pkl"
     run(extract_args(inputs, local), env)
 
-    # Extraction through the cluster: both nodes' actors, the same features.
-    on_cluster = tmp_path / "cluster.pkl"
-    result = run(extract_args(inputs, on_cluster, "--engine", "ray", "--ray-address", address,
-                              "--engine.workers=2"), env)
-    assert "engine ray" in result.stdout and "15 parts run" in result.stdout
-    same_features(local, on_cluster)
+    # Extraction through the cluster: both nodes' actors, the same features, whether the actors
+    # decode their blocks (the default) or Ray tasks hand them decoded blocks.
+    for decode_in in ("actors", "tasks"):
+        on_cluster = tmp_path / f"cluster-{decode_in}.pkl"
+        result = run(extract_args(inputs, on_cluster, "--engine", "ray", "--ray-address", address,
+                                  "--engine.workers=2", f"--engine.decode_in={decode_in}"), env)
+        assert "engine ray" in result.stdout and "15 parts run" in result.stdout
+        same_features(local, on_cluster)
 
     # A worker (an actor process) killed during the run: Ray restarts it and retries its block.
     killed = tmp_path / "killed.pkl"

@@ -81,7 +81,7 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
     log.info("%d images in %d blocks (%d to run) on engine %s", plan.images, len(plan.blocks), len(todo), engine.name)
     if engine.name == "ray":
         run_ray(todo, job, on_part, address=engine.ray_address, workers=engine.workers,
-                cpus_per_worker=engine.cpus_per_worker)
+                cpus_per_worker=engine.cpus_per_worker, decode_in=engine.decode_in)
     else:
         run_local(todo, job, on_part, worker=worker)
     missing = [name for name in expected if name not in store.done]

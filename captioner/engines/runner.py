@@ -5,13 +5,14 @@ turns a decoded block into a part file), and `on_part(summary)`, called in the d
 part is finished (it records the part in done.jsonl). Results never travel back whole: a
 worker writes its part beside the output and returns a one-line summary.
 
-`run_ray` builds: `ray.data.from_items(blocks)` (one block per Ray block) -> `map_batches(decode
-task)` (read + decode + resize, Ray tasks declaring no CPU, so that they run beside the actors
-as the local engine's decoding threads run beside its network; at most 2 per actor in flight)
--> `map_batches(Job.worker_class, concurrency=workers, num_cpus=cpus_per_worker)` (a stateful
-callable class over an actor pool: the backbone, and the decoder, built once per actor; Ray
-restarts a killed actor and retries its block, whose part is then written again, the same file)
--> `iter_rows()` in the driver. The driver connects to `engine.ray_address` (or $RAY_ADDRESS),
+`run_ray` builds: `ray.data.from_items(blocks)` (one block per Ray block) -> with
+`decode_in="tasks"`, `map_batches(decode task)` (read + decode + resize, Ray tasks declaring no
+CPU, so that they run beside the actors; at most 2 per actor in flight) -> `map_batches(_PartActor,
+ActorPoolStrategy(workers), num_cpus=cpus_per_worker)` (a stateful callable class over an actor
+pool: the backbone, and the decoder, built once per actor; with `decode_in="actors"`, the
+default, it reads and decodes its block itself; Ray restarts a killed actor and retries its
+block, whose part is then written again, the same file) -> `iter_rows()` in the driver. Handing a
+decoded block (38 MB) from a task to an actor cost more CPU than decoding it (results/ray.md). The driver connects to `engine.ray_address` (or $RAY_ADDRESS),
 else starts Ray on this machine with `workers x cpus_per_worker` CPUs (all cores when workers is
 0) and an object store sized to the decoded blocks in flight (at least 512 MB; with Ray's default,
 30% of the memory, the workers' RSS grew with the run as they mapped more of its pages). Ray is imported only here, only when asked for; without it: one line saying how to install.
@@ -163,7 +164,8 @@ def _decode_batch(batch: dict[str, Any], size: tuple[int, int], resample: str, i
 
 
 class _PartActor:
-    """Ray actor: a worker (backbone, or Captioner) built once; each decoded block -> its part file."""
+    """Ray actor: a worker (backbone, or Captioner) built once; each block -> its part file. A batch
+    holds decoded blocks ("decoded", from the decode tasks) or blocks to read and decode here ("block")."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -175,7 +177,13 @@ class _PartActor:
         import numpy as np
 
         time.sleep(float(os.environ.get(TEST_DELAY_VARIABLE, "0") or 0))
-        summaries = [self.worker.run(DecodedBlock.from_bytes(bytes(data)), self.job.folder) for data in batch["decoded"]]
+        job = self.job
+        if "decoded" in batch:
+            decoded = [DecodedBlock.from_bytes(bytes(data)) for data in batch["decoded"]]
+        else:
+            decoded = [decode_block(Block.from_json(str(text)), job.size, job.resample, job.image_column)
+                       for text in batch["block"]]
+        summaries = [self.worker.run(block, job.folder) for block in decoded]
         return {"summary": np.array([s.to_json() for s in summaries], dtype=object)}
 
 
@@ -195,7 +203,7 @@ def _user_error(error: BaseException) -> CaptionerError | None:
 
 
 def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None], *, address: str = "",
-            workers: int = 0, cpus_per_worker: int = 1) -> None:
+            workers: int = 0, cpus_per_worker: int = 1, decode_in: str = "tasks") -> None:
     """The blocks as a Ray Data pipeline (see the module docstring); `on_part` in the driver, per part."""
     local_cpus = (workers * cpus_per_worker) if workers else (os.cpu_count() or 1)
     # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, room
@@ -213,11 +221,12 @@ def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None
         log.info("ray: %d blocks on %d workers of %d CPU (cluster: %s)", len(blocks), workers, cpus_per_worker,
                  ray.cluster_resources().get("CPU"))
         dataset = ray.data.from_items([{"block": block.to_json()} for block in blocks], override_num_blocks=len(blocks))
-        dataset = dataset.map_batches(
-            _decode_batch, batch_size=1, num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_WORKER * workers),
-            fn_kwargs={"size": tuple(job.size), "resample": job.resample, "image_column": job.image_column},
-        )
+        if decode_in == "tasks":
+            dataset = dataset.map_batches(
+                _decode_batch, batch_size=1, num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_WORKER * workers),
+                fn_kwargs={"size": tuple(job.size), "resample": job.resample, "image_column": job.image_column},
+            )
         dataset = dataset.map_batches(
             _PartActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
             fn_constructor_kwargs={"job": job},

@@ -65,7 +65,7 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
     count = 0
     started = time.monotonic()
     first: list[float] = []  # (when the first part came, its images): start-up is over by then
-    sizes = {block.name: len(block.items) for block in todo}
+    sizes = {block.name: block.count for block in todo}
 
     def on_part(summary: PartSummary) -> None:
         nonlocal count
@@ -90,7 +90,7 @@ def run_parts(plan: SourcePlan, store: PartStore, job: Job, engine: Any,
     ended = time.monotonic()
     elapsed = ended - started
     if todo:
-        images = sum(len(block.items) for block in todo)
+        images = sum(block.count for block in todo)
         steady = ""
         if first and len(todo) > 1 and ended > first[0]:
             steady = f"; {(images - first[1]) / (ended - first[0]):.2f} images/s after the first part"

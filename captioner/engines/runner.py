@@ -208,7 +208,7 @@ def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None
     local_cpus = (workers * cpus_per_worker) if workers else (os.cpu_count() or 1)
     # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, room
     # for each twice), not 30% of the machine: workers map its pages, and their RSS grows with them.
-    largest = max((len(block.items) for block in blocks), default=1)
+    largest = max((block.count for block in blocks), default=1)
     block_bytes = largest * job.size[0] * job.size[1] * 3
     actors = max(1, local_cpus // cpus_per_worker)
     store = max(MIN_OBJECT_STORE_BYTES, 4 * DECODE_TASKS_PER_WORKER * block_bytes * actors)

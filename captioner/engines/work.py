@@ -93,7 +93,8 @@ def decode_block(block: Block, size: tuple[int, int], resample: str, image_colum
 
 
 def _names_ids(block: Block) -> tuple[list[str], list[str]]:
-    return [item.name for item in block.items], [item.image_id for item in block.items]
+    items = block.items
+    return [item.name for item in items], [item.image_id for item in items]
 
 
 class FeatureWorker:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interrupts import interrupt_in_the_network
 from PIL import Image
 
 from captioner import cache
@@ -984,29 +985,15 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.slow  # starts Python with TensorFlow: several seconds
 def test_ctrl_c_stops_extract_at_once_and_leaves_what_a_rerun_resumes_from(tmp_path):
     """Issue 26: Ctrl-C took 13-14 s to stop `extract` (the network's batch ran to its end)."""
-    import time
-
     images = tmp_path / "images"
     make_images(images, 6)
     output = tmp_path / "out.pkl"
     script = tmp_path / "run.py"
     script.write_text(CTRL_C_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, str(script), "extract", "--images", str(images), "--output", str(output), "--weights", "none",
-         "--features.batch_size=2", "--features.chunk_size=2"],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-    )
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "in the network" in line:
-            break
-    started = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=60)
-    elapsed = time.monotonic() - started
-    assert process.returncode == 130, "".join(seen) + rest
+    returncode, _, rest, elapsed = interrupt_in_the_network(
+        script, ["extract", "--images", str(images), "--output", str(output), "--weights", "none",
+                 "--features.batch_size=2", "--features.chunk_size=2"])
+    assert returncode == 130, rest
     assert elapsed < 3, elapsed
     assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest
     left = sorted(p.name for p in tmp_path.iterdir())

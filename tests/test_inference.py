@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interrupts import interrupt_in_the_network
 from model_dirs import (
     KNOWN_CAPTIONS,
     KNOWN_PROVENANCE,
@@ -526,31 +527,12 @@ sys.exit(cli.caption_main(sys.argv[1:]))
 @pytest.mark.slow  # starts Python with TensorFlow: several seconds
 def test_ctrl_c_stops_caption_at_once_and_the_finished_captions_are_printed(known_model_dir, colour_images, tmp_path):
     """Issue 26: Ctrl-C took 13-14 s to stop `caption`, which then printed none of its captions."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     model_dir = _one_image_per_batch(known_model_dir, tmp_path)
     script = tmp_path / "run.py"
     script.write_text(CTRL_C_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    process = subprocess.Popen(
-        [sys.executable, str(script), "--model", str(model_dir), "--beam", "1",
-         str(colour_images["red"]), str(colour_images["blue"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-    )
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "in the network" in line:
-            break
-    started = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    out, rest = process.communicate(timeout=60)
-    elapsed = time.monotonic() - started
-    assert process.returncode == 130, "".join(seen) + rest
+    returncode, out, rest, elapsed = interrupt_in_the_network(
+        script, ["--model", str(model_dir), "--beam", "1", str(colour_images["red"]), str(colour_images["blue"])])
+    assert returncode == 130, rest
     assert elapsed < 3, elapsed
     assert out == f"{colour_images['red']}\t{KNOWN_CAPTIONS['red']}\n"  # the caption it had finished
     assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest

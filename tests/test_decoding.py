@@ -259,6 +259,21 @@ def test_bad_arguments_are_refused_by_name():
         beam_search(TableModel(), np.zeros(3, np.float32), start_id=START, end_id=END)
 
 
+def test_a_model_with_a_word_limit_refuses_longer_captions_before_any_step():
+    """The transformer decodes at most max_positions - 1 words (its `max_words`): asking for more is one
+    line before any work, through the wrappers that banned words and ensembles put around it."""
+    from captioner.decoding.ensemble import EnsembleStep
+
+    limited = TableModel()
+    limited.max_words = 4
+    for stepper in (limited, BannedWords(limited, [UNK]), EnsembleStep([TableModel(), limited])):
+        with pytest.raises(CaptionerError, match=r"at most 4 words .*max_generated_words 5 is too many"):
+            beam_search(stepper, np.zeros((1, 3), np.float32), start_id=START, end_id=END, max_generated_words=5)
+        assert limited.calls == 0
+    assert beam_search(limited, np.zeros((1, 3), np.float32), start_id=START, end_id=END, max_generated_words=4)
+    assert EnsembleStep([TableModel(), TableModel()]).max_words is None
+
+
 def test_ties_are_broken_towards_the_lower_word_id():
     class Flat:
         """a, b, c, d equally likely (.225 each), <end> .1: every step is a four-way tie."""

@@ -196,6 +196,19 @@ def test_decode_settings_are_query_parameters_within_bounds(client, fake):
     assert len(fake.extract_sizes) == calls  # refused before any work
 
 
+def test_max_words_over_what_the_model_can_decode_is_422_before_any_work():
+    """A transformer decodes at most model.max_positions - 1 words (the served model's `max_words`)."""
+    limited = ColourModel()
+    limited.max_words = 3
+    with client_for(create_app(lambda: limited, config_with(batch_window_ms=0))) as test_client:
+        wait_ready(test_client)
+        refused = test_client.post("/v1/captions?max_words=4", files=files(("red.jpg", RED)))
+        assert refused.status_code == 422
+        assert refused.json() == {"status": "error", "message": "max_words 4 is over the 3 words this model can decode"}
+        assert limited.extract_sizes == []
+        assert test_client.post("/v1/captions?max_words=3", files=files(("red.jpg", RED))).status_code == 200
+
+
 def test_empty_and_truncated_uploads_get_400_in_their_slots(client):
     whole = image_bytes(size=(300, 200))
     slots = client.post(

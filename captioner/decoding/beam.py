@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,6 +117,13 @@ class DecodedCaption:
     # name -> array [len(ids) + finished, ...]: the step function's extras at each step of this
     # caption (e.g. "attention": float32 [steps, P]); None when the step function gives none
     extras: Extras | None = field(default=None, compare=False, repr=False)
+
+
+def word_limit(stepper: Any) -> int | None:
+    """The most words `stepper` can decode (its `max_words`: the transformer's position table), or
+    None for no limit. beam search refuses a longer `max_generated_words` before any step."""
+    limit = getattr(stepper, "max_words", None)
+    return None if limit is None else int(limit)
 
 
 def _check_arguments(
@@ -333,6 +340,7 @@ class BannedWords:
     def __init__(self, stepper: StepFunction, banned_ids: Sequence[int]) -> None:
         self.stepper = stepper
         self.banned = np.array(sorted(set(int(i) for i in banned_ids)), dtype=np.int64)
+        self.max_words = word_limit(stepper)
 
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
         return self.stepper.initial_state(image_features)
@@ -366,6 +374,12 @@ def beam_search_n_best(
     `batch_size`, each chunk's live beams stepped together.
     """
     features = _check_arguments(image_features, beam_size, max_generated_words, length_normalization, batch_size)
+    limit = word_limit(stepper)
+    if limit is not None and max_generated_words > limit:
+        raise CaptionerError(
+            f"this model decodes at most {limit} words (model.max_positions - 1): "
+            f"decode.max_generated_words {max_generated_words} is too many"
+        )
     if n_best is None:
         n_best = beam_size
     if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or not 1 <= n_best <= beam_size:

@@ -186,6 +186,7 @@ class BundleStep:
         self.updates = list(decoder["step"]["updates"])
         self.extras = list(decoder["step"]["extras"])
         self.counter = decoder["step"].get("counter")  # {"state", "limit"}: the transformer's position
+        self.max_words = int(self.counter["limit"]) - 1 if self.counter else None
         self.kind = bundle.kind
         self._initial = bundle.functions["initial"]
         self._step = bundle.functions["step"]

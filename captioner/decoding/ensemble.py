@@ -46,7 +46,7 @@ import numpy as np
 from captioner import layout
 from captioner.data.tokenizer import Tokenizer
 from captioner.decoding import bundle as bundle_lib
-from captioner.decoding.beam import split_step_output
+from captioner.decoding.beam import split_step_output, word_limit
 from captioner.errors import CaptionerError
 from captioner.layout import TOKENIZER_FILE
 
@@ -66,6 +66,8 @@ class EnsembleStep:
             raise CaptionerError("an ensemble needs at least one model")
         self.members = list(members)
         self._sizes: list[int] | None = None  # how many state arrays each member uses
+        limits = [limit for limit in map(word_limit, self.members) if limit is not None]
+        self.max_words = min(limits) if limits else None
 
     def initial_state(self, image_features: np.ndarray) -> list[np.ndarray]:
         """float32 [N, D] -> every member's initial state, one list after another."""

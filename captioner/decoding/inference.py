@@ -62,7 +62,7 @@ from captioner import layout
 from captioner.config import DecodeConfig, FeaturesConfig
 from captioner.data.images import ImageError, load_image, resample_filter
 from captioner.decoding import bundle as bundle_lib
-from captioner.decoding.beam import BannedWords, beam_search_n_best
+from captioner.decoding.beam import BannedWords, beam_search_n_best, word_limit
 from captioner.decoding.ensemble import load_ensemble
 from captioner.decoding.explain import (
     claim_strips,
@@ -361,6 +361,7 @@ class Captioner:
         self.resample = self.extractor.resample
         self._loaded = loaded
         self._stepper = _stepper(loaded, self.decode_config.allow_unk)
+        self.max_words = word_limit(self._stepper)  # None, or the most words the model can decode
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.provenance = dict(provenance)

@@ -347,6 +347,7 @@ class TransformerStepModel:
         first = self._blocks[0]["self_attention"]
         self.heads, self.head_dim = first.heads, first.head_dim
         self.length = self._word_positions.length  # the cache's slots
+        self.max_words = self.length - 1  # the most words a caption can have (start token in slot 0)
         self.vocab_size = self._words.units
         self.positions, self.channels = map_shape(model)
         self._initial_fn = compile_step(self._initial, lambda: self._signature(initial=True))

@@ -374,6 +374,9 @@ async def _caption_request(request: Request, state: _State, config: Config, beam
         return _not_ready(state)
     beam_size = beam_size or config.decode.beam_size
     max_words = max_words or config.decode.max_generated_words
+    limit = getattr(state.model, "max_words", None)
+    if limit is not None and max_words > limit:
+        return error_response(422, f"max_words {max_words} is over the {limit} words this model can decode")
     try:
         uploads, outcomes = await caption_uploads(request, state, config.serve, beam_size, max_words)
     except RequestError as error:

@@ -88,6 +88,7 @@ class ModelCaptioner:
         self.captioner = Captioner(model_dir, decode, backbone_weights)
         self.image_size = tuple(self.captioner.image_size)
         self.resample = self.captioner.resample
+        self.max_words = self.captioner.max_words
 
     def extract(self, images: np.ndarray) -> np.ndarray:
         return self.captioner.extract(images)

@@ -1,34 +1,28 @@
-"""Stage manifests, fingerprints, atomic writes and output locks.
+"""Stage manifests, fingerprints, atomic writes and output locks: one mechanism for every stage.
 
-Every stage uses one mechanism: a `Stage` names its inputs (files or folders),
-its parameters and its outputs. After a successful run it writes a manifest
-(JSON: input fingerprints, parameters, output fingerprints, the resolved config);
-the next run with the same inputs and parameters, and outputs still as written,
-is a no-op. The manifest is written last, so a run killed before the end is never
-mistaken for a finished one.
+A `Stage` names its inputs (files or folders), its parameters and its outputs. After a
+successful run it writes a manifest (JSON: input fingerprints, parameters, output fingerprints,
+the resolved config), last, so a killed run is never taken for a finished one; the next run with
+the same inputs and parameters, and outputs still as written, is a no-op.
 
-Every file goes through `atomic_write`: written to a temporary name in the same
-folder, flushed to disk, then renamed over the target. A reader sees the old file
-or the new one, never a truncated one. A write that fails (disk full, file-size
-limit, permission denied, read-only disk) raises `WriteError`, one line naming the
-file and the cause, and leaves the previous file as it was. A stage with several
-outputs writes them with `write_together`: all are written to temporary files first,
-and only when every one succeeded are they renamed into place.
+Writes: every file goes through `atomic_write` (a temporary name in the same folder, flushed to
+disk, renamed over the target): a reader sees the old file or the new one, never a truncated
+one. A failed write (disk full, file-size limit, permission denied, read-only disk) raises
+`WriteError`, one line naming the file and the cause, and leaves the previous file as it was.
+`write_together` writes several outputs to temporary files and renames them only when all succeeded.
 
-Two runs on one output: every stage holds `output_lock(output)` while it runs, so
-a second run refuses at once, in one line, instead of both writing. The lock file goes
-when the run ends, refused or not: a run leaves only its outputs.
+Locks: a stage holds `output_lock(output)` while it runs, so a second run on the same output
+refuses at once, in one line; the lock file goes when the run ends, refused or not.
 
-What a stage may write over, one rule for every output (`claim_output` for files,
-`claim_folder` for folders): only what that stage wrote. Its marker is the manifest the
-stage writes anyway (of a finished run, or of one being written: `Stage.writing`), or a
-mark of its own where it keeps no manifest (an attention strip's PNG text). A file of the
-user's, or another stage's, is refused in one line naming it, and `--force` replaces it;
-a folder that holds anything but a run of the stage is refused the same way (`train` and
-`finetune` too, with their checkpoints as marks). A rerun on the stage's own output is the
-stage's cache as ever: up to date, nothing to do; changed, rewritten.
+Overwrites (`claim_output` for files, `claim_folder` for folders): a stage writes over only what
+it wrote, marked by its manifest (of a finished run, or of one being written: `Stage.writing`),
+or a mark of its own where it keeps none (an attention strip's PNG text). A user's file, another
+stage's, or a folder holding anything but a run of the stage is refused in one line naming it;
+`--force` replaces it. A rerun on the stage's own output is its cache: up to date, or rewritten.
 
-Feature files (reading, writing, provenance) live in `captioner.data.feature_files`.
+Config: none. Cost: input files up to 1 GiB are hashed (SHA-256), bigger ones and folders go by
+size and mtime, outputs by size and mtime; every write is fsynced. Feature files (reading,
+writing, provenance) live in `captioner.data.feature_files`.
 """
 
 from __future__ import annotations

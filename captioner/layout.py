@@ -1,38 +1,28 @@
 """Every artifact's file names, declared once: what each stage writes and the next one reads.
 
-Modules write and read these files through the names and helpers here, never through
-their own string literals, so a renamed file changes in one place.
+Modules write and read these files through the names and helpers here, never their own string
+literals, so a renamed file changes in one place. It reads and writes nothing; no config.
 
 A model directory (written by `captioner train`, read by `caption`, `evaluate`)::
 
-    model.keras      the trained Keras model
-    tokenizer.json   the vocabulary it was trained with
+    model.keras      the trained Keras model;   tokenizer.json   the vocabulary it was trained with
     config.json      the resolved config, feature_dim, vocab_size, features_provenance
     history.csv      one row per finished epoch
     checkpoints/     what `--resume` needs (`captioner.stages.checkpoints`)
     manifest.json    the stage cache's record of the finished run (`captioner.cache`)
     eval-<split>.json, eval-<split>.html   written by `captioner evaluate`
 
-A bundle (written by `captioner export`, read by `caption`, `serve`, `evaluate` with no
-TensorFlow; `captioner.decoding.bundle`)::
+A bundle (written by `captioner export`, read without TensorFlow by `captioner.decoding.bundle`)
+is any folder holding `bundle.json` (the manifest: format version, kind, widths, decoding
+defaults, the backbone's provenance and sha256, dev metrics, every file's sha256), with
+decoder-initial.tflite and decoder-step.tflite (the decoder's initial state and one word, for
+LiteRT), tokenizer.json, and optionally the backbone's *.tflite (found by its sha256).
 
-    bundle.json            the manifest: format version, kind, widths, decoding defaults,
-                           the backbone's provenance and sha256, dev metrics, every file's sha256
-    decoder-initial.tflite the decoder's initial state from the image features (LiteRT)
-    decoder-step.tflite    one word over a batch of beams (LiteRT)
-    tokenizer.json         the vocabulary
-    *.tflite               optionally, the backbone itself (found by its sha256)
-
-A folder holding `bundle.json` is a bundle; any other model path is a model directory.
-
-A captions folder (written by `captioner prepare`)::
-
-    <split>.json     {image_id: [cleaned caption, ...]} for split in train, dev, test
-    tokenizer.json   built on the train split
-    stats.json       counts, problems, length percentiles, vocabulary table
-
-An image's id is its file name without the suffix (`1000268201_693b08cb0b.jpg` ->
-`1000268201_693b08cb0b`): the features, the captions and the reports all key on it.
+A captions folder (written by `captioner prepare`): `<split>.json` ({image_id: [cleaned
+caption, ...]} for train, dev, test), tokenizer.json (built on train), stats.json (counts,
+problems, length percentiles, vocabulary table). An image's id is its file name without the
+suffix (`1000268201_693b08cb0b.jpg` -> `1000268201_693b08cb0b`): features, captions and reports
+all key on it.
 """
 
 from __future__ import annotations

@@ -10,35 +10,18 @@ Reads nothing. Writes, under `demo.output` (default `data/demo`):
 - `manifest.json`: the stage manifest (params: images, seed, generator version); while a
   run writes, an unfinished one, so that a killed run's folder is still known as a demo set.
 
-It writes only into a folder of its own: one that holds anything else (a user's token
-file, another stage's output) is refused in one line naming what it holds; `--force`
-writes into it (`captioner.cache.claim_folder`).
-
+It writes only into a folder of its own (`captioner.cache.claim_folder`): one that holds anything
+else is refused in one line naming what it holds; `--force` writes into it.
 `write_demo_shards(folder, images, seed, per_shard)` writes the same scenes as WebDataset shards
 instead (`00000.tar`, ...: `<id>.jpg`, `<id>.txt` with the five captions, `<id>.json` with
 "caption", "captions" and "split"), the input of the Ray engine's tests and `bench/ray_scale.py`.
 
-Config: `DemoConfig` (output, images, seed). Everything is drawn from one numpy
-generator seeded with `demo.seed`, so a seed gives byte-identical files. Cost: a few
-seconds for the default 800 images (mostly fsyncs), ~5 KB per image (800: ~4 MB).
-
-Why the scenes look the way they do: the demo model is trained on features of a
-randomly initialised VGG16 (no weights can be downloaded here), which still keeps
-colour, coarse position and coarse shape in its fc2 layer but not fine detail. So the
-vocabulary is five colours far apart in hue and brightness, three shapes drawn big
-(circle, square, triangle; one size) with little jitter on one plain background, and
-five positions (left, right, top, bottom, middle); a scene with two shapes puts them
-side by side or one above the other. A linear probe on such features tells colour,
-shape and position apart on held-out images (tests/test_demo.py checks it and gives
-the numbers). Sizes were dropped in version 2: with two sizes the probe's shape
-accuracy was about 0.84 (about 80 training scenes), with one big size it is 0.965-0.98
-(10-fold cross-validation over 150 images). The scene space is small (75 distinct one-shape scenes up to jitter),
-so held-out images repeat training combinations; the demo shows the pipeline works,
-not that it generalises to new compositions. The captions come
-from one fixed set of five templates for every image, three of which contain the
-canonical phrase ("a large red circle on the left"): a model that outputs the
-canonical phrase matches several references n-gram for n-gram, so BLEU-4 measures
-whether it got the content right rather than which phrasing it chose.
+Scenes: five colours, three shapes (circle, square, triangle; one size), five positions, one
+shape or two side by side or stacked; captions from five fixed templates, three holding the
+canonical phrase ("a large red circle on the left"). Why, and what a random VGG16 keeps of
+them: results/demo.md. Config: `DemoConfig` (output, images, seed); one numpy generator seeded
+with `demo.seed` draws everything, so a seed gives byte-identical files. Cost: a few seconds for
+the default 800 images (mostly fsyncs), ~5 KB per image (800: ~4 MB).
 """
 
 from __future__ import annotations

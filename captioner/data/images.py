@@ -1,54 +1,28 @@
 """Image loading for the VGG backbones: any Pillow format -> uint8 RGB [224, 224, 3] -> caffe input.
 
-Reads: image files Pillow can open (JPEG, PNG, GIF, BMP, WebP, TIFF, ...).
-Writes: nothing. Config used: `features.resample` (the resize filter).
-Cost: a 500x375 JPEG decodes and resizes in a few milliseconds on one core; the work
-releases the GIL, so `captioner.stages.features` runs it in a thread pool.
+Reads: image files Pillow can open (JPEG, PNG, GIF, BMP, WebP, TIFF, ...), by path or as binary
+file objects. Writes: nothing. Config used: `features.resample` (the resize filter).
+Cost: a 500x375 JPEG decodes and resizes in a few milliseconds on one core; the work releases
+the GIL, so `captioner.stages.features` runs it in a thread pool.
 
-What `load_image` does, in order, and why:
+`load_image`, in order:
+1. Refuses with `ImageError`, before decoding, an image declaring more pixels than
+   `Image.MAX_IMAGE_PIXELS` (about 89 megapixels); Pillow's DecompressionBombWarning is folded
+   into that one line. The extractor skips and reports such images.
+2. Decodes a JPEG with `Image.draft()` at the smallest DCT scale (1/2, 1/4, 1/8) keeping both
+   sides >= 224, then shrinks any image still at least twice the target on both sides by that
+   whole factor (`Image.reduce`; nearest for palette and 1-bit). Images under 448 pixels on a
+   side (all of Flickr8k) are never shrunk: their pixels are exactly `keras.utils.load_img`'s.
+3. Applies the EXIF orientation (`load_img` ignores it), then makes any mode RGB: transparency
+   composited on white; 16- and 32-bit grayscale scaled to 8 bits from the whole image's
+   extremes (never clipped); 1-bit, CMYK and palette images as Pillow converts them.
+4. Resizes to 224x224 (aspect ratio not kept) with `resample`, default "nearest" as Keras
+   `load_img`, so features agree with those extracted the course's way.
 
-1. Checks the declared size before decoding. Images above `Image.MAX_IMAGE_PIXELS`
-   (Pillow's decompression-bomb limit, about 89 megapixels by default) are refused
-   with `ImageError` instead of being decoded: the extractor skips and reports them.
-   Pillow's own DecompressionBombWarning (which it prints for images up to twice the
-   limit) is folded into that one line, so stderr carries our lines only.
-2. JPEGs are decoded with `Image.draft()` at the smallest DCT scale (1/2, 1/4, 1/8)
-   that keeps both sides at least 224 pixels. A 40-megapixel photo then costs about
-   as much memory and time as a 5-megapixel one. Images smaller than 448 pixels on
-   either side (all of Flickr8k) are decoded at full scale, so their pixels are
-   exactly what `keras.utils.load_img` gives; bigger JPEGs differ slightly (a DCT
-   downscale before the final resize).
-3. Any image still at least twice the target's longer side on both sides after decoding is
-   shrunk by that whole factor in its own mode before anything else touches it
-   (`Image.reduce`, a box average; nearest for palette and 1-bit images, whose
-   values are indices), the same rule as the JPEG draft: an image under 448 pixels on
-   a side is never shrunk. Conversions then work on the small image, so a 7000x7000
-   16-bit PNG costs its decoded size (98 MB) and not several float copies of it.
-4. EXIF orientation is applied (`ImageOps.exif_transpose`): a phone photo taken
-   upright is fed upright. (`load_img` ignores EXIF; for Flickr8k this changes nothing.)
-5. Any mode becomes RGB. Images with transparency (RGBA, LA, palette images with a
-   transparent colour) are composited on WHITE: the colour under a fully
-   transparent pixel is arbitrary (often black), and white is what a viewer shows.
-   16-bit and 32-bit grayscale is scaled to 8 bits in integers (65535 -> 255, when the
-   image's largest value is over 255; Pillow's own convert would clip it white), from
-   the whole image's extremes, read before shrinking; 1-bit, CMYK and palette images
-   are converted as Pillow does.
-6. Resized to 224x224 (aspect ratio not kept, like `load_img`) with the filter named
-   by `resample`, default "nearest": the default interpolation of Keras `load_img`,
-   which is how the course extracted its features, so features (and models trained
-   on them) agree.
-
-Memory: `read_header` reads an image's header only and says, before any decoding, how
-many bytes `load_image` will hold at most while decoding it (`ImageHeader.decode_bytes`:
-the decoded pixels in Pillow's storage, the format's own buffers, the shrunk image's
-conversions); `captioner serve` budgets its decodes with it. A PNG whose text chunks
-are over Pillow's limits (`PngImagePlugin.MAX_TEXT_CHUNK`, `MAX_TEXT_MEMORY`) is read
-again without its text chunks, which say nothing about the pixels. A WebP's size is
-read from its RIFF header and checked before Pillow's decoder allocates its canvas.
-
-`preprocess_caffe` is VGG's "caffe" preprocessing (RGB->BGR, minus the ImageNet
-BGR mean, no scaling), the same numbers as `keras.applications.vgg16.preprocess_input`
-but returning a new array instead of modifying its input.
+`read_header` reads the header only and bounds the bytes `load_image` holds while decoding
+(`ImageHeader.decode_bytes`: `captioner serve` budgets its decodes with it); a WebP's size is
+checked from its RIFF header, and a PNG's oversized text chunks are skipped. `preprocess_caffe`:
+RGB -> BGR minus the ImageNet BGR mean, as `keras.applications.vgg16.preprocess_input`, into a new array.
 """
 
 from __future__ import annotations

@@ -1,59 +1,28 @@
-"""Training sequences: teacher-forced batches of whole captions.
+"""Training sequences: teacher-forced batches of whole captions, right-padded per batch.
 
-Reads cleaned captions (dict image id -> list of caption strings, the `prepare`
-stage's `train.json`), a `Tokenizer` and image features (dict image id -> float32
-[D], or a `FeatureTable`). Writes nothing: it streams batches to `model.fit`.
+Reads cleaned captions (dict image id -> list of caption strings, the `prepare` stage's
+`train.json`), a `Tokenizer` and image features (dict image id -> float32 [D], or a
+`FeatureTable`). Writes nothing: it streams batches to `model.fit`. Config (passed in by the
+caller): train.batch_size, train.seed, text.max_prepared_words.
 
-Teacher forcing (what training uses). One caption is one sample. For a caption
-of words w1..wn (token ids, at most `text.max_prepared_words` of them):
+One caption is one sample. For a caption of token ids w1..wn (n <= text.max_prepared_words):
 
-    input_ids   [start, w1, ..., wn]      then 0 (pad) to the batch's length T
-    target_ids  [w1, ..., wn, end]        then 0 (pad)
+    input_ids      [start, w1, ..., wn]   then 0 (pad) to the batch's length T = longest n + 1
+    target_ids     [w1, ..., wn, end]     then 0 (pad)
     sample_weight  c at the n+1 real targets, 0 on pads
 
-Sequences are RIGHT-padded (cuDNN's masked LSTM needs that; the model's
-Embedding has mask_zero=True, so the LSTM never reads a pad), and each batch is
-padded only to its own longest caption (T = longest n + 1), not to a global
-maximum. A batch is the tuple Keras expects:
+A batch is ((image_features float32 [B, D], input_ids int32 [B, T]), target_ids int32 [B, T],
+sample_weight float32 [B, T]); pads are on the right (cuDNN's masked LSTM needs it). No mask
+reaches the loss, so the weights mask it: c = B*T / (real targets in the batch) makes Keras'
+"sum_over_batch_size" the mean cross-entropy per real target word. Compile with
+`SparseCategoricalCrossentropy(from_logits=True)`; pass metrics as `weighted_metrics`.
 
-    ((image_features float32 [B, D], input_ids int32 [B, T]),
-     target_ids int32 [B, T],
-     sample_weight float32 [B, T])
-
-How the loss ignores pads: the model's mask stops at the merge (the image
-branch carries no mask, and Keras' Add drops a mask when any input lacks one),
-so Keras does not mask the loss by itself; the sample weights do it. They are 0
-on pads and c = B*T / (number of real targets in the batch) on real targets, so
-that Keras' default loss reduction ("sum_over_batch_size": sum of weighted losses
-/ (B*T)) is exactly the mean cross-entropy per real target word -- the same
-quantity the classic per-prefix model reports per sample, whatever the padding.
-Compile with `SparseCategoricalCrossentropy(from_logits=True)` and pass metrics
-as `weighted_metrics` (plain `metrics` ignore sample weights and would count pads).
-
-Image features are stored once, as a float32 [num_images, D] matrix with one row
-index per caption; a batch gathers its B rows (never one copy per word).
-
-Order: shuffled every epoch with the permutation drawn from (seed, epoch), so a
-run resumed at epoch k sees exactly the batches an uninterrupted run would. By
-default captions of similar length are grouped into the same batch (sorted within
-random windows of 32 batches, then the batches shuffled): batches stay random,
-but padding falls from about 45% of positions to about 5%, and the padded
-positions cost as much compute as real ones.
-`on_epoch_end` (called by Keras) advances the epoch; `set_epoch(k)` sets it.
-
-Two ways to feed Keras: the `TeacherForcingBatches` object itself (a
-`keras.utils.PyDataset`, any backend), or `batches.for_fit()`, which under the
-TensorFlow backend wraps it in a `tf.data.Dataset` with T declared variable.
-Use `for_fit()`: Keras infers a PyDataset's tensor shapes from its first two
-batches, and when those two happen to share T, a later batch of another length
-fails.
-
-The classic per-prefix way (every caption expanded into one sample per prefix)
-lives in `tests/reference.py`, the reference these batches are tested against.
-
-Cost: Flickr8k (30,000 train captions) is 469 batches of 64; building a batch
-takes well under a millisecond; memory is the feature matrix (6,000 x 4096 x 4
-bytes = 98 MB) and the words (about 1.3 MB).
+Order: a permutation drawn from (seed, epoch), so a resumed run sees the batches an uninterrupted
+one would; captions of similar length share batches (sorted within random windows of 32 batches,
+then the batches shuffled). `on_epoch_end` (Keras) advances the epoch; `set_epoch(k)` sets it.
+Feed Keras `batches.for_fit()` (under TensorFlow a `tf.data.Dataset` with T variable), not the
+`keras.utils.PyDataset` itself, whose shapes Keras fixes from its first two batches.
+Cost: under a millisecond a batch; memory: the features, stored once (Flickr8k: 98 MB at 4096-d).
 """
 
 from __future__ import annotations

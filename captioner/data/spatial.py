@@ -1,39 +1,28 @@
 """Spatial feature maps in a chunked HDF5 file: written incrementally and resumably, read in a stream.
 
-A pooled feature file holds one vector per image (`captioner.data.feature_files`); the attention
-model needs the convolutional map before pooling, which is far bigger (Flickr8k at 7x7x1280 in
-float16 is about 1 GB), so maps live in an HDF5 file that is appended to image by image and
-read a batch at a time, never loaded whole.
-
-The file (one per extraction; `h5py`):
+The attention and transformer models read convolutional maps before pooling, far bigger than
+pooled vectors (`captioner.data.feature_files`), so they live in an HDF5 file (`h5py`), appended
+to batch by batch and read a batch at a time, never whole. No config of its own. One file per
+extraction:
 
     ids     variable-length UTF-8 strings [N]            the image ids, in writing order
-    maps    float16 [N, H, W, C], chunked (1, H, W, C)    one chunk per image: a batch reads its rows only
+    maps    float16 [N, H, W, C], chunked (1, H, W, C)    one chunk per image
     attributes
       format            "captioner-spatial-maps"
       format_version    1
-      committed         rows written completely (the commit point, see below)
+      committed         rows written completely (the commit point)
       provenance        JSON: how the maps were made (backbone, layer, weights, input_size, ...)
 
 Writing (`open_map_writer`, then `MapWriter.append` per batch): each append resizes both
-datasets, writes the rows, then sets `committed` and flushes. A process killed in the middle
-of an append leaves rows past `committed`, which the next writer cuts off (and the reader
-never shows), so a rerun resumes after the last committed batch. A process killed at a worse
-moment can leave a file HDF5 cannot open at all (a truncated file): the writer detects it,
-says so in the log, and starts the file over; the reader refuses it in one line.
-
-Reading (`MapFile`): `read(ids)` and `batches(ids, batch_size)` return float32 [n, P, C]
-(P = H * W positions, flattened row-major, as the attention model takes them) for the ids
-asked for, reading only their chunks; `rows(indices)` does the same by row number (what
-teacher-forced batches gather). `shape` is (N, P, C).
-
-Shapes are checked in one line naming what was expected and what was found: a map file
-whose grid or channels differ from the model's (`check_map_shape`), a pooled-vector file
-given where maps are needed (`expect_map_file`) and a map file given where pooled vectors
-are (`refuse_map_file`).
-
-Cost: writing is a memory copy and the disk; reading a batch of 64 images of 7x7x1280 reads
-64 chunks of 125 KB.
+datasets, writes the rows, then sets `committed` and flushes. Rows past `committed` (a kill
+mid-append) are cut off by the next writer and never shown by the reader, so a rerun resumes
+after the last committed batch; a file HDF5 cannot open is started over by the writer (logged)
+and refused in one line by the reader. Reading (`MapFile`): `read(ids)`, `batches(ids,
+batch_size)` and `rows(indices)` return float32 [n, P, C] (P = H * W, flattened row-major),
+reading only those chunks; `shape` is (N, P, C). One-line checks naming expected and found:
+`check_map_shape` (grid or channels), `expect_map_file`, `refuse_map_file` (vectors vs maps).
+Cost: writing is a memory copy and the disk (Flickr8k at 7x7x1280 float16: about 1 GB); a batch
+of 64 such maps reads 64 chunks of 125 KB.
 """
 
 from __future__ import annotations

@@ -1,64 +1,27 @@
 """Greedy and beam search over a step function that carries the decoder state.
 
-Reads: image features, float32 [N, D] (or maps [N, P, C]: any array with one row per
-image, which only the step function looks into), and a `StepFunction` (in practice
-`captioner.models.merge.StepModel` or `captioner.models.attention.AttentionStepModel`, which share the
-trained model's weights).
-Writes nothing; returns one `DecodedCaption` per image (or the n best).
-Config used: `captioner.config.DecodeConfig` (beam_size, max_generated_words,
-length_normalization, batch_size), passed in as keyword arguments.
-Cost: at most max_generated_words + 1 step calls per chunk of `batch_size`
-images, each on at most batch_size * beam_size rows; the search itself is
-numpy bookkeeping on [rows, beam_size] arrays, small next to the model step.
+Reads: image features, float32 [N, D] (or maps [N, P, C]: any array with one row per image, only
+the step function looks into it), and a `StepFunction` (`initial_state(features)`, `step(last_ids,
+states) -> (log_probs float32 [rows, V], states)`), in practice a kind's step model
+(`captioner.models.merge.StepModel`, ...), which shares the trained model's weights. Writes
+nothing; returns one `DecodedCaption` per image (or the n best): ids (start and end excluded:
+special tokens are ids, never strings), log_prob, score, finished, extras. Config (`DecodeConfig`,
+as keyword arguments): beam_size, max_generated_words, length_normalization, batch_size. Cost: at
+most max_generated_words + 1 step calls per chunk of batch_size images, each on every live beam at
+once (at most batch_size * beam_size rows); the search itself is numpy bookkeeping on [rows,
+beam_size] arrays, small next to the model step.
 
-Why a step function: the classic decoder re-runs the whole prefix through the
-model for every new word (O(L^2) per caption). Here the LSTM state is carried,
-so each word costs one step (O(L)), and every live beam of every image in a
-chunk is advanced in the same call (rows = images x beams).
-
-The search (the im2txt `CaptionGenerator` algorithm, batched):
-
-- Each live beam proposes its `beam_size` most probable next words. Among the
-  proposals of one image, those that are the end token become finished
-  hypotheses; of the others the `beam_size` with the highest log-probability
-  become the next live beams. With beam_size 1 this is exactly greedy argmax
-  decoding: the single proposal is either the end token (done) or the next word.
-- Words the model gives probability zero (log-probability -inf) are never chosen.
-- Captions hold at most `max_generated_words` words. A beam holding that many
-  words gets one more step, in which only the end token may be chosen (so a
-  caption of exactly max_generated_words words can still finish); its other
-  proposals are dropped. An image with no finished hypothesis at all then gets
-  its best unfinished beam, marked `finished=False` (as im2txt falls back to its
-  partial captions).
-- Finished hypotheses are ranked by score = log_prob / length**alpha, with
-  alpha = `length_normalization` and length = words + 1: the end token's
-  probability is part of log_prob, so it counts, and an empty caption does not
-  divide by zero. alpha = 0 ranks by plain log-probability. An unfinished
-  fallback's length is its number of words. Live beams all have the same length
-  at a given step, so they are ranked by log-probability alone.
-- Early stop, per image: a live beam of log-probability lp can only reach
-  scores <= lp / (max_generated_words + 1)**alpha, because log-probabilities
-  only decrease as words are added and the length is at most
-  max_generated_words + 1. Once the image holds `n_best` finished hypotheses
-  whose worst score is at least that bound for its best live beam, no live
-  beam can change the answer and the image leaves the batch. For alpha = 0
-  this is the usual "best finished beats every live beam" rule; with length
-  normalisation the bound is looser, so images tend to run longer. The result
-  is the same as running every beam to the maximum length.
-- Ties are broken deterministically: an earlier-ranked beam before a later
-  one, a lower word id before a higher one, and among finished hypotheses of
-  equal score the one found first (the shorter).
-
-Special tokens are ids (`start_id`, `end_id`), never strings; returned ids
-exclude both.
-
-Per-step extras. A step function may return a third item, a dict name -> array with one
-row per input row (`{"attention": float32 [N, P]}` from the attention model's step). The
-search carries each live beam's history of them and hands the chosen beam's back with its
-caption, `DecodedCaption.extras[name]`: one row per step that produced a token of the
-caption, [len(ids) + 1, ...] for a finished caption (the words, then the end token) and
-[len(ids), ...] for an unfinished one. A step function that returns two items costs nothing
-more than before, and its captions have `extras` None.
+The search (im2txt's `CaptionGenerator`, batched): each live beam proposes its beam_size best next
+words; proposals of the end token finish, the beam_size best others live on (beam 1 is greedy
+argmax); words of log-probability -inf are never chosen. A beam of max_generated_words words gets
+one more step, for the end token only; an image with nothing finished then gets its best live
+beam, `finished` False. Captions rank by score = log_prob / length**alpha (alpha =
+length_normalization, length = words + 1 with the end token; an unfinished one's, its words). An
+image stops once no live beam can beat its n_best finished ones (bound: lp / (max_generated_words
++ 1)**alpha): the answer of running every beam to the end. Ties: the earlier-ranked beam, then the
+lower word id, then the hypothesis found first. A step may return a third item, {name: one row per
+input row} ({"attention": float32 [N, P]}): then `DecodedCaption.extras[name]` holds the chosen
+beam's rows, [len(ids) + 1, ...] ([len(ids), ...] when unfinished).
 """
 
 from __future__ import annotations

@@ -1,36 +1,26 @@
 """Ensembles: several models decoded as one, in the same beam search.
 
 Reads: several model directories or bundles (`load_ensemble`), or several step functions
-(`EnsembleStep`). Writes nothing. Config: none of its own; decoding uses `decode.*`
-as for one model.
+(`EnsembleStep`). Writes nothing. Config: none of its own; decoding uses `decode.*` as for one
+model.
 
-`EnsembleStep` is a `captioner.decoding.beam.StepFunction` over members that are step
-functions themselves (`captioner.models.merge.StepModel`, or any other decoder behind the
-protocol). Per decoding step it calls each member's `step` once, on all live beams of
-all images, and combines their log-probabilities; each member keeps its own state
-(the ensemble's state is the members' state lists one after another), so members of
-different kinds and sizes mix, and beam search reorders every member's rows together.
+`EnsembleStep` is a `captioner.decoding.beam.StepFunction` over members that are step functions
+themselves (`captioner.models.merge.StepModel`, or any other decoder behind the protocol). Per
+decoding step it calls each member's `step` once, on all live beams of all images, and returns
+log_probs float32 [rows, V]; each member keeps its own state (the ensemble's state is the
+members' state lists one after another), so members of different kinds and sizes mix, and beam
+search reorders every member's rows together.
 
-How the members are combined: the log of the MEAN PROBABILITY,
-log(1/M sum_m p_m(w)), not the mean log-probability. Why:
-- it is a probability distribution again (it sums to 1), so a caption's log_prob stays
-  a log-probability, its score keeps its meaning next to length normalisation, and the
-  search's end-token decisions weigh comparable numbers;
-- one member that is confidently wrong about a word (p near 0, log p -> -inf) lowers
-  that word's mean probability by at most 1/M instead of vetoing it, which is the point
-  of asking several models; a word that every member rules out (banned words) stays
-  impossible (-inf).
-The mean log-probability (a product of experts, renormalised or not) is the other usual
-choice; it favours words every member finds plausible. The tests pin which one this is:
-with members p_A = (x .7, y .3) and p_B = (x .05, y .3, z .65), the mean probability
-picks x (.375) where the mean log-probability would pick y.
+The members combine as the log of the MEAN PROBABILITY, log(1/M sum_m p_m(w)), not the mean
+log-probability: a distribution again, so log_prob and length-normalised scores keep their
+meaning; one confidently wrong member lowers a word by at most 1/M instead of vetoing it; a word
+every member rules out (banned words) stays impossible (-inf).
 
-Members must share a vocabulary (the same tokenizer word list: ids must mean the same
-words) and take the same image features (width). `load_ensemble` refuses anything else
-in one line naming the directories.
+Members must share a vocabulary (the same tokenizer word list) and take the same image features
+(width); `load_ensemble` refuses anything else in one line naming the directories.
 
-Cost: M times one model's decoding (the step calls dominate), plus a logaddexp over
-[M, rows, V] per step.
+Cost: M times one model's decoding (the step calls dominate), plus a logaddexp over [M, rows, V]
+per step.
 """
 
 from __future__ import annotations

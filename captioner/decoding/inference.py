@@ -1,46 +1,28 @@
 """Captions new photos with a trained model directory or bundle (the `caption` command, and `Captioner`).
 
 Reads: a model directory (`model.keras`, `tokenizer.json`, `config.json` with the
-"features_provenance" the model was trained on; names in `captioner.layout`), or a bundle
-(`captioner export`: run by `captioner.decoding.bundle` with numpy and LiteRT, never
-TensorFlow; its .tflite backbone found by sha256), and images: files of any format Pillow reads, binary file objects (uploads held in
-memory), or decoded uint8 RGB arrays. Writes nothing. Config used: `eval.model` (the
-default model directory, models/flickr8k) and `decode` (beam_size,
+"features_provenance" the model was trained on; names in `captioner.layout`) or a bundle (run by
+`captioner.decoding.bundle` with numpy and LiteRT), and images: files of any format Pillow reads,
+binary file objects (uploads held in memory), or decoded uint8 RGB arrays [H, W, 3]. Writes
+nothing. Config used: `eval.model` (the default model directory) and `decode` (beam_size,
 max_generated_words, length_normalization, batch_size, allow_unk).
 
-`Captioner` loads a model directory and its backbone ONCE, then captions any number
-of images in batches: `caption(images)` gives one `CaptionOutcome` per image, in
-order (the caption and its log-probability, the top beams when asked, or the reason
-there is none); `load_image`, `extract` and `decode` are the three steps on their own,
-for a caller that batches images itself (a web server gathering requests). After
-construction it holds no mutable state, so one instance may serve several threads.
-`caption_files` (the `caption` command) is one `Captioner` over a list of paths.
+`Captioner` loads a model and its backbone ONCE, then captions any number of images in batches:
+`caption(images)` gives one `CaptionOutcome` per image, in order (the caption and its
+log-probability, the top beams when asked, or the reason there is none); `load_image`, `extract`
+and `decode` are the three steps apart, for a caller that batches itself. It holds no mutable
+state after construction: one instance may serve several threads. `caption_files` (the `caption`
+command) is one `Captioner` over a list of paths.
 
-A caption is only meaningful when the image features are computed exactly as the
-training features were, so the backbone is rebuilt from the provenance recorded in
-the model directory (backbone, layer, weights, resample, precision; see
-`captioner.vision.backbones.build_extractor`), never from today's defaults; a field an old
-model directory lacks falls back to the backbone's catalogue entry (layer, resize
-filter) or `FeaturesConfig` (weights, precision). A weights file (.h5, or a .tflite
-model run by the LiteRT interpreter) is found at its recorded path or where
-`backbone_weights` (`caption --backbone-weights FILE`) says, and refused in one line
-when its SHA-256 differs from the recorded one.
-A model trained on imported features (an `.npz` made elsewhere, such as the shared
-MobileNetV2 features) has no backbone this project can run, and is refused with one
-line rather than fed features from the wrong network.
-
-A model trained on random-backbone features (weights none, the offline demo) is
-captioned by rebuilding that random backbone, which gives the training features only
-if `captioner.vision.backbones.build_backbone` builds it deterministically (seeded).
-
-Per-image problems (missing, empty, corrupt, not an image, a bad array) go into that
-image's `CaptionOutcome.error`; the others are still captioned. Large photos are
-decoded at a reduced scale (JPEG draft mode: a 40-megapixel JPEG costs about what a
-5-megapixel one does); images declaring more pixels than the limit (`max_pixels`,
-by default Pillow's `MAX_IMAGE_PIXELS`, about 89 megapixels) are refused with that
-reason (see `captioner.data.images`). Cost: building the VGG16 backbone takes seconds,
-once per `Captioner`; then the backbone dominates (see the README for measured rates);
-beam-3 decoding is well under 0.1 s per image.
+The backbone is rebuilt from the provenance recorded with the model (backbone, layer, weights,
+resample, precision: `captioner.vision.backbones.build_extractor`), never from today's defaults; a
+field an old model lacks falls back to the catalogue entry or `FeaturesConfig`. A weights file is
+found at its recorded path or at `backbone_weights` (`caption --backbone-weights FILE`), and
+refused in one line when its SHA-256 differs. A model trained on imported features (an `.npz` made
+elsewhere) is refused in one line. Per-image problems (missing, corrupt, not an image, too many
+pixels: `max_pixels`, see `captioner.data.images`) go into that image's `CaptionOutcome.error`;
+the others are still captioned. Cost: building the backbone takes seconds, once; then the backbone
+dominates; beam-3 decoding is well under 0.1 s per image.
 """
 
 from __future__ import annotations

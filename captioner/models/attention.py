@@ -1,8 +1,7 @@
 """The soft-attention captioning model (Show, Attend and Tell) and its step model.
 
-Xu et al. 2015, deterministic ("soft") attention: at every word the LSTM state scores
-each position of a convolutional map, the softmax of the scores weights the positions,
-and their weighted sum (the context) feeds the LSTM and the word prediction.
+Xu et al. 2015, deterministic ("soft") attention; sizes and rates from `ModelConfig`
+(embedding_dim, units, attention_dim, word_dropout, decoder_dropout, doubly_stochastic):
 
     image_map float32 [B, P, C]   (P = H * W positions of a conv map, flattened row-major)
       mean over P                                  -> Dense(units, tanh) "init_h"  h0 [B, units]
@@ -10,47 +9,19 @@ and their weighted sum (the context) feeds the LSTM and the word prediction.
       Dense(attention_dim) "map_projection"        -> W_a a_i  [B, P, A] (once per image)
     input_ids int32 [B, T] (right-padded with 0)
       -> Embedding(vocab, embedding_dim, mask_zero) "embedding" -> Dropout(word_dropout) "word_dropout"
-      -> AttentionLSTM "attention_lstm" (below)    -> h [B, T, units], context [B, T, C], alpha [B, T, P]
+      -> AttentionLSTM "attention_lstm"            -> h [B, T, units], context [B, T, C], alpha [B, T, P]
     deep output (the paper's eq. 7): Dense(E) "deep_h"(h) + Dense(E) "deep_context"(context)
       + the previous word's embedding -> tanh -> Dropout(decoder_dropout) "decoder_dropout"
       -> Dense(vocab) "logits" float32 [B, T, V]
 
-One step of `AttentionLSTM`, from the previous state (h, c) and the word embedding y:
-
-    e_i     = w . tanh(W_a a_i + U_a h)             score of position i (the paper's MLP, f_att)
-    alpha   = softmax_i(e)                          [B, P], sums to 1
-    beta    = sigmoid(w_b . h + b_b)                 the gating scalar (paper, section 4.2.1)
-    context = beta * sum_i alpha_i a_i             [B, C]
-    (h, c)  = LSTM([y, context], (h, c))            Keras' gate order i, f, c, o
-
-Training contract: the same as `captioner.models.directory`'s merge model (inputs
-`(image_map, input_ids)`, logits [B, T, V], teacher-forced batches from
-`captioner.data.sequences` with the map in place of the vector, the same masked loss). The
-logits carry no Keras mask: the sample weights mask the loss, as for the merge model.
-
-Doubly stochastic regularisation (paper, section 4.2.1): during training the layer adds
-`lambda * sum_b sum_i (1 - sum_t alpha_bti)^2 / (real target words in the batch)` to the
-loss, with t over the real (unpadded) words. The paper adds lambda * sum_i(...)^2 to a
-caption's summed log-likelihood; dividing both by the number of words keeps its ratio for
-our per-word mean loss, so lambda = 1 is the paper's setting. Not added at evaluation, so
-the validation loss is the plain per-word cross-entropy, comparable with the merge model's;
-the training loss (history.csv "loss") includes it. With fewer words T than positions P the
-penalty cannot reach 0: its least value, attention spread evenly, is P (1 - T/P)^2 / T per
-word (7x7 positions and 12 words: about 2.3), so the training loss sits that far above the
-cross-entropy.
-
-Only `keras.layers` and `keras.ops`, plus one registered `keras.layers.Layer` subclass
-(`AttentionLSTM`, with `get_config`): the model runs under any Keras backend and `.keras`
-files round-trip (the module must be imported before loading one; `captioner.models.directory` does).
-Its loop over the words is `keras.ops.scan`, except under TensorFlow: a `tf.while_loop` with
-a bound on its iterations, which XLA needs (`AttentionLSTM._loop_tensorflow`).
-
-`AttentionStepModel` runs one word at a time with the same layer objects (the decoding
-protocol of `captioner.decoding.beam`): `initial_state(image_maps)` and `step(last_ids, states)`,
-which also returns the attention weights of the step, `{"attention": float32 [N, P]}`.
-
-Cost per word: O(P * (C + A)) for the attention on top of the LSTM's; the projected map is
-computed once per image and carried in the decoding state.
+Trained as the merge model (inputs `(image_map, input_ids)`, logits [B, T, V] with no Keras mask,
+the batches and weighted loss of `captioner.data.sequences`); in training only, the layer adds the
+doubly stochastic penalty (`model.doubly_stochastic` per real target word; docs/attention.md has
+the equations) to the loss, not to val_loss. Registered layer `AttentionLSTM` (`get_config`):
+import this module before loading a `.keras` file, as `captioner.models.directory` does.
+`AttentionStepModel`: `initial_state(image_maps)` and `step(last_ids, states)` with the same
+layers, also returning {"attention": float32 [N, P]}. Cost per word: O(P * (C + A)) beside the
+LSTM's; the projected map is computed once per image.
 """
 
 from __future__ import annotations

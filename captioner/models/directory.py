@@ -12,18 +12,16 @@ A model directory (written by training, read by `load_model_dir`; file names in
 
 `load_model_dir` loads any kind of `captioner.models.registry`; `LoadedModel.step_model()`
 is that kind's step model (an attention model's steps also return its attention weights).
+Config: the directory's own config.json, never today's defaults.
 
 Loading checks what it reads and says what is wrong in one line naming the file:
 a missing file, a `model.keras` that is corrupt or not a Keras model file (Keras
-itself says "File not found" for some of these), a Keras model that is not this
-merge model, a config.json whose numbers are strings or out of range, and a model
+itself says "File not found" for some of these), a Keras model that is not of its
+kind, a config.json whose numbers are strings or out of range, and a model
 that does not match its config.json or tokenizer.
 
-The classic per-prefix model (the course's) is in `tests/reference.py`, with the
-same layer names, so the tests can run both on the same weights.
-
-Cost: the default sizes with 4096-d features and a 7,500-word vocabulary have
-about 5.5 M parameters (22 MB in model.keras).
+Cost: the default merge sizes with 4096-d features and a 7,500-word vocabulary have
+about 5.5 M parameters (22 MB in model.keras), all read at load.
 """
 
 from __future__ import annotations

@@ -11,16 +11,15 @@ The merge architecture (image and words meet by addition after the LSTM):
     Add (the image projection broadcast over time)                                [B, T, units]
     -> Dropout(decoder_dropout) -> Dense(units, relu) -> Dense(vocab) logits float32 [B, T, V]
 
-Sizes and rates come from `ModelConfig`. Only `keras.layers` and `keras.ops`: the
-model runs under any Keras backend, and it has no custom layers, so `.keras` files
-load with no custom objects. The logits layer is float32 even under a mixed
-precision policy, so the softmax and the loss stay in float32.
+Config: `ModelConfig` (embedding_dim, units, image_dropout, word_dropout, decoder_dropout,
+init_inject). Only `keras.layers` and `keras.ops`: any Keras backend, no custom layers, so
+`.keras` files load with no custom objects. The logits layer is
+float32 even under a mixed precision policy, so the softmax and the loss stay in float32.
 
-`StepModel` advances one word at a time for decoding, with the same layer objects
-(so the same weights): `initial_state` projects the image and starts the LSTM
-state at zero (or at the init-inject layers' h0, c0); `step` embeds the last word,
-runs the LSTM cell once and returns log-softmax over the vocabulary. Each step is
-O(1) in the caption length, all live beams in one call.
+`StepModel` advances one word at a time for decoding, with the same layer objects (so the same
+weights): `initial_state` projects the image and starts the LSTM state at zero (or at the
+init-inject layers' h0, c0); `step` embeds the last word, runs the LSTM cell once and returns
+log-softmax over the vocabulary: O(1) in the caption length, all live beams in one call.
 
 Cost: the default sizes with 4096-d features and a 7,500-word vocabulary have
 about 5.5 M parameters (22 MB in model.keras).

@@ -14,21 +14,15 @@
     LayerNorm "final_norm" -> WordTable "logits" again: x E^T + b (model.tie_embeddings) or x W + b
       -> logits float32 [B, T, V]
 
-Trained as the attention model (inputs `(image_map, input_ids)`, logits [B, T, V], the batches
-and masked loss of `captioner.data.sequences`); no Keras mask: pads sit right of every real word,
-which causal attention never lets a real position read. Only `keras.layers`/`keras.ops` and three
-registered layers with `get_config` (`CaptionAttention`, `PositionTable`, `WordTable`).
-
-`TransformerStepModel` decodes one word at a time with the same layers. States: [position int32
-[N], per block the memory's cross-attention keys and values float32 [N, P, heads, head_dim], per
-block the self-attention key/value cache float32 [N, max_positions, heads, head_dim]]; a step
-writes its word's keys and values at `position` and attends to slots 0..position: no earlier word
-is recomputed (O(length) per caption, not O(length^2)). The cache has a fixed length rather than
-growing, so every step has one shape (TensorFlow traces once, JAX compiles once per batch bucket;
-a growing cache retraces at every word) and its rows are plain arrays the numpy beam search
-reorders; the price is carrying 48 slots where a caption fills ~12, small beside the vocabulary
-projection. A step also returns `{"attention": float32 [N, P]}`, the last block's cross-attention
-averaged over heads. Cost per word: O(layers * units * (max_positions + P + feedforward_dim) + units * V).
+Config: `ModelConfig` (units, layers, heads, feedforward_dim, positions, max_positions,
+tie_embeddings, decoder_dropout). Trained as the attention model (inputs `(image_map, input_ids)`,
+logits [B, T, V], the batches and masked loss of `captioner.data.sequences`; no Keras mask: causal
+attention never reads the pads). Registered layers: `CaptionAttention`, `PositionTable`,
+`WordTable`. `TransformerStepModel` decodes a word at a time with the same layers; states:
+[position int32 [N], per block the memory's cross-attention keys and values float32 [N, P, heads,
+head_dim], per block a fixed-length self-attention cache float32 [N, max_positions, heads,
+head_dim]]; a step also returns {"attention": float32 [N, P]} (last block, mean over heads). Cost
+per word: O(layers * units * (max_positions + P + feedforward_dim) + units * V).
 """
 
 from __future__ import annotations

@@ -1,45 +1,27 @@
 """Caption metrics: corpus BLEU-1..4, CIDEr-D, and the tokenisation they score.
 
-Reads: reference captions and generated captions (strings, or token lists for
-`corpus_bleu`). Writes nothing. No config. Cost: about half a second for 1,000
-images with 5 references each (pure Python n-gram counting).
+Reads: reference captions and generated captions (strings, or token lists for `corpus_bleu`).
+Writes nothing; returns floats (`cider_d` also the per-image scores, `score` a dict of all).
+No config. Cost: about half a second for 1,000 images with 5 references each (pure Python
+n-gram counting).
 
-What is scored, and why:
-
-- `scoring_tokens`: lower-cased words; dashes and slashes split words and all
-  other punctuation is deleted (`captioner.data.cleaning.PUNCTUATION_TABLE`, the rule
-  `prepare` cleans captions with, so prepared references pass through unchanged); one-letter words such as "a"
-  and numbers are kept. The start, end and padding tokens (`<start>`, `<end>`,
-  `<pad>`, and the classic course's `startseq`, `endseq`) are removed wherever they
-  appear: they are not words anyone wrote, and the course's BLEU, which kept
-  them, credited every caption with two free matching words. `<unk>` is kept as
-  a token of its own: a generated `<unk>` is a wrong word, and it never matches
-  a reference word.
-- `corpus_bleu`: nltk's `corpus_bleu` (Papineni et al.'s corpus-level BLEU,
-  clipped counts summed over the corpus, brevity penalty against the closest
-  reference length) with uniform weights: BLEU-n = (1/n, ..., 1/n) over orders
-  1..n. The course's BLEU-3 weights (0.3, 0.3, 0.3, 0) are wrong (they do not
-  sum to 1). No smoothing, as standard corpus BLEU: an order with no matching
-  n-gram in the whole corpus makes that BLEU exactly 0.0 (nltk stands in a
-  ~1e-78 value for it and warns; we return the 0 it means). Against the
-  coco-caption BLEU (pycocoevalcap 1.2 `Bleu`, closest reference length too):
-  equal to ~1e-9 when every hypothesis has at least n words; nltk counts a
-  hypothesis with fewer than n words as one n-gram (its max(1, count)
-  denominator) where coco counts none, so very short captions lower ours a
-  little (on the test sample with one 1-word and one empty caption of 20:
-  BLEU-1 0.7335 vs 0.7388, BLEU-4 0.4562 vs 0.4638); and coco's 1e-15 / 1e-9
-  stand-ins give tiny non-zero values where ours is 0.
-- `cider_d`: CIDEr-D (Vedantam et al. 2015) as computed by coco-caption's
-  `pycocoevalcap/cider/cider_scorer.py` (pycocoevalcap 1.2, class `Cider`, which
-  is the CIDEr-D variant): n-grams n = 1..4, TF-IDF weights with document
-  frequencies taken from the references of the corpus being scored (so a score
-  depends on the whole evaluated set), cosine similarity per order with the
-  hypothesis weights clipped to the reference's, a Gaussian length penalty
-  exp(-delta**2 / (2 * 6**2)), averaged over orders and references, times 10.
-  (cider_scorer.py measures length as the bigram count, words - 1; the
-  difference of two such lengths equals the difference of word counts unless a
-  caption is empty, and an empty caption scores 0 either way, so we use words.)
-  Tests pin our values to pycocoevalcap's to 1e-6 (they agree to ~1e-15).
+- `scoring_tokens`: lower-cased words; dashes and slashes split words and all other punctuation
+  is deleted (`captioner.data.cleaning.PUNCTUATION_TABLE`, the rule `prepare` cleans captions
+  with, so prepared references pass through unchanged); one-letter words and numbers are kept.
+  `<start>`, `<end>`, `<pad>` and the course's `startseq`, `endseq` are removed wherever they
+  appear (the course's BLEU, which kept them, credited every caption with two free words);
+  `<unk>` stays a token of its own, which never matches a reference word.
+- `corpus_bleu`: nltk's `corpus_bleu` (corpus-level BLEU, clipped counts summed over the corpus,
+  brevity penalty against the closest reference length) with uniform weights (1/n, ..., 1/n)
+  for BLEU-n (the course's BLEU-3 weights (0.3, 0.3, 0.3, 0) do not sum to 1). No smoothing: an
+  order with no matching n-gram in the whole corpus gives exactly 0.0 (nltk's ~1e-78 stand-in and
+  its warning are dropped). Against coco-caption's BLEU: results/README.md.
+- `cider_d`: CIDEr-D (Vedantam et al. 2015) as coco-caption's `pycocoevalcap/cider/cider_scorer.py`
+  (pycocoevalcap 1.2, class `Cider`): n-grams 1..4, TF-IDF weights with document frequencies from
+  the references of the corpus being scored (a score depends on the whole evaluated set), cosine
+  per order with the hypothesis weights clipped to the reference's, a Gaussian length penalty
+  exp(-delta**2 / (2 * 6**2)) in words, averaged over orders and references, times 10. Tests pin
+  it to pycocoevalcap's values to 1e-6.
 """
 
 from __future__ import annotations

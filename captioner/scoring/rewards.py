@@ -1,42 +1,27 @@
 """CIDEr-D rewards for self-critical training: many captions scored at once, in numpy.
 
-Reads: reference captions ({image id: [caption, ...]}, the prepared train split) and
-hypotheses (caption strings, one per row, each paired with an image id). Writes nothing.
-No config. Used by `captioner.stages.finetune`, which scores every sampled caption of a batch
-(images x samples per image) in one `CiderD.score` call.
+Reads: reference captions ({image id: [caption, ...]}, the prepared train split) and hypotheses
+(caption strings, one per row, each paired with an image id). Writes nothing; `CiderD.score`
+returns float64 [S], one reward per hypothesis. No config (`captioner.stages.finetune` passes
+finetune.end_in_reward as `mark_end`); it scores every sampled caption of a batch (images x
+samples per image) in one call.
 
-What is computed: the CIDEr-D of `captioner.scoring.metrics` (coco-caption's `Cider`), n-grams
-1..4, TF-IDF weights, clipped cosine per order, the Gaussian length penalty, x10, tokens
-from `metrics.scoring_tokens`, with one difference that matters for training: the
-document frequencies (and the image count N in log N - log df) are fixed once, from the
-references given to the constructor (the TRAIN references), instead of being taken from
-whatever set is being scored. A sampled caption's reward then depends on its image's
-references and the train corpus only, not on the other captions in its batch, and no dev
-or test reference ever shapes training. Scoring a set against the document references
-themselves gives exactly `metrics.cider_d`'s per-image values (the tests check it).
+What is computed: the CIDEr-D of `captioner.scoring.metrics` (n-grams 1..4, TF-IDF, clipped
+cosine per order, Gaussian length penalty, x10, tokens from `metrics.scoring_tokens`), except
+that the document frequencies (and N in log N - log df) are fixed once, from the references
+given to the constructor (the TRAIN references): a caption's reward depends on its image's
+references and the train corpus only, never on the rest of its batch or on dev or test. Scoring
+the document references' own images gives exactly `metrics.cider_d`'s per-image values.
 
-The end of a caption can count too (`mark_end=True`, what `finetune` uses): every reference,
-and every hypothesis that finished (the model chose the end token), gets one more word, an
-end marker no caption can contain, so n-grams such as "the grass <end>" are rewarded like any
-other. Without it a caption cut short ("a dog runs through the") loses only its missing
-n-grams, and SCST learns to stop mid-phrase: on Flickr8k two epochs without the marker made
-beam-3 captions 2 words shorter and lowered dev CIDEr-D from 0.43 to 0.36, while greedy
-captions improved. Self-critical implementations (Rennie et al.'s, ruotianluo's
-self-critical.pytorch) score the end token for this reason.
+`mark_end=True` (what `finetune` uses): every reference, and every hypothesis that finished,
+gets one more word, an end marker no caption can contain, so "the grass <end>" is rewarded like
+any n-gram and a caption cut short loses more than its missing n-grams (docs/finetuning.md).
 
-How it is vectorised. Words get integer ids (1..W; 0 pads), and an n-gram is one uint64
-key, its word ids packed 16 bits each (w1 | w2 << 16 | w3 << 32 | w4 << 48); words are
-never 0, so the key also tells the order. Every reference n-gram gets a dense id (its
-rank among the sorted keys), and the references' TF-IDF entries are kept sorted by
-(image, n-gram id). Scoring S hypotheses then is: keys of all their n-grams at once
-([S, L] arrays), counts by sorting, df by `searchsorted`, and the matching reference
-entries of each hypothesis n-gram by `searchsorted` on (image, n-gram id); the clipped
-dot products, norms and penalties are sums over those arrays (`np.bincount`). No Python
-loop runs over n-grams or references; the only per-caption Python is tokenisation.
-
-Cost: building from the 30,000 Flickr8k train captions takes about a second (tokenising
-them is most of it) and holds about 1.3 M reference entries (~40 MB); scoring a batch of
-a few hundred captions takes milliseconds.
+Vectorised: an n-gram is one uint64 key (word ids 1..65535, 16 bits each), the references'
+TF-IDF entries are kept sorted by (image, n-gram id), and S hypotheses are scored with sorting,
+`searchsorted` and `np.bincount` over [S, L] arrays; no Python loop over n-grams or references.
+Cost: building from the 30,000 Flickr8k train captions takes about a second (mostly tokenising)
+and holds about 1.3 M reference entries (~40 MB); a batch of a few hundred captions, milliseconds.
 """
 
 from __future__ import annotations

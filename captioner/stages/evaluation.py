@@ -1,41 +1,28 @@
 """Stage 4: caption every image of a split and score the captions against all references.
 
 Reads: a model directory (`eval.model`: model.keras, tokenizer.json, config.json) or a bundle
-(`captioner export`: decoded by the LiteRT runtime, `captioner.decoding.bundle`), or
-several (an ensemble, `evaluate --model A --model B ...`: decoded together by
-`captioner.decoding.ensemble`, the log of the members' mean probability in one beam search),
-the prepared split `<eval.captions>/<eval.split>.json` ({image id: [reference
-caption, ...]}), and image features (`eval.features`: .pkl/.npz files, dict id ->
-float32 [D], D the model's feature width). Thumbnails come from `eval.images`, or
-when that is empty from the image folder recorded in the features manifest; with no
-folder known (imported `.npz` features) the report shows placeholders.
+(decoded by the LiteRT runtime, `captioner.decoding.bundle`), or several (`evaluate --model A
+--model B ...`: one ensemble, `captioner.decoding.ensemble`); the prepared split
+`<eval.captions>/<eval.split>.json` ({image id: [reference caption, ...]}); image features
+(`eval.features`: .pkl/.npz files, dict id -> float32 [D], or a map file for a kind that takes
+maps); thumbnails from `eval.images`, else the image folder the features manifest records.
 
-Writes, into `eval.output` (default: the model directory; an ensemble needs one, so that
-no member's own report is replaced), together (`cache.write_together`:
-both or neither; a failed write is one CaptionerError line naming the file and the cause,
-and the previous report stays as it was), names from `captioner.layout.eval_report_files`:
-- `eval-<split>.json`: corpus metrics (BLEU-1..4 with uniform weights and CIDEr-D,
-  special tokens never scored), decode settings, model dir, counts, the ids without
-  features, the ids whose features hold NaN/inf ({id: reason}), and per image: id,
-  caption, log_prob, references, sentence BLEU-4 (smoothed, method 1) and CIDEr-D.
-- `eval-<split>.html`: one self-contained page (thumbnails as base64 JPEG data
-  URIs, no external assets): the metric table, the best and worst 10 images by
-  CIDEr-D, and every image (thumbnails for the first 500).
-- `eval-<split>.json.manifest.json`: the stage manifest, written last. The same model
-  files (every member's, for an ensemble), split file, features files and decode settings
-  do not rerun; `--force` does.
-
-The run holds `cache.output_lock` on `eval-<split>.json`, so a second evaluation of the
-same split into the same folder refuses in one line. Report files that no evaluation
-wrote (no manifest of ours beside them: a user's own `eval-dev.json`) are refused in one
-line naming them (`cache.claim_output`); `--force` replaces them. An image whose feature vector holds
-NaN or inf is named, counted and skipped, like an image without features; the rest of
-the split is scored.
-
-Config used: eval.*, decode.* (beam_size, max_generated_words, length_normalization;
-batch_size only changes speed). Cost: for the 1,000 Flickr8k test images, about
-10-20 s of beam-3 decoding on 2 CPU cores plus a few seconds for the thumbnails;
-the HTML is about 3 MB.
+Writes, into `eval.output` (default: the model directory; an ensemble needs one), together
+(`cache.write_together`: both or neither, a failed write one line naming the file), names
+from `captioner.layout.eval_report_files`:
+- `eval-<split>.json`: corpus BLEU-1..4 (uniform weights) and CIDEr-D, decode settings, model
+  dir, counts, the ids without features, the ids whose features hold NaN/inf ({id: reason}), and
+  per image: id, caption, log_prob, references, sentence BLEU-4 (smoothed, method 1), CIDEr-D.
+- `eval-<split>.html`: one self-contained page (thumbnails as base64 JPEG data URIs): the metric
+  table, the best and worst 10 images by CIDEr-D, every image (thumbnails for the first 500).
+- `eval-<split>.json.manifest.json`: the stage manifest, written last; the same model files,
+  split file, features files and decode settings do not rerun; `--force` does.
+It holds `cache.output_lock` on `eval-<split>.json` (a second run refuses in one line) and
+refuses report files no evaluation wrote (`cache.claim_output`; `--force` replaces them). An
+image without features, or with NaN/inf in them, is named, counted and skipped. Config: eval.*,
+decode.* (beam_size, max_generated_words, length_normalization; batch_size only changes speed).
+Cost: 1,000 Flickr8k images take 10-20 s of beam-3 decoding on 2 CPU cores plus a few seconds
+for the thumbnails; the HTML is about 3 MB.
 """
 
 from __future__ import annotations

@@ -1,80 +1,28 @@
 """Stage 1: an image folder -> a features cache (dict image id -> float32 [D]), and merging shards.
 
-Reads: the images directly in `features.images` (see `captioner.data.images` for formats,
-EXIF, colour modes and resizing), and the backbone (`features.backbone`, a
-`captioner.vision.backbones.CATALOGUE` name) with its weights (`features.weights`: "imagenet"
-= the Keras download cached in ~/.keras/models, a local .h5/.weights.h5 file, a .tflite
-model of that family run by the LiteRT interpreter, or "none" = random weights, for
-tests and demos only).
-Writes: `features.output` (default data/features/vgg16-fc2.pkl), a pickle of
-dict image id (file name without extension) -> float32 [D] (D = 4096 for VGG fc2/fc1,
-2048 or 1280 for the pooled families), the course's `features.pkl` layout with (D,)
-values; beside it `<output>.manifest.json` (stage "features"; params: the
-`captioner.vision.backbones.extractor_params` record (backbone, layer or TFLite tensor,
-weights, weights_sha256, input_size, resample, precision) and shard; extra: counts,
-"failed" {file name: reason}, "duplicates", per-file sizes/mtimes for incremental
-runs). While running, finished work is kept in `<output>.parts/` (one .npz per
-`features.chunk_size` images), removed at the end.
-Maps for the attention and transformer models: with an output named .h5/.hdf5 and a convolutional
-`--layer` (a map layer of the catalogue, `captioner.vision.backbones.Backbone.maps`, such as VGG16's
-block5_pool 7x7x512 or block5_conv3 14x14x512, or a TFLite tensor such as the int8
-MobileNetV2's `mobilenetv2_1.00_224/out_relu/Relu6`, 7x7x1280), each image's map [H, W, C]
-goes into an HDF5 map file (`captioner.data.spatial`: float16, chunked per image, provenance in
-its attributes), written beside the output and renamed over it at the end; the chunks give
-resume as for vectors, and a truncated map file is not reused but redone. A map layer into a
-vector file, or a pooled layer into a map file, is refused in one line; sharding maps is not
-supported; a catalogue layer of the other sort is refused before the network is built. Memory and disk: the maps of the run are held, and chunked, in float16 until
-written (Flickr8k at 7x7x1280: about 1 GB each).
-Config used: the `features` section (backbone, layer, weights, resample, precision,
-batch_size, workers, chunk_size, max_failed_fraction, shard).
-Cost: VGG16 is about 15.5 GFLOPs per image: Flickr8k's 8,091 images give a 130 MB
-pickle in one to two hours on a 2-core CPU, minutes on a GPU; an int8 MobileNetV2
-(.tflite) takes about a minute on the same CPU (README: `bench/extract.py`). A rerun
-with unchanged inputs takes well under a second.
+Reads: the images directly in `features.images` (decoding: `captioner.data.images`) and the
+backbone `features.backbone` (a `captioner.vision.backbones.CATALOGUE` name) with
+`features.weights`: "imagenet", a .h5/.weights.h5 file, a .tflite model of that family (LiteRT;
+one that does not fit is refused before anything is written), or "none" (random, tests only).
+Writes: `features.output` (default data/features/vgg16-fc2.pkl), a pickle of dict image id (file
+name without extension) -> float32 [D] (4096 for VGG fc2/fc1, 2048 or 1280 for the pooled
+families), with `<output>.manifest.json` (params: `backbones.extractor_params`, shard; extra:
+counts, "failed" {file name: reason}, "duplicates", per-file sizes and mtimes); chunks of
+`features.chunk_size` images wait in `<output>.parts/` until the end. An .h5/.hdf5 output with a
+map `--layer` (`Backbone.maps`, or a TFLite tensor) is an HDF5 map file instead
+(`captioner.data.spatial`: float16 [N, H, W, C]; not sharded); a layer that does not fit the
+output's kind is refused in one line before the network is built.
 
-A .tflite model (`--weights FILE.tflite`, `--layer TENSOR` or the pooled tensor by
-default) runs through the same stage: chunks, resume, shards, skipped images. Its
-interpreters (one per core, `features.workers` or all cores) take the images as uint8
-pixels, each image alone; the file is opened (and refused in one line if it is not a
-model of the backbone's family and input size) before anything is written.
-
-The backbone, its preprocessing and the pipelined, batched run of images through it
-are `captioner.vision.backbones` (`caption` uses them without this stage). Fixed-size batches
-there make resumed, incremental and sharded runs here bitwise equal to one
-uninterrupted run. Precision (`features.precision`): see `captioner.vision.backbones`.
-
-Incremental and resumable: an image whose file (size and mtime) is unchanged
-since the previous finished run keeps its features; only new or changed images
-go through the network. A run killed at any point (even SIGKILL) keeps its
-finished chunks; rerunning resumes from them (chunks carry a SHA-256 of their
-contents; a corrupt or truncated chunk is redone). Chunks made with other
-params (backbone, layer, weights, resample, precision) are discarded.
-
-Bad input: an unreadable, truncated, empty or non-image file (or a broken symbolic
-link with an image's name, or an image the network turns into NaN/inf) is skipped, logged
-by name with the reason, and listed in the manifest; the stage fails only when
-more than `features.max_failed_fraction` of the images fail. Two files with the
-same id (a.jpg and a.png) keep the first by file name; the others are logged
-and listed under "duplicates".
-
-Failures and concurrency: a write that fails (disk full, file-size limit, permission
-denied) stops the stage with one line naming the file and the cause
-(`cache.WriteError`); the previous features file is left as it was, and the chunks
-already written stay, so a rerun resumes from them. The stage (and `merge_feature_parts`)
-holds `cache.output_lock(output)` while it runs: a second run on the same output
-refuses in one line. It writes only over its own output (`cache.claim_output`): an
-existing file with no features manifest beside it (a user's pickle, or another stage's
-file such as a merge's) is refused in one line, and so is a `<output>.parts/` that holds
-no chunks of ours; `--force` replaces them. An image whose file name is not valid UTF-8
-is skipped, named and counted (no caption file or report could hold its id). A run whose
-every feature is zero (an extractor that computes nothing) is refused, nothing written.
-
-WebDataset shards, parquet files, or `--engine ray`: `captioner.engines.extract` (the CLI sends
-them there; the same features file and manifest, written part by part).
-
-Scale-out: `features.shard = "i/N"` extracts the images whose id hashes (SHA-1)
-to i modulo N, a split that stays put when images are added; the N part files
-are joined by `merge_feature_parts` into a cache identical to an unsharded run.
+Unchanged images (size, mtime) keep their features; a killed run resumes from its chunks; any
+run gives the features of one uninterrupted run, bit for bit. Bad images (unreadable, empty, not
+an image, NaN features, a name not UTF-8) are skipped, named and listed; past
+`features.max_failed_fraction` the stage fails; of one id twice (a.jpg, a.png) the first by name
+is kept. Locks and overwrites: `cache.output_lock`, `cache.claim_output` (`--force`).
+`features.shard = "i/N"` takes the ids whose SHA-1 is i mod N; `merge_feature_parts` joins the
+parts. Shards, parquet, `--engine ray`: `captioner.engines.extract`. Config: those `features`
+fields and layer, resample, precision, batch_size, workers. Cost: Flickr8k's 8,091 images (a 130
+MB pickle) take most of an hour with VGG16 on 2 CPU cores, a minute or two with the int8
+MobileNetV2 (results/benchmarks.md); maps: about 1 GB at 7x7x1280; an unchanged rerun, a second.
 """
 
 from __future__ import annotations

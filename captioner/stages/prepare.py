@@ -1,56 +1,28 @@
 """Stage 2 (`captioner prepare`): caption files -> cleaned captions per split and the tokenizer.
 
-Reads (config section `text`):
-  text.captions  either Flickr8k's token file, lines `IMAGE.jpg#N<TAB>caption` (N = 0..4), with
-                 the split files `Flickr_8k.{train,dev,test}Images.txt` (one `IMAGE.jpg` a line)
-                 in the folder `text.splits`;
-                 or, told apart by the `.json` suffix, Karpathy's split file
-                 (`dataset_flickr8k.json`, `dataset_flickr30k.json`, `dataset_coco.json`):
-                 `images[].filename`, `images[].split`, `images[].sentences[].tokens` (or `.raw`).
-                 Karpathy's splits map onto ours: train -> train, val -> dev, test -> test, and
-                 restval -> train (restval is COCO's "rest of val2014", which every paper that uses
-                 the Karpathy split trains on; Flickr8k/30k have none);
-                 or WebDataset shards (a .tar, a glob or folder of them; several joined by
-                 os.pathsep, as `--captions A.tar B.tar` stores them): KEY.txt (one caption a line)
-                 and KEY.json ("caption" or "captions") beside each KEY.jpg, split by the Flickr8k
-                 split files in text.splits when it has them, else by each sample's JSON "split",
-                 else 90/5/5 by a hash of the id (`captioner.data.captions.read_webdataset`).
-                 Shards are fingerprinted by size and mtime (not hashed: they hold the images).
-Writes into the folder text.output:
-  train.json, dev.json, test.json   {image_id: [cleaned caption, ...]}; image_id is the file name
-                                    without its extension, captions are words joined by single
-                                    spaces, no start/end tokens, at most text.max_prepared_words
-                                    words (longer ones are cut and counted); images sorted by id.
-  tokenizer.json                    `captioner.data.tokenizer.Tokenizer` built on train.json only, with
-                                    text.min_word_count.
-  stats.json                        images/captions per split, vocabulary sizes and coverage,
-                                    caption length percentiles, and every line or key that could
-                                    not be used, with its line number and reason.
-  manifest.json                     `captioner.cache.Stage` "captions": fingerprints of the caption
-                                    file and the split files, min_word_count, max_prepared_words,
-                                    cleaning version. Same inputs and params -> nothing to do.
-Cost: Flickr8k (40,460 lines) takes about 2 seconds and writes about 3 MB.
-
-The five files are written together (`cache.write_together`): a failed write (full disk,
-file-size limit, permission) is one CaptionerError line naming the file and the cause, and
-leaves the previous files of the folder as they were; the manifest is written last. The
-run holds `cache.output_lock(text.output)`, so a second run on the same folder refuses.
-It writes only into a folder of its own (`cache.claim_folder`): a folder that holds
-anything but prepared captions (a user's `train.json`, another stage's output) is
-refused in one line naming what it holds; `--force` writes into it.
-
-Cleaning: `captioner.data.cleaning` (the rule the scorers use too). File names and the image id
-rule (file name without its suffix): `captioner.layout`.
-A caption with no words left is reported as a bad line and skipped.
-
-Unusable input is reported, never a crash: malformed lines (no tab, a key without `#N`,
-an empty caption, bytes that are not UTF-8) are skipped and listed with their line
-numbers; keys that are not image file names (Flickr8k's `2258277193_586949ec62.jpg.1`,
-five captions for a name with no image) are listed; two keys that name the same image id
-(`a/x.jpg` and `b/x.jpg`, or `x.jpg` and `x.png`) are not merged: the first keeps the id, the
-others are listed and counted (`duplicate_image_ids` in stats.json); images named in a split
-file but with no caption are counted and listed. A missing caption file, split folder or split
-file, or a JSON file that is not Karpathy's format, raises CaptionerError naming it.
+Reads (config section `text`): text.captions, one of
+  - Flickr8k's token file (lines `IMAGE.jpg#N<TAB>caption`, N = 0..4) with the split files
+    `Flickr_8k.{train,dev,test}Images.txt` (one `IMAGE.jpg` a line) in the folder `text.splits`;
+  - a Karpathy split file (`.json`: `dataset_flickr8k.json`, `dataset_flickr30k.json`,
+    `dataset_coco.json`; `images[].filename`, `.split`, `.sentences[].tokens` or `.raw`), its
+    splits mapped train -> train, val -> dev, test -> test, restval -> train;
+  - WebDataset shards (a .tar, a glob or folder of them; several joined by os.pathsep): KEY.txt
+    (one caption a line) or KEY.json ("caption"/"captions") beside each KEY.jpg, split by the
+    Flickr8k split files in text.splits, else each sample's JSON "split", else 90/5/5 by a hash
+    of the id (`captioner.data.captions.read_webdataset`); fingerprinted by size and mtime.
+Writes into text.output (names: `captioner.layout`), together (`cache.write_together`):
+  train.json, dev.json, test.json  {image_id: [cleaned caption, ...]}, images sorted by id; at
+                                   most text.max_prepared_words words a caption (longer: cut,
+                                   counted); no start/end tokens. Cleaning: `captioner.data.cleaning`.
+  tokenizer.json                   built on train.json only, with text.min_word_count
+  stats.json                       counts per split, vocabulary and coverage, length percentiles,
+                                   and every unusable line or key with its line number and reason
+  manifest.json                    the stage manifest, last: same inputs and params -> no-op
+It holds `cache.output_lock(text.output)` and writes only into a folder of its own
+(`cache.claim_folder`; `--force` overrides). Unusable lines (no tab, no `#N`, empty, not UTF-8),
+keys that are not image names, a second key for one image id, and split images without captions
+are skipped and listed, never a crash; a missing input file or folder raises CaptionerError
+naming it. Cost: Flickr8k (40,460 lines) takes about 2 seconds and writes about 3 MB.
 """
 
 from __future__ import annotations

@@ -1,58 +1,28 @@
 """Image backbones: the catalogue, building one, and running images through it.
 
-Everything `caption` needs to turn photos into feature vectors, without the extraction
-stage (`captioner.stages.features`, which adds chunks, resume, shards and the cache on top).
+Everything `caption` needs to turn photos into features, without the extraction stage. Reads:
+images and weights; writes nothing. `Extractor`: uint8 RGB [N, H, W, 3] -> float32 [N, D] from a
+pooled layer (maps [N, H, W, C] from a map layer).
 
-The catalogue (`CATALOGUE`) declares each backbone once: its `keras.applications`
-constructor, input size, preprocessing, default resize filter, the layers whose
-output can serve as pooled features, with their widths (the first is the default), and
-the convolutional map layers an attention or transformer model reads, with their grids
-(`Backbone.maps`, H x W x C; `extract --layer NAME --output FILE.h5`):
+`CATALOGUE` declares each backbone once (vgg16, vgg19, resnet50, inception_v3, mobilenet_v2,
+efficientnet_b0; tables in docs/usage.md and docs/transformer.md): its `keras.applications`
+constructor, input size, preprocessing, default resize filter, pooled layers with their widths
+(the default: the global average pool feeding "predictions", `Backbone.pooled_layer`), and map
+layers with their grids (`Backbone.maps`, H x W x C).
 
-| name | input | preprocessing | resize | feature layers | map layers |
-| --- | --- | --- | --- | --- | --- |
-| vgg16 | 224x224 | caffe | nearest (as Keras `load_img`, the course's way) | fc2, fc1 (4096) | block5_conv3 14x14x512, block5_pool 7x7x512 |
-| vgg19 | 224x224 | caffe | nearest | fc2, fc1 (4096) | block5_conv3, block5_conv4 14x14x512, block5_pool 7x7x512 |
-| resnet50 | 224x224 | caffe | bilinear | avg_pool (2048) | conv5_block3_out 7x7x2048 (the last block) |
-| inception_v3 | 299x299 | tf | bilinear | avg_pool (2048) | mixed10 8x8x2048 |
-| mobilenet_v2 | 224x224 | tf | bilinear | global_average_pooling2d (1280) | out_relu 7x7x1280 |
-| efficientnet_b0 | 224x224 | none (the network rescales itself) | bilinear | avg_pool (1280) | top_activation 7x7x1280 |
-
-A map layer is each family's last convolutional output, the one its pool averages (VGG's
-block5_pool halves block5_conv3's grid: 49 positions instead of 196, the same width); a .tflite
-model names its map by tensor instead (`open_tflite`).
-
-The convolutional families' feature layer is the global average pool that feeds the
-classifier (`Backbone.pooled_layer`): what captioning models use. Keras 3 leaves
-MobileNetV2's pool unnamed (its name depends on how many such layers the process made
-before), so the pooled layer is taken as the input of the "predictions" layer, by rule,
-for every family. Another family is one more `Backbone(...)` entry (and, for a new
-preprocessing, one more entry in `PREPROCESSING`).
-
-Weights: "imagenet" (the Keras download, cached in ~/.keras/models; its "Downloading
-data from ..." lines go to stderr, never to stdout where `caption` prints captions),
-"none" (random, seeded with RANDOM_WEIGHTS_SEED: the same network in every process;
-for tests and the offline demo only), a local .h5/.weights.h5 file, or a `.tflite`
-model of the same family (`open_tflite`: `captioner.vision.tflite.TFLiteBackbone` fed with
-the family's preprocessing, the layer naming its feature tensor).
-
-`extractor_params` says how features are made, as the features manifest and a model
-directory's provenance record it; `build_extractor` rebuilds that extractor (what
-`caption` runs), checking a weights file's SHA-256 against the recorded one.
-
-Precision (`captioner.config.FEATURE_PRECISIONS`, Keras dtype-policy names): float32
-(default); mixed_bfloat16 (meant for CPUs with AMX or AVX512-BF16; without them it
-brings little; "bfloat16", the name earlier versions used, means the same);
-mixed_float16 (GPUs); "auto" (resolved by `resolve_precision`).
-Output is always float32. On the 60 shared Flickr8k photos (VGG16 fc2, the same random
-weights in both), bfloat16 features differ from float32 ones by a mean relative L2
-error of 0.0092 (max 0.0099), cosine similarity 0.99997: about what bfloat16's 8-bit
-mantissa allows. Speeds are in the README (`bench/extract.py`).
-
-How extraction is fast (`extract_features`): decoding and resizing run in a thread
-pool for the next batches while the network runs on the current one; the network sees
-fixed-size batches (the last is padded), so every image's features are computed with
-the same arithmetic whatever its neighbours are.
+Weights: "imagenet" (the Keras download, cached in ~/.keras/models; its progress lines go to
+stderr, never to stdout), "none" (random, seeded with RANDOM_WEIGHTS_SEED: the same network in
+every process; tests and the demo only), a local .h5/.weights.h5 file, or a `.tflite` model of the
+family (`open_tflite`: `captioner.vision.tflite.TFLiteBackbone` with the family's preprocessing,
+`--layer` naming its tensor). `extractor_params` records how features are made (the features
+manifest, a model's provenance); `build_extractor` rebuilds that extractor, checking a weights
+file's SHA-256 against the recorded one. Precision (`captioner.config.FEATURE_PRECISIONS`):
+float32 (default), mixed_bfloat16 (CPUs with AMX or AVX512-BF16; "bfloat16" means the same),
+mixed_float16 (GPUs), "auto" (`resolve_precision`); output is always float32. `extract_features`
+decodes the next batches in a thread pool while the network runs fixed-size batches (the last
+padded), so an image's features never depend on its neighbours. Config: `features` (backbone,
+layer, weights, resample, precision, batch_size, workers). Cost: VGG16 about 15.5 GFLOPs an image;
+measured rates in results/benchmarks.md ("Feature extraction").
 """
 
 from __future__ import annotations

@@ -1,40 +1,26 @@
 """A TFLite image model (float or fully int8/uint8) as a feature-extraction backbone.
 
-Reads: one `.tflite` file (a flatbuffer with one rank-4 RGB image input).
-Writes: nothing.
-Cost: loading a model takes milliseconds; an int8 MobileNetV2 costs milliseconds of one
-core per 224x224 image (README: measured throughput, with the command that measured it).
+Reads: one `.tflite` file (a flatbuffer with one rank-4 RGB image input) and images as uint8
+pixels [N, H, W, 3]. Writes: nothing. Returns features float32 [N, *feature_shape]. Config: none
+of its own (`features.layer` names the tensor, `features.workers` the interpreters). It runs the LiteRT interpreter (`ai_edge_litert`), never TensorFlow.
+Cost: loading a model takes milliseconds; an int8 MobileNetV2 costs milliseconds of one core per
+224x224 image (results/benchmarks.md, "Feature extraction").
 
-We run models with the LiteRT interpreter (`ai_edge_litert.interpreter.Interpreter`,
-the `ai-edge-litert` package), not `tf.lite.Interpreter`: the latter is deprecated in
-favour of LiteRT, which has the same API, is maintained, ships its own XNNPACK kernels
-and needs no TensorFlow, so a TFLite backbone runs without importing TensorFlow.
-
-What `TFLiteBackbone` does, and why:
-
-- The feature tensor. By default the pooled features: when the model ends in a
-  classifier (its output comes from SOFTMAX, possibly behind a QUANTIZE), the rank-2
-  tensor feeding that classifier's FULLY_CONNECTED op (for the shared MobileNetV2,
-  `mobilenetv2_1.00_224/global_average_pooling2d/Mean`, int8 [1, 1280]); otherwise the
-  model's own output (how `captioner.vision.quantize` writes models: the features ARE the
-  output). Any other tensor can be named exactly (or by one of the `;`-joined names
-  TFLite gives a fused tensor, when only one tensor carries it).
-- Intermediate tensors are only readable when the interpreter keeps them
-  (`experimental_preserve_all_tensors=True`): the interpreter then does not reuse
-  their memory and runs delegated kernels op by op. We ask for it only when the
-  feature tensor is not a model output, and silence the warning the interpreter
-  prints about it (stderr carries our lines only).
-- Input quantization. A float model gets `preprocess(pixels)` (the family's
-  preprocessing; default MobileNetV2's x / 127.5 - 1). A quantized model gets
-  q = round(preprocess(pixels) / scale + zero_point), clipped to its dtype, except
-  when that map is the identity on raw pixels to within half a step (true for the
-  shared MobileNetV2: scale 1/127.5, zero point 127, so q = pixel - 0.5): then the
-  raw uint8 pixels go in unchanged, exactly how its reference features were computed.
+`TFLiteBackbone`:
+- Feature tensor: by default the pooled features, i.e. when the model ends in a classifier
+  (SOFTMAX, possibly behind a QUANTIZE) the rank-2 input of its FULLY_CONNECTED op (the shared
+  MobileNetV2's `mobilenetv2_1.00_224/global_average_pooling2d/Mean`, int8 [1, 1280]), otherwise
+  the model's output (as `captioner.vision.quantize` writes models). Any tensor can be named
+  exactly, or by one of the `;`-joined names of a fused tensor; an intermediate one makes the
+  interpreter keep all tensors (`experimental_preserve_all_tensors`, slower), its warning silenced.
+- Input: a float model gets `preprocess(pixels)` (default MobileNetV2's x / 127.5 - 1); a
+  quantized one q = round(preprocess(pixels) / scale + zero_point), clipped to its dtype, or the
+  raw uint8 pixels when that map is the identity to within half a step (the shared MobileNetV2:
+  scale 1/127.5, zero point 127), exactly how its reference features were computed.
 - Output: the feature tensor dequantized, (q - zero_point) * scale, as float32.
-- Both cores busy: a small pool of interpreters, one per worker thread, each
-  single-threaded; the interpreter releases the GIL while it runs, so the workers
-  run in parallel. Each image is computed alone (batch 1, or the model's own fixed
-  batch), so an image's features never depend on its neighbours in a call.
+- Threads: a pool of single-threaded interpreters, one per worker thread (the interpreter
+  releases the GIL); each image runs alone (batch 1, or the model's fixed batch), so its
+  features never depend on its neighbours.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Fakes the map-decoder tests share (test_attention.py, test_transformer.py): tiny inputs, a
-perturbed model, and a float64 log-softmax to compare step models with full models."""
+"""Fakes the decoder tests share (test_attention.py, test_transformer.py, test_model.py): tiny inputs,
+a perturbed model, a float64 log-softmax to compare step models with full models, and the check
+that a step model's rows are independent of each other."""
 
 import keras
 import numpy as np
@@ -31,3 +32,15 @@ def sample_inputs(batch: int, length: int, lengths: tuple[int, ...]) -> tuple[np
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def assert_rows_step_alone(stepper, states: list[np.ndarray], extra: str) -> None:
+    """Rows repeated and permuted, as beam search does, step as each row alone (log-probabilities
+    and the `extra` output, 1e-6)."""
+    order = np.array([2, 2, 0, 1])
+    next_ids = np.array([5, 6, 7, 8])
+    reordered, _, extras = stepper.step(next_ids, [s[order] for s in states])
+    for row, source in enumerate(order):
+        alone, _, alone_extras = stepper.step(next_ids[row : row + 1], [s[source : source + 1] for s in states])
+        np.testing.assert_allclose(reordered[row], alone[0], atol=1e-6)
+        np.testing.assert_allclose(extras[extra][row], alone_extras[extra][0], atol=1e-6)

@@ -16,7 +16,14 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from decoder_fakes import CHANNELS, POSITIONS, VOCAB, log_softmax, perturb  # noqa: E402
+from decoder_fakes import (  # noqa: E402
+    CHANNELS,
+    POSITIONS,
+    VOCAB,
+    assert_rows_step_alone,
+    log_softmax,
+    perturb,
+)
 from decoder_fakes import sample_inputs as shared_inputs  # noqa: E402
 
 from captioner.config import ModelConfig  # noqa: E402
@@ -102,13 +109,7 @@ def test_step_model_rows_are_independent_and_take_h_by_w_maps():
     for a, b in zip(states, grid):
         np.testing.assert_array_equal(a, b)
     _, states, _ = stepper.step(ids[:, 0], states)
-    order = np.array([2, 2, 0, 1])  # repeated and permuted rows, as beam search does
-    next_ids = np.array([5, 6, 7, 8])
-    reordered, _, extras = stepper.step(next_ids, [s[order] for s in states])
-    for row, source in enumerate(order):
-        alone, _, alone_extras = stepper.step(next_ids[row : row + 1], [s[source : source + 1] for s in states])
-        np.testing.assert_allclose(reordered[row], alone[0], atol=1e-6)
-        np.testing.assert_allclose(extras[ATTENTION_EXTRA][row], alone_extras[ATTENTION_EXTRA][0], atol=1e-6)
+    assert_rows_step_alone(stepper, states, ATTENTION_EXTRA)
 
 
 def test_step_model_names_expected_and_found_map_shapes():

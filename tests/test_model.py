@@ -13,6 +13,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from decoder_fakes import log_softmax, perturb  # noqa: E402
+
 from captioner import config as config_lib  # noqa: E402
 from captioner.cache import WriteError  # noqa: E402
 from captioner.config import Config, ModelConfig  # noqa: E402
@@ -28,12 +30,7 @@ FEATURE_DIM, VOCAB = 6, 11
 def perturbed_model(seed: int = 0, config: ModelConfig = TINY) -> keras.Model:
     """A tiny model with random nonzero biases, so every weight matters to the outputs."""
     keras.utils.set_random_seed(seed)
-    model = build_model(FEATURE_DIM, VOCAB, config)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in layer.get_weights()])
-    return model
+    return perturb(build_model(FEATURE_DIM, VOCAB, config), seed)
 
 
 def sample_inputs(batch: int = 3, length: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,11 +43,6 @@ def sample_inputs(batch: int = 3, length: int = 6) -> tuple[np.ndarray, np.ndarr
         ids[b, 0] = 2
         ids[b, 1:n] = rng.integers(4, VOCAB, n - 1)
     return features, ids, lengths
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def test_parameter_counts_match_a_hand_computation():

@@ -238,8 +238,7 @@ def plan_sources(
         items: list[Item] = []
         for item in listed:
             if item.image_id in chosen:
-                kept = _kept_name(item.image_id, items if chosen[item.image_id] == index else
-                                  [i for b in blocks if b.source == str(paths[chosen[item.image_id]]) for i in b.items])
+                kept = _kept_name(item.image_id, chosen[item.image_id], items, blocks)
                 duplicates[item.name] = f"duplicate id {item.image_id!r}: kept {kept}"
                 continue
             chosen[item.image_id] = index
@@ -256,8 +255,12 @@ def plan_sources(
     return SourcePlan(kind, paths, blocks, duplicates, digest.hexdigest())
 
 
-def _kept_name(image_id: str, items: Sequence[Item]) -> str:
-    return next(item.name for item in items if item.image_id == image_id)
+def _kept_name(image_id: str, source_index: int, current: list[Item], blocks: list[Block]) -> str:
+    """The name of the image that kept `image_id`: among the source being planned (`current`), or in
+    the blocks of the source at `source_index` (block names start with it). Only for repeated ids."""
+    prefix = f"{source_index:05d}-"
+    candidates = [item for block in blocks if block.name.startswith(prefix) for item in block.items] + current
+    return next(item.name for item in candidates if item.image_id == image_id)
 
 
 def _key_and_extension(member_name: str) -> tuple[str, str]:

@@ -69,6 +69,10 @@ class Job:
     def make_worker(self) -> Any:
         return FeatureWorker(**self.worker_kwargs) if self.kind == "features" else CaptionWorker(**self.worker_kwargs)
 
+    def decode(self, block: Block) -> DecodedBlock:
+        """The block's images read and decoded at this job's size (`decode_block`), wherever it runs."""
+        return decode_block(block, self.size, self.resample, self.image_column)
+
 
 def run_local(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None], worker: Any = None) -> None:
     """Each block in turn, in this process: decode, then the worker (built once, or `worker`)."""
@@ -76,8 +80,7 @@ def run_local(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], No
         return
     worker = worker if worker is not None else job.make_worker()
     for block in blocks:
-        decoded = decode_block(block, job.size, job.resample, job.image_column)
-        on_part(worker.run(decoded, job.folder))
+        on_part(worker.run(job.decode(block), job.folder))
 
 
 # --------------------------------------------------------------------------- Ray
@@ -154,12 +157,12 @@ def ray_session(address: str, cpus: int, object_store_bytes: int = 0) -> Any:
             ray.shutdown()
 
 
-def _decode_batch(batch: dict[str, Any], size: tuple[int, int], resample: str, image_column: str) -> dict[str, Any]:
+def _decode_batch(batch: dict[str, Any], job: Job) -> dict[str, Any]:
     """Ray task: one block (its JSON) -> its decoded bytes."""
     import numpy as np
 
     block = Block.from_json(str(batch["block"][0]))
-    decoded = decode_block(block, size, resample, image_column)
+    decoded = job.decode(block)
     return {"decoded": np.array([decoded.to_bytes()], dtype=object)}
 
 
@@ -181,8 +184,7 @@ class _PartActor:
         if "decoded" in batch:
             decoded = [DecodedBlock.from_bytes(bytes(data)) for data in batch["decoded"]]
         else:
-            decoded = [decode_block(Block.from_json(str(text)), job.size, job.resample, job.image_column)
-                       for text in batch["block"]]
+            decoded = [job.decode(Block.from_json(str(text))) for text in batch["block"]]
         summaries = [self.worker.run(block, job.folder) for block in decoded]
         return {"summary": np.array([s.to_json() for s in summaries], dtype=object)}
 
@@ -203,7 +205,7 @@ def _user_error(error: BaseException) -> CaptionerError | None:
 
 
 def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None], *, address: str = "",
-            workers: int = 0, cpus_per_worker: int = 1, decode_in: str = "tasks") -> None:
+            workers: int = 0, cpus_per_worker: int = 1, decode_in: str = "actors") -> None:
     """The blocks as a Ray Data pipeline (see the module docstring); `on_part` in the driver, per part."""
     local_cpus = (workers * cpus_per_worker) if workers else (os.cpu_count() or 1)
     # A Ray started here gets a store sized to what is in flight (decoded blocks, 2 per actor, room
@@ -225,7 +227,7 @@ def run_ray(blocks: list[Block], job: Job, on_part: Callable[[PartSummary], None
             dataset = dataset.map_batches(
                 _decode_batch, batch_size=1, num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_WORKER * workers),
-                fn_kwargs={"size": tuple(job.size), "resample": job.resample, "image_column": job.image_column},
+                fn_kwargs={"job": job},
             )
         dataset = dataset.map_batches(
             _PartActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,

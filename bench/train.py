@@ -36,7 +36,8 @@ prefixes (`--classic-batch-size`):
   7x7x1280 take 750 MB there) and deleted at the end.
 - with `--transformer`, the Transformer decoder (`captioner.models.transformer`, default
   `ModelConfig` of its kind: 2 blocks, width 256, 4 heads, feed-forward 1024) trained and timed
-  as the attention row (`--transformer-steps`), on the same maps.
+  as the attention row (`--transformer-steps`), on the same maps; each `--transformer-row
+  'model.layers=1 model.feedforward_dim=512'` adds a row with those config overrides.
 
 Data: real with `--prepared DIR --features FILE...` (a `captioner prepare` folder and feature
 files: the train split's captions and tokenizer, e.g. Flickr8k with the shared MobileNetV2
@@ -154,6 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the transformer model on spatial maps, beside the merge model",
     )
     parser.add_argument("--transformer-steps", type=int, default=40, help="transformer model steps to time")
+    parser.add_argument(
+        "--transformer-row",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="with --transformer: one more transformer row with these config overrides "
+        "(e.g. 'model.layers=1 model.feedforward_dim=512'); repeatable",
+    )
     parser.add_argument("--maps", help="with --prepared and a map row: a map file (`captioner extract --layer ...`)")
     parser.add_argument(
         "--map-shape",
@@ -165,9 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=["teacher", *MAP_VARIANTS, "classic"], help=argparse.SUPPRESS)
     parser.add_argument("--variant-batch-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variant-overrides", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.maps and not (args.attention or args.transformer):
         parser.error("--maps is read only by the map variants: add --attention or --transformer")
+    if args.transformer_row and not args.transformer:
+        parser.error("--transformer-row adds to the transformer rows: add --transformer")
     if args.maps and not args.prepared:
         parser.error("--maps needs --prepared: the maps are of a prepared split's images")
     if args.maps and not Path(args.maps).is_file():
@@ -325,6 +337,7 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
         config.train.batch_size = args.variant_batch_size or args.classic_batch_size
     else:
         config.train.batch_size = args.variant_batch_size or args.batch_size  # None: the kind's default
+    config_lib.apply_overrides(config, args.variant_overrides.split())  # a --transformer-row's
     config_lib.validate(config)  # fills batch size and learning rate as `captioner train` does
     train = config.train
     optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate, clipnorm=train.clipnorm)
@@ -409,6 +422,7 @@ def run_variant(args: argparse.Namespace, scratch: Path) -> dict:
         "skipped_captions": data.skipped_captions if args.variant != "classic" else 0,  # no features (maps)
         "map_grid": list(table.matrix.grid) if maps else None,
         "parameters": int(model.count_params()),
+        "overrides": args.variant_overrides,
     }
 
 
@@ -454,7 +468,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
             epoch += f" (whole epoch run: {r['fit_wall_seconds']:.0f} s)"
         rss = f"{r['peak_rss'] / 1e9:.2f} GB" + (" (whole epoch)" if r["whole_epoch"] else f" ({r['steps']} steps)")
         lines.append(
-            f"| {names[r['variant']]} | {r['batch_size']} {unit} | {r['timed_steps']} | {r['words_per_step']:.0f} "
+            f"| {names[r['variant']]}{' (' + r['overrides'] + ')' if r.get('overrides') else ''} | {r['batch_size']} {unit} | {r['timed_steps']} | {r['words_per_step']:.0f} "
             f"| {r['padding_fraction']:.0%} | {r['words_per_second']:,.0f} | {epoch} | {rss} "
             f"| {r['words_per_second'] / base:.2f}x | {r['words_per_cpu_second']:,.0f} "
             f"| {r['words_per_cpu_second'] / base_cpu:.2f}x |"
@@ -484,7 +498,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         height, width = row["map_grid"]
         skipped = row["skipped_captions"]
         lines.append(
-            f"{row['variant'].capitalize()} beside merge, same captions, each at its own batch size: "
+            f"{row['variant'].capitalize()}{' (' + row['overrides'] + ')' if row.get('overrides') else ''} beside merge, same captions, each at its own batch size: "
             f"{row['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
             f"({row['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
             f"an epoch of {row['epoch_seconds_extrapolated']:,.0f} s against "
@@ -515,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher forcing: {results[0]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
     for variant in MAP_VARIANTS:
         if getattr(args, variant):
-            results.append(run_subprocess(argv, ["--variant", variant]))
-            print(f"{variant}: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
+            rows = [""] + (args.transformer_row if variant == "transformer" else [])
+            for overrides in rows:
+                results.append(run_subprocess(argv, ["--variant", variant, "--variant-overrides", overrides]))
+                print(f"{variant} {overrides}: {results[-1]['words_per_second']:,.0f} words/s", file=sys.stderr, flush=True)
     classic_sizes = [args.classic_batch_size]
     if args.classic_matched:
         classic_sizes.append(int(round(results[0]["words_per_step"])))

@@ -279,7 +279,7 @@ def test_the_transformer_rules_bind_only_a_transformer():
         config = config_lib.apply_overrides(Config(), [f"--model.kind={kind}", "--model.heads=3", "--model.max_positions=5"])
         config_lib.validate(config)
     config = config_lib.validate(config_lib.apply_overrides(Config(), ["--model.kind=transformer"]))
-    assert config.model.decoder_dropout == 0.1 and config.train.batch_size == 64  # the kind's defaults
+    assert config.model.decoder_dropout == 0.3 and config.train.batch_size == 64  # the kind's defaults
     assert config.train.learning_rate == pytest.approx(1e-3)
 
 

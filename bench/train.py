@@ -180,6 +180,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--maps is read only by the map variants: add --attention or --transformer")
     if args.transformer_row and not args.transformer:
         parser.error("--transformer-row adds to the transformer rows: add --transformer")
+    for overrides in args.transformer_row:  # a bad row is refused here, not after the rows before it ran
+        from captioner import config as config_lib
+        from captioner.errors import CaptionerError
+
+        try:
+            config = config_lib.apply_overrides(config_lib.Config(), ["model.kind=transformer", *overrides.split()])
+            config_lib.validate(config)
+        except CaptionerError as error:
+            parser.error(f"--transformer-row {overrides!r}: {error}")
     if args.maps and not args.prepared:
         parser.error("--maps needs --prepared: the maps are of a prepared split's images")
     if args.maps and not Path(args.maps).is_file():
@@ -446,6 +455,11 @@ def expanded_classic_bytes(prefixes: int, vocab: int, max_length: int, feature_d
     return prefixes * (vocab + max_length + feature_dim) * 4
 
 
+def row_overrides(result: dict) -> str:
+    """" (model.layers=1 ...)" for a --transformer-row's result, "" for the others."""
+    return f" ({result['overrides']})" if result.get("overrides") else ""
+
+
 def format_table(results: list[dict], args: argparse.Namespace) -> str:
     classic = next(r for r in results if r["variant"] == "classic")
     base, base_cpu = classic["words_per_second"], classic["words_per_cpu_second"]
@@ -468,7 +482,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
             epoch += f" (whole epoch run: {r['fit_wall_seconds']:.0f} s)"
         rss = f"{r['peak_rss'] / 1e9:.2f} GB" + (" (whole epoch)" if r["whole_epoch"] else f" ({r['steps']} steps)")
         lines.append(
-            f"| {names[r['variant']]}{' (' + r['overrides'] + ')' if r.get('overrides') else ''} | {r['batch_size']} {unit} | {r['timed_steps']} | {r['words_per_step']:.0f} "
+            f"| {names[r['variant']]}{row_overrides(r)} | {r['batch_size']} {unit} | {r['timed_steps']} | {r['words_per_step']:.0f} "
             f"| {r['padding_fraction']:.0%} | {r['words_per_second']:,.0f} | {epoch} | {rss} "
             f"| {r['words_per_second'] / base:.2f}x | {r['words_per_cpu_second']:,.0f} "
             f"| {r['words_per_cpu_second'] / base_cpu:.2f}x |"
@@ -498,7 +512,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         height, width = row["map_grid"]
         skipped = row["skipped_captions"]
         lines.append(
-            f"{row['variant'].capitalize()}{' (' + row['overrides'] + ')' if row.get('overrides') else ''} beside merge, same captions, each at its own batch size: "
+            f"{row['variant'].capitalize()}{row_overrides(row)} beside merge, same captions, each at its own batch size: "
             f"{row['words_per_second'] / teacher['words_per_second']:.2f}x the merge model's target words/s "
             f"({row['words_per_cpu_second'] / teacher['words_per_cpu_second']:.2f}x per CPU-second), "
             f"an epoch of {row['epoch_seconds_extrapolated']:,.0f} s against "

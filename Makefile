@@ -78,22 +78,29 @@ flickr8k: $(VENV)/.installed
 	ls $(F8K)/images | grep -Fx -f $(F8K)/Flickr_8k.devImages.txt | sed 's|^|$(F8K)/images/|' > $(F8K_DATA)/dev-photos.txt; \
 	$(call TIMED,xargs $(BIN)/caption --model $(F8K_MODEL) --beam 3 < $(F8K_DATA)/dev-photos.txt | tee $(F8K_MODEL)/captions-dev-photos.txt,caption $$(wc -l < $(F8K_DATA)/dev-photos.txt) photos)
 
-# The pretrained default's recipe end to end (model card: captioner/pretrained/README.md): three
-# cross-entropy merge models, their ensemble's captions of the train images, a student trained on the
-# references plus those captions, SCST on CIDEr-D, then the export. Every step is cached and resumes
-# after a kill; about 2.5 hours on 2 idle cores.
+# The pretrained default's recipe end to end (model card: docs/model-card.md): the 7x7x320 maps of the
+# int8 MobileNetV2, three cross-entropy transformers, SCST of each (10 epochs), their ensemble's captions
+# of the train images, a transformer student trained on the references plus those captions, SCST of the
+# student (7 epochs), then the export. Every step is cached and resumes after a kill; about 6 hours on
+# 2 idle cores by the runs' epoch times (the SCST epochs are most of it).
 PT := models/pretrained
+F8K_MAPS := $(F8K_DATA)/features/mobilenet_v2-int8-maps320-train-dev.h5
 pretrained: $(VENV)/.installed
-	$(MAKE) flickr8k F8K_MODEL=$(PT)/ce-s0
-	set -e; for seed in 1 2; do \
-		$(BIN)/captioner train --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/ce-s$$seed --train.seed=$$seed; \
+	$(BIN)/captioner prepare --captions $(F8K)/Flickr8k.token.txt --splits $(F8K) --output $(F8K_CAPTIONS)
+	$(BIN)/captioner extract --images $(F8K)/images-224 --output $(F8K_MAPS) --backbone mobilenet_v2 \
+		--weights $(F8K_BACKBONE) --config configs/maps-320.json
+	set -e; for seed in 0 1 2; do \
+		$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/ce-s$$seed \
+			--config configs/transformer.json --train.seed=$$seed; \
+		$(BIN)/captioner finetune --model $(PT)/ce-s$$seed --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) \
+			--output $(PT)/scst-s$$seed --config configs/pretrained-teacher-scst.json; \
 	done
-	$(BIN)/captioner evaluate --model $(PT)/ce-s0 --model $(PT)/ce-s1 --model $(PT)/ce-s2 --features $(F8K_FEATURES) \
-		--captions $(F8K_CAPTIONS) --split train --output $(PT)/teacher
-	$(BIN)/captioner train --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json
-	$(BIN)/captioner finetune --model $(PT)/student --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --output $(PT)/scst \
+	$(BIN)/captioner evaluate --model $(PT)/scst-s0 --model $(PT)/scst-s1 --model $(PT)/scst-s2 --features $(F8K_MAPS) \
+		--captions $(F8K_CAPTIONS) --split train --beam 3 --output $(PT)/teacher
+	$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json
+	$(BIN)/captioner finetune --model $(PT)/student --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/scst \
 		--config configs/pretrained-scst.json
-	$(BIN)/captioner evaluate --model $(PT)/scst --features $(F8K_FEATURES) --captions $(F8K_CAPTIONS) --split dev --beam 3
+	$(BIN)/captioner evaluate --model $(PT)/scst --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --split dev --beam 3
 	$(BIN)/captioner export --model $(PT)/scst --output captioner/pretrained --export.backbone=false --force
 
 clean-demo:

@@ -93,13 +93,13 @@ pretrained: $(VENV)/.installed
 		$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/ce-s$$seed \
 			--config configs/transformer.json --train.seed=$$seed; \
 		$(BIN)/captioner finetune --model $(PT)/ce-s$$seed --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) \
-			--output $(PT)/scst-s$$seed --config configs/pretrained-teacher-scst.json; \
+			--output $(PT)/scst-s$$seed --config configs/scst-attention-xe.json --finetune.epochs=10; \
 	done
 	$(BIN)/captioner evaluate --model $(PT)/scst-s0 --model $(PT)/scst-s1 --model $(PT)/scst-s2 --features $(F8K_MAPS) \
 		--captions $(F8K_CAPTIONS) --split train --beam 3 --output $(PT)/teacher
 	$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json
 	$(BIN)/captioner finetune --model $(PT)/student --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/scst \
-		--config configs/pretrained-scst.json
+		--config configs/scst-attention-xe.json --finetune.epochs=7
 	$(BIN)/captioner evaluate --model $(PT)/scst --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --split dev --beam 3
 	$(BIN)/captioner export --model $(PT)/scst --output captioner/pretrained --export.backbone=false --force
 

@@ -122,11 +122,10 @@ def test_step_model_matches_the_full_model_at_every_position(changes):
     full_attention = full_cross_attention(model, maps, ids)
     stepper = TransformerStepModel(model)
     states = stepper.initial_state(maps)
-    heads, head_dim = config.heads, config.units // config.heads
-    assert [s.shape for s in states] == [(3,)] + [(3, POSITIONS, heads, head_dim)] * (2 * config.layers) + [
-        (3, config.max_positions, heads, head_dim)] * (2 * config.layers)
+    assert [s.shape for s in states] == [(3,), (3, config.units, POSITIONS)] + [(3, config.units, 0)] * config.layers
     for t in range(ids.shape[1]):
         log_probs, states, extras = stepper.step(ids[:, t], states)
+        assert [s.shape for s in states[2:]] == [(3, config.units, t + 1)] * config.layers  # one more word each
         assert log_probs.shape == (3, VOCAB) and log_probs.dtype == np.float32
         assert (states[0] == t + 1).all()  # the position counter
         weights = extras[ATTENTION_EXTRA]

@@ -71,10 +71,11 @@ def run_step(function: Callable[..., Any], arrays: list[np.ndarray]) -> list[np.
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named input or state of an exported function: shape without the batch dimension N."""
+    """One named input or state of an exported function: shape without the batch dimension N (None: a
+    dimension that varies from call to call, as the transformer's words grow by one a step)."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     dtype: str = "float32"
 
 

@@ -19,10 +19,14 @@ tie_embeddings, decoder_dropout). Trained as the attention model (inputs `(image
 logits [B, T, V], the batches and masked loss of `captioner.data.sequences`; no Keras mask: causal
 attention never reads the pads). Registered layers: `CaptionAttention`, `PositionTable`,
 `WordTable`. `TransformerStepModel` decodes a word at a time with the same layers; states:
-[position int32 [N], per block the memory's cross-attention keys and values float32 [N, P, heads,
-head_dim], per block a fixed-length self-attention cache float32 [N, max_positions, heads,
-head_dim]]; a step also returns {"attention": float32 [N, P]} (last block, mean over heads). Cost
-per word: O(layers * units * (max_positions + P + feedforward_dim) + units * V).
+[position int32 [N], memory float32 [N, units, P] (the map positions after "map_norm", channels
+first), per block the normalised inputs of its self-attention at the earlier positions float32
+[N, units, t] (t grows by one a step)]; a step also returns {"attention": float32 [N, P]} (last
+block, mean over heads). The step never projects the memory or the earlier words into keys and
+values: it carries each query into their space instead (`CaptionAttention.attend_one`), so a row's
+state is units floats per map position and per block per word, read once a step without a
+transpose (against 2 x units per block for cached keys and values, and a fixed max_positions-long
+word cache). Cost per word: O(layers * units * (units + heads * (P + t) + feedforward_dim) + units * V).
 """
 
 from __future__ import annotations
@@ -117,6 +121,30 @@ class CaptionAttention(keras.layers.Layer):
         mixed = ops.einsum("bhts,bshk->bthk", _cast(weights, x.dtype), values)
         output = ops.einsum("bthk,hkd->btd", mixed, self._weight("output_kernel", x)) + self._weight("output_bias", x)
         return output, weights
+
+    def attend_one(self, x: Any, source: Any) -> tuple[Any, Any]:
+        """One query per row against sources never projected: x [N, width] (the normalised query input),
+        source float32 [N, width, S] (the normalised memory or earlier words, channels first)
+        -> (output [N, width], weights float32 [N, heads, S]), `attend(x[:, None], *keys_values(source^T))`
+        up to float rounding. The key projection goes to the query instead (q Wk^T: the key bias adds
+        q . bk to every score of a head alike, which the softmax cancels) and the value projection comes
+        after the weighting (the weights sum to 1, so the value bias passes through unchanged); both
+        products read the source as it is stored."""
+        ops = keras.ops
+        heads, flat, width = self.heads, self.heads * self.head_dim, self.width
+        source = _cast(source, x.dtype)
+        # the per-row projections as plain matrix products (one fully connected op each once converted)
+        query = ops.matmul(x, ops.reshape(self._weight("query_kernel", x), (width, flat)))
+        query = (query + ops.reshape(self._weight("query_bias", x), (flat,))) * _cast(1.0 / math.sqrt(self.head_dim), x.dtype)
+        query = ops.reshape(query, (-1, heads, self.head_dim))  # [N, heads, head_dim]
+        probe = ops.einsum("nhk,dhk->nhd", query, self._weight("key_kernel", x))  # [N, heads, width]
+        scores = ops.cast(ops.matmul(probe, source), "float32")  # [N, heads, S]
+        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
+        weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+        mixed = ops.matmul(source, ops.transpose(_cast(weights, x.dtype), (0, 2, 1)))  # [N, width, heads]
+        values = ops.einsum("ndh,dhk->nhk", mixed, self._weight("value_kernel", x)) + self._weight("value_bias", x)
+        output = ops.matmul(ops.reshape(values, (-1, flat)), ops.reshape(self._weight("output_kernel", x), (flat, width)))
+        return output + self._weight("output_bias", x), weights
 
     def call(self, inputs: Any) -> Any:
         query, memory = inputs
@@ -317,13 +345,14 @@ def map_shape(model: keras.Model) -> tuple[int, int]:
 
 
 class TransformerStepModel:
-    """One word at a time with the trained transformer's layers and a key/value cache (the decoding protocol).
+    """One word at a time with the trained transformer's layers (the decoding protocol).
 
-    states (float32 unless said; rows can be reordered or repeated freely between calls, as beam search does):
-      [position int32 [N]                      the next word's position (0: the start token)
-       memory_keys_i, memory_values_i           [N, P, heads, head_dim] per block i: the map's, computed once
-       keys_i, values_i                         [N, max_positions, heads, head_dim] per block i: slots
-                                                0..position-1 hold the earlier words', the rest zeros]
+    states (float32 unless said; rows can be reordered or repeated freely between calls, as beam
+    search does; every row of a call has decoded as many words, as in beam search and sampling):
+      [position int32 [N]            the next word's position (0: the start token)
+       memory [N, units, P]          the map's positions after "map_norm", channels first: computed once
+       words_i [N, units, t] per block i: the normalised inputs of its self-attention at the t
+                                     earlier positions (t = position; zero wide at first)]
     `step` returns a third item, `{"attention": float32 [N, P]}` (module docstring).
     """
 
@@ -338,64 +367,48 @@ class TransformerStepModel:
         self.layers = block_count(model)
         self._blocks = [{part: get(name) for part, name in _block_names(i).items() if not part.endswith(("dropout", "add"))}
                         for i in range(self.layers)]
-        first = self._blocks[0]["self_attention"]
-        self.heads, self.head_dim = first.heads, first.head_dim
-        self.length = self._word_positions.length  # the cache's slots
-        self.max_words = self.length - 1  # the most words a caption can have (start token in slot 0)
+        self.units = self._blocks[0]["self_attention"].width
+        self.length = self._word_positions.length  # the positions a caption can take, start token included
+        self.max_words = self.length - 1  # the most words a caption can have (start token at position 0)
         self.vocab_size = self._words.units
         self.positions, self.channels = map_shape(model)
         self._initial_fn = compile_step(self._initial, lambda: self._signature(initial=True))
         self._step_fn = compile_step(self._step, lambda: self._signature(initial=False))
 
     # The pure functions: keras layers and keras.ops only; dropout layers are skipped (inference).
-    def _initial(self, image_map: Any) -> list[Any]:
-        memory = self._map_norm(self._map_positions(self._map_projection(image_map)))
-        caches = []
-        for block in self._blocks:
-            caches.extend(block["cross_attention"].keys_values(memory))
-        return [_cast(x, "float32") for x in caches]
+    def _initial(self, image_map: Any) -> Any:
+        memory = self._map_norm(self._map_positions(self._map_projection(image_map)))  # [N, P, units]
+        return _cast(keras.ops.transpose(memory, (0, 2, 1)), "float32")
 
-    def _step(self, last_ids: Any, position: Any, *caches: Any) -> tuple[Any, ...]:
+    def _step(self, last_ids: Any, position: Any, memory: Any, *words: Any) -> tuple[Any, ...]:
         ops = keras.ops
-        n_blocks = self.layers
-        memory_caches, word_caches = caches[: 2 * n_blocks], caches[2 * n_blocks :]
         dtype = self._blocks[0]["self_attention"].compute_dtype
-        x = self._words.embed(last_ids) + self._word_positions.rows(position)  # float32 [N, width]
-        x = _cast(ops.expand_dims(x, 1), dtype)  # [N, 1, width]: one query per row
-        slots = ops.arange(self.length, dtype="int32")
-        position = ops.cast(position, "int32")
-        visible = ops.expand_dims(slots, 0) <= ops.expand_dims(position, 1)  # [N, L]: this word and earlier ones
-        visible = ops.expand_dims(ops.expand_dims(visible, 1), 1)  # [N, 1, 1, L]
-        write = ops.cast(ops.expand_dims(slots, 0) == ops.expand_dims(position, 1), "float32")  # [N, L] one-hot
-        write = ops.expand_dims(ops.expand_dims(write, -1), -1)  # [N, L, 1, 1]
-        new_caches: list[Any] = []
+        x = self._words.embed(last_ids) + self._word_positions.rows(position)  # float32 [N, units]
+        x = _cast(x, dtype)
+        new_words: list[Any] = []
         weights = None
         for i, block in enumerate(self._blocks):
             h = block["self_norm"](x)
-            key, value = block["self_attention"].keys_values(h)  # [N, 1, heads, head_dim]
-            keys = word_caches[2 * i] * (1.0 - write) + _cast(key, "float32") * write
-            values = word_caches[2 * i + 1] * (1.0 - write) + _cast(value, "float32") * write
-            new_caches.extend([keys, values])
-            h, _ = block["self_attention"].attend(h, keys, values, visible)
-            x = x + h
-            h = block["cross_norm"](x)
-            h, weights = block["cross_attention"].attend(h, memory_caches[2 * i], memory_caches[2 * i + 1])
+            seen = ops.concatenate([words[i], ops.expand_dims(_cast(h, "float32"), -1)], axis=-1)  # [N, units, t + 1]
+            new_words.append(seen)
+            x = x + block["self_attention"].attend_one(h, seen)[0]  # this word and the earlier ones
+            h, weights = block["cross_attention"].attend_one(block["cross_norm"](x), memory)
             x = x + h
             x = x + block["ffn_out"](block["ffn_in"](block["ffn_norm"](x)))
-        log_probs = ops.log_softmax(self._words.project(self._final_norm(x))[:, 0], axis=-1)  # float32 [N, V]
-        attention = ops.mean(weights[:, :, 0, :], axis=1)  # [N, P]: the last block's, averaged over heads
-        return (log_probs, position + 1, *new_caches, _cast(attention, "float32"))
+        log_probs = ops.log_softmax(self._words.project(self._final_norm(x)), axis=-1)  # float32 [N, V]
+        attention = ops.mean(weights, axis=1)  # [N, P]: the last block's, averaged over heads
+        return (log_probs, position + 1, *new_words, _cast(attention, "float32"))
 
     def _signature(self, initial: bool) -> list[Any]:
-        """The traced functions' inputs, N unknown (TensorFlow only)."""
+        """The traced functions' inputs, N and t unknown (TensorFlow only)."""
         import tensorflow as tf
 
         if initial:
             return [tf.TensorSpec((None, self.positions, self.channels), tf.float32)]
-        memory = tf.TensorSpec((None, self.positions, self.heads, self.head_dim), tf.float32)
-        words = tf.TensorSpec((None, self.length, self.heads, self.head_dim), tf.float32)
         ids = tf.TensorSpec((None,), tf.int32)
-        return [ids, ids, *[memory] * (2 * self.layers), *[words] * (2 * self.layers)]
+        memory = tf.TensorSpec((None, self.units, self.positions), tf.float32)
+        words = tf.TensorSpec((None, self.units, None), tf.float32)
+        return [ids, ids, memory, *[words] * self.layers]
 
     def initial_state(self, image_maps: np.ndarray) -> list[np.ndarray]:
         """image_maps float32 [N, P, C] (or [N, H, W, C] with H * W = P; a pooled model's [N, D]) -> the states."""
@@ -407,10 +420,9 @@ class TransformerStepModel:
                 f"image maps have shape {np.asarray(image_maps).shape}, the transformer model expects "
                 f"[N, {self.positions} positions, {self.channels} channels]"
             )
-        memory = run_step(self._initial_fn, [maps])
+        (memory,) = run_step(self._initial_fn, [maps])
         n = maps.shape[0]
-        words = [np.zeros((n, self.length, self.heads, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-        return [np.zeros(n, np.int32), *memory, *words]
+        return [np.zeros(n, np.int32), memory, *[np.zeros((n, self.units, 0), np.float32) for _ in range(self.layers)]]
 
     def step(
         self, last_ids: np.ndarray, states: list[np.ndarray]
@@ -422,44 +434,41 @@ class TransformerStepModel:
                 f"the transformer model takes at most {self.length} positions (model.max_positions), start "
                 f"token included: decode.max_generated_words must be at most {self.length - 1}"
             )
-        caches = [np.asarray(s, dtype=np.float32) for s in states[1:]]
+        memory, *words = (np.asarray(s, dtype=np.float32) for s in states[1:])
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        log_probs, position, *rest = run_step(self._step_fn, [ids, position, *caches])
+        log_probs, position, *rest = run_step(self._step_fn, [ids, position, memory, *words])
         attention = rest.pop()
-        memory = caches[: 2 * self.layers]  # unchanged: not copied back from the backend
-        return log_probs, [position, *memory, *rest], {ATTENTION_EXTRA: attention}
+        return log_probs, [position, memory, *rest], {ATTENTION_EXTRA: attention}  # memory: not copied back
 
 
 def export_functions(model: keras.Model) -> ExportFunctions:
     """`TransformerStepModel`'s two functions for `captioner export`. states: position int32 [N],
-    memory_keys_i and memory_values_i [N, P, heads, head_dim] (made once by `initial`), keys_i and
-    values_i [N, max_positions, heads, head_dim] (zeros from `initial`); a step updates the position
-    and the word caches, returns "attention" float32 [N, P], and takes positions below max_positions
-    (the `counter`: the runtime refuses a longer caption in one line, as `step` does)."""
+    memory [N, units, P] (made once by `initial`), words_i [N, units, t] (zero wide from `initial`,
+    one position longer after each step: a dynamic dimension, null in bundle.json); a step updates
+    the position and the words, returns "attention" float32 [N, P], and takes positions below
+    max_positions (the `counter`: the runtime refuses a longer caption in one line, as `step` does)."""
     steps = TransformerStepModel(model)
-    ops = keras.ops
-    memory_names = [f"{part}_{i}" for i in range(steps.layers) for part in ("memory_keys", "memory_values")]
-    word_names = [f"{part}_{i}" for i in range(steps.layers) for part in ("keys", "values")]
+    word_names = [f"words_{i}" for i in range(steps.layers)]
 
     def initial(image_map: Any) -> dict[str, Any]:
+        ops = keras.ops
         row = ops.zeros_like(image_map[:, 0, 0])  # [N] zeros: the batch size is dynamic
-        empty = ops.reshape(row, (-1, 1, 1, 1)) + ops.zeros((steps.length, steps.heads, steps.head_dim))
-        return {"position": ops.cast(row, "int32"), **dict(zip(memory_names, steps._initial(image_map))),
+        # [N, units, 0] made by broadcasting: the converter turned memory[:, :, :0] into all of memory
+        empty = ops.reshape(row, (-1, 1, 1)) + ops.zeros((steps.units, 0))
+        return {"position": ops.cast(row, "int32"), "memory": steps._initial(image_map),
                 **{name: empty for name in word_names}}
 
-    def step(last_ids: Any, position: Any, *caches: Any) -> dict[str, Any]:
-        log_probs, position, *rest = steps._step(last_ids, position, *caches)
+    def step(last_ids: Any, position: Any, memory: Any, *words: Any) -> dict[str, Any]:
+        log_probs, position, *rest = steps._step(last_ids, position, memory, *words)
         attention = rest.pop()
         return {"log_probs": log_probs, "position": position, **dict(zip(word_names, rest)), ATTENTION_EXTRA: attention}
 
-    memory = (steps.positions, steps.heads, steps.head_dim)
-    words = (steps.length, steps.heads, steps.head_dim)
     return ExportFunctions(
         features=TensorSpec("image_map", (steps.positions, steps.channels)),
         states=(
             TensorSpec("position", (), "int32"),
-            *(TensorSpec(name, memory) for name in memory_names),
-            *(TensorSpec(name, words) for name in word_names),
+            TensorSpec("memory", (steps.units, steps.positions)),
+            *(TensorSpec(name, (steps.units, None)) for name in word_names),
         ),
         updates=("position", *word_names),
         extras=(ATTENTION_EXTRA,),

@@ -155,7 +155,14 @@ def test_a_transformer_bundle_counts_its_positions_as_its_keras_model_does(tmp_p
     assert [b.caption for b in decode_beams(bundle, features, decode)] == [
         b.caption for b in decode_beams(keras_model, features, decode)]
     steps = bundle.step_model()
+    # the words so far are the only state that grows: by one position a step (null in the manifest)
+    words = [s["shape"] for s in manifest["decoder"]["states"] if s["name"].startswith("words_")]
+    assert words and all(shape[1] is None for shape in words)
     states = steps.initial_state(features)
+    for t in range(3):
+        _, states, _ = steps.step(np.full(len(features), 4, np.int32), states)
+    grown = [s.shape for name, s in zip(steps.state_names, states) if name.startswith("words_")]
+    assert grown == [(len(features), words[0][0], 3)] * len(words)
     states[0] = np.full(len(features), 12, np.int32)
     with pytest.raises(CaptionerError, match=r"at most 12 positions \(model.max_positions\).*must be at most 11"):
         steps.step(np.zeros(len(features), np.int32), states)
@@ -483,3 +490,17 @@ def test_float16_weights_are_offered_and_int8_is_not(merge_dir, merge_bundle, tm
     expected = decode_beams(bundle_lib.load_bundle(merge_bundle), features, decode)
     got = decode_beams(bundle_lib.load_bundle(output), features, decode)
     assert np.allclose([b.log_prob for b in got], [b.log_prob for b in expected], atol=0.05)
+
+
+def test_the_bundle_benchmark_compares_bundles_in_one_table(merge_bundle, tmp_path):
+    """bench/bundle_step.py runs on any bundles: one row each, and a bundle's captions equal its own."""
+    features = tmp_path / "features.npz"
+    np.savez(features, features=np.random.default_rng(5).uniform(0, 2, (5, 8)).astype(np.float32))
+    command = [sys.executable, str(ROOT / "bench" / "bundle_step.py"), "--bundle", str(merge_bundle), "--bundle",
+               str(merge_bundle), "--features", str(features), "--rows", "4", "--images", "3", "--repeats", "1",
+               "--position", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {merge_bundle} |")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| 3/3 |") for row in rows)
+    assert "| merge |" in rows[0]

@@ -82,8 +82,15 @@ flickr8k: $(VENV)/.installed
 # int8 MobileNetV2, three cross-entropy transformers, SCST of each (10 epochs), their ensemble's captions
 # of the train images, a transformer student trained on the references plus those captions, SCST of the
 # student (7 epochs), then the export. Every step is cached and resumes after a kill; about 6 hours on
-# 2 idle cores by the runs' epoch times (the SCST epochs are most of it).
-PT := models/pretrained
+# 2 idle cores by the runs' epoch times (the SCST epochs are most of it). PT (the recipe's folder), PT_BUNDLE
+# (where it exports), PT_TRAIN and PT_SCST (flags appended to its train and finetune commands; later flags
+# win) can be set: `make pretrained PT=models/pretrained-check PT_BUNDLE=models/pretrained-check/bundle
+# PT_TRAIN=--train.epochs=1 PT_SCST=--finetune.epochs=1` runs every step once with one epoch, a check of
+# the recipe's plumbing (about 45 minutes), not a model to ship.
+PT ?= models/pretrained
+PT_BUNDLE ?= captioner/pretrained
+PT_TRAIN ?=
+PT_SCST ?=
 F8K_MAPS := $(F8K_DATA)/features/mobilenet_v2-int8-maps320-train-dev.h5
 pretrained: $(VENV)/.installed
 	$(BIN)/captioner prepare --captions $(F8K)/Flickr8k.token.txt --splits $(F8K) --output $(F8K_CAPTIONS)
@@ -91,17 +98,18 @@ pretrained: $(VENV)/.installed
 		--weights $(F8K_BACKBONE) --config configs/maps-320.json
 	set -e; for seed in 0 1 2; do \
 		$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/ce-s$$seed \
-			--config configs/transformer.json --train.seed=$$seed; \
+			--config configs/transformer.json --train.seed=$$seed $(PT_TRAIN); \
 		$(BIN)/captioner finetune --model $(PT)/ce-s$$seed --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) \
-			--output $(PT)/scst-s$$seed --config configs/scst-attention-xe.json --finetune.epochs=10; \
+			--output $(PT)/scst-s$$seed --config configs/scst-attention-xe.json --finetune.epochs=10 $(PT_SCST); \
 	done
 	$(BIN)/captioner evaluate --model $(PT)/scst-s0 --model $(PT)/scst-s1 --model $(PT)/scst-s2 --features $(F8K_MAPS) \
 		--captions $(F8K_CAPTIONS) --split train --beam 3 --output $(PT)/teacher
-	$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json
+	$(BIN)/captioner train --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/student --config configs/pretrained-student.json \
+		--train.teacher_captions=$(PT)/teacher/eval-train.json $(PT_TRAIN)
 	$(BIN)/captioner finetune --model $(PT)/student --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --output $(PT)/scst \
-		--config configs/scst-attention-xe.json --finetune.epochs=7
+		--config configs/scst-attention-xe.json --finetune.epochs=7 $(PT_SCST)
 	$(BIN)/captioner evaluate --model $(PT)/scst --features $(F8K_MAPS) --captions $(F8K_CAPTIONS) --split dev --beam 3
-	$(BIN)/captioner export --model $(PT)/scst --output captioner/pretrained --export.backbone=false --force
+	$(BIN)/captioner export --model $(PT)/scst --output $(PT_BUNDLE) --export.backbone=false --force
 
 clean-demo:
 	rm -rf $(DEMO) models/demo

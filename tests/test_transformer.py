@@ -334,13 +334,14 @@ model = build_transformer_model(4, 3, 11, ModelConfig(kind="transformer", units=
                                                       feedforward_dim=12, max_positions=10))
 rng = np.random.default_rng(0)
 maps = rng.normal(size=(2, 4, 3)).astype("float32")
-ids = np.array([[2, 5, 6, 7], [2, 7, 0, 0]], "int32")
+ids = rng.integers(1, 11, (2, 9)).astype("int32")  # nine steps: the words' padding goes from 8 to 16 wide
 logits = keras.ops.convert_to_numpy(model((maps, ids), training=False)).astype("float64")
 full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 stepper = TransformerStepModel(model)
 states = stepper.initial_state(maps)
-for t in range(2):
+for t in range(ids.shape[1]):
     log_probs, states, extras = stepper.step(ids[:, t], states)
+    assert states[2].shape == (2, 8, t + 1)  # the padding never leaves the step
     np.testing.assert_allclose(log_probs, full[:, t], atol=1e-5)
     np.testing.assert_allclose(extras["attention"].sum(-1), 1.0, atol=1e-6)
 model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -42,7 +42,7 @@ from captioner import config as config_lib
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.models import attention as attention_lib
-from captioner.models.stepping import ExportFunctions, TensorSpec, compile_step, run_step
+from captioner.models.stepping import ExportFunctions, TensorSpec, bucket, compile_step, run_step
 
 # The layers `TransformerStepModel` and model loading look up (block 0's stand for every block's).
 LAYERS = (
@@ -122,11 +122,11 @@ class CaptionAttention(keras.layers.Layer):
         output = ops.einsum("bthk,hkd->btd", mixed, self._weight("output_kernel", x)) + self._weight("output_bias", x)
         return output, weights
 
-    def attend_one(self, x: Any, source: Any) -> tuple[Any, Any]:
+    def attend_one(self, x: Any, source: Any, visible: Any = None) -> tuple[Any, Any]:
         """One query per row against sources never projected: x [N, width] (the normalised query input),
-        source float32 [N, width, S] (the normalised memory or earlier words, channels first)
-        -> (output [N, width], weights float32 [N, heads, S]), `attend(x[:, None], *keys_values(source^T))`
-        up to float rounding. The key projection goes to the query instead (q Wk^T: the key bias adds
+        source float32 [N, width, S] (the normalised memory or earlier words, channels first), visible
+        bool [N, S] or None (all) -> (output [N, width], weights float32 [N, heads, S]),
+        `attend(x[:, None], *keys_values(source^T), visible)` up to float rounding. The key projection goes to the query instead (q Wk^T: the key bias adds
         q . bk to every score of a head alike, which the softmax cancels) and the value projection comes
         after the weighting (the weights sum to 1, so the value bias passes through unchanged); both
         products read the source as it is stored."""
@@ -139,6 +139,8 @@ class CaptionAttention(keras.layers.Layer):
         query = ops.reshape(query, (-1, heads, self.head_dim))  # [N, heads, head_dim]
         probe = ops.einsum("nhk,dhk->nhd", query, self._weight("key_kernel", x))  # [N, heads, width]
         scores = ops.cast(ops.matmul(probe, source), "float32")  # [N, heads, S]
+        if visible is not None:
+            scores = ops.where(ops.expand_dims(visible, 1), scores, _MASKED)
         weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
         weights = weights / ops.sum(weights, axis=-1, keepdims=True)
         mixed = ops.matmul(source, ops.transpose(_cast(weights, x.dtype), (0, 2, 1)))  # [N, width, heads]
@@ -354,6 +356,10 @@ class TransformerStepModel:
        words_i [N, units, t] per block i: the normalised inputs of its self-attention at the t
                                      earlier positions (t = position; zero wide at first)]
     `step` returns a third item, `{"attention": float32 [N, P]}` (module docstring).
+
+    Under JAX, which compiles once per input shape, `step` pads the words to a power of two (at
+    least 8, `stepping.bucket`) and the traced step masks the padding, so a caption's lengths cost
+    a few compilations rather than one each; the states it returns are t + 1 wide as on any backend.
     """
 
     def __init__(self, model: keras.Model) -> None:
@@ -372,6 +378,7 @@ class TransformerStepModel:
         self.max_words = self.length - 1  # the most words a caption can have (start token at position 0)
         self.vocab_size = self._words.units
         self.positions, self.channels = map_shape(model)
+        self._padded = keras.backend.backend() == "jax"  # see the class docstring
         self._initial_fn = compile_step(self._initial, lambda: self._signature(initial=True))
         self._step_fn = compile_step(self._step, lambda: self._signature(initial=False))
 
@@ -387,11 +394,16 @@ class TransformerStepModel:
         x = _cast(x, dtype)
         new_words: list[Any] = []
         weights = None
+        visible = None
+        if self._padded:  # words [N, units, W >= position]: slots at or past the position are padding
+            slots = ops.arange(ops.shape(words[0])[-1] + 1)
+            earlier = ops.expand_dims(slots, 0) < ops.expand_dims(ops.cast(position, "int32"), 1)
+            visible = earlier | ops.expand_dims(slots == ops.shape(words[0])[-1], 0)  # and the new word, last
         for i, block in enumerate(self._blocks):
             h = block["self_norm"](x)
             seen = ops.concatenate([words[i], ops.expand_dims(_cast(h, "float32"), -1)], axis=-1)  # [N, units, t + 1]
             new_words.append(seen)
-            x = x + block["self_attention"].attend_one(h, seen)[0]  # this word and the earlier ones
+            x = x + block["self_attention"].attend_one(h, seen, visible)[0]  # this word and the earlier ones
             h, weights = block["cross_attention"].attend_one(block["cross_norm"](x), memory)
             x = x + h
             x = x + block["ffn_out"](block["ffn_in"](block["ffn_norm"](x)))
@@ -436,9 +448,14 @@ class TransformerStepModel:
             )
         memory, *words = (np.asarray(s, dtype=np.float32) for s in states[1:])
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        log_probs, position, *rest = run_step(self._step_fn, [ids, position, memory, *words])
+        t = words[0].shape[-1] if words else 0
+        if self._padded:
+            words = [np.pad(w, ((0, 0), (0, 0), (0, bucket(t) - t))) for w in words]
+        log_probs, new_position, *rest = run_step(self._step_fn, [ids, position, memory, *words])
         attention = rest.pop()
-        return log_probs, [position, memory, *rest], {ATTENTION_EXTRA: attention}  # memory: not copied back
+        if self._padded:  # the earlier words, then the new one (the last slot)
+            rest = [np.concatenate([w[:, :, :t], w[:, :, -1:]], axis=-1) for w in rest]
+        return log_probs, [new_position, memory, *rest], {ATTENTION_EXTRA: attention}  # memory: not copied back
 
 
 def export_functions(model: keras.Model) -> ExportFunctions:

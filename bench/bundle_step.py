@@ -122,7 +122,8 @@ def decode_in_child(args: argparse.Namespace, bundle_dir: str) -> dict:
                "--images", str(args.images), "--beam", str(args.beam)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
-        sys.exit(f"decoding with {bundle_dir} failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"decoding with {bundle_dir} failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -161,4 +162,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from captioner.errors import CaptionerError
+
+    try:
+        main()
+    except (CaptionerError, OSError, KeyError) as error:  # a bundle or feature file that is not one: one line
+        sys.exit(f"bench/bundle_step.py: {error}")

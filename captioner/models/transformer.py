@@ -126,17 +126,15 @@ class CaptionAttention(keras.layers.Layer):
         """One query per row against sources never projected: x [N, width] (the normalised query input),
         source float32 [N, width, S] (the normalised memory or earlier words, channels first), visible
         bool [N, S] or None (all) -> (output [N, width], weights float32 [N, heads, S]),
-        `attend(x[:, None], *keys_values(source^T), visible)` up to float rounding. The key projection goes to the query instead (q Wk^T: the key bias adds
-        q . bk to every score of a head alike, which the softmax cancels) and the value projection comes
-        after the weighting (the weights sum to 1, so the value bias passes through unchanged); both
-        products read the source as it is stored."""
+        `attend(x[:, None], *keys_values(source^T), visible)` up to float rounding. The key projection
+        goes to the query instead (q Wk^T: the key bias adds q . bk to every score of a head alike,
+        which the softmax cancels) and the value projection comes after the weighting (the weights
+        sum to 1, so the value bias passes through unchanged); both products read the source as it
+        is stored."""
         ops = keras.ops
-        heads, flat, width = self.heads, self.heads * self.head_dim, self.width
+        flat, width = self.heads * self.head_dim, self.width
         source = _cast(source, x.dtype)
-        # the per-row projections as plain matrix products (one fully connected op each once converted)
-        query = ops.matmul(x, ops.reshape(self._weight("query_kernel", x), (width, flat)))
-        query = (query + ops.reshape(self._weight("query_bias", x), (flat,))) * _cast(1.0 / math.sqrt(self.head_dim), x.dtype)
-        query = ops.reshape(query, (-1, heads, self.head_dim))  # [N, heads, head_dim]
+        query = self.queries(ops.expand_dims(x, 1))[:, 0]  # [N, heads, head_dim]
         probe = ops.einsum("nhk,dhk->nhd", query, self._weight("key_kernel", x))  # [N, heads, width]
         scores = ops.cast(ops.matmul(probe, source), "float32")  # [N, heads, S]
         if visible is not None:
@@ -448,7 +446,7 @@ class TransformerStepModel:
             )
         memory, *words = (np.asarray(s, dtype=np.float32) for s in states[1:])
         ids = np.asarray(last_ids, dtype=np.int32).reshape(-1)
-        t = words[0].shape[-1] if words else 0
+        t = words[0].shape[-1]  # the earlier words (every row has as many)
         if self._padded:
             words = [np.pad(w, ((0, 0), (0, 0), (0, bucket(t) - t))) for w in words]
         log_probs, new_position, *rest = run_step(self._step_fn, [ids, position, memory, *words])

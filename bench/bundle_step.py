@@ -14,11 +14,14 @@ only, as `caption` runs them:
   their order): wall time, and the peak RSS of a fresh process that does only that (one per bundle,
   so one bundle's memory does not hide another's).
 
+Each is run with every `--threads` count of LiteRT threads per decoder call (`decode.threads`; 0: the
+default, one per core up to 4), one row per bundle and count.
+
 The bundles take turns in one run, so the ratios hold on a busy machine; the absolute times do
 not. Prints a markdown table. Reads the bundles and the feature file, writes nothing.
 
 Usage: python bench/bundle_step.py --bundle DIR [--bundle DIR ...] --features FILE [--features FILE ...]
-           [--rows 300] [--position 10] [--images 100] [--beam 3] [--repeats 10]
+           [--rows 300] [--position 10] [--images 100] [--beam 3] [--repeats 10] [--threads 1 2]
 Cost: under a minute on 2 CPU cores for three bundles with the defaults.
 """
 
@@ -48,10 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=100, help="images decoded by beam search")
     parser.add_argument("--beam", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="LiteRT threads per decoder call, one row per count (0: the default, one per core up to 4)")
     parser.add_argument("--decode-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
-    if min(args.rows, args.images, args.beam, args.repeats) < 1 or args.position < 0:
-        parser.error("--rows, --images, --beam and --repeats must be positive, --position at least 0")
+    if min(args.rows, args.images, args.beam, args.repeats) < 1 or min(args.position, *args.threads) < 0:
+        parser.error("--rows, --images, --beam and --repeats must be positive, --position and --threads at least 0")
     if len(args.features) not in (1, len(args.bundle)):
         parser.error("give --features once, or once per --bundle")
     args.features = dict(zip(args.bundle, args.features * len(args.bundle) if len(args.features) == 1 else args.features))
@@ -92,11 +97,11 @@ def step_time(stepper: object, features: np.ndarray, position: int, repeats: int
     return statistics.median(times), per_row
 
 
-def decode(bundle_dir: str, features: np.ndarray, beam: int) -> tuple[float, list[str]]:
+def decode(bundle_dir: str, features: np.ndarray, beam: int, threads: int) -> tuple[float, list[str]]:
     from captioner.decoding.beam import beam_search
     from captioner.decoding.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, threads)
     decode_config = bundle.config.decode
     tokenizer = bundle.tokenizer
     begin = time.perf_counter()
@@ -116,10 +121,10 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def decode_in_child(args: argparse.Namespace, bundle_dir: str) -> dict:
+def decode_in_child(args: argparse.Namespace, bundle_dir: str, threads: int) -> dict:
     """beam search in a fresh process: its wall time, peak RSS (MB) and captions (as ids)."""
     command = [sys.executable, __file__, "--decode-only", "--bundle", bundle_dir, "--features", args.features[bundle_dir],
-               "--images", str(args.images), "--beam", str(args.beam)]
+               "--images", str(args.images), "--beam", str(args.beam), "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]
@@ -131,33 +136,34 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.decode_only:
         features = load_rows(args.features[args.bundle[0]], args.images)
-        seconds, captions = decode(args.bundle[0], features, args.beam)
+        seconds, captions = decode(args.bundle[0], features, args.beam, args.threads[0])
         print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "captions": captions}))
         return
 
-    from captioner.decoding.bundle import load_bundle
+    from captioner.decoding.bundle import decoder_threads, load_bundle
 
-    steppers = {path: load_bundle(path).step_model() for path in args.bundle}
+    runs = [(path, threads) for path in args.bundle for threads in args.threads]
+    steppers = {run: load_bundle(run[0], run[1]).step_model() for run in runs}
     features = {path: load_rows(args.features[path], args.rows) for path in args.bundle}
-    rows = {path: {} for path in args.bundle}
+    rows = {run: {} for run in runs}
     for position in (0, args.position):
-        for path, stepper in steppers.items():  # bundles take turns
-            seconds, per_row = step_time(stepper, features[path], position, args.repeats)
-            rows[path][position] = (seconds, per_row)
-    decoded = {path: decode_in_child(args, path) for path in args.bundle}
-    first = decoded[args.bundle[0]]["captions"]
+        for run, stepper in steppers.items():  # bundles take turns
+            seconds, per_row = step_time(stepper, features[run[0]], position, args.repeats)
+            rows[run][position] = (seconds, per_row)
+    decoded = {run: decode_in_child(args, *run) for run in runs}
+    first = decoded[runs[0]]["captions"]
 
     print(f"{args.rows} beams a step; beam {args.beam} over the first {args.images} images of "
           f"{', '.join(sorted(set(args.features.values())))}\n")
-    print(f"| bundle | kind | step at word 0 | step at word {args.position} | state a beam (word {args.position}) "
+    print(f"| bundle | kind | threads | step at word 0 | step at word {args.position} | state a beam (word {args.position}) "
           f"| beam {args.beam}, {args.images} images | peak RSS | captions equal to the first bundle's |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for path in args.bundle:
-        kind = steppers[path].kind
-        (t0, _), (t1, per_row) = rows[path][0], rows[path][args.position]
-        run = decoded[path]
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path, threads in runs:
+        kind = steppers[path, threads].kind
+        (t0, _), (t1, per_row) = rows[path, threads][0], rows[path, threads][args.position]
+        run = decoded[path, threads]
         same = sum(a == b for a, b in zip(first, run["captions"]))
-        print(f"| {path} | {kind} | {t0 * 1e3:.1f} ms | {t1 * 1e3:.1f} ms | {per_row / 1024:.0f} KB "
+        print(f"| {path} | {kind} | {decoder_threads(threads)} | {t0 * 1e3:.1f} ms | {t1 * 1e3:.1f} ms | {per_row / 1024:.0f} KB "
               f"| {run['seconds']:.2f} s | {run['peak_mb']:.0f} MB | {same}/{len(first)} |")
 
 

@@ -232,6 +232,7 @@ class DecodeConfig:
     length_normalization: float = 0.5  # alpha in score = log_prob / length**alpha; 0 = plain log-probability; 0.5 best on Flickr8k dev
     batch_size: int = 64  # images decoded together
     allow_unk: bool = False  # let captions contain <unk>; off: a caption with <unk> in it says nothing useful
+    threads: int = 0  # LiteRT threads of a bundle's decoder (this machine's, not the model's); 0 = one per CPU core, at most 4
 
 
 @dataclass
@@ -418,6 +419,7 @@ CHECKS: dict[str, Check] = {
     "decode.max_generated_words": _at_least(1),
     "decode.length_normalization": _at_least(0),
     "decode.batch_size": _at_least(1),
+    "decode.threads": _at_least(0),
     "eval.model": _not_empty,
     "eval.features": _paths,
     "eval.captions": _not_empty,

@@ -140,6 +140,54 @@ def test_a_bundle_captions_as_its_keras_model_greedy_and_beam_3(kind, tmp_path, 
                 np.testing.assert_allclose(b_got.attention, b_expected.attention, atol=1e-4)
 
 
+def test_decode_threads_reach_the_bundles_decoder_and_change_only_the_speed(merge_bundle, photo, tmp_path,
+                                                                             monkeypatch, capsys):
+    """decode.threads: 0 = one per core this process may use, at most MAX_DEFAULT_THREADS; a number is
+    taken as given, through `caption`, ensembles and `evaluate`; the captions and log-probabilities do
+    not depend on it, and it is not the model's (not in bundle.json, not in a cache key)."""
+    from captioner.stages.evaluation import evaluate_stage
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(7)))
+    assert bundle_lib.decoder_threads(0) == bundle_lib.MAX_DEFAULT_THREADS == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert bundle_lib.decoder_threads(0) == 2 and bundle_lib.decoder_threads(3) == 3
+    assert all(f._threads == 2 for f in bundle_lib.load_bundle(merge_bundle).functions.values())
+
+    one = Captioner(merge_bundle, DecodeConfig(beam_size=2, threads=1))
+    three = Captioner(merge_bundle, DecodeConfig(beam_size=2, threads=3))
+    assert [f._threads for f in one._loaded.functions.values()] == [1, 1]
+    assert [f._threads for f in three._loaded.functions.values()] == [3, 3]
+    got_one, got_three = one.caption([photo])[0], three.caption([photo])[0]
+    assert got_one.caption == got_three.caption and got_one.caption
+    assert got_one.log_prob == pytest.approx(got_three.log_prob, abs=1e-5)
+    twin = tmp_path / "twin"
+    shutil.copytree(merge_bundle, twin)
+    ensemble = Captioner([merge_bundle, twin], DecodeConfig(beam_size=2, threads=3))
+    assert [f._threads for m in ensemble._loaded.members for f in m.functions.values()] == [3] * 4
+
+    assert caption_main(["--model", str(merge_bundle), "--beam", "2", "--decode.threads=1", str(photo)]) == 0
+    assert capsys.readouterr().out.strip() == got_one.caption
+    assert caption_main(["--model", str(merge_bundle), "--decode.threads=-1", str(photo)]) == 2
+    assert "decode.threads" in one_error_line(capsys)
+
+    # evaluate: a second run on other threads is up to date, and the report does not record them
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    ids = [f"img{i}" for i in range(6)]
+    (captions / "dev.json").write_text(json.dumps({i: [CAPTIONS[k % 5]] for k, i in enumerate(ids)}))
+    features = tmp_path / "features.npz"
+    np.savez(features, ids=np.array(ids), features=np.random.default_rng(1).uniform(0, 2, (6, 8)).astype(np.float32))
+    config = Config()
+    config.eval.features, config.eval.captions, config.eval.split = [str(features)], str(captions), "dev"
+    config.eval.model, config.eval.output, config.decode.threads = str(twin), str(tmp_path / "eval"), 1
+    first = evaluate_stage(config)
+    config.decode.threads = 2
+    again = evaluate_stage(config)
+    assert not first.up_to_date and again.up_to_date
+    assert "threads" not in json.loads(first.json_path.read_text())["decode"]
+    assert "threads" not in json.loads((merge_bundle / layout.BUNDLE_MANIFEST).read_text())["decode"]
+
+
 def test_a_transformer_bundle_counts_its_positions_as_its_keras_model_does(tmp_path, tiny_tflite):
     """The position state is int32 in the manifest, and a caption longer than the position table is one
     line from the runtime, as from the Keras step model (max_positions 12: at most 11 words)."""
@@ -493,14 +541,15 @@ def test_float16_weights_are_offered_and_int8_is_not(merge_dir, merge_bundle, tm
 
 
 def test_the_bundle_benchmark_compares_bundles_in_one_table(merge_bundle, tmp_path):
-    """bench/bundle_step.py runs on any bundles: one row each, and a bundle's captions equal its own."""
+    """bench/bundle_step.py runs on any bundles: one row each per thread count, and a bundle's captions
+    equal its own."""
     features = tmp_path / "features.npz"
     np.savez(features, features=np.random.default_rng(5).uniform(0, 2, (5, 8)).astype(np.float32))
     command = [sys.executable, str(ROOT / "bench" / "bundle_step.py"), "--bundle", str(merge_bundle), "--bundle",
                str(merge_bundle), "--features", str(features), "--rows", "4", "--images", "3", "--repeats", "1",
-               "--position", "2"]
+               "--position", "2", "--threads", "1", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {merge_bundle} |")]
-    assert len(rows) == 2 and all(row.rstrip().endswith("| 3/3 |") for row in rows)
-    assert "| merge |" in rows[0]
+    assert len(rows) == 4 and all(row.rstrip().endswith("| 3/3 |") for row in rows)  # a bundle and thread count each
+    assert [row.split("|")[2:4] for row in rows] == [[" merge ", " 1 "], [" merge ", " 2 "]] * 2

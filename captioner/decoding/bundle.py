@@ -231,7 +231,7 @@ class Bundle:
     `model` and `train` sections and its decoding defaults), info (feature_dim, vocab_size,
     features_provenance, and map_grid for an attention model), kind, decoder (the registry
     entry), metrics ({split: scores} recorded at export), functions (the two LiteRT functions).
-    threads: LiteRT threads per decoder call (0: the interpreter's default).
+    threads: LiteRT threads per decoder call (`decoder_threads`: 0 = one per CPU core, at most 4).
     """
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
@@ -264,8 +264,8 @@ class Bundle:
                 f"{self.tokenizer.vocab_size} words, {BUNDLE_MANIFEST} says vocab_size {widths['vocab_size']}",
             )
         self.functions = {
-            "initial": _Function(self.path / initial_file, contents[initial_file], threads or None),
-            "step": _Function(self.path / step_file, contents[step_file], threads or None),
+            "initial": _Function(self.path / initial_file, contents[initial_file], decoder_threads(threads)),
+            "step": _Function(self.path / step_file, contents[step_file], decoder_threads(threads)),
         }
         self._check_widths()
         provenance = {key: value for key, value in manifest["backbone"].items() if key != "file"}
@@ -429,8 +429,26 @@ def _find_in(folder: Path, name: str, sha256: str | None) -> Path | None:
 # --------------------------------------------------------------------------- bundles and model directories
 
 
+# The most threads a decoder call gets by default. Its products are small (a few hundred beams by a
+# few hundred units): two threads made the transformer's step 1.5x faster on 2 cores (results/runtime.md);
+# more were not measured, and the serving decoder shares the machine with the upload decoders.
+MAX_DEFAULT_THREADS = 4
+
+
+def decoder_threads(threads: int = 0) -> int:
+    """LiteRT threads per decoder call: `threads`, or for 0 one per CPU core this process may use, at most
+    MAX_DEFAULT_THREADS (`decode.threads`)."""
+    if threads > 0:
+        return int(threads)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
 def load_bundle(path: str | Path, threads: int = 0) -> Bundle:
-    """A bundle folder, loaded and checked (`Bundle`)."""
+    """A bundle folder, loaded and checked (`Bundle`); threads: `decoder_threads`."""
     return Bundle(path, threads)
 
 
@@ -449,16 +467,16 @@ def describe(path: str | Path) -> tuple[Config, dict[str, Any]]:
     return read_model_config(path)
 
 
-def load_model(path: str | Path) -> Any:
-    """A bundle (`load_bundle`) or a model directory (`captioner.models.directory.load_model_dir`), told
-    apart by bundle.json."""
+def load_model(path: str | Path, threads: int = 0) -> Any:
+    """A bundle (`load_bundle`, its decoder on `threads`) or a model directory
+    (`captioner.models.directory.load_model_dir`), told apart by bundle.json."""
     path = Path(path)
     if is_bundle(path):
-        return load_bundle(path)
+        return load_bundle(path, threads)
     from captioner.models import directory as model_lib
 
     return model_lib.load_model_dir(path)
 
 
-__all__: Sequence[str] = ["Bundle", "BundleStep", "FORMAT_VERSION", "describe", "load_bundle", "load_model",
-                          "locate_backbone", "read_manifest"]
+__all__: Sequence[str] = ["Bundle", "BundleStep", "FORMAT_VERSION", "MAX_DEFAULT_THREADS", "decoder_threads", "describe",
+                          "load_bundle", "load_model", "locate_backbone", "read_manifest"]

@@ -194,8 +194,9 @@ def _described(model_dir: Path) -> _Described:
     return _Described(tokenizer=Tokenizer.load(model_dir / TOKENIZER_FILE), info=info)
 
 
-def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
-    """Loads every model directory or bundle (`captioner.decoding.bundle.load_model`) and checks they fit together.
+def load_ensemble(model_dirs: Sequence[str | Path], threads: int = 0) -> Ensemble:
+    """Loads every model directory or bundle (`captioner.decoding.bundle.load_model`, a bundle's decoder on
+    `threads`) and checks they fit together.
 
     Raises CaptionerError (one line) for a missing or broken directory, a directory given
     twice, different tokenizers, or different feature widths.
@@ -211,7 +212,7 @@ def load_ensemble(model_dirs: Sequence[str | Path]) -> Ensemble:
         seen.add(key)
     # Vocabularies and widths first, from the small files: a misfit is refused before any model loads.
     check_members(dirs, [_described(model_dir) for model_dir in dirs])
-    members = [bundle_lib.load_model(model_dir) for model_dir in dirs]
+    members = [bundle_lib.load_model(model_dir, threads) for model_dir in dirs]
     check_members(dirs, members)  # the loaded models agree with their files (load_model_dir checks it)
     if len(dirs) > 1:
         log.info("ensemble of %d models: %s", len(dirs), ", ".join(map(str, dirs)))

@@ -115,9 +115,10 @@ def _finite(value: float) -> float | None:
 # --------------------------------------------------------------------------- the model directory
 
 
-def load_model(model_dir: str | Path) -> Any:
-    """A bundle (`captioner.decoding.bundle`, no TensorFlow) or a model directory
-    (`captioner.models.directory.load_model_dir`), with a missing directory explained in one line.
+def load_model(model_dir: str | Path, threads: int = 0) -> Any:
+    """A bundle (`captioner.decoding.bundle`, no TensorFlow; its decoder on `threads`, `decode.threads`) or
+    a model directory (`captioner.models.directory.load_model_dir`), with a missing directory explained in
+    one line.
 
     Returns the `Bundle` or `LoadedModel` (tokenizer, config, info, kind, step_model()).
     """
@@ -128,7 +129,7 @@ def load_model(model_dir: str | Path) -> Any:
         raise CaptionerError(
             f"model directory not found: {model_dir} (train one with `captioner train`, or pass --model DIR)"
         )
-    return bundle_lib.load_model(model_dir)
+    return bundle_lib.load_model(model_dir, threads)
 
 
 def features_provenance(loaded: Any, model_dir: Path) -> dict[str, Any]:
@@ -158,12 +159,12 @@ def _model_dirs(model_dir: str | Path | Sequence[str | Path]) -> list[Path]:
     return dirs
 
 
-def _load_models(model_dirs: list[Path]) -> Any:
+def _load_models(model_dirs: list[Path], threads: int = 0) -> Any:
     """One model directory (`load_model`), or an ensemble of several that can caption together:
     one tokenizer, one feature width (`captioner.decoding.ensemble`), one kind, and features from one
     extractor (a photo goes through one backbone for all of them)."""
     if len(model_dirs) == 1:
-        return load_model(model_dirs[0])
+        return load_model(model_dirs[0], threads)
     for model_dir in model_dirs:
         if not model_dir.is_dir():
             load_model(model_dir)  # the one-line "model directory not found"
@@ -181,7 +182,7 @@ def _load_models(model_dirs: list[Path]) -> Any:
                 f"ensemble members {first_dir} and {model_dir} were trained on features of different extractors "
                 "(see features_provenance in their config.json); captioning a photo needs one backbone for all"
             )
-    return load_ensemble(model_dirs)
+    return load_ensemble(model_dirs, threads)
 
 
 def _stepper(loaded: Any, allow_unk: bool) -> Any:
@@ -300,7 +301,7 @@ class Captioner:
         self.model_dirs = _model_dirs(model_dir)
         self.model_dir = self.model_dirs[0]
         self.decode_config = decode if decode is not None else DecodeConfig()
-        loaded = _load_models(self.model_dirs)
+        loaded = _load_models(self.model_dirs, self.decode_config.threads)
         provenance = features_provenance(loaded, self.model_dir)
         if provenance.get("backbone") is None:
             sources = ", ".join(str(s) for s in provenance.get("source") or []) or "an unknown source"

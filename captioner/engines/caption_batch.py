@@ -66,9 +66,12 @@ def caption_batch(config: Any, force: bool = False, *,
     model_files = _model_files(model)
     plan = plan_sources(cb.inputs, engine.block_size, engine.image_column, engine.id_column)
     decode = asdict(config.decode)
+    if engine.name == "ray" and not decode["threads"]:
+        decode["threads"] = engine.cpus_per_worker  # a Ray actor's decoder on the CPUs it reserves
+    settings = {key: value for key, value in decode.items() if key != "threads"}  # threads change only the speed
 
     with cache.output_lock(output):
-        params = {"decode": decode, "sources": plan.digest, "block_size": engine.block_size,
+        params = {"decode": settings, "sources": plan.digest, "block_size": engine.block_size,
                   "image_column": engine.image_column, "id_column": engine.id_column}
         stage = cache.Stage("caption-batch", cache.manifest_path_for(output), {"model": model_files}, params, [output])
         if not force and stage.up_to_date():

@@ -457,7 +457,8 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     image_folder = thumbnail_folder(config)
 
     decode = to_dict(config.decode)
-    decode.pop("batch_size")  # speed only: the captions do not depend on it
+    for speed_only in ("batch_size", "threads"):  # the captions do not depend on them
+        decode.pop(speed_only)
     inputs: dict[str, Any] = {
         "model": model_files,
         "split": split_path,
@@ -496,16 +497,16 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     return _result_from_report(report, json_path, html_path, up_to_date=False)
 
 
-def _load_members(model_dir: Path, model_dirs: Sequence[Path] | None) -> tuple[list[Path], Any]:
-    """(the model directories, the loaded model or ensemble of them)."""
+def _load_members(model_dir: Path, model_dirs: Sequence[Path] | None, threads: int = 0) -> tuple[list[Path], Any]:
+    """(the model directories, the loaded model or ensemble of them; bundles' decoders on `threads`)."""
     from captioner.decoding import inference
 
     members = [Path(p) for p in model_dirs] if model_dirs else [Path(model_dir)]
     if len(members) > 1:
         from captioner.decoding.ensemble import load_ensemble
 
-        return members, load_ensemble(members)  # refuses other tokenizers and feature widths in one line
-    return members, inference.load_model(members[0])
+        return members, load_ensemble(members, threads)  # refuses other tokenizers and feature widths in one line
+    return members, inference.load_model(members[0], threads)
 
 
 def _vector_rows(
@@ -618,7 +619,7 @@ def build_report(
     """
     from captioner.decoding import inference
 
-    members, loaded = _load_members(model_dir, model_dirs)
+    members, loaded = _load_members(model_dir, model_dirs, config.decode.threads)
     width = inference.feature_dim(loaded, model_dir)
     decoder = registry.get(loaded.kind)
     if decoder.takes_maps:
@@ -639,7 +640,7 @@ def build_report(
         "model": str(model_dir),
         "models": [str(p) for p in members],
         "features": [str(p) for p in config.eval.features],
-        "decode": to_dict(config.decode),
+        "decode": {key: value for key, value in to_dict(config.decode).items() if key != "threads"},  # threads: speed only
         "metrics": corpus,
         "counts": {"split_images": len(references), "scored": len(ids), "missing_features": len(missing),
                    "bad_features": len(bad)},

@@ -319,7 +319,8 @@ def _export(model_dir: Path, output: Path, source: dict[str, Any], params: dict[
         "decoder": _decoder_section(functions),
         "model": to_dict(loaded.config.model),
         "train": to_dict(loaded.config.train),
-        "decode": to_dict(loaded.config.decode),
+        # decode.threads is the machine's, not the model's: a bundle does not carry it
+        "decode": {key: value for key, value in to_dict(loaded.config.decode).items() if key != "threads"},
         "backbone": backbone,
         "metrics": recorded_metrics(model_dir),
         "source": source,

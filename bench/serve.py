@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-images", type=int, default=3, help="images for the per-image `caption` runs (0 skips)")
     parser.add_argument("--window-ms", type=float, help="serve.batch_window_ms (default: the config's)")
     parser.add_argument("--max-batch", type=int, help="serve.max_batch (default: the config's)")
+    parser.add_argument("--decode-threads", type=int, help="decode.threads, a bundle's decoder threads (default: the config's)")
     return parser.parse_args(argv)
 
 
@@ -122,19 +123,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """The server, its log (one line a request) in `log_path`: a pipe nobody reads would fill after a
+    few hundred requests and stop the server in mid-write."""
     port = free_port()
     command = [str(BIN / "captioner"), "serve", "--model", str(model_dir), "--port", str(port)]
     if args.window_ms is not None:
         command.append(f"--serve.batch_window_ms={args.window_ms}")
     if args.max_batch is not None:
         command.append(f"--serve.max_batch={args.max_batch}")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if args.decode_threads is not None:
+        command.append(f"--decode.threads={args.decode_threads}")
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"captioner serve exited: {server.stderr.read().strip()[-500:]}")
+            raise SystemExit(f"captioner serve exited: {log_path.read_text(errors='replace').strip()[-500:]}")
         try:
             with urllib.request.urlopen(base + "/health/ready", timeout=5):
                 return server, base
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.images) if args.images else SHARED_PHOTOS
         paths = photos(folder, max(32, args.caption_images), scratch)
         images = [(p.name, p.read_bytes()) for p in paths]
-        server, base = start_server(model_dir, args)
+        server, base = start_server(model_dir, args, scratch / "serve.log")
         try:
             post(base + "/v1/captions", *images[0])  # warm-up: the backbone traces its first batch shape
             count, seconds, latencies = load_test(base, images, args)

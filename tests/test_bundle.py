@@ -553,3 +553,16 @@ def test_the_bundle_benchmark_compares_bundles_in_one_table(merge_bundle, tmp_pa
     rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {merge_bundle} |")]
     assert len(rows) == 4 and all(row.rstrip().endswith("| 3/3 |") for row in rows)  # a bundle and thread count each
     assert [row.split("|")[2:4] for row in rows] == [[" merge ", " 1 "], [" merge ", " 2 "]] * 2
+
+
+@pytest.mark.slow  # 2,500 requests to a server: about 20 s
+def test_the_serving_benchmark_outlasts_its_servers_log(merge_bundle, tmp_path):
+    """bench/serve.py against a bundle, for more requests than a pipe holds of the server's log lines (one
+    a request, ~100 bytes; a pipe holds 64 KB): the server once stopped in mid-write on a pipe nobody read."""
+    command = [sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(merge_bundle), "--images",
+               str(tmp_path / "none"), "--clients", "8", "--duration", "120", "--max-captions", "2500",
+               "--caption-images", "0", "--decode-threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| serve |")]
+    assert len(row) == 1 and row[0].split("|")[3].strip() == "2500", result.stdout  # all 2,500 captions answered

@@ -9,6 +9,7 @@ features, milliseconds per image), a real file any process can open.
 from __future__ import annotations
 
 import builtins
+import os
 import socket
 import tarfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from model_dirs import make_model_dir
+from PIL import Image
 from test_inference import convert_tiny_tflite
 from test_sources import jpeg, write_parquet, write_shard
 
@@ -305,3 +307,16 @@ def test_a_streamed_features_file_loads_as_the_pickled_dict(tmp_path):
     aborted.add(*parts[0])
     aborted.abort()
     assert list(tmp_path.iterdir()) == [tmp_path / "f.pkl"]  # nothing half-written left behind
+
+
+def test_a_caption_worker_keeps_its_backbone_to_the_threads_it_is_given(tflite_model_dir, demo_inputs):
+    """caption-batch on Ray gives each actor's CaptionWorker engine.cpus_per_worker: its TFLite backbone
+    then runs that many interpreters (not one per core of the node) with the same features."""
+    from captioner.engines.work import CaptionWorker
+
+    one, every = CaptionWorker(tflite_model_dir, DecodeConfig(), threads=1), CaptionWorker(tflite_model_dir, {})
+    assert one.captioner.extractor.tflite.threads == 1
+    assert every.captioner.extractor.tflite.threads == max(1, os.cpu_count() or 1)
+    photos = np.stack([np.asarray(Image.open(p).convert("RGB").resize(one.captioner.image_size[::-1]))
+                       for p in sorted(demo_inputs["folder"].iterdir())[:6]])
+    np.testing.assert_array_equal(one.captioner.extract(photos), every.captioner.extract(photos))

@@ -288,7 +288,8 @@ class Captioner:
     resample (the resize filter), image_size ((height, width) the backbone takes),
     batch_size (images per backbone call: the model's features.batch_size), extractor
     (the `captioner.vision.backbones.Extractor` rebuilt from the provenance). backbone_weights:
-    where the recorded weights file is on this machine (None: its recorded path).
+    where the recorded weights file is on this machine (None: its recorded path). backbone_threads:
+    a TFLite backbone's interpreters in parallel (0: one per CPU core); the decoder's are decode.threads.
     """
 
     def __init__(
@@ -296,6 +297,7 @@ class Captioner:
         model_dir: str | Path | Sequence[str | Path],
         decode: DecodeConfig | None = None,
         backbone_weights: str | Path | None = None,
+        backbone_threads: int = 0,
     ) -> None:
 
         self.model_dirs = _model_dirs(model_dir)
@@ -335,6 +337,7 @@ class Captioner:
             batch_size=self.batch_size,
             defaults={"weights": _FEATURES_DEFAULTS.weights, "precision": _FEATURES_DEFAULTS.precision},
             maps=self.decoder.takes_maps,
+            threads=backbone_threads,
         )
         if self.extractor.feature_dim != self.feature_dim:
             raise CaptionerError(

@@ -66,8 +66,8 @@ def caption_batch(config: Any, force: bool = False, *,
     model_files = _model_files(model)
     plan = plan_sources(cb.inputs, engine.block_size, engine.image_column, engine.id_column)
     decode = asdict(config.decode)
-    if engine.name == "ray" and not decode["threads"]:
-        decode["threads"] = engine.cpus_per_worker  # a Ray actor's decoder on the CPUs it reserves
+    threads = engine.cpus_per_worker if engine.name == "ray" else 0  # a Ray actor keeps to the CPUs it reserves
+    decode["threads"] = decode["threads"] or threads
     settings = {key: value for key, value in decode.items() if key != "threads"}  # threads change only the speed
 
     with cache.output_lock(output):
@@ -87,6 +87,7 @@ def caption_batch(config: Any, force: bool = False, *,
         job = Job("captions", size, resample, engine.image_column, str(store.folder.resolve()), {
             "model": str(model.resolve()), "decode": decode,
             "backbone_weights": str(Path(weights).expanduser().resolve()) if weights else None,
+            "threads": threads,
         })
         worker = CaptionWorker(**job.worker_kwargs) if engine.name == "local" else None
         parts_run, resumed = run_parts(plan, store, job, engine, after_part, worker)

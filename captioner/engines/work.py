@@ -163,11 +163,12 @@ class CaptionWorker:
     """A `Captioner` loaded once; `run` captions decoded blocks into parts."""
 
     def __init__(self, model: str | Path, decode: DecodeConfig | dict[str, Any] | None = None,
-                 backbone_weights: str | Path | None = None) -> None:
+                 backbone_weights: str | Path | None = None, threads: int = 0) -> None:
         if isinstance(decode, dict):
             decode = DecodeConfig(**decode)
         runtime.import_keras()  # in a Ray worker: the backend's start-up chatter stays off stderr
-        self.captioner = Captioner(model, decode, backbone_weights or None)
+        # threads: a TFLite backbone's interpreters (0: one per core), as FeatureWorker's
+        self.captioner = Captioner(model, decode, backbone_weights or None, backbone_threads=threads)
 
     def run(self, decoded: DecodedBlock, folder: str | Path) -> PartSummary:
         expected = (*self.captioner.image_size, 3)

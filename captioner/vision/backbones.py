@@ -428,11 +428,13 @@ def build_extractor(
     batch_size: int = 32,
     defaults: Mapping[str, str] | None = None,
     maps: bool = False,
+    threads: int = 0,
 ) -> Extractor:
     """Rebuilds exactly the extractor `provenance` (an `extractor_params` record) describes.
 
     maps: the features are convolutional maps (an attention model's): a TFLite model's
-    recorded tensor may then be [H, W, C].
+    recorded tensor may then be [H, W, C]. threads: a TFLite backbone's interpreters run in parallel
+    (0: one per CPU core; `open_tflite`).
 
     weights_file: where the recorded weights file is on this machine (`--backbone-weights`;
     None: the recorded path). defaults: "weights" and "precision" for an old record that
@@ -462,7 +464,7 @@ def build_extractor(
         log.warning("--backbone-weights %s ignored: the features were made with weights %s", weights_file, weights)
     weights = normalize_weights(weights)
     if is_tflite(weights):
-        tflite = open_tflite(spec, weights, str(provenance.get("layer") or ""), maps=maps)
+        tflite = open_tflite(spec, weights, str(provenance.get("layer") or ""), threads=threads, maps=maps)
         return Extractor(spec, extractor_params(spec.name, "", weights, resample, "", tflite),
                          tflite, tflite.feature_width, tflite)
     layer = str(provenance.get("layer") or spec.default_layer)

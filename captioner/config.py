@@ -523,6 +523,14 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def decode_settings(decode: DecodeConfig) -> dict[str, Any]:
+    """The decode section as a model, a report or a cache key records it: without `threads`, which is
+    this machine's and changes only the speed."""
+    settings = to_dict(decode)
+    del settings["threads"]
+    return settings
+
+
 def _parse_value(key: str, raw: Any, annotation: Any) -> Any:
     """Converts `raw` (a string from the command line, or a JSON value) to `annotation`."""
     origin = typing.get_origin(annotation)

@@ -430,7 +430,7 @@ def _find_in(folder: Path, name: str, sha256: str | None) -> Path | None:
 
 
 # The most threads a decoder call gets by default. Its products are small (a few hundred beams by a
-# few hundred units): two threads made the transformer's step 1.5x faster on 2 cores (results/runtime.md);
+# few hundred units): two threads made the transformer's step 1.6-1.8x faster on 2 cores (results/runtime.md);
 # more were not measured, and the serving decoder shares the machine with the upload decoders.
 MAX_DEFAULT_THREADS = 4
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner import cache, layout
+from captioner.config import decode_settings
 from captioner.data.sources import plan_sources
 from captioner.decoding.inference import Captioner
 from captioner.engines.parts import CaptionsWriter, PartStore, failures
@@ -68,10 +69,9 @@ def caption_batch(config: Any, force: bool = False, *,
     decode = asdict(config.decode)
     threads = engine.cpus_per_worker if engine.name == "ray" else 0  # a Ray actor keeps to the CPUs it reserves
     decode["threads"] = decode["threads"] or threads
-    settings = {key: value for key, value in decode.items() if key != "threads"}  # threads change only the speed
 
     with cache.output_lock(output):
-        params = {"decode": settings, "sources": plan.digest, "block_size": engine.block_size,
+        params = {"decode": decode_settings(config.decode), "sources": plan.digest, "block_size": engine.block_size,
                   "image_column": engine.image_column, "id_column": engine.id_column}
         stage = cache.Stage("caption-batch", cache.manifest_path_for(output), {"model": model_files}, params, [output])
         if not force and stage.up_to_date():

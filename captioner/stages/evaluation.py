@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from captioner import cache, layout
-from captioner.config import Config, to_dict
+from captioner.config import Config, decode_settings
 from captioner.data import feature_files, spatial
 from captioner.data.captions import read_split
 from captioner.decoding import bundle as bundle_lib
@@ -456,9 +456,8 @@ def evaluate_stage(config: Config, force: bool = False, models: Sequence[str | P
     json_path, html_path = layout.eval_report_files(output_dir, split)
     image_folder = thumbnail_folder(config)
 
-    decode = to_dict(config.decode)
-    for speed_only in ("batch_size", "threads"):  # the captions do not depend on them
-        decode.pop(speed_only)
+    decode = decode_settings(config.decode)
+    decode.pop("batch_size")  # speed only: the captions do not depend on it
     inputs: dict[str, Any] = {
         "model": model_files,
         "split": split_path,
@@ -640,7 +639,7 @@ def build_report(
         "model": str(model_dir),
         "models": [str(p) for p in members],
         "features": [str(p) for p in config.eval.features],
-        "decode": {key: value for key, value in to_dict(config.decode).items() if key != "threads"},  # threads: speed only
+        "decode": decode_settings(config.decode),
         "metrics": corpus,
         "counts": {"split_images": len(references), "scored": len(ids), "missing_features": len(missing),
                    "bad_features": len(bad)},

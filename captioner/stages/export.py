@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from captioner import __version__, cache, layout
-from captioner.config import Config, to_dict
+from captioner.config import Config, decode_settings, to_dict
 from captioner.decoding import bundle as bundle_lib
 from captioner.errors import CaptionerError
 from captioner.vision.tflite import captured_output
@@ -319,8 +319,7 @@ def _export(model_dir: Path, output: Path, source: dict[str, Any], params: dict[
         "decoder": _decoder_section(functions),
         "model": to_dict(loaded.config.model),
         "train": to_dict(loaded.config.train),
-        # decode.threads is the machine's, not the model's: a bundle does not carry it
-        "decode": {key: value for key, value in to_dict(loaded.config.decode).items() if key != "threads"},
+        "decode": decode_settings(loaded.config.decode),
         "backbone": backbone,
         "metrics": recorded_metrics(model_dir),
         "source": source,
